@@ -1,0 +1,28 @@
+"""Exceptions raised by moreft.
+
+Every error names the offending value and the rule it broke, so a user can fix the call
+without reading our source. All derive from :class:`MoreftError`; each also derives from the
+builtin a caller would naturally catch (``ValueError``, ``TypeError``, ``RuntimeError``).
+"""
+
+from __future__ import annotations
+
+
+class MoreftError(Exception):
+    """Base class of every moreft error."""
+
+
+class ConfigError(MoreftError, ValueError):
+    """A configuration value is out of range or of the wrong type."""
+
+
+class TargetError(MoreftError, ValueError):
+    """``target_modules`` selects nothing, something that is not a linear layer, or an adapter."""
+
+
+class AdapterFileError(MoreftError, ValueError):
+    """An adapter directory is missing, malformed, unsafe, or made for another model."""
+
+
+class MergeError(MoreftError, RuntimeError):
+    """A merge would write NaN/Inf into a base weight, or the base cannot be merged into."""

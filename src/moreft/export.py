@@ -1,0 +1,135 @@
+"""Export any moreft adapter as an HF peft LoRA directory, servable wherever LoRA is.
+
+MoRe is exactly a LoRA of rank ``nblocks * block_rank``: ``A`` is the block-diagonal
+``blkdiag1`` and ``B = P1·blkdiag2·P2`` (:func:`moreft.ops.monarch.fold_factors`), so the export is
+lossless. LoRA exports itself. MoRA is high rank, so it is exported by truncated SVD of its
+``ΔW`` at a chosen rank, and the relative Frobenius error of each layer is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .config import LoRAConfig, Method, MoRAConfig, MoReConfig
+from .errors import AdapterFileError, ConfigError
+from .inject import adapter_config, adapter_layers, modules_to_save_names
+from .layers import AdapterLayer, LoRALinear, MoReLinear, is_conv1d
+from .ops.monarch import fold_factors
+from .files import atomic_dir_write
+from .state import base_model_name
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_lora` wrote.
+
+    Attributes:
+        path: the peft adapter directory.
+        rank: the LoRA rank ``r`` written (``lora_alpha == r``, so scaling is 1).
+        relative_errors: per layer, ``||ΔW - B·A||_F / ||ΔW||_F`` (0 for exact exports).
+    """
+
+    path: Path
+    rank: int
+    relative_errors: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def max_relative_error(self) -> float:
+        return max(self.relative_errors.values(), default=0.0)
+
+
+def export_rank(config: LoRAConfig | MoReConfig | MoRAConfig, rank: int | None) -> int:
+    """The LoRA rank an export of ``config`` uses (exact for MoRe/LoRA, chosen for MoRA).
+
+    Raises:
+        ConfigError: a ``rank`` for a lossless method that differs from its exact rank.
+    """
+    exact = {Method.MORE: lambda c: c.nblocks * c.block_rank, Method.LORA: lambda c: c.rank}
+    if config.method in exact:
+        natural = exact[config.method](config)
+        if rank not in (None, natural):
+            raise ConfigError(f"rank={rank} cannot be used to export {config.method.value}: its exact "
+                              f"LoRA rank is {natural}")
+        return natural
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ConfigError(f"rank={rank!r} must be an integer >= 1")
+    return rank if rank is not None else config.rank
+
+
+def lora_factors(layer: AdapterLayer, rank: int) -> tuple[Tensor, Tensor, float]:
+    """``(A (rank, in), B (out, rank), relative error)`` with ``B @ A`` approximating ``ΔW``."""
+    with torch.no_grad():
+        if isinstance(layer, MoReLinear):
+            a, b = fold_factors(layer.blkdiag1, layer.blkdiag2, layer.in_features, layer.out_features)
+            return a, b, 0.0
+        if isinstance(layer, LoRALinear):
+            return layer.lora_A, layer.lora_B * layer.scaling, 0.0
+        delta = layer.delta_weight().double()  # (out, in)
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        k = min(rank, s.numel())
+        b = u[:, :k] * s[:k]  # (out, k)
+        a = vh[:k]  # (k, in)
+        norm = torch.linalg.matrix_norm(delta)
+        err = float(torch.linalg.matrix_norm(delta - b @ a) / norm) if norm > 0 else 0.0
+        if k < rank:  # a thin layer: pad with zero rank-1 terms so every layer has the same r
+            a = torch.cat([a, a.new_zeros(rank - k, a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], dim=1)
+        return a.to(layer.weight_dtype), b.to(layer.weight_dtype), err
+
+
+def export_lora(model: nn.Module, path: str | os.PathLike, rank: int | None = None) -> ExportReport:
+    """Write ``model``'s adapter as a peft LoRA directory that ``PeftModel.from_pretrained`` loads.
+
+    Args:
+        model: a model carrying a moreft adapter.
+        path: output directory (written atomically).
+        rank: LoRA rank for a MoRA export (default: the config's ``rank``); MoRe and LoRA
+            export at their exact rank.
+
+    Returns:
+        An :class:`ExportReport` with the per-layer relative error.
+
+    Raises:
+        AdapterFileError: ``model`` has no adapter, or mixes Linear and Conv1D targets
+            (peft's ``fan_in_fan_out`` is one flag per adapter).
+        ConfigError: a bad ``rank``.
+    """
+    config = adapter_config(model)
+    layers = adapter_layers(model)
+    if config is None or not layers:
+        raise AdapterFileError("model carries no moreft adapter to export; call moreft.inject first")
+    if any(layer.merged for layer in layers.values()):
+        raise AdapterFileError("some adapter layers are merged; unmerge them before exporting")
+    r = export_rank(config, rank)
+    fan_in_fan_out = {is_conv1d(layer.base_layer) for layer in layers.values()}
+    if len(fan_in_fan_out) > 1:
+        raise AdapterFileError("cannot export a mix of Linear and Conv1D targets as one peft adapter")
+    tensors: dict[str, Tensor] = {}
+    errors: dict[str, float] = {}
+    for name, layer in layers.items():
+        a, b, errors[name] = lora_factors(layer, r)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
+    saved = modules_to_save_names(model, config)
+    for n in saved:
+        for p, t in model.get_submodule(n).named_parameters():
+            tensors[f"base_model.model.{n}.{p}"] = t.detach().cpu().contiguous()
+    peft_config = {
+        "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": r, "lora_dropout": 0.0,
+        "target_modules": sorted(layers), "fan_in_fan_out": fan_in_fan_out.pop(), "bias": "none",
+        "modules_to_save": list(config.modules_to_save) or None, "init_lora_weights": True,
+        "base_model_name_or_path": base_model_name(model), "inference_mode": True,
+    }
+    out = Path(path)
+    atomic_dir_write(out, {
+        "adapter_model.safetensors": lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+        "adapter_config.json": lambda p: p.write_text(json.dumps(peft_config, indent=2) + "\n"),
+    })
+    return ExportReport(out, r, errors)

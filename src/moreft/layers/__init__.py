@@ -1,0 +1,13 @@
+"""Adapter layers: each wraps a linear base layer and is defined by ``delta_weight()``."""
+
+from ..config import Method
+from .base import AdapterLayer, AdapterModule, is_conv1d, is_linear, linear_shape
+from .lora import LoRALinear
+from .mora import MoRALinear, resolve_r_hat
+from .more import MoReLinear
+
+LAYER_CLASSES: dict[Method, type[AdapterLayer]] = {
+    Method.MORE: MoReLinear, Method.MORA: MoRALinear, Method.LORA: LoRALinear}
+
+__all__ = ["AdapterLayer", "AdapterModule", "LAYER_CLASSES", "LoRALinear", "MoRALinear", "MoReLinear",
+           "is_conv1d", "is_linear", "linear_shape", "resolve_r_hat"]

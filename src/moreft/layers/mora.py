@@ -1,0 +1,75 @@
+"""MoRA layer: one square high-rank matrix between parameter-free operators (MoRA, Section 4)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Method, MoRAConfig, MoRAOperator, SharingLayout
+from ..errors import ConfigError
+from ..ops.mora import mora_delta_weight, mora_reference
+from .base import AdapterLayer, adapter_dtype
+
+_BOUNDED = (MoRAOperator.TRUNCATION, MoRAOperator.SHARING)
+
+
+def resolve_r_hat(config: MoRAConfig, in_features: int, out_features: int, name: str = "") -> int:
+    """The square size for one layer: explicit ``r_hat`` or ``floor(sqrt((in + out) * rank))``.
+
+    Raises:
+        ConfigError: an explicit ``r_hat`` above ``max(in, out)``, or above ``min(in, out)`` for
+            TRUNCATION or SHARING.
+    """
+    limit = min(in_features, out_features)
+    if config.r_hat is not None:
+        if config.r_hat > max(in_features, out_features):
+            raise ConfigError(f"r_hat={config.r_hat} must be <= max(in_features, out_features)="
+                              f"{max(in_features, out_features)} on {name!r}")
+        if config.operator in _BOUNDED and config.r_hat > limit:
+            raise ConfigError(f"r_hat={config.r_hat} must be <= min(in_features, out_features)={limit} "
+                              f"for operator {config.operator.value!r} on {name!r}")
+        return config.r_hat
+    r_hat = math.isqrt((in_features + out_features) * config.rank)
+    if config.operator in _BOUNDED:
+        r_hat = min(r_hat, limit)
+    if config.operator is MoRAOperator.ROTATION:
+        r_hat = max(2, r_hat - r_hat % 2)
+    return r_hat
+
+
+class MoRALinear(AdapterLayer):
+    """``y = base(x) + f_decomp(M · f_comp(dropout(x)))`` with a zero-initialised ``matrix``.
+
+    ``sharing_layout`` is a buffer-free attribute so ReMoRA can switch it between merges.
+    """
+
+    method = Method.MORA
+    adapter_param_names = ("matrix",)
+
+    def __init__(self, base_layer: nn.Module, config: MoRAConfig, name: str = "") -> None:
+        super().__init__(base_layer, config, name)
+        self.r_hat = resolve_r_hat(config, self.in_features, self.out_features, name)
+        self.operator = config.operator
+        self.sharing_layout: SharingLayout = config.sharing_layout
+        weight = base_layer.weight
+        self.matrix = nn.Parameter(
+            torch.zeros(self.r_hat, self.r_hat, device=weight.device, dtype=adapter_dtype(weight)))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """ΔW = 0: MoRA needs no random factor, ``matrix`` starts at zero."""
+        self.matrix.zero_()
+
+    def delta_weight(self) -> Tensor:
+        return mora_delta_weight(self.matrix, self.in_features, self.out_features,
+                                 self.operator, self.sharing_layout)
+
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        return mora_reference(self.dropout(x), self.matrix, self.in_features, self.out_features,
+                              self.operator, self.sharing_layout)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, r_hat={self.r_hat}, operator={self.operator.value}, "
+                f"sharing_layout={self.sharing_layout.value}")

@@ -1,0 +1,58 @@
+"""MoRe layer: a Monarch-rectangular adapter around a linear layer (MoRe paper, Section 3)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Method, MoReConfig
+from ..errors import ConfigError
+from ..ops.monarch import block_sizes, more_delta_weight, more_forward
+from .base import AdapterLayer, adapter_dtype
+
+
+class MoReLinear(AdapterLayer):
+    """``y = base(x) + dropout(x · ΔWᵀ)`` with ``ΔW = P1·blkdiag2·P2·blkdiag1``; no alpha.
+
+    Parameters (named as in the paper's pseudocode): ``blkdiag1 (nblocks, block_rank, in_block)``
+    applied first, Kaiming-uniform per block; ``blkdiag2 (nblocks, out_block, block_rank)``, zero,
+    so ΔW = 0 at the start. Dropout acts on the adapter output, as in the authors' code.
+
+    Raises:
+        ConfigError: ``nblocks > in_features``, or ``block_rank`` above the smaller block size
+            (extra rank could never be used).
+    """
+
+    method = Method.MORE
+    adapter_param_names = ("blkdiag1", "blkdiag2")
+
+    def __init__(self, base_layer: nn.Module, config: MoReConfig, name: str = "") -> None:
+        super().__init__(base_layer, config, name)
+        n, r = config.nblocks, config.block_rank
+        if n > self.in_features:
+            raise ConfigError(f"nblocks={n} must be <= in_features={self.in_features} of {name!r}")
+        in_block, out_block = block_sizes(self.in_features, self.out_features, n)
+        if r > min(in_block, out_block):
+            raise ConfigError(f"block_rank={r} must be <= min(in_block, out_block)="
+                              f"{min(in_block, out_block)} for {name!r} "
+                              f"({self.in_features}->{self.out_features} in {n} blocks)")
+        weight = base_layer.weight
+        kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        self.blkdiag1 = nn.Parameter(torch.empty(n, r, in_block, **kw))
+        self.blkdiag2 = nn.Parameter(torch.empty(n, out_block, r, **kw))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """ΔW = 0: Kaiming-uniform ``blkdiag1`` with each block's own fan-in, zero ``blkdiag2``."""
+        bound = 1.0 / math.sqrt(self.blkdiag1.shape[-1])  # kaiming_uniform_(a=sqrt(5)) per block
+        self.blkdiag1.uniform_(-bound, bound)
+        self.blkdiag2.zero_()
+
+    def delta_weight(self) -> Tensor:
+        return more_delta_weight(self.blkdiag1, self.blkdiag2, self.in_features, self.out_features)
+
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        return self.dropout(more_forward(x, self.blkdiag1, self.blkdiag2, self.out_features))

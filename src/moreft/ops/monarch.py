@@ -1,0 +1,100 @@
+"""Rectangular Monarch products for MoRe (MoRe paper, Section 3 and Appendix G).
+
+Notation: ``N = nblocks``, ``r = block_rank``, ``I = in_block = ceil(in / N)``,
+``O = out_block = ceil(out / N)``, ``T`` = number of tokens (all leading dims flattened).
+``blkdiag1`` has shape ``(N, r, I)`` and acts first on the input; ``blkdiag2`` has shape
+``(N, O, r)``. The input is zero-padded to ``N * I`` and cut into ``N`` contiguous chunks; between
+the factors sits the stride permutation of the pseudocode (``reshape(T, r, N).transpose``); the
+output is interleaved (position ``p * N + b`` comes from block ``b``) and truncated to ``out``.
+
+Two equal formulations live here:
+
+* :func:`more_reference` is the Appendix G pseudocode, line for line (two bmm, two permutation
+  copies). It defines what the factors mean, so factors trained with the authors' code mean the
+  same thing here.
+* :func:`fold_factors` folds both permutations into the factors once per call, giving a dense
+  ``A (N*r, in)`` and ``B (out, N*r)`` with ``ΔW = B @ A``; :func:`more_forward` then needs two
+  GEMMs and no permutation copy of any ``T``-sized tensor, forward or backward. ``(A, B)`` is also
+  exactly a rank ``N*r`` LoRA, which is what :func:`moreft.export_lora` writes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def block_sizes(in_features: int, out_features: int, nblocks: int) -> tuple[int, int]:
+    """Return ``(in_block, out_block) = (ceil(in / N), ceil(out / N))``."""
+    return math.ceil(in_features / nblocks), math.ceil(out_features / nblocks)
+
+
+def more_reference(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor, out_features: int) -> Tensor:
+    """MoRe adapter output ``x · ΔWᵀ``, computed literally as in the paper's pseudocode.
+
+    Args:
+        x: input of shape ``(..., in)``.
+        blkdiag1: ``(N, r, I)`` first factor.
+        blkdiag2: ``(N, O, r)`` second factor.
+        out_features: ``out``; the ``N * O`` interleaved outputs are truncated to it.
+
+    Returns:
+        Tensor of shape ``(..., out)``.
+    """
+    nblocks, blk_r, in_blk = blkdiag1.shape
+    out_blk = blkdiag2.shape[1]
+    batch_shape, n = x.shape[:-1], x.shape[-1]
+    x = F.pad(x, (0, nblocks * in_blk - n))  # (..., N*I), zero-padded
+    x = x.reshape(-1, nblocks, in_blk).transpose(0, 1)  # (N, T, I)
+    batch_dim = x.shape[1]
+    out1 = torch.bmm(x, blkdiag1.transpose(-1, -2))  # (N, T, r)
+    out1 = out1.transpose(0, 1).reshape(batch_dim, blk_r, nblocks)  # (T, r, N): stride permutation
+    out1 = out1.transpose(-1, -2).contiguous().transpose(0, 1)  # (N, T, r)
+    out2 = torch.bmm(out1, blkdiag2.transpose(-1, -2))  # (N, T, O)
+    out2 = out2.permute(1, 2, 0).reshape(*batch_shape, out_blk * nblocks)  # (..., O*N) interleaved
+    return out2[..., :out_features]
+
+
+def fold_factors(blkdiag1: Tensor, blkdiag2: Tensor, in_features: int,
+                 out_features: int) -> tuple[Tensor, Tensor]:
+    """Fold the permutations into dense factors ``A (N*r, in)`` and ``B (out, N*r)``.
+
+    ``A`` is ``blkdiag(blkdiag1)`` with the padded input columns dropped (row ``k*r + j`` is rank
+    ``j`` of block ``k``). ``B[p*N + b, a*N + b] = blkdiag2[b, p, a]``: the output interleave
+    picks the row, the stride permutation picks the column. Differentiable; the copies are of
+    parameter size, never of token size.
+
+    Returns:
+        ``(A, B)`` with ``B @ A == ΔW`` of shape ``(out, in)``.
+    """
+    nblocks, blk_r, _ = blkdiag1.shape
+    out_blk = blkdiag2.shape[1]
+    a = torch.block_diag(*blkdiag1.unbind(0))[:, :in_features]  # (N*r, in)
+    b = torch.diag_embed(blkdiag2.permute(1, 2, 0))  # (O, r, N, N): [p, a, b, b'] nonzero iff b == b'
+    b = b.permute(0, 2, 1, 3).reshape(out_blk * nblocks, blk_r * nblocks)  # (O*N, r*N)
+    return a, b[:out_features]
+
+
+def more_forward(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor, out_features: int) -> Tensor:
+    """Fast MoRe adapter output ``x · ΔWᵀ`` through the folded factors (two GEMMs).
+
+    Args:
+        x: input of shape ``(..., in)``.
+        blkdiag1: ``(N, r, I)`` first factor.
+        blkdiag2: ``(N, O, r)`` second factor.
+        out_features: ``out``.
+
+    Returns:
+        Tensor of shape ``(..., out)``, equal to :func:`more_reference`.
+    """
+    a, b = fold_factors(blkdiag1, blkdiag2, x.shape[-1], out_features)
+    return F.linear(F.linear(x, a), b)  # (..., N*r) then (..., out)
+
+
+def more_delta_weight(blkdiag1: Tensor, blkdiag2: Tensor, in_features: int, out_features: int) -> Tensor:
+    """Dense ``ΔW`` of shape ``(out, in)`` from the folded factors (no identity forward)."""
+    a, b = fold_factors(blkdiag1, blkdiag2, in_features, out_features)
+    return b @ a  # (out, N*r) @ (N*r, in)

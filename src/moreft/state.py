@@ -1,0 +1,209 @@
+"""Adapter files: ``adapter_model.safetensors`` + ``adapter_config.json``, never a pickle.
+
+The JSON holds the method and every hyperparameter, the exact adapted module names with their
+``(out, in)`` shapes (the fingerprint), the base model's name and the moreft version. Loading
+checks all of it, and the tensor names and shapes in the safetensors header, before the model is
+touched; any mismatch is an :class:`AdapterFileError` and the model stays as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import AdapterConfig, config_from_dict
+from .errors import AdapterFileError, ConfigError
+from .files import atomic_dir_write
+from .inject import adapter_config, adapter_layers, eject, inject, modules_to_save_names
+from .layers import MoRALinear, is_linear, linear_shape
+from .version import __version__
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT = "moreft-adapter"
+FORMAT_VERSION = 1
+UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def base_model_name(model: nn.Module) -> str | None:
+    """The ``name_or_path`` a transformers model was loaded from, or None."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return str(name) if name else None
+
+
+def fingerprint(shapes: dict[str, list[int]]) -> str:
+    """A short hash of the adapted modules' names and shapes."""
+    return hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter parameters and ``modules_to_save`` parameters, by qualified name."""
+    config = adapter_config(model)
+    state = {f"{n}.{p}": t for n, layer in adapter_layers(model).items()
+             for p, t in layer.adapter_params().items()}
+    for n in modules_to_save_names(model, config) if config else ():
+        state.update({f"{n}.{p}": t for p, t in model.get_submodule(n).named_parameters()})
+    return state
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the adapter of ``model`` (weights + config only) to directory ``path``, atomically.
+
+    Raises:
+        AdapterFileError: ``model`` carries no moreft adapter.
+    """
+    config = adapter_config(model)
+    if config is None:
+        raise AdapterFileError("model carries no moreft adapter to save; call moreft.inject first")
+    layers = adapter_layers(model)
+    shapes = {n: list(linear_shape(layer.base_layer)) for n, layer in layers.items()}
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "moreft_version": __version__,
+        "method": config.method.value, "config": config.to_dict(),
+        "base_model": base_model_name(model), "modules": shapes, "fingerprint": fingerprint(shapes),
+        "layer_state": {n: {"sharing_layout": layer.sharing_layout.value}
+                        for n, layer in layers.items() if isinstance(layer, MoRALinear)},
+    }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    path = Path(path)
+    atomic_dir_write(path, {
+        WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+        CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"),
+    })
+    return path
+
+
+def read_adapter_config(path: str | os.PathLike) -> tuple[dict[str, Any], AdapterConfig]:
+    """Read and validate ``adapter_config.json`` in ``path``; returns ``(metadata, config)``.
+
+    Raises:
+        AdapterFileError: not an adapter directory, a pickle file present instead, bad JSON,
+            another format, or an invalid config.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterFileError(f"{str(path)!r} is not a directory; an adapter is a directory with "
+                               f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+    unsafe = sorted(p.name for p in path.iterdir() if p.suffix in UNSAFE_SUFFIXES)
+    if not (path / WEIGHTS_NAME).is_file() or not (path / CONFIG_NAME).is_file():
+        why = (f"; found {unsafe}, which moreft refuses to read: pickle files can run code when "
+               "loaded, only safetensors is accepted") if unsafe else ""
+        raise AdapterFileError(f"{str(path)!r} is not a moreft adapter directory: it needs {CONFIG_NAME} "
+                               f"and {WEIGHTS_NAME}{why}")
+    try:
+        meta = json.loads((path / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{str(path / CONFIG_NAME)!r} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AdapterFileError(f"{str(path / CONFIG_NAME)!r} is not a {FORMAT!r} file (format="
+                               f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise AdapterFileError(f"format_version={meta.get('format_version')!r} is not supported "
+                               f"(this moreft reads version {FORMAT_VERSION})")
+    modules = meta.get("modules")
+    if not isinstance(modules, dict) or not modules or not all(
+            isinstance(s, list) and len(s) == 2 and all(isinstance(d, int) and d > 0 for d in s)
+            for s in modules.values()):
+        raise AdapterFileError(f"'modules' in {str(path / CONFIG_NAME)!r} must map module names to "
+                               "[out_features, in_features] positive integer pairs")
+    try:
+        config = config_from_dict(meta.get("config"))
+    except ConfigError as exc:
+        raise AdapterFileError(f"bad config in {str(path / CONFIG_NAME)!r}: {exc}") from None
+    if config.method.value != meta.get("method"):
+        raise AdapterFileError(f"method={meta.get('method')!r} disagrees with config method "
+                               f"{config.method.value!r}")
+    return meta, config
+
+
+def _check_model_fits(model: nn.Module, meta: dict[str, Any], config: AdapterConfig,
+                      check_base: bool) -> None:
+    saved_base, base = meta.get("base_model"), base_model_name(model)
+    if check_base and saved_base and base and saved_base != base:
+        raise AdapterFileError(f"adapter was trained on base model {saved_base!r} but this model is "
+                               f"{base!r}; pass check_base=False to load it anyway")
+    existing = adapter_layers(model)
+    if existing:
+        current = adapter_config(model)
+        if current is None or current.method is not config.method or set(existing) != set(meta["modules"]):
+            raise AdapterFileError(f"model already carries a different adapter "
+                                   f"({current.method.value if current else '?'} on {len(existing)} "
+                                   f"modules); the file holds {config.method.value} on "
+                                   f"{len(meta['modules'])} modules")
+        return
+    modules = dict(model.named_modules())
+    for name, shape in meta["modules"].items():
+        module = modules.get(name)
+        if module is None or not is_linear(module):
+            raise AdapterFileError(f"adapter module {name!r} is not a linear layer of this model")
+        if list(linear_shape(module)) != shape:
+            raise AdapterFileError(f"adapter module {name!r} was made for shape {shape} (out, in) but "
+                                   f"this model's is {list(linear_shape(module))}")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> nn.Module:
+    """Load an adapter directory into ``model``, injecting it from the saved config if needed.
+
+    Loading is strict: every saved tensor must match a parameter of the same shape and every
+    adapter parameter must be in the file. On any error the model is left as it was.
+
+    Returns:
+        The same ``model`` object.
+
+    Raises:
+        AdapterFileError: see :func:`read_adapter_config`; a different base model (unless
+            ``check_base=False``), modules or shapes that do not fit, missing or unexpected keys.
+    """
+    path = Path(path)
+    meta, config = read_adapter_config(path)
+    _check_model_fits(model, meta, config, check_base)
+    injected = not adapter_layers(model)
+    grad_flags = {id(p): p.requires_grad for p in model.parameters()}
+    if injected:
+        inject(model, dataclasses.replace(config, target_modules=tuple(meta["modules"])))
+    try:
+        _load_tensors(model, path / WEIGHTS_NAME, meta)
+    except BaseException:
+        if injected:
+            eject(model)
+            for p in model.parameters():
+                p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
+        raise
+    return model
+
+
+def _load_tensors(model: nn.Module, file: Path, meta: dict[str, Any]) -> None:
+    expected = adapter_state_dict(model)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = set(f.keys())
+            missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+            if missing or unexpected:
+                raise AdapterFileError(f"{str(file)!r} does not fit the model: missing keys {missing[:5]}, "
+                                       f"unexpected keys {unexpected[:5]}")
+            for key in sorted(keys):
+                shape = list(f.get_slice(key).get_shape())
+                if shape != list(expected[key].shape):
+                    raise AdapterFileError(f"tensor {key!r} has shape {shape} in {str(file)!r} but the "
+                                           f"model expects {list(expected[key].shape)}")
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except AdapterFileError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise AdapterFileError(f"{str(file)!r} is not a readable safetensors file: {exc}") from None
+    with torch.no_grad():
+        for key, value in tensors.items():
+            expected[key].copy_(value)
+    for name, state in meta.get("layer_state", {}).items():
+        layer = adapter_layers(model).get(name)
+        if isinstance(layer, MoRALinear):
+            layer.sharing_layout = type(layer.sharing_layout)(state["sharing_layout"])
