@@ -10,6 +10,15 @@ from pathlib import Path
 from typing import Any
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _public(path: Path, mode: int) -> None:
+    """Give a temp file/dir the mode a plain ``open``/``mkdir`` would (temp files start private)."""
+    os.chmod(path, mode & ~_UMASK)
+
+
 def atomic_dir_write(path: Path, files: dict[str, Callable[[Path], Any]]) -> None:
     """Write ``files`` (name -> callable(path)) into ``path`` via a sibling temp dir and rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -17,6 +26,8 @@ def atomic_dir_write(path: Path, files: dict[str, Callable[[Path], Any]]) -> Non
     try:
         for name, write in files.items():
             write(tmp / name)
+            _public(tmp / name, 0o666)
+        _public(tmp, 0o777)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.rename(old)
@@ -36,6 +47,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        _public(Path(tmp), 0o666)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

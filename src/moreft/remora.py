@@ -1,0 +1,60 @@
+"""Merge-and-reinit (ReLoRA / ReMoRA) for any adapter and any model moreft can inject into.
+
+Every ``K`` steps each adapter is merged into its base weight and re-initialised so ΔW = 0
+again; the next cycle learns a new update on top. For MoRA with SHARING the grouping layout is
+switched between STRIDED and ADJACENT so the accumulated update reaches a higher rank than one
+layout allows (MoRA paper, Appendix B). The optimizer state of the re-initialised parameters
+must be dropped too (:func:`reset_optimizer_state`); the training loop owns the learning-rate
+restart.
+
+After a merge the model's base weights differ from the pretrained ones, so an adapter saved
+later holds only the last cycle: save the merged model (``save_pretrained``) as well.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import MoRAOperator, SharingLayout
+from .inject import adapter_layers
+from .layers import MoRALinear
+
+_OTHER_LAYOUT = {SharingLayout.STRIDED: SharingLayout.ADJACENT, SharingLayout.ADJACENT: SharingLayout.STRIDED}
+
+
+@torch.no_grad()
+def merge_and_reinit(model: nn.Module, switch_sharing_layout: bool = True) -> list[nn.Parameter]:
+    """Merge every adapter into its base weight, then re-initialise it (ΔW = 0 again).
+
+    Every layer is checked for NaN/Inf before any weight is written.
+
+    Args:
+        model: a model carrying a moreft adapter.
+        switch_sharing_layout: for MoRA SHARING layers, alternate STRIDED <-> ADJACENT.
+
+    Returns:
+        The re-initialised adapter parameters (whose optimizer state should be reset).
+
+    Raises:
+        MergeError: a merged weight would hold NaN/Inf (nothing is changed).
+    """
+    layers = adapter_layers(model)
+    for layer in layers.values():
+        layer.check_mergeable()
+    params: list[nn.Parameter] = []
+    for layer in layers.values():
+        layer.merge()
+        layer.reset_parameters()
+        layer.merged = False  # the old ΔW now lives in the base weight; the new one starts at 0
+        if (switch_sharing_layout and isinstance(layer, MoRALinear)
+                and layer.operator is MoRAOperator.SHARING):
+            layer.sharing_layout = _OTHER_LAYOUT[layer.sharing_layout]
+        params.extend(layer.adapter_params().values())
+    return params
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    """Forget the optimizer's moments for ``params`` (they restart like fresh parameters)."""
+    for p in params:
+        optimizer.state.pop(p, None)
