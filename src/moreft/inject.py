@@ -38,10 +38,16 @@ def _matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+# Task heads that "all-linear" leaves alone, as peft does: they are new or tied, not adapted.
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+
+
 def _output_head_names(model: nn.Module) -> set[str]:
+    """The output embedding and any module inside a task head (``HEAD_NAMES`` at top level)."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    return {n for n, m in model.named_modules() if head is not None and m is head}
+    return {n for n, m in model.named_modules()
+            if (head is not None and m is head) or n.split(".")[0] in HEAD_NAMES}
 
 
 def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:

@@ -139,6 +139,16 @@ def _check_model_fits(model: nn.Module, meta: dict[str, Any], config: AdapterCon
                                    f"({current.method.value if current else '?'} on {len(existing)} "
                                    f"modules); the file holds {config.method.value} on "
                                    f"{len(meta['modules'])} modules")
+        # Hyperparameters the tensor shapes do not pin down (LoRA alpha, MoRA operator) change
+        # what the loaded tensors mean, so they must agree too.
+        ignored = {"target_modules", "modules_to_save", "dropout", "sharing_layout"}
+        ours, theirs = current.to_dict(), config.to_dict()
+        differ = sorted(k for k in theirs if k not in ignored and ours.get(k) != theirs[k])
+        if differ:
+            mine = ", ".join(f"{k}={ours.get(k)!r}" for k in differ)
+            filed = ", ".join(f"{k}={theirs[k]!r}" for k in differ)
+            raise AdapterFileError(f"model already carries a {current.method.value} adapter with {mine}; "
+                                   f"the file was saved with {filed}")
         return
     modules = dict(model.named_modules())
     for name, shape in meta["modules"].items():
