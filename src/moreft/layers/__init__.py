@@ -9,5 +9,15 @@ from .more import MoReLinear
 LAYER_CLASSES: dict[Method, type[AdapterLayer]] = {
     Method.MORE: MoReLinear, Method.MORA: MoRALinear, Method.LORA: LoRALinear}
 
-__all__ = ["AdapterLayer", "AdapterModule", "LAYER_CLASSES", "LoRALinear", "MoRALinear", "MoReLinear",
-           "is_conv1d", "is_linear", "linear_shape", "resolve_r_hat"]
+__all__ = [
+    "LAYER_CLASSES",
+    "AdapterLayer",
+    "AdapterModule",
+    "LoRALinear",
+    "MoRALinear",
+    "MoReLinear",
+    "is_conv1d",
+    "is_linear",
+    "linear_shape",
+    "resolve_r_hat",
+]

@@ -1,8 +1,11 @@
-"""What every adapter layer shares: wrapping a linear base layer, and merging by ``delta_weight``.
+"""What every adapter layer shares: wrapping a linear base layer, the fused forward, in-place merging.
 
 A concrete layer declares its parameters in ``adapter_param_names`` and implements
 ``delta_weight()`` (dense ``ΔW``, shape ``(out, in)``) and ``adapter_forward(x)`` (``x · ΔWᵀ``
-plus dropout). Forward, merge, unmerge, save and export all go through these two.
+plus dropout): the literal definition, which save, export and the tests rely on. For speed it may
+also implement ``_fused_forward`` (base and adapter as one autograd Function, ``moreft.ops.fused``
+and ``moreft.ops.blocks``; the default path where it applies) and ``_delta_adder`` (its ΔW added
+into a weight in place from its factors, for merging; ``moreft.layers.merging``).
 """
 
 from __future__ import annotations
@@ -12,9 +15,15 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as registry  # the global hook registries
 
 from ..config import AdapterConfig, Method
 from ..errors import MergeError, TargetError
+from ..ops import fused as _fused
+from ..quant import refuse_quantized
+from .merging import DeltaAdder, accumulate_dtype, add_delta_, count_nonfinite, dense_adder
+
+_PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
 
 
 @functools.cache
@@ -50,6 +59,15 @@ def adapter_dtype(weight: Tensor) -> torch.dtype:
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Hooks the fused path would skip: on ``module`` itself or global, forward or backward."""
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+           module._backward_pre_hooks)
+    global_ = (registry._global_forward_hooks, registry._global_forward_pre_hooks,
+               registry._global_backward_hooks, registry._global_backward_pre_hooks)
+    return any(own) or any(global_)
+
+
 @runtime_checkable
 class AdapterModule(Protocol):
     """The interface the rest of moreft relies on (a Protocol, as in torchtune)."""
@@ -71,6 +89,9 @@ class AdapterLayer(nn.Module):
 
     method: ClassVar[Method]
     adapter_param_names: ClassVar[tuple[str, ...]]
+    #: Fused forward/backward (``moreft.ops.fused``) where it applies; ``None`` follows the
+    #: module-wide switch ``moreft.ops.fused.set_fused_enabled``, ``False`` forces the reference.
+    fused: bool | None = None
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str = "") -> None:
         if isinstance(base_layer, AdapterLayer):
@@ -96,6 +117,23 @@ class AdapterLayer(nn.Module):
         """The adapter branch ``x · ΔWᵀ`` (with dropout when training), in the adapter's dtype."""
         raise NotImplementedError
 
+    def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+        """``base(x) + adapter(x)`` through one fused Function, or None where this layer has none.
+
+        Called only when :meth:`_base_weight_bias` allows it; ``weight`` is the base weight as
+        ``(out, in)`` (a transposed view for Conv1D). Must equal the reference path up to rounding.
+        """
+        return None
+
+    def _delta_adder(self, dtype: torch.dtype) -> DeltaAdder:
+        """How to add ``alpha · ΔW`` into (rows of) a weight in place, with ΔW's factors in ``dtype``.
+
+        The default builds the dense ``delta_weight()`` once; layers with a cheaper structure
+        override it.
+        """
+        weight = self.base_layer.weight
+        return dense_adder(self.delta_weight().detach().to(device=weight.device, dtype=dtype))
+
     # -- shared ---------------------------------------------------------------------------
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The trainable adapter parameters, by their declared names."""
@@ -105,53 +143,91 @@ class AdapterLayer(nn.Module):
     def weight_dtype(self) -> torch.dtype:
         return next(iter(self.adapter_params().values())).dtype
 
+    def _base_weight_bias(self, x: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        """The base ``(weight (out, in), bias)`` when the fused path may run on ``x``, else None.
+
+        It may not where it could differ from ``base_layer(x) + adapter_forward(x)``: a base of
+        another type (parametrised, bitsandbytes) or with hooks, a weight that is a tensor subclass
+        (torchao quantised, DTensor), active dropout (the reference path draws the masks), mixed
+        dtypes, autocast or ``torch.func`` transforms (``moreft.ops.fused.fusable``).
+        """
+        fused = self.fused if self.fused is not None else _fused.fused_enabled()
+        base = self.base_layer
+        if not fused or not (type(base) is nn.Linear or type(base) is _conv1d_type()) or _has_hooks(base):
+            return None
+        if any(type(t) not in _PLAIN_TENSORS for t in (base.weight, base.bias) if t is not None):
+            return None  # tensor subclasses (quantised, DTensor) keep their own dispatch
+        if isinstance(self.dropout, nn.Dropout) and self.dropout.training and self.dropout.p > 0:
+            return None
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            return None
+        weight = base.weight.T if is_conv1d(base) else base.weight  # (out, in)
+        bias = base.bias
+        if not _fused.fusable(x, weight, *self.adapter_params().values(), *(() if bias is None else (bias,))):
+            return None
+        return weight, bias
+
     def forward(self, x: Tensor) -> Tensor:
+        if not self.merged:
+            wb = self._base_weight_bias(x)
+            if wb is not None:
+                y = self._fused_forward(x, *wb)
+                if y is not None:
+                    return y
         y = self.base_layer(x)
         if self.merged:
             return y
         return y + self.adapter_forward(x.to(self.weight_dtype)).to(y.dtype)
 
-    def _merged_weight(self, sign: float) -> Tensor:
-        """Base weight ± ΔW computed in float32 (float64 kept), in the base weight's layout."""
+    def _oriented_weight(self) -> Tensor:
+        """The base weight as ``(out, in)``: itself, or a transposed view for Conv1D."""
         weight = self.base_layer.weight
-        delta = self.delta_weight().detach()
-        if is_conv1d(self.base_layer):
-            delta = delta.T  # Conv1D stores (in, out)
-        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        return weight.detach().to(acc) + sign * delta.to(device=weight.device, dtype=acc)
+        return weight.T if is_conv1d(self.base_layer) else weight
 
-    def check_mergeable(self) -> Tensor:
-        """Return the merged weight (base dtype) or raise if it holds NaN/Inf; changes nothing.
+    def _adder(self) -> DeltaAdder:
+        return self._delta_adder(accumulate_dtype(self.base_layer.weight))
+
+    @torch.no_grad()
+    def check_mergeable(self) -> None:
+        """Raise if merging would write NaN/Inf into the base weight; changes nothing.
+
+        Works by row chunks of about 4 MiB, so it needs no weight-sized memory.
 
         Raises:
-            MergeError: if ΔW or the merged weight (after the cast to the base dtype) is not finite.
+            MergeError: if ``W + ΔW``, cast to the base weight's dtype, holds NaN/Inf, or the base
+                weight is quantised (:mod:`moreft.quant`).
         """
-        merged = self._merged_weight(+1.0).to(self.base_layer.weight.dtype)
-        if not torch.isfinite(merged).all():
-            bad = int((~torch.isfinite(merged)).sum())
+        refuse_quantized(self)
+        bad = count_nonfinite(self._oriented_weight(), self._adder(), +1.0)
+        if bad:
             raise MergeError(f"merging adapter layer {self.name!r} would write {bad} NaN/Inf values "
                              f"into its {self.base_layer.weight.dtype} weight; nothing was merged")
-        return merged
 
     @torch.no_grad()
     def merge(self, safe: bool = False) -> None:
-        """Add ΔW into the base weight (idempotent). ``safe`` checks for NaN/Inf first.
+        """Add ΔW into the base weight, in place and from the factors (idempotent).
+
+        ``safe`` checks for NaN/Inf first. The sum is formed in float32 (float64 kept) and cast
+        back, so a bf16/fp16 weight is rounded once.
 
         Raises:
-            MergeError: with ``safe=True``, if the result would not be finite (nothing changes).
+            MergeError: with ``safe=True``, if the result would not be finite (nothing changes); a
+                quantised base weight (:func:`moreft.quant.merge_quantized` merges into one).
         """
         if self.merged:
             return
-        merged = self.check_mergeable() if safe else self._merged_weight(+1.0)
-        self.base_layer.weight.copy_(merged)
+        refuse_quantized(self)
+        if safe:
+            self.check_mergeable()
+        add_delta_(self._oriented_weight(), self._adder(), +1.0)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract ΔW from the base weight again (idempotent); exact up to rounding."""
+        """Subtract ΔW from the base weight again, in place (idempotent); exact up to rounding."""
         if not self.merged:
             return
-        self.base_layer.weight.copy_(self._merged_weight(-1.0))
+        add_delta_(self._oriented_weight(), self._adder(), -1.0)
         self.merged = False
 
     def extra_repr(self) -> str:

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import LoRAConfig, Method
+from ..ops.fused import lora_linear
 from .base import AdapterLayer, adapter_dtype
+from .merging import DeltaAdder, lowrank_adder
 
 
 class LoRALinear(AdapterLayer):
@@ -41,3 +43,10 @@ class LoRALinear(AdapterLayer):
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def _delta_adder(self, dtype: torch.dtype) -> DeltaAdder:
+        kw = {"device": self.base_layer.weight.device, "dtype": dtype}
+        return lowrank_adder(self.lora_B.detach().to(**kw), self.lora_A.detach().to(**kw), self.scaling)
+
+    def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return lora_linear(x, weight, bias, self.lora_A, self.lora_B, self.scaling)

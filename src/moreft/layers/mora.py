@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -9,10 +10,23 @@ from torch import Tensor, nn
 
 from ..config import Method, MoRAConfig, MoRAOperator, SharingLayout
 from ..errors import ConfigError
-from ..ops.mora import mora_delta_weight, mora_reference
-from .base import AdapterLayer, adapter_dtype
+from ..ops.blocks import Span, add_blocks_, blocks_linear, cyclic_spans, truncation_spans
+from ..ops.mora import mora_delta_weight, mora_reference, rotate, rotation_tables
+from .base import AdapterLayer, DeltaAdder, adapter_dtype
 
 _BOUNDED = (MoRAOperator.TRUNCATION, MoRAOperator.SHARING)
+_TABLES_CACHED = 64
+
+
+@functools.lru_cache(maxsize=_TABLES_CACHED)
+def _rotation_tables(n_chunks: int, r: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``rotation_tables``, built once per key (constants, never written to).
+
+    Built outside inference mode even when first asked for inside it, so that a later training
+    step may save them for backward.
+    """
+    with torch.inference_mode(False):
+        return rotation_tables(n_chunks, r, device, dtype)
 
 
 def resolve_r_hat(config: MoRAConfig, in_features: int, out_features: int, name: str = "") -> int:
@@ -69,6 +83,44 @@ class MoRALinear(AdapterLayer):
     def adapter_forward(self, x: Tensor) -> Tensor:
         return mora_reference(self.dropout(x), self.matrix, self.in_features, self.out_features,
                               self.operator, self.sharing_layout)
+
+    def _block_form(self) -> tuple[Tensor, tuple[Span, ...]] | None:
+        """``(blocks (c, r, r), spans)`` with ΔW their placement (``moreft.ops.blocks``); None for SHARING."""
+        r, m = self.r_hat, self.matrix
+        if self.operator is MoRAOperator.TRUNCATION:
+            return m.unsqueeze(0), truncation_spans(r)  # (1, r, r)
+        if self.operator is MoRAOperator.SHARING:
+            return None
+        c = math.ceil(self.in_features / r)
+        if self.operator is MoRAOperator.ROTATION:
+            cos, sin = _rotation_tables(c, r, m.device, m.dtype)  # (c, r) each
+            blocks = rotate(m.unsqueeze(0), cos.unsqueeze(1), -sin.unsqueeze(1))  # (c, r, r): M·R_j
+        else:
+            blocks = m.unsqueeze(0).expand(c, r, r)  # (c, r, r)
+        return blocks, cyclic_spans(self.in_features, self.out_features, r)
+
+    def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+        form = self._block_form()
+        return None if form is None else blocks_linear(x, weight, bias, *form)
+
+    def _delta_adder(self, dtype: torch.dtype) -> DeltaAdder:
+        form = self._block_form()
+        if form is None:
+            return super()._delta_adder(dtype)
+        blocks, spans = form
+        blocks = blocks.detach().to(dtype)
+        dense = None
+
+        def add(out: Tensor, row0: int, alpha: float) -> None:
+            nonlocal dense
+            if row0 == 0 and out.shape[0] == self.out_features:
+                add_blocks_(out, blocks, spans, alpha)  # the whole weight: blocks only, in place
+                return
+            if dense is None:  # row chunks (low-precision weights): one dense ΔW, built once
+                dense = add_blocks_(blocks.new_zeros(self.out_features, self.in_features), blocks, spans)
+            out.add_(dense[row0:row0 + out.shape[0]], alpha=alpha)
+
+        return add
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r_hat={self.r_hat}, operator={self.operator.value}, "

@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Method, MoReConfig
 from ..errors import ConfigError
+from ..ops.fused import fold_more_a, fold_more_b, more_linear
 from ..ops.monarch import block_sizes, more_delta_weight, more_forward
+from ..ops.triton_more import more_triton, use_triton
 from .base import AdapterLayer, adapter_dtype
+from .merging import DeltaAdder, blocked_lowrank_adder, lowrank_adder
 
 
 class MoReLinear(AdapterLayer):
@@ -55,4 +59,20 @@ class MoReLinear(AdapterLayer):
         return more_delta_weight(self.blkdiag1, self.blkdiag2, self.in_features, self.out_features)
 
     def adapter_forward(self, x: Tensor) -> Tensor:
+        if use_triton(x):  # CUDA: both products and both permutations in fused Triton kernels
+            return self.dropout(more_triton(x, self.blkdiag1, self.blkdiag2, self.out_features))
         return self.dropout(more_forward(x, self.blkdiag1, self.blkdiag2, self.out_features))
+
+    def _delta_adder(self, dtype: torch.dtype) -> DeltaAdder:
+        kw = {"device": self.base_layer.weight.device, "dtype": dtype}
+        b1, b2 = self.blkdiag1.detach().to(**kw), self.blkdiag2.detach().to(**kw)
+        b = fold_more_b(b2, self.out_features)  # (out, N·r)
+        if b1.shape[0] * b1.shape[2] == self.in_features:
+            return blocked_lowrank_adder(b, b1)
+        return lowrank_adder(b, fold_more_a(b1, self.in_features), 1.0)
+
+    def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if use_triton(x):
+            y = F.linear(x, weight, bias)  # (..., out); not saved by autograd, so added to in place
+            return y.add_(more_triton(x, self.blkdiag1, self.blkdiag2, self.out_features))
+        return more_linear(x, weight, bias, self.blkdiag1, self.blkdiag2)

@@ -1,0 +1,100 @@
+"""The layer benchmark (one shape, every variant) and the merge benchmark."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import LoRAConfig, MoRAConfig, MoReConfig
+from ..layers import LoRALinear, MoRALinear, MoReLinear
+from .measure import clear, interleaved_times, paired_ratio, peak_step_memory, step
+from .variants import ADAPTER_INIT_STD, MORE_NBLOCKS, RANK, Variant, build_variants
+
+MIB = float(1 << 20)
+MS = 1e3
+
+
+def _runner(v: Variant, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        clear(v.module, x)
+        step(v.module, x, g)
+
+    return run
+
+
+def bench_shape(in_f: int, out_f: int, tokens: int, methods: tuple[str, ...], rounds: int,
+                warmup: int, seed: int = 0) -> dict[str, Any]:
+    """Time one training step of every variant on ``x (tokens, in_f)``, interleaved; and its peak memory.
+
+    Returns:
+        ``{"in", "out", "tokens", "rounds", "rows": [...]}``; a row holds the method, its note and
+        trainable parameters, ``median_ms``, ``min_ms``, every ``times_ms``, ``flop_floor``,
+        ``peak_mib`` and ``memory_method``, and where the references ran ``x_base`` (paired
+        median ratio), ``x_floor`` (``x_base / flop_floor``), ``extra_peak_mib`` (over the base
+        layer) and ``x_peft_lora`` (paired median ratio).
+    """
+    variants = build_variants(in_f, out_f, tokens, methods, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(tokens, in_f, generator=gen).requires_grad_(True)  # as inside a network
+    g = torch.randn(tokens, out_f, generator=gen)
+    memory = {v.name: peak_step_memory(v.module, x, g) for v in variants}
+    times = interleaved_times({v.name: _runner(v, x, g) for v in variants}, rounds, warmup, seed=seed)
+    rows = []
+    for v in variants:
+        t = times[v.name]
+        peak, how = memory[v.name]
+        row: dict[str, Any] = {
+            "method": v.name, "note": v.note, "trainable_params": v.params,
+            "median_ms": statistics.median(t) * MS, "min_ms": min(t) * MS, "times_ms": [s * MS for s in t],
+            "flop_floor": v.flop_floor, "peak_mib": peak / MIB, "memory_method": how}
+        if "base" in times:
+            row["x_base"] = paired_ratio(t, times["base"])
+            row["x_floor"] = row["x_base"] / v.flop_floor
+            row["extra_peak_mib"] = (peak - memory["base"][0]) / MIB
+        if "peft-lora" in times:
+            row["x_peft_lora"] = paired_ratio(t, times["peft-lora"])
+        rows.append(row)
+    return {"in": in_f, "out": out_f, "tokens": tokens, "rounds": rounds, "rows": rows}
+
+
+def bench_merge(size: int, rounds: int, seed: int = 0) -> dict[str, Any]:
+    """Time ``merge()`` + ``unmerge()`` of each method on a ``size x size`` fp32 layer, interleaved.
+
+    The reference is one ``W.add_(D)`` + ``W.sub_(D)`` with a dense ``D``: the memory traffic an
+    in-place merge cannot avoid. Ratios are paired medians over rounds.
+    """
+    torch.manual_seed(seed)
+    base = nn.Linear(size, size, bias=False).requires_grad_(False)
+    layers = {"lora": LoRALinear(copy.deepcopy(base), LoRAConfig(rank=RANK)),
+              "more-r8": MoReLinear(copy.deepcopy(base), MoReConfig(nblocks=MORE_NBLOCKS, block_rank=8)),
+              "mora": MoRALinear(copy.deepcopy(base), MoRAConfig(rank=RANK))}
+    for layer in layers.values():
+        with torch.no_grad():
+            for p in layer.adapter_params().values():
+                p.normal_(0.0, ADAPTER_INIT_STD)
+    weight = base.weight
+    delta = torch.randn(size, size) * ADAPTER_INIT_STD
+
+    @torch.no_grad()
+    def add_sub() -> None:
+        weight.add_(delta)
+        weight.sub_(delta)
+
+    def merge_unmerge(layer: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            layer.merge()
+            layer.unmerge()
+
+        return run
+
+    runs = {"W.add_(D)": add_sub, **{k: merge_unmerge(v) for k, v in layers.items()}}
+    times = interleaved_times(runs, rounds, warmup=1, seed=seed)
+    ref = times["W.add_(D)"]
+    return {"size": size, "rounds": rounds,
+            "rows": [{"what": k, "median_ms": statistics.median(t) * MS / 2, "x_add": paired_ratio(t, ref)}
+                     for k, t in times.items()]}
