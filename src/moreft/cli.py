@@ -1,0 +1,190 @@
+"""The ``moreft`` command line: ``train``, ``eval``, ``merge``, ``export-lora``, ``inspect``, ``compare``.
+
+    moreft train --config recipes/demo.yaml               # a recipe; any flag overrides it
+    moreft train --task sentiment --method lora --rank 8 --max-steps 200
+    moreft eval runs/NAME                                   # re-score the saved adapter
+    moreft merge runs/NAME merged/                          # a plain transformers model
+    moreft export-lora runs/NAME lora/ [--rank 64]          # a peft LoRA directory
+    moreft inspect runs/NAME                                # per-layer rank / norm, |ΔW| heat map
+    moreft compare --task sentiment --methods lora:rank=8 more:block_rank=4 --seeds 3
+    moreft search --config recipes/demo.yaml --space recipes/search-sentiment-cpu.yaml  # Optuna + ASHA
+
+User errors (bad flags, unknown task or method, missing packages, bad recipes) print one line
+``moreft: error: ...`` and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from moreft.train.commands import (  # noqa: E402
+    cmd_compare, cmd_eval, cmd_export, cmd_inspect, cmd_merge, cmd_train, train_flag_help)
+from moreft.errors import MoreftError  # noqa: E402
+from moreft.train.search_cli import SEARCHED_FIELDS, add_search_flags, cmd_search  # noqa: E402
+
+EXIT_USER_ERROR = 2
+
+# Fields that are not plain ``--flag VALUE`` options of ``train``.
+_NOT_FLAGS = {"task_options"}
+_BOOL_FLAGS = {"resume", "overwrite", "progress", "group_by_length"}
+_INT_FLAGS = {"block_rank", "nblocks", "rank", "r_hat", "batch_size", "eval_batch_size", "max_steps",
+              "warmup_steps", "grad_accum", "seed", "max_length", "max_new_tokens", "max_examples",
+              "eval_examples", "eval_every", "save_every", "keep_checkpoints", "log_every",
+              "merge_every", "merge_warmup"}
+_CHOICES = {"method": ("more", "mora", "lora"), "precision": ("fp32", "bf16"),
+            "lr_scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
+            "operator": ("truncation", "sharing", "decouple", "rotation"), "sharing_layout": ("strided", "adjacent"),
+            "nonfinite": ("stop", "skip")}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """One ``--flag`` per :class:`TrainConfig` field; a flag left out does not override the recipe."""
+    from moreft.train.config import field_names  # noqa: PLC0415
+
+    helps = train_flag_help()
+    parser.add_argument("--config", metavar="RECIPE.yaml", help="recipe file; flags override its values")
+    parser.add_argument("--task-option", dest="task_options", action="append", metavar="KEY=VALUE",
+                        default=argparse.SUPPRESS, help="task option, repeatable (e.g. source=tweets)")
+    for name in field_names():
+        if name in _NOT_FLAGS or name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": helps.get(name, "")}
+        if name in _BOOL_FLAGS:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = int if name in _INT_FLAGS else str
+            kw["metavar"] = name.upper() if name not in _CHOICES else None
+            if name in _CHOICES:
+                kw["choices"] = _CHOICES[name]
+        parser.add_argument(flag, **kw)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line, ``moreft: error: ...``, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"moreft: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (``bench`` is added when ``moreft.bench`` provides it)."""
+    parser = _Parser(prog="moreft", description="Fine-tune models with MoRe / MoRA / LoRA "
+                                     "adapters, offline.")
+    from moreft.version import __version__  # noqa: PLC0415
+
+    parser.add_argument("--version", action="version", version=f"moreft {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a model; writes runs/<name>/",
+                       description="Fine-tune a model. Precedence: defaults < --config recipe < flags.")
+    add_config_flags(p)
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="re-evaluate a run's saved adapter on its saved split")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--split", choices=("validation", "test", "both"), default="both")
+    p.add_argument("--eval-examples", type=int, default=None, help="cap on examples per split (default: "
+                   "the run's eval_examples)")
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="merge the adapter into the base model and save it (save_pretrained)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export-lora", help="export the adapter as a peft LoRA directory")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank for MoRA (SVD); MoRe/LoRA are exact")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("inspect", help="per-layer params, rank and norm of ΔW, and a |ΔW| heat map")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--layer", default=None, help="layer for the heat map (default: the first)")
+    p.add_argument("--heatmap", default=None, metavar="PNG", help="heat map path (default RUN_DIR/delta_<layer>.png)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("compare", help="train several methods x seeds; writes compare.md and compare.png",
+                       description="Train each method spec with each seed and tabulate the test metric.")
+    p.add_argument("--methods", nargs="+", required=True, metavar="SPEC",
+                   help="method specs, e.g. lora:rank=8 more:block_rank=4 mora:rank=8,operator=sharing")
+    p.add_argument("--seeds", default="3", help="number of seeds (0..N-1) or a comma list, e.g. 0,1,2")
+    p.add_argument("--name", default=None, help="comparison folder name (default compare-<task>-<model>)")
+    add_config_flags(p, skip=("method", "run_name", "resume", "overwrite", "seed"))
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("search", help="search adapter architectures, lr and batch size (Optuna, ASHA pruning)",
+                       description="Search methods / architectures / lr / batch size; writes search.md, search.png "
+                       "and best.yaml. --config is the train recipe every trial shares.")
+    add_config_flags(p, skip=SEARCHED_FIELDS)
+    add_search_flags(p)
+    p.set_defaults(func=cmd_search)
+
+    _add_bench(sub)
+    return parser
+
+
+def _add_bench(sub: Any) -> None:
+    """Register ``bench`` if ``moreft.bench`` exists with ``add_arguments(parser)`` and ``run(args)``.
+
+    A ``moreft.bench`` that fails to import does not break the other commands: ``bench`` then
+    reports the import error when it is run.
+    """
+    try:
+        bench = importlib.import_module("moreft.bench")
+    except ModuleNotFoundError as exc:
+        if exc.name == "moreft.bench":
+            return
+        bench, error = None, exc
+    except Exception as exc:  # noqa: BLE001 - reported when `moreft bench` is run
+        bench, error = None, exc
+    if bench is None:
+        p = sub.add_parser("bench", help="benchmarks (unavailable: moreft.bench failed to import)")
+
+        def broken(args: argparse.Namespace) -> int:
+            raise MoreftError(f"moreft.bench failed to import: {type(error).__name__}: {error}")
+
+        p.set_defaults(func=broken)
+        return
+    if callable(getattr(bench, "add_arguments", None)) and callable(getattr(bench, "run", None)):
+        p = sub.add_parser("bench", help=(bench.__doc__ or "benchmarks").strip().splitlines()[0])
+        bench.add_arguments(p)
+        p.set_defaults(func=bench.run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help / --version (0), or a usage error already printed (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # e.g. shown at the top of compare.md
+    try:
+        result = args.func(args)
+    except MoreftError as exc:
+        print(f"moreft: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("moreft: interrupted (a run with --save-every checkpoints continues with --resume)", file=sys.stderr)
+        return 130
+    if isinstance(result, dict):
+        print(json.dumps(result, indent=2))
+    return 0 if result is None or isinstance(result, dict) else int(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""What each ``moreft`` subcommand does (argument parsing lives in :mod:`moreft.cli`).
+
+Heavy imports (torch, transformers) happen inside the commands, so ``moreft --help`` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from moreft.errors import ConfigError
+from moreft.files import replace_dir
+
+
+def train_flag_help() -> dict[str, str]:
+    """Help text per config field, taken from the ``Attributes:`` section of ``TrainConfig``'s docstring."""
+    from moreft.train.config import TrainConfig  # noqa: PLC0415
+
+    doc = (TrainConfig.__doc__ or "").split("Attributes:", 1)[-1]
+    out: dict[str, str] = {}
+    current = None
+    for line in doc.splitlines():
+        match = re.match(r"\s{8}(\w+): (.*)", line)
+        if match:
+            current = match.group(1)
+            out[current] = match.group(2).strip()
+        elif current and line.strip():
+            out[current] += " " + line.strip()
+    return {k: v.replace("%", "%%") for k, v in out.items()}
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from moreft.train.config import field_names  # noqa: PLC0415
+    from moreft.train.recipes import parse_task_options  # noqa: PLC0415
+
+    out = {k: v for k, v in vars(args).items() if k in field_names()}
+    if "task_options" in out:
+        out["task_options"] = parse_task_options(out["task_options"])
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``moreft train``: resolve the config (defaults < recipe < flags) and run it."""
+    from moreft.train.recipes import dump_config, resolve_config  # noqa: PLC0415
+
+    config = resolve_config(args.config, _overrides(args))
+    if args.dry_run:
+        print(dump_config(config), end="")
+        return 0
+    from moreft.train.loop import train  # noqa: PLC0415
+
+    train(config)
+    return 0
+
+
+def _check_positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{name}={value} must be an integer >= 1")
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """``moreft eval RUN_DIR``: score the saved adapter on the run's saved split."""
+    from moreft.train.evaluate import evaluate  # noqa: PLC0415
+    from moreft.train.rundir import load_splits, load_trained, precision_dtype  # noqa: PLC0415
+
+    _check_positive("--eval-examples", args.eval_examples)
+    _check_positive("--batch-size", args.batch_size)
+    config, task, model, tokenizer = load_trained(args.run_dir)
+    splits = load_splits(args.run_dir, config, task)
+    cap = args.eval_examples or config.eval_examples
+    chosen = {"validation": splits.validation, "test": splits.test}
+    if args.split != "both":
+        chosen = {args.split: chosen[args.split]}
+    autocast = precision_dtype(config.precision) if config.precision != "fp32" else None
+    batch = args.batch_size or config.eval_batch_size or 2 * config.batch_size
+    result: dict[str, Any] = {"run_dir": str(args.run_dir), "metric": task.metric_name}
+    for name, examples in chosen.items():
+        examples = examples[:cap]
+        result[name] = {"examples": len(examples), **evaluate(model, tokenizer, task, examples, batch,
+                                                               config.max_length, config.max_new_tokens, autocast)}
+    return result
+
+
+def _fresh_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"output {str(out)!r} already exists; pass --overwrite to replace it or choose another path")
+
+
+def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
+    """``moreft merge RUN_DIR OUT``: base + ΔW saved with ``save_pretrained`` (and the tokenizer)."""
+    import moreft  # noqa: PLC0415
+    from moreft.train.rundir import load_trained  # noqa: PLC0415
+
+    out = Path(args.out)
+    _fresh_output(out, args.overwrite)
+    config, _, model, tokenizer = load_trained(args.run_dir)
+    moreft.merge(model, safe=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        replace_dir(tmp, out)  # an existing OUT is swapped out atomically, never missing
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"merged": str(out), "base_model": config.model, "method": config.method_label()}
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    """``moreft export-lora RUN_DIR OUT [--rank R]``: a peft LoRA directory."""
+    import moreft  # noqa: PLC0415
+    from moreft.train.reinit import MERGED_BASE_FILE  # noqa: PLC0415
+    from moreft.train.rundir import load_trained  # noqa: PLC0415
+
+    if (Path(args.run_dir) / MERGED_BASE_FILE).is_file():
+        raise ConfigError(f"{args.run_dir!r} was trained with merge_every: its update is the merged cycles in "
+                          f"{MERGED_BASE_FILE} plus the last adapter, not one LoRA; use `moreft merge` instead")
+    config, _, model, _ = load_trained(args.run_dir)
+    report = moreft.export_lora(model, args.out, rank=args.rank)
+    return {"exported": str(report.path), "method": config.method_label(), "lora_rank": report.rank,
+            "max_relative_error": report.max_relative_error}
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """``moreft inspect RUN_DIR``: per-layer table and a |ΔW| heat map."""
+    from moreft.train.inspect import inspect_run  # noqa: PLC0415
+
+    report = inspect_run(args.run_dir, layer=args.layer, heatmap=args.heatmap)
+    settings = {k: v for k, v in report.method.items() if k != "target_modules"}
+    print(f"adapter: {settings} on {len(report.layers)} layers")
+    print(report.to_markdown())
+    print(f"heat map of |ΔW| for {report.heatmap_layer}: {report.heatmap}")
+    return 0
+
+
+def parse_seeds(text: str) -> int | list[int]:
+    """``"3"`` -> 3 (seeds 0, 1, 2); ``"0,5,7"`` -> [0, 5, 7].
+
+    Raises:
+        ConfigError: Not a count or a comma list of integers.
+    """
+    try:
+        if "," in text:
+            return [int(s) for s in text.split(",") if s.strip()]
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r} must be a count (e.g. 3) or a comma list (e.g. 0,1,2)") from None
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``moreft compare``: every method spec x seed, then ``compare.md`` / ``compare.png``."""
+    from moreft.train.comparison import compare, parse_method_spec  # noqa: PLC0415
+    from moreft.train.recipes import resolve_config  # noqa: PLC0415
+
+    seeds = parse_seeds(args.seeds)
+    for spec in args.methods:  # fail on a bad spec before anything trains
+        parse_method_spec(spec)
+    base = resolve_config(args.config, _overrides(args))
+    command = "moreft " + shlex.join(args.argv) if getattr(args, "argv", None) else None
+    result = compare(base, args.methods, seeds, name=args.name, command=command)
+    print((result.path / "compare.md").read_text(), end="")
+    print(f"wrote {result.path / 'compare.md'} and {result.path / 'compare.png'}")
+    return 0

@@ -1,0 +1,116 @@
+"""Turning task examples into model inputs: tokenization, label masking, padding collators.
+
+Classification: ``text`` (or a text pair) ``-> input_ids`` truncated to ``max_length``, the label id
+in ``labels``.
+
+Generation (causal LM): ``prompt + answer + eos`` with the prompt tokens' labels set to -100, so
+the loss is on the answer only. Prompt and answer are tokenized separately (the answer keeps its
+leading space), so the label boundary is exact; an over-long example loses prompt tokens from the
+left first, so the answer is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from moreft.tasks import PairExample, PromptExample, TextExample
+
+IGNORE_INDEX = -100
+
+
+class ListDataset(Dataset):
+    """A list of feature dicts as a torch ``Dataset``."""
+
+    def __init__(self, items: Sequence[dict[str, Any]]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+def encode_classification(examples: Sequence[TextExample], tokenizer: Any, max_length: int) -> ListDataset:
+    """Tokenize classification examples (no padding; the collator pads per batch).
+
+    Sentence pairs (:class:`moreft.tasks.PairExample`) are encoded as the tokenizer's two segments,
+    truncating the longer one first.
+    """
+    texts = [ex.text for ex in examples]
+    if examples and all(isinstance(ex, PairExample) for ex in examples):
+        enc = tokenizer(texts, [ex.text_pair for ex in examples], truncation="longest_first", max_length=max_length)
+    else:
+        enc = tokenizer(texts, truncation=True, max_length=max_length)
+    items = [{"input_ids": ids, "labels": ex.label} for ids, ex in zip(enc["input_ids"], examples)]
+    if examples and isinstance(examples[0], PairExample) and "token_type_ids" in enc:  # BERT's segment ids
+        for item, types in zip(items, enc["token_type_ids"]):
+            item["token_type_ids"] = types
+    return ListDataset(items)
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of a prompt, with the tokenizer's usual special tokens (e.g. BOS) in front."""
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id and \
+            tokenizer.eos_token_id != tokenizer.bos_token_id:
+        ids = ids[:-1]  # some tokenizers append EOS to every text; a prompt must not end the sequence
+    return list(ids)
+
+
+def encode_generation(examples: Sequence[PromptExample], tokenizer: Any, max_length: int) -> ListDataset:
+    """Tokenize prompt + answer + eos with prompt labels masked to -100."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    items = []
+    for ex in examples:
+        prompt = prompt_ids(tokenizer, ex.prompt)
+        answer = list(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + eos
+        answer = answer[:max_length - 1]
+        prompt = prompt[-(max_length - len(answer)):]
+        items.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer})
+    return ListDataset(items)
+
+
+@dataclass
+class PadCollator:
+    """Pad ``input_ids`` (``token_type_ids`` with 0, list ``labels`` with -100) to the batch's longest.
+
+    Attributes:
+        pad_token_id: Id used to pad ``input_ids``.
+        left: Pad on the left (generation prompts) instead of the right.
+    """
+
+    pad_token_id: int
+    left: bool = False
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        batch: dict[str, list[Any]] = {"input_ids": [], "attention_mask": []}
+        has_labels = "labels" in features[0]
+        seq_labels = has_labels and isinstance(features[0]["labels"], (list, tuple))
+        labels: list[Any] = []
+        if "token_type_ids" in features[0]:
+            batch["token_type_ids"] = []
+        for f in features:
+            ids = list(f["input_ids"])
+            pad = width - len(ids)
+            batch["input_ids"].append(self._pad(ids, [self.pad_token_id] * pad))
+            batch["attention_mask"].append(self._pad([1] * len(ids), [0] * pad))
+            if "token_type_ids" in batch:
+                batch["token_type_ids"].append(self._pad(list(f["token_type_ids"]), [0] * pad))
+            if seq_labels:
+                labels.append(self._pad(list(f["labels"]), [IGNORE_INDEX] * pad))
+            elif has_labels:
+                labels.append(f["labels"])
+        out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        if has_labels:
+            out["labels"] = torch.tensor(labels, dtype=torch.long)
+        return out
+
+    def _pad(self, values: list[Any], padding: list[Any]) -> list[Any]:
+        return padding + values if self.left else values + padding

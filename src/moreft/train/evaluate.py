@@ -1,0 +1,119 @@
+"""Scoring a model on task examples: argmax labels for classification, greedy decoding for generation."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from moreft.tasks import Example, PromptExample, ReferencedExample, Task, TaskKind, TextExample
+from moreft.train.data import PadCollator, encode_classification, prompt_ids
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _autocast(model: nn.Module, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=_device(model).type, dtype=dtype)
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _by_length(lengths: Sequence[int]) -> list[int]:
+    """Indices in order of length: batches of similar lengths waste little padding."""
+    return sorted(range(len(lengths)), key=lambda i: lengths[i])
+
+
+def _unsort(values: Sequence[Any], order: Sequence[int]) -> list[Any]:
+    """Put ``values`` (computed in ``order``) back in the original order."""
+    out: list[Any] = [None] * len(values)
+    for value, index in zip(values, order):
+        out[index] = value
+    return out
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, tokenizer: Any, examples: Sequence[TextExample], batch_size: int,
+                   max_length: int, autocast: torch.dtype | None = None) -> list[int]:
+    """Predicted label ids (argmax of the logits), one per example, in order."""
+    was_training = model.training
+    model.eval()
+    data = encode_classification(examples, tokenizer, max_length).items
+    order = _by_length([len(f["input_ids"]) for f in data])
+    data = [data[i] for i in order]
+    collate = PadCollator(tokenizer.pad_token_id)
+    preds: list[int] = []
+    try:
+        for chunk in _batches(data, batch_size):
+            batch = collate([{k: v for k, v in f.items() if k != "labels"} for f in chunk])
+            with _autocast(model, autocast):
+                logits = model(**{k: v.to(_device(model)) for k, v in batch.items()}).logits
+            preds += logits.argmax(-1).tolist()
+    finally:
+        model.train(was_training)
+    return _unsort(preds, order)
+
+
+@torch.no_grad()
+def generate_answers(model: nn.Module, tokenizer: Any, examples: Sequence[PromptExample], batch_size: int,
+                     max_length: int, max_new_tokens: int, autocast: torch.dtype | None = None) -> list[str]:
+    """Greedy completions of each prompt (the completion only, special tokens removed)."""
+    from transformers import GenerationConfig  # noqa: PLC0415
+
+    was_training = model.training
+    model.eval()
+    collate = PadCollator(tokenizer.pad_token_id, left=True)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    prompts = [prompt_ids(tokenizer, ex.prompt)[-max_length:] for ex in examples]
+    order = _by_length([len(p) for p in prompts])
+    out: list[str] = []
+    try:
+        for chunk in _batches([prompts[i] for i in order], batch_size):
+            batch = collate([{"input_ids": ids} for ids in chunk])
+            batch = {k: v.to(_device(model)) for k, v in batch.items()}
+            with _autocast(model, autocast):
+                ids = model.generate(**batch, generation_config=gen)
+            new = ids[:, batch["input_ids"].shape[1]:]
+            out += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return _unsort(out, order)
+
+
+def predict(model: nn.Module, tokenizer: Any, task: Task, examples: Sequence[Example], batch_size: int,
+            max_length: int, max_new_tokens: int, autocast: torch.dtype | None = None) -> list[Any]:
+    """Predictions for ``examples``: label ids (classification) or completions (generation)."""
+    if task.kind is TaskKind.CLASSIFICATION:
+        return predict_labels(model, tokenizer, examples, batch_size, max_length, autocast)
+    return generate_answers(model, tokenizer, examples, batch_size, max_length, max_new_tokens, autocast)
+
+
+def references(task: Task, examples: Sequence[Example]) -> list[Any]:
+    """What predictions are scored against: label ids, or answer strings (a
+    :class:`~moreft.tasks.ReferencedExample`'s ``reference`` when it has one)."""
+    if task.kind is TaskKind.CLASSIFICATION:
+        return [ex.label for ex in examples]
+    return [ex.reference if isinstance(ex, ReferencedExample) and ex.reference else ex.answer for ex in examples]
+
+
+def evaluate(model: nn.Module, tokenizer: Any, task: Task, examples: Sequence[Example], batch_size: int,
+             max_length: int, max_new_tokens: int, autocast: torch.dtype | None = None) -> dict[str, float]:
+    """``task.compute_metrics`` of the model's predictions on ``examples``.
+
+    Raises:
+        ValueError: ``examples`` is empty.
+    """
+    if not examples:
+        raise ValueError("cannot evaluate on 0 examples; the split is empty (raise max_examples)")
+    preds = predict(model, tokenizer, task, examples, batch_size, max_length, max_new_tokens, autocast)
+    return {k: float(v) for k, v in task.compute_metrics(preds, references(task, examples)).items()}

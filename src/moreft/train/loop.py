@@ -1,0 +1,228 @@
+"""``moreft.train.train(config)``: one fine-tuning run from a :class:`TrainConfig` to a run directory."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import moreft
+from moreft.errors import ConfigError
+from moreft.files import atomic_write_text
+from moreft.limits import check_adapter_size
+from moreft.tasks import TaskKind, get_task
+from moreft.train.config import RESUMABLE_CHANGES, TrainConfig
+from moreft.train.data import PadCollator, encode_classification, encode_generation
+from moreft.train.evaluate import evaluate
+from moreft.train.guards import NonFiniteGuard
+from moreft.train.plots import plot_run
+from moreft.train.recipes import dump_config
+from moreft.train.reinit import merge_callbacks
+from moreft.train.rundir import RunDir, is_main_process, load_base, model_defaults, precision_dtype
+from moreft.train.trainer import (
+    CHECKPOINTS_DIR, AdapterTrainer, MetricsLogger, ProgressBar, read_jsonl, truncate_jsonl, use_callbacks)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What :func:`train` produced.
+
+    Attributes:
+        run_dir: The run directory.
+        metrics: The contents of ``metrics.json``.
+        config: The resolved config.
+    """
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    config: TrainConfig
+
+
+def _say(message: str, quiet: bool) -> None:
+    if not quiet and is_main_process():
+        print(message, flush=True)
+
+
+def prepare_run_dir(config: TrainConfig) -> Path | None:
+    """Check the run directory against ``resume`` / ``overwrite``; return the checkpoint to resume.
+
+    Raises:
+        ConfigError: The directory holds a run and neither ``resume`` nor ``overwrite`` is set, or
+            ``resume`` is set and the saved config differs in a field that changes training.
+    """
+    run = RunDir(config.run_dir)
+    occupied = run.path.is_dir() and any(run.path.iterdir())
+    if not config.resume:
+        if occupied and not config.overwrite and is_main_process():
+            raise ConfigError(f"run directory {str(run.path)!r} already exists; pass --resume to continue it, "
+                              "--overwrite to start over, or choose another --run-name")
+        if occupied and config.overwrite and is_main_process():
+            shutil.rmtree(run.path)
+        return None
+    if run.config.is_file():
+        from moreft.train.rundir import read_run_config  # noqa: PLC0415
+
+        saved = read_run_config(run.path).to_dict()
+        now = config.to_dict()
+        differ = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        if differ:
+            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in differ)
+            raise ConfigError(f"cannot resume {str(run.path)!r} with a different config ({diffs}); resume with "
+                              "the same settings, or use --overwrite / another --run-name")
+    return run.last_checkpoint()
+
+
+def training_arguments(config: TrainConfig) -> Any:
+    """The ``transformers.TrainingArguments`` of a run (no hub, no reporting, adapter-only checkpoints)."""
+    from transformers import TrainingArguments  # noqa: PLC0415
+
+    return TrainingArguments(
+        output_dir=str(config.run_dir / CHECKPOINTS_DIR),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size or 2 * config.batch_size,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.lr,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio or config.warmup_steps,
+        weight_decay=config.weight_decay,
+        gradient_accumulation_steps=config.grad_accum,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        max_grad_norm=config.max_grad_norm,
+        bf16=config.precision == "bf16",
+        seed=config.seed,
+        logging_strategy="steps",
+        logging_steps=config.log_every,
+        eval_strategy="steps" if config.eval_every else "no",
+        eval_steps=config.eval_every,
+        save_strategy="steps" if config.save_every else "no",
+        save_steps=config.save_every or 500,
+        save_total_limit=config.keep_checkpoints,
+        report_to="none",
+        push_to_hub=False,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.accelerator.is_available(),  # torchrun on CPU: DDP over gloo (accelerate MULTI_CPU)
+    )
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def train(config: TrainConfig, callbacks: Sequence[Any] = (), quiet: bool = False) -> RunResult:
+    """Fine-tune ``config.model`` with ``config.method`` on ``config.task`` and fill the run directory.
+
+    Args:
+        config: The resolved run config.
+        callbacks: Extra ``transformers.TrainerCallback`` objects (e.g. to stop early in tests).
+        quiet: Print nothing (progress bar and messages off).
+
+    Returns:
+        A :class:`RunResult`.
+
+    Raises:
+        ConfigError: Bad task options, model, hyperparameters or run directory state.
+        moreft.tasks.DataPackageError: The task's or model's data package is not installed.
+        moreft.errors.TrainingError: A NaN/Inf loss or gradient with ``nonfinite: stop`` (the default).
+    """
+    began = time.perf_counter()
+    run = RunDir(config.run_dir)
+    checkpoint = prepare_run_dir(config)
+    if config.resume:
+        _say(f"resuming from {checkpoint}" if checkpoint else
+             f"no checkpoint in {run.checkpoints}; starting from scratch", quiet)
+    _say(f"# run config ({run.config})\n" + dump_config(config), quiet)
+    task = get_task(config.task, **config.task_options)
+    splits = task.load(config.seed, config.max_examples)
+    from transformers import set_seed  # noqa: PLC0415
+
+    set_seed(config.seed)  # the new head and the adapter are initialised from this seed
+    model, tokenizer = load_base(config, task)
+    targets, heads = model_defaults(config.model, model, task.kind)
+    adapter = config.adapter_config(targets, heads)
+    check_adapter_size(model, adapter, moreft.resolve_targets(model, adapter))  # before allocating it
+    moreft.inject(model, adapter)
+    for p in model.parameters():  # optimizer state and updates in fp32 even on a bf16 base
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    # The run directory is made only now, so a run that cannot start (bad data, model or sizes) leaves none.
+    if is_main_process():
+        run.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.config, dump_config(config))
+        atomic_write_text(run.split, json.dumps({"task": config.task, "seed": config.seed, "sizes": splits.sizes,
+                                                 "ids": splits.split_ids}) + "\n")
+    counts = moreft.trainable_parameters(model)
+    _say(f"{config.method_label()} on {len(moreft.adapter_layers(model))} layers: {counts}", quiet)
+    _say(f"{config.task}: {splits.sizes}", quiet)
+
+    encode = encode_classification if task.kind is TaskKind.CLASSIFICATION else encode_generation
+    eval_cap = slice(None, config.eval_examples)
+    eval_sets = {"eval": splits.validation[eval_cap], "test": splits.test[eval_cap]}
+    autocast = precision_dtype(config.precision) if config.precision != "fp32" else None
+    eval_bs = config.eval_batch_size or 2 * config.batch_size
+
+    def score(examples: Sequence[Any]) -> dict[str, float]:
+        return evaluate(model, tokenizer, task, examples, eval_bs, config.max_length, config.max_new_tokens, autocast)
+
+    trainer = AdapterTrainer(model=model, args=training_arguments(config),
+                             train_dataset=encode(splits.train, tokenizer, config.max_length),
+                             data_collator=PadCollator(tokenizer.pad_token_id), score=score, eval_sets=eval_sets)
+    printers = [] if quiet else [ProgressBar(config.progress)]
+    guard = NonFiniteGuard(config.nonfinite)  # before MetricsLogger: it adds nonfinite_skipped to the logs
+    use_callbacks(trainer, [guard, *merge_callbacks(config, run.path), MetricsLogger(run.metrics_log), *printers,
+                            *callbacks])
+    if is_main_process():
+        if checkpoint is not None:
+            truncate_jsonl(run.metrics_log, int(checkpoint.name.split("-")[-1]))
+        elif run.metrics_log.exists():
+            run.metrics_log.unlink()
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.perf_counter() - start
+    final = {**trainer.evaluate(metric_key_prefix="eval"), **trainer.evaluate(metric_key_prefix="test")}
+
+    metrics: dict[str, Any] = {
+        "task": config.task, "model": config.model, "method": config.method, "label": config.method_label(),
+        "seed": config.seed, "metric": task.metric_name,
+        "trainable_params": counts.adapter, "other_trainable_params": counts.other_trainable,
+        "total_params": counts.total, **final,
+        "train_loss": float(output.training_loss), "global_step": int(trainer.state.global_step),
+        "train_examples": len(splits.train), "eval_examples": len(eval_sets["eval"]),
+        "test_examples": len(eval_sets["test"]), "train_seconds": round(train_seconds, 3),
+        "resumed_from": checkpoint.name if checkpoint else None, "nonfinite_skipped": guard.skipped,
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+    }
+    if torch.cuda.is_available():
+        metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if trainer.is_world_process_zero():
+        moreft.save_adapter(trainer.accelerator.unwrap_model(model), run.adapter)
+        atomic_write_text(run.metrics, json.dumps(metrics, indent=2) + "\n")
+        plot_run(read_jsonl(run.metrics_log), task.metric_name, run.loss_plot,
+                 title=f"{config.run_name}: {config.method_label()}")
+    _say(summary(metrics, run, time.perf_counter() - began), quiet)
+    return RunResult(run.path, metrics, config)
+
+
+def summary(metrics: dict[str, Any], run: RunDir, total_seconds: float) -> str:
+    """The closing lines of a run: scores, trainable adapter parameters, time, where the adapter went."""
+    name = metrics["metric"]
+    head = metrics["other_trainable_params"]
+    return "\n".join([
+        f"validation {name} {metrics.get(f'eval_{name}', float('nan')):.4f} ({metrics['eval_examples']} examples), "
+        f"test {name} {metrics.get(f'test_{name}', float('nan')):.4f} ({metrics['test_examples']} examples)",
+        f"trainable adapter parameters: {metrics['trainable_params']:,}"
+        + (f" (not counted: {head:,} in the task head, trained in full)" if head else ""),
+        f"time: {metrics['train_seconds']:.1f} s training, {total_seconds:.1f} s in all",
+        f"adapter saved to {run.adapter} (metrics.json and loss.png in {run.path})",
+    ])

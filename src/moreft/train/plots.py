@@ -1,0 +1,109 @@
+"""PNG figures of runs (matplotlib, Agg backend, written atomically)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Save ``fig`` as PNG through a temp file and an atomic rename; closes the figure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def plot_run(records: Sequence[Mapping[str, Any]], metric: str, path: Path, title: str = "") -> Path:
+    """Training loss (left axis) and ``eval_<metric>`` (right axis) against the optimizer step.
+
+    Args:
+        records: ``metrics.jsonl`` records.
+        metric: Task metric name, e.g. ``"accuracy"``.
+        path: Where to write the PNG.
+        title: Figure title.
+    """
+    loss = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
+    key = f"eval_{metric}"
+    evals = sorted({r["step"]: r[key] for r in records if isinstance(r.get(key), (int, float))}.items())
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if loss:
+        ax.plot(*zip(*loss), color="tab:blue", marker="." if len(loss) < 30 else None, label="train loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss", color="tab:blue")
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*evals), color="tab:orange", marker="o", label=key)
+        ax2.set_ylabel(key, color="tab:orange")
+        ax2.set_ylim(0, 1.02)
+    if not loss and not evals:
+        ax.text(0.5, 0.5, "no logged steps", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(title or "training")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_compare(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, title: str = "") -> Path:
+    """Metric (mean ± std over seeds) against trainable adapter parameters, log x axis.
+
+    Args:
+        rows: One mapping per method with ``label``, ``params``, ``mean``, ``std``.
+        metric: Name of the plotted metric (axis label).
+        path: Where to write the PNG.
+        title: Figure title.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        ax.errorbar([row["params"]], [row["mean"]], yerr=[row["std"]], fmt="o", capsize=4, label=row["label"])
+        ax.annotate(row["label"], (row["params"], row["mean"]), textcoords="offset points", xytext=(6, 6),
+                    fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable adapter parameters (log scale; head excluded)")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} vs parameters")
+    ax.grid(alpha=0.3, which="both")
+    if rows:
+        ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def plot_heatmap(delta: torch.Tensor, path: Path, title: str = "", max_side: int = 384,
+                 row_order: Sequence[int] | None = None, order_label: str = "") -> Path:
+    """|ΔW| of one layer as an image (rows = outputs, columns = inputs).
+
+    Matrices larger than ``max_side`` are shown as their top-left ``max_side`` x ``max_side``
+    corner so that single blocks stay visible. With ``row_order`` a second panel shows the rows in
+    that order (e.g. MoRe's interleaved outputs grouped by Monarch block, so blocks line up).
+    """
+    data = delta.detach().abs().float().cpu()
+    panels = [("as stored", data)]
+    if row_order is not None:
+        panels.append((order_label or "rows reordered", data[torch.as_tensor(list(row_order))]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.5), squeeze=False)
+    for ax, (label, matrix) in zip(axes[0], panels):
+        shown = matrix[:max_side, :max_side]
+        im = ax.imshow(shown.numpy(), cmap="magma", aspect="auto", interpolation="nearest")
+        fig.colorbar(im, ax=ax, label="|ΔW|")
+        crop = "" if shown.shape == matrix.shape else f", top-left {shown.shape[0]}x{shown.shape[1]} of " \
+                                                      f"{matrix.shape[0]}x{matrix.shape[1]}"
+        ax.set_title(f"{label}{crop}", fontsize=9)
+        ax.set_xlabel("input feature")
+        ax.set_ylabel("output feature")
+    fig.suptitle(title or "|ΔW|", fontsize=10)
+    return _save(fig, path)

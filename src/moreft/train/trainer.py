@@ -1,0 +1,194 @@
+"""``transformers.Trainer`` specialised for moreft adapters, and the callbacks a run uses.
+
+:class:`AdapterTrainer` changes three things and keeps the rest of the Trainer (distribution
+with torchrun / accelerate, schedules, accumulation, mixed precision, checkpoint rotation,
+resumption with optimizer, scheduler, RNG and data-order state):
+
+* checkpoints hold the adapter (``checkpoint-N/adapter/``, the :func:`moreft.save_adapter`
+  format) instead of the full model weights, and resuming loads it back;
+* evaluation scores the task metric with :mod:`moreft.train.evaluate` (argmax labels, or greedy
+  generation) on fixed example sets instead of the Trainer's logits-based loop;
+* logs go to ``metrics.jsonl`` and a compact progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+import moreft
+from moreft.files import atomic_write_text
+
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class AdapterTrainer(Trainer):
+    """A Trainer that checkpoints only the adapter and evaluates with a task scorer.
+
+    Args:
+        *args: As for :class:`transformers.Trainer`.
+        score: ``score(examples) -> {metric: value}`` used by :meth:`evaluate`.
+        eval_sets: Example sets by metric prefix, e.g. ``{"eval": validation, "test": test}``.
+        **kwargs: As for :class:`transformers.Trainer`.
+    """
+
+    def __init__(self, *args: Any, score: Callable[[Sequence[Any]], dict[str, float]],
+                 eval_sets: Mapping[str, Sequence[Any]], **kwargs: Any) -> None:
+        kwargs.setdefault("eval_dataset", list(eval_sets.get("eval", ())))  # only so that Trainer accepts eval_steps
+        super().__init__(*args, **kwargs)
+        if not loss_uses_item_count(self.accelerator.unwrap_model(self.model)):
+            # A classification head's loss is a plain batch mean that ignores ``num_items_in_batch``; left as
+            # "accepting loss kwargs" the Trainer would multiply it by the process count and skip the division
+            # by grad_accum, so DDP and accumulation would not match one process with the same global batch.
+            self.model_accepts_loss_kwargs = False
+        self.score = score
+        self.eval_sets = dict(eval_sets)
+        self.last_scores: dict[str, tuple[int, dict[str, float]]] = {}
+        self.raw_scores: dict[str, tuple[int, dict[str, float]]] = {}
+
+    def _scores(self, prefix: str) -> dict[str, float]:
+        """Scores of ``eval_sets[prefix]`` now; an equal set scored at this step is not scored again
+        (memorisation tasks, and file tasks without a test file, test on the validation set)."""
+        for other, (step, scores) in self.raw_scores.items():
+            if other != prefix and step == self.state.global_step and self.eval_sets[other] == self.eval_sets[prefix]:
+                return scores
+        scores = self.score(self.eval_sets[prefix])
+        self.raw_scores[prefix] = (self.state.global_step, scores)
+        return scores
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Score ``eval_sets[metric_key_prefix]``, log ``<prefix>_<metric>`` and fire ``on_evaluate``.
+
+        Raises:
+            KeyError: ``metric_key_prefix`` names no example set.
+        """
+        if metric_key_prefix not in self.eval_sets:
+            raise KeyError(f"no example set {metric_key_prefix!r}; have {sorted(self.eval_sets)}")
+        step, cached = self.last_scores.get(metric_key_prefix, (-1, {}))
+        if step != self.state.global_step:  # the same step is not scored twice (periodic + final)
+            scores = self._scores(metric_key_prefix)
+            cached = {f"{metric_key_prefix}_{k}": v for k, v in scores.items()}
+            self.last_scores[metric_key_prefix] = (self.state.global_step, cached)
+            self.log(dict(cached))
+        metrics = dict(cached)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the adapter (not the full model) into ``output_dir/adapter``."""
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        moreft.save_adapter(model, Path(output_dir or self.args.output_dir) / ADAPTER_DIR)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Load the adapter saved by :meth:`_save` into the (already injected) model.
+
+        Raises:
+            moreft.AdapterFileError: The checkpoint holds no adapter that fits the model.
+        """
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        moreft.load_adapter(model, Path(resume_from_checkpoint) / ADAPTER_DIR, check_base=False)
+
+
+def loss_uses_item_count(model: Any) -> bool:
+    """True when the model's loss divides by the Trainer's ``num_items_in_batch`` (causal-LM token losses).
+
+    Only then does the Trainer's cross-device / accumulation rescaling give the global-batch mean.
+    """
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss  # noqa: PLC0415
+
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
+
+
+def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one JSON object as one line, in a single ``write`` (a reader never sees half a line)."""
+    line = json.dumps(record, sort_keys=False) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every complete JSON line of ``path`` (a torn last line from a crash is skipped)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep only records with ``step <= max_step`` (a resumed run re-logs the later steps)."""
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= max_step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+class MetricsLogger(TrainerCallback):
+    """Append every Trainer log (loss, learning rate, eval metrics) to ``metrics.jsonl``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": round(time.time(), 3)}
+        record.update({("lr" if k == "learning_rate" else k): v for k, v in logs.items()
+                       if k not in ("epoch", "total_flos") and isinstance(v, (int, float, str))})
+        append_jsonl(self.path, record)
+
+
+class ProgressBar(TrainerCallback):
+    """One tqdm bar over optimizer steps with the latest loss and lr; eval metrics printed above it."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.bar: tqdm | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero and self.enabled:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                            dynamic_ncols=True)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs and self.bar is not None:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0.0):.2e}")
+        scores = {k: v for k, v in logs.items() if k.startswith(("eval_", "test_")) and isinstance(v, float)}
+        if scores:
+            text = f"step {state.global_step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items())
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def use_callbacks(trainer: Trainer, callbacks: Sequence[TrainerCallback]) -> None:
+    """Replace the Trainer's default printers with ``callbacks``."""
+    for cls in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cls)
+    for cb in callbacks:
+        trainer.add_callback(cb)
