@@ -26,3 +26,11 @@ class AdapterFileError(MoreftError, ValueError):
 
 class MergeError(MoreftError, RuntimeError):
     """A merge would write NaN/Inf into a base weight, or the base cannot be merged into."""
+
+
+class TrainingError(MoreftError, RuntimeError):
+    """A training run cannot go on (e.g. a NaN/Inf loss); the last good checkpoint is kept."""
+
+
+class DataFileError(MoreftError, ValueError):
+    """A user's data file cannot be read: not UTF-8, a malformed JSON line or CSV row, wrong structure."""

@@ -20,11 +20,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import AdapterConfig, config_from_dict
+from .config import AdapterConfig, Method, SharingLayout, config_from_dict
 from .errors import AdapterFileError, ConfigError
 from .files import atomic_dir_write
 from .inject import adapter_config, adapter_layers, eject, inject, modules_to_save_names
 from .layers import MoRALinear, is_linear, linear_shape
+from .limits import adapter_shapes
 from .version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -32,6 +33,13 @@ CONFIG_NAME = "adapter_config.json"
 FORMAT = "moreft-adapter"
 FORMAT_VERSION = 1
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+#: adapter_config.json holds names and a few numbers; anything bigger is not ours.
+MAX_CONFIG_BYTES = 16 * 2**20
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (only finite numbers are)")
 
 
 def base_model_name(model: nn.Module) -> str | None:
@@ -55,8 +63,22 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _gathered(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(whole tensor, was sharded)``: a DTensor shard (FSDP2 ``fully_shard``) is all-gathered."""
+    if not torch.distributed.is_available():
+        return tensor, False
+    from torch.distributed.tensor import DTensor  # noqa: PLC0415
+
+    if isinstance(tensor, DTensor):
+        return tensor.full_tensor(), True
+    return tensor, False
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the adapter of ``model`` (weights + config only) to directory ``path``, atomically.
+
+    Under FSDP (``fully_shard``) every rank must call it: the shards are gathered (a collective)
+    and rank 0 writes the directory.
 
     Raises:
         AdapterFileError: ``model`` carries no moreft adapter.
@@ -73,8 +95,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "layer_state": {n: {"sharing_layout": layer.sharing_layout.value}
                         for n, layer in layers.items() if isinstance(layer, MoRALinear)},
     }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    gathered = {k: _gathered(v.detach()) for k, v in adapter_state_dict(model).items()}
+    tensors = {k: t.to("cpu").contiguous() for k, (t, _) in gathered.items()}
     path = Path(path)
+    if any(sharded for _, sharded in gathered.values()) and torch.distributed.get_rank() != 0:
+        return path
     atomic_dir_write(path, {
         WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
         CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"),
@@ -99,9 +124,13 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[dict[str, Any], Adapte
                "loaded, only safetensors is accepted") if unsafe else ""
         raise AdapterFileError(f"{str(path)!r} is not a moreft adapter directory: it needs {CONFIG_NAME} "
                                f"and {WEIGHTS_NAME}{why}")
+    size = (path / CONFIG_NAME).stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise AdapterFileError(f"{str(path / CONFIG_NAME)!r} is {size:,} bytes; an adapter config is at most "
+                               f"{MAX_CONFIG_BYTES:,} bytes")
     try:
-        meta = json.loads((path / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        meta = json.loads((path / CONFIG_NAME).read_bytes().decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise AdapterFileError(f"{str(path / CONFIG_NAME)!r} is not valid JSON: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AdapterFileError(f"{str(path / CONFIG_NAME)!r} is not a {FORMAT!r} file (format="
@@ -111,10 +140,15 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[dict[str, Any], Adapte
                                f"(this moreft reads version {FORMAT_VERSION})")
     modules = meta.get("modules")
     if not isinstance(modules, dict) or not modules or not all(
-            isinstance(s, list) and len(s) == 2 and all(isinstance(d, int) and d > 0 for d in s)
-            for s in modules.values()):
+            isinstance(n, str) and n and isinstance(s, list) and len(s) == 2
+            and all(type(d) is int and d > 0 for d in s) for n, s in modules.items()):
         raise AdapterFileError(f"'modules' in {str(path / CONFIG_NAME)!r} must map module names to "
                                "[out_features, in_features] positive integer pairs")
+    if meta.get("fingerprint") != fingerprint(modules):
+        raise AdapterFileError(f"fingerprint={meta.get('fingerprint')!r} in {str(path / CONFIG_NAME)!r} does not "
+                               f"match its 'modules' ({fingerprint(modules)!r}); the file was edited or is corrupt")
+    if not isinstance(meta.get("base_model"), (str, type(None))):
+        raise AdapterFileError(f"base_model={meta.get('base_model')!r} must be a model name or null")
     try:
         config = config_from_dict(meta.get("config"))
     except ConfigError as exc:
@@ -122,7 +156,21 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[dict[str, Any], Adapte
     if config.method.value != meta.get("method"):
         raise AdapterFileError(f"method={meta.get('method')!r} disagrees with config method "
                                f"{config.method.value!r}")
+    _check_layer_state(meta.get("layer_state", {}), modules, config)
     return meta, config
+
+
+def _check_layer_state(state: Any, modules: dict[str, Any], config: AdapterConfig) -> None:
+    """``layer_state`` may only set a valid MoRA ``sharing_layout`` on modules the file lists."""
+    valid = [layout.value for layout in SharingLayout]
+    if not isinstance(state, dict) or (state and config.method is not Method.MORA):
+        raise AdapterFileError(f"'layer_state' must be a mapping, and only MoRA adapters have one; got {state!r}")
+    for name, entry in state.items():
+        if name not in modules:
+            raise AdapterFileError(f"'layer_state' names module {name!r}, which is not in 'modules'")
+        if not isinstance(entry, dict) or set(entry) != {"sharing_layout"} or entry["sharing_layout"] not in valid:
+            raise AdapterFileError(f"'layer_state' of {name!r} is {entry!r}; it must be "
+                                   f"{{'sharing_layout': one of {valid}}}")
 
 
 def _check_model_fits(model: nn.Module, meta: dict[str, Any], config: AdapterConfig,
@@ -176,6 +224,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     path = Path(path)
     meta, config = read_adapter_config(path)
     _check_model_fits(model, meta, config, check_base)
+    _check_header(path / WEIGHTS_NAME, meta, config)
     injected = not adapter_layers(model)
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
     if injected:
@@ -189,6 +238,36 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
                 p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
         raise
     return model
+
+
+def _read_header(file: Path) -> dict[str, tuple[list[int], str]]:
+    """``{key: (shape, dtype)}`` from a safetensors header, reading no tensor data."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
+        raise AdapterFileError(f"{str(file)!r} is not a readable safetensors file: {exc}") from None
+
+
+def _check_header(file: Path, meta: dict[str, Any], config: AdapterConfig) -> None:
+    """Check the file's adapter tensors against the shapes the config implies, before anything is allocated.
+
+    The shapes come from :func:`moreft.limits.adapter_shapes` (layers built on the meta device), so
+    a crafted config (``rank: 1000000000``) is refused here rather than by running out of memory.
+    """
+    try:
+        implied = adapter_shapes(config, meta["modules"])
+    except ConfigError as exc:
+        raise AdapterFileError(f"config in {str(file.parent / CONFIG_NAME)!r} does not fit its modules: {exc}") from None
+    header = _read_header(file)
+    for key, (shape, dtype) in sorted(header.items()):
+        if dtype not in FLOAT_DTYPES:
+            raise AdapterFileError(f"tensor {key!r} in {str(file)!r} has dtype {dtype}; adapter tensors must be "
+                                   f"floating point ({', '.join(FLOAT_DTYPES)})")
+    for key, shape in implied.items():
+        if key in header and header[key][0] != list(shape):
+            raise AdapterFileError(f"tensor {key!r} has shape {header[key][0]} in {str(file)!r} but the "
+                                   f"model expects {list(shape)} (the shape its config implies)")
 
 
 def _load_tensors(model: nn.Module, file: Path, meta: dict[str, Any]) -> None:
@@ -208,7 +287,7 @@ def _load_tensors(model: nn.Module, file: Path, meta: dict[str, Any]) -> None:
             tensors = {k: f.get_tensor(k) for k in keys}
     except AdapterFileError:
         raise
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
         raise AdapterFileError(f"{str(file)!r} is not a readable safetensors file: {exc}") from None
     with torch.no_grad():
         for key, value in tensors.items():

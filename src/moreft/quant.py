@@ -1,0 +1,123 @@
+"""Quantised frozen bases (QLoRA-style): adapters train on them as on any base; merging needs care.
+
+The adapter layer calls the quantised base layer's own forward (torchao int8/int4 weight tensors,
+bitsandbytes ``Linear4bit`` / ``Linear8bitLt``) and keeps its own factors in float32, so
+training, saving and loading are unchanged. Merging is not: ΔW cannot be added into an integer
+weight in place, and requantising ``W + ΔW`` rounds away part of ΔW (often most of it: a
+fine-tuning update is small next to one quantisation step). So :func:`moreft.merge` refuses a
+quantised base with a message saying what to do, and :func:`merge_quantized` does the
+dequantise → add (float32) → requantise round trip on request, reporting per layer how much of ΔW
+the rounding lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import MergeError
+
+_QUANT_PACKAGES = ("torchao", "bitsandbytes")
+
+
+def quantized_kind(weight: Any) -> str | None:
+    """The class name of a quantised weight (a torchao tensor subclass or bitsandbytes parameter), else None."""
+    cls = type(weight)
+    return cls.__name__ if cls.__module__.split(".")[0] in _QUANT_PACKAGES else None
+
+
+def refuse_quantized(layer: Any) -> None:
+    """Raise if ``layer``'s base weight is quantised (called by merge before it touches anything).
+
+    Raises:
+        MergeError: the base weight is a quantised tensor.
+    """
+    kind = quantized_kind(layer.base_layer.weight)
+    if kind is not None:
+        raise MergeError(f"adapter layer {layer.name!r} sits on a quantised base weight ({kind}); ΔW cannot be "
+                         "added into it in place. Use moreft.quant.merge_quantized(model, requantize=<torchao "
+                         "config>) to dequantise, add and requantise (it reports the rounding error), or merge "
+                         "into a bf16/fp32 copy of the base model; nothing was merged")
+
+
+@dataclass(frozen=True)
+class QuantizedMerge:
+    """What requantising ``W + ΔW`` cost on one layer.
+
+    Attributes:
+        name: The layer's qualified name.
+        kind: The quantised weight's class (e.g. ``Int8Tensor``).
+        max_abs_error: ``max |dequant(requant(W + ΔW)) - (W + ΔW)|``, the merged weight's rounding error.
+        max_abs_delta: ``max |ΔW|``, for scale.
+        delta_error: ``max |(dequant(requant(W + ΔW)) - dequant(W)) - ΔW| / max |ΔW|``: how much of
+            the adapter's update the requantisation lost (0 is perfect, 1 or more: all of it).
+    """
+
+    name: str
+    kind: str
+    max_abs_error: float
+    max_abs_delta: float
+    delta_error: float
+
+
+def _dense(weight: Any) -> torch.Tensor:
+    """A quantised weight as a float tensor (torchao tensors have ``dequantize()``)."""
+    kind = quantized_kind(weight)
+    dequantize = getattr(weight, "dequantize", None)
+    if kind is None or not callable(dequantize) or kind.startswith(("Params4bit", "Int8Params")):
+        raise MergeError(f"cannot dequantise a {kind or type(weight).__name__} weight here; only torchao "
+                         "quantised weights can be merged into (load a bitsandbytes base unquantised to merge)")
+    return dequantize()
+
+
+@torch.no_grad()
+def merge_quantized(model: nn.Module, requantize: Any) -> list[QuantizedMerge]:
+    """Merge every adapter into a torchao-quantised base: dequantise, add ΔW in float32, requantise.
+
+    All merged weights are computed and checked before any layer changes; the model then has
+    no moreft layer left, like after :func:`moreft.merge`.
+
+    Args:
+        model: A model with a moreft adapter whose targeted base layers hold torchao weights.
+        requantize: The torchao config to requantise with, e.g. ``Int8WeightOnlyConfig()``
+            (the one the base was quantised with).
+
+    Returns:
+        One :class:`QuantizedMerge` per layer.
+
+    Raises:
+        MergeError: a base weight is not a torchao quantised tensor, or ``W + ΔW`` is not finite.
+    """
+    from torchao.quantization import quantize_  # noqa: PLC0415
+
+    from .inject import adapter_layers, merge  # noqa: PLC0415
+    from .layers import is_conv1d  # noqa: PLC0415
+
+    plans = {}
+    for name, layer in adapter_layers(model).items():
+        if layer.merged:
+            continue
+        weight = layer.base_layer.weight
+        dense = _dense(weight)
+        delta = layer.delta_weight().detach().float()
+        delta = delta.T if is_conv1d(layer.base_layer) else delta  # Conv1D stores (in, out)
+        exact = dense.float() + delta.to(dense.device)
+        if not torch.isfinite(exact).all():
+            raise MergeError(f"merging adapter layer {name!r} would give NaN/Inf weights; nothing was merged")
+        plans[name] = (layer, quantized_kind(weight), dense, delta, exact)
+    reports = []
+    for name, (layer, kind, dense, delta, exact) in plans.items():
+        base = layer.base_layer
+        base.weight = nn.Parameter(exact.to(dense.dtype), requires_grad=False)
+        quantize_(base, requantize)
+        merged = base.weight.dequantize().float()
+        scale = float(delta.abs().max())
+        lost = float(((merged - dense.float()) - delta).abs().max())
+        reports.append(QuantizedMerge(name, str(kind), float((merged - exact).abs().max()), scale,
+                                      lost / scale if scale > 0 else 0.0))
+        layer.merged = True
+    merge(model)  # every layer is merged now: this only puts the base layers back
+    return reports
