@@ -8,7 +8,13 @@ must be dropped too (:func:`reset_optimizer_state`); the training loop owns the 
 restart.
 
 After a merge the model's base weights differ from the pretrained ones, so an adapter saved
-later holds only the last cycle: save the merged model (``save_pretrained``) as well.
+later holds only the last cycle: keep the merged base weights too. ``moreft train --merge-every K``
+(:mod:`moreft.train.reinit`) does this: it saves them as ``merged_base.safetensors`` in every
+checkpoint and in the run directory, and ``moreft eval`` / ``merge`` load them before the adapter.
+
+MoRe keeps its fixed stride permutations across cycles (they are not re-drawn): its first factor
+is re-drawn at random each cycle, which already lets the accumulated rank grow by up to
+``nblocks * block_rank`` per cycle.
 """
 
 from __future__ import annotations

@@ -1,0 +1,351 @@
+"""``moreft search``: adapter architecture + hyperparameter search on Optuna, with ASHA pruning.
+
+    from moreft.train import SearchSettings, SearchSpace, resolve_config, run_search
+    base = resolve_config("recipes/demo.yaml", {"max_steps": 60, "eval_every": 15})
+    space = SearchSpace(methods=("more", "lora"), lr=(3e-4, 3e-3))
+    result = run_search(base, space, SearchSettings(trials=8, max_params=100_000))
+    print(result.best_config.method_label(), result.path / "search.md")
+
+Each trial is an ordinary run (``<dir>/trials/trial-NNNN/``) of ``base`` with the sampled method,
+architecture, target modules, lr and batch size; it reports the validation metric at every
+``eval_every`` steps and Optuna's successive-halving (ASHA, as the MoRe authors ran with Ray Tune)
+or Hyperband pruner stops the bad ones early. Configurations above ``max_params`` trainable
+adapter parameters are rejected before training: they are counted by injecting the adapter into
+the model built on the ``meta`` device (no weights, no training). The study lives in a SQLite file
+in the search directory unless another Optuna storage URL is given, so an interrupted search
+resumes where it stopped, and several processes or machines can share one study. The test split
+is never used to choose: it is only reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import functools
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import moreft
+from moreft.config import coerce_enum
+from moreft.errors import ConfigError, MoreftError
+from moreft.train.config import TrainConfig
+from moreft.train.search_space import SQUARE, SearchSpace
+
+STUDY_FILE = "study.db"
+WORKERS_FILE = "workers.json"
+#: A trial whose process has not written a heartbeat for this long is failed and retried once.
+HEARTBEAT_SECONDS, GRACE_SECONDS = 30, 90
+
+
+class Pruner(str, enum.Enum):
+    """Early stopping of trials: ``asha`` (successive halving), ``hyperband``, or ``none``."""
+
+    ASHA = "asha"
+    HYPERBAND = "hyperband"
+    NONE = "none"
+
+
+class Sampler(str, enum.Enum):
+    """How trials are drawn: ``tpe`` (Optuna's default Bayesian sampler) or ``random``."""
+
+    TPE = "tpe"
+    RANDOM = "random"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchSettings:
+    """How a search runs (the ``search:`` mapping of a search file; ``moreft search`` flags override it).
+
+    Attributes:
+        trials: Trials to finish (complete or pruned); failed ones do not count.
+        jobs: Worker processes sharing the study on this machine (the CPU threads are split among them).
+        pruner: ``asha``, ``hyperband`` or ``none``.
+        reduction_factor: Keep the best ``1 / reduction_factor`` of the trials at each rung.
+        min_steps: Steps of the first rung (None: the run's ``eval_every``).
+        max_params: Reject configurations with more trainable adapter parameters (None: no budget).
+        storage: An Optuna storage URL (e.g. ``postgresql://...``); None: SQLite in the search directory.
+        sampler: ``tpe`` or ``random``.
+        seed: Sampler seed (worker ``i`` uses ``seed + i``).
+        name: Search directory and study name (None: ``search-<task>-<model>``).
+        timeout: Stop starting new trials after this many seconds (None: no limit).
+    """
+
+    trials: int = 8
+    jobs: int = 1
+    pruner: Pruner = Pruner.ASHA
+    reduction_factor: int = 3
+    min_steps: int | None = None
+    max_params: int | None = None
+    storage: str | None = None
+    sampler: Sampler = Sampler.TPE
+    seed: int = 0
+    name: str | None = None
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("trials", "jobs", "reduction_factor", "min_steps", "max_params"):
+            value = getattr(self, name)
+            if value is None and name in ("min_steps", "max_params"):
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (2 if name == "reduction_factor" else 1)
+            ):
+                raise ConfigError(
+                    f"search {name}={value!r} must be an integer >= {2 if name == 'reduction_factor' else 1}"
+                )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"search seed={self.seed!r} must be an integer >= 0")
+        object.__setattr__(self, "pruner", coerce_enum(Pruner, self.pruner, "search pruner"))
+        object.__setattr__(self, "sampler", coerce_enum(Sampler, self.sampler, "search sampler"))
+        if self.name is not None and (not isinstance(self.name, str) or not self.name or "/" in self.name):
+            raise ConfigError(f"search name={self.name!r} must be a non-empty folder name without '/'")
+        if self.storage is not None and (not isinstance(self.storage, str) or "://" not in self.storage):
+            raise ConfigError(
+                f"search storage={self.storage!r} must be a database URL such as "
+                "sqlite:///search.db or postgresql://user@host/db"
+            )
+        if self.timeout is not None and (
+            isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or self.timeout <= 0
+        ):
+            raise ConfigError(f"search timeout={self.timeout!r} must be a number of seconds > 0")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> SearchSettings:
+        """Settings from a mapping (the ``search:`` entry of a search file).
+
+        Raises:
+            ConfigError: Unknown keys or invalid values.
+        """
+        data = dict(data or {})
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"search settings have unknown key(s) {unknown}; valid keys are {known}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            f.name: (v.value if isinstance(v := getattr(self, f.name), enum.Enum) else v)
+            for f in fields(self)
+        }
+
+
+# -- counting parameters without training -------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _skeleton(model: str, kind: str, num_labels: int | None) -> torch.nn.Module:
+    """The model's architecture on the ``meta`` device (shapes only, no memory, no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: PLC0415
+
+    from moreft.models import model_dir  # noqa: PLC0415
+
+    path = model_dir(model)
+    extra = {"num_labels": num_labels} if kind == "classification" else {}
+    hf_config = AutoConfig.from_pretrained(path, local_files_only=True, **extra)
+    auto = AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(hf_config)
+
+
+def _meta_model(config: TrainConfig) -> tuple[torch.nn.Module, Any, tuple[str, ...]]:
+    """A fresh meta-device copy of the run's model, its default targets and head modules."""
+    from moreft.tasks import get_task  # noqa: PLC0415
+    from moreft.train.rundir import model_defaults  # noqa: PLC0415
+
+    task = get_task(config.task, **config.task_options)
+    model = copy.deepcopy(_skeleton(config.model, task.kind.value, task.num_labels))
+    targets, heads = model_defaults(config.model, model, task.kind)
+    return model, targets, heads
+
+
+def count_adapter_params(config: TrainConfig) -> int:
+    """Trainable adapter parameters of ``config`` (heads excluded, as the papers count), without training.
+
+    Raises:
+        ConfigError / TargetError: The configuration does not fit the model (e.g. ``nblocks > in``).
+    """
+    model, targets, heads = _meta_model(config)
+    moreft.inject(model, config.adapter_config(targets, heads))
+    return moreft.trainable_parameters(model).adapter
+
+
+def square_block_rank(config: TrainConfig, nblocks: int, target_modules: Any) -> int:
+    """The ``block_rank`` that makes MoRe's blocks square on every targeted layer: the smallest block size.
+
+    Raises:
+        ConfigError: ``nblocks`` exceeds a targeted layer's width.
+    """
+    from moreft.inject import resolve_targets  # noqa: PLC0415
+    from moreft.layers import linear_shape  # noqa: PLC0415
+
+    model, targets, heads = _meta_model(config)
+    adapter = config.replace(target_modules=target_modules) if target_modules is not None else config
+    names = resolve_targets(model, adapter.adapter_config(targets, heads))
+    shapes = [linear_shape(model.get_submodule(n)) for n in names]  # (out, in)
+    if any(nblocks > min(s) for s in shapes):
+        raise ConfigError(
+            f"square MoRe blocks: nblocks={nblocks} exceeds the width of a targeted layer "
+            f"(smallest is {min(min(s) for s in shapes)})"
+        )
+    return min(min(math.ceil(o / nblocks), math.ceil(i / nblocks)) for o, i in shapes)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One architecture of the space, checked against the model and the budget before any training.
+
+    Attributes:
+        key: The architecture's key (see :meth:`SearchSpace.architectures`).
+        changes: Its :class:`TrainConfig` changes (square ``block_rank`` resolved).
+        params: Trainable adapter parameters (None if it does not fit the model).
+        excluded: Why it is not tried (over the budget, or invalid for the model); None if it is.
+    """
+
+    key: str
+    changes: dict[str, Any]
+    params: int | None
+    excluded: str | None
+
+
+def candidates(base: TrainConfig, space: SearchSpace, max_params: int | None) -> list[Candidate]:
+    """Count the parameters of every architecture of ``space`` on ``base``'s model (meta device).
+
+    Raises:
+        ConfigError: No architecture is valid and within ``max_params``.
+    """
+    out = []
+    for key, changes in space.architectures().items():
+        changes = dict(changes)
+        try:
+            if changes.get("block_rank") == SQUARE:
+                changes["block_rank"] = square_block_rank(
+                    base, changes["nblocks"], changes.get("target_modules")
+                )
+            params = count_adapter_params(base.replace(**changes))
+        except MoreftError as exc:
+            out.append(Candidate(key, changes, None, f"invalid: {exc}"))
+            continue
+        over = max_params is not None and params > max_params
+        out.append(
+            Candidate(
+                key, changes, params, f"{params:,} params > max_params {max_params:,}" if over else None
+            )
+        )
+    if not any(c.excluded is None for c in out):
+        smallest = min((c.params for c in out if c.params is not None), default=None)
+        raise ConfigError(
+            f"no architecture of the space fits: max_params={max_params} but the smallest valid one has "
+            f"{smallest} adapter params"
+            if smallest
+            else f"no architecture of the space fits the model: {out[0].excluded if out else 'empty space'}"
+        )
+    return out
+
+
+# -- the search -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SearchResult:
+    """What :func:`run_search` produced.
+
+    Attributes:
+        path: The search directory (``search.md``, ``.png``, ``.json``, ``best.yaml``, ``trials/``).
+        study: The Optuna study.
+        best_config: The best trial's run config (None if no trial completed).
+        rows: One summary dict per trial (see :func:`moreft.train.search_report.trial_rows`).
+        candidates: Every architecture with its parameter count, and why it was excluded if it was.
+    """
+
+    path: Path
+    study: Any
+    best_config: TrainConfig | None
+    rows: list[dict[str, Any]]
+    candidates: list[Candidate]
+
+
+def search_dir(base: TrainConfig, settings: SearchSettings) -> Path:
+    """``<base.output_dir>/<settings.name or search-<task>-<model>>``."""
+    return Path(base.output_dir) / (
+        settings.name or f"search-{base.task}-{Path(base.model).name.removesuffix('.gguf')}"
+    )
+
+
+def check_base(base: TrainConfig, settings: SearchSettings) -> None:
+    """Refuse a base config the pruner cannot work with.
+
+    Raises:
+        ConfigError: Pruning without ``eval_every`` (no intermediate scores to compare).
+    """
+    if settings.pruner is not Pruner.NONE and not base.eval_every:
+        raise ConfigError(
+            f"pruner {settings.pruner.value!r} needs intermediate scores: set eval_every (e.g. "
+            "max_steps // 4), or use --pruner none"
+        )
+
+
+def run_search(
+    base: TrainConfig,
+    space: SearchSpace | None = None,
+    settings: SearchSettings | None = None,
+    command: str | None = None,
+    quiet: bool = False,
+) -> SearchResult:
+    """Run (or resume) a search and write its report.
+
+    Args:
+        base: Shared run settings (task, model, steps, eval_every, ...); each trial changes the
+            sampled fields only.
+        space: What to sample (default :class:`SearchSpace`).
+        settings: How to search (default :class:`SearchSettings`).
+        command: The command line, quoted in ``search.md``.
+        quiet: Print nothing.
+
+    Returns:
+        A :class:`SearchResult`.
+
+    Raises:
+        ConfigError: Invalid settings or base config.
+    """
+    from moreft.train import search_run  # noqa: PLC0415
+    from moreft.train.search_report import write_report  # noqa: PLC0415
+
+    space = space or SearchSpace()
+    settings = settings or SearchSettings()
+    check_base(base, settings)
+    path = search_dir(base, settings)
+    path.mkdir(parents=True, exist_ok=True)
+    storage_url = settings.storage or f"sqlite:///{(path / STUDY_FILE).resolve()}"
+    found = candidates(base, space, settings.max_params)
+    study = search_run.open_study(storage_url, path.name, base, space, settings, worker=0)
+    search_run.requeue_interrupted(study)
+    start = time.perf_counter()
+    job = {
+        "url": storage_url,
+        "name": path.name,
+        "base": base.to_dict(),
+        "space": space.to_dict(),
+        "settings": settings.to_dict(),
+        "path": str(path),
+        "quiet": quiet,
+        "allowed": {c.key: {"changes": c.changes, "params": c.params} for c in found if c.excluded is None},
+    }
+    if settings.jobs == 1:
+        search_run.work(**job)
+    else:
+        search_run.run_workers(job, settings.jobs, path / WORKERS_FILE)
+    rows, best = write_report(
+        path, study, base, space, settings, found, command=command, wall_seconds=time.perf_counter() - start
+    )
+    if not quiet:
+        print(
+            f"wrote {path / 'search.md'} and {path / 'search.png'}"
+            + (f"; best config: {path / 'best.yaml'}" if best else "; no trial completed"),
+            flush=True,
+        )
+    return SearchResult(path, study, best, rows, found)

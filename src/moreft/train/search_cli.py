@@ -1,0 +1,144 @@
+"""``moreft search`` flags and command (argument parsing only here; heavy imports happen when it runs).
+
+    moreft search --config recipes/demo.yaml --space recipes/search-sentiment-cpu.yaml --trials 8
+    moreft search --task sentiment --max-steps 60 --eval-every 15 --methods more lora --max-params 100000
+
+``--config`` is a train recipe (the settings every trial shares; train flags override it);
+``--space`` is a search file with ``space:`` (what to sample, :mod:`moreft.train.search_space`)
+and ``search:`` (how, :class:`moreft.train.search.SearchSettings`); search flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moreft.errors import ConfigError
+
+#: Train fields a search samples (so ``moreft search`` has no flag for them).
+SEARCHED_FIELDS = (
+    "method",
+    "block_rank",
+    "nblocks",
+    "rank",
+    "r_hat",
+    "operator",
+    "lr",
+    "batch_size",
+    "run_name",
+    "resume",
+    "overwrite",
+)
+SEARCH_FILE_KEYS = ("description", "space", "search")
+_FLAGS = {
+    "trials": int,
+    "jobs": int,
+    "pruner": str,
+    "reduction_factor": int,
+    "min_steps": int,
+    "max_params": int,
+    "storage": str,
+    "sampler": str,
+    "sampler_seed": int,
+    "name": str,
+    "timeout": float,
+}
+
+
+def add_search_flags(parser: argparse.ArgumentParser) -> None:
+    """The search's own flags (each overrides the ``search:`` entry of ``--space``)."""
+    parser.add_argument(
+        "--space",
+        metavar="SEARCH.yaml",
+        help="search file: `space:` (what to sample) and `search:` (trials, pruner, ...)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=("more", "lora", "mora"),
+        default=argparse.SUPPRESS,
+        help="methods the search may pick (overrides space.methods)",
+    )
+    helps = {
+        "trials": "trials to finish (complete or pruned; failed ones do not count)",
+        "jobs": "worker processes sharing the study",
+        "pruner": "asha (default), hyperband or none",
+        "reduction_factor": "keep the best 1/N at each rung (default 3)",
+        "min_steps": "steps of the first rung (default eval_every)",
+        "max_params": "exclude architectures with more trainable adapter parameters, before training",
+        "storage": "Optuna storage URL (default: sqlite in the search directory)",
+        "sampler": "tpe (default) or random",
+        "sampler_seed": "sampler seed (default 0)",
+        "name": "search directory / study name (default search-<task>-<model>)",
+        "timeout": "stop starting trials after this many seconds",
+    }
+    for name, kind in _FLAGS.items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=f"search_{name}",
+            type=kind,
+            default=argparse.SUPPRESS,
+            metavar=name.upper(),
+            help=helps[name],
+        )
+
+
+def read_search_file(path: str | None) -> dict[str, Any]:
+    """The mapping of a search file (empty without one).
+
+    Raises:
+        ConfigError: Missing file, invalid YAML, not a mapping, or unknown top-level keys.
+    """
+    if path is None:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"search file {path!r} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"search file {path!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"search file {path!r} must be a mapping with `space:` and `search:`")
+    unknown = sorted(set(data) - set(SEARCH_FILE_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"search file {path!r} has unknown key(s) {unknown}; valid keys are {list(SEARCH_FILE_KEYS)} "
+            "(train settings go in the --config recipe)"
+        )
+    return data
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """``moreft search``: resolve base config, space and settings, run (or resume) the search."""
+    from moreft.train.commands import _overrides  # noqa: PLC0415
+    from moreft.train.recipes import resolve_config  # noqa: PLC0415
+    from moreft.train.search import SearchSettings, run_search  # noqa: PLC0415
+    from moreft.train.search_space import SearchSpace  # noqa: PLC0415
+
+    data = read_search_file(args.space)
+    space_data = dict(data.get("space") or {})
+    if hasattr(args, "methods"):
+        space_data["methods"] = args.methods
+    space = SearchSpace.from_dict(space_data)
+    settings_data = dict(data.get("search") or {})
+    for name in _FLAGS:
+        if hasattr(args, f"search_{name}"):
+            settings_data["seed" if name == "sampler_seed" else name] = getattr(args, f"search_{name}")
+    settings = SearchSettings.from_dict(settings_data)
+    base = resolve_config(args.config, _overrides(args))
+    command = (
+        "moreft " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["search"] else None
+    )
+    try:
+        result = run_search(base, space, settings, command=command)
+    except KeyboardInterrupt:
+        print("moreft: search interrupted; run the same command again to resume it", file=sys.stderr)
+        return 130
+    print((result.path / "search.md").read_text().split("## All trials")[0], end="")
+    return 0

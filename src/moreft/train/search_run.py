@@ -1,0 +1,309 @@
+"""The Optuna side of ``moreft search``: the study, the objective, pruning reports and worker processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from transformers import TrainerCallback
+
+from moreft.errors import MoreftError
+from moreft.files import atomic_write_text
+from moreft.train.config import TrainConfig
+from moreft.train.search import (
+    GRACE_SECONDS,
+    HEARTBEAT_SECONDS,
+    Candidate,
+    Pruner,
+    Sampler,
+    SearchSettings,
+)
+from moreft.train.search_space import SearchSpace
+
+#: Trial user attributes (what the report reads).
+INTERRUPTED, RETRY_OF = "interrupted", "retry_of"
+TRIALS_DIR = "trials"
+
+
+def make_pruner(settings: SearchSettings, base: TrainConfig) -> optuna.pruners.BasePruner:
+    """The pruner; rungs count optimizer steps, the first at ``min_steps`` (default ``eval_every``)."""
+    first = settings.min_steps or base.eval_every or 1
+    if settings.pruner is Pruner.ASHA:
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=first, reduction_factor=settings.reduction_factor
+        )
+    if settings.pruner is Pruner.HYPERBAND:
+        return optuna.pruners.HyperbandPruner(
+            min_resource=first,
+            max_resource=base.max_steps or "auto",
+            reduction_factor=settings.reduction_factor,
+        )
+    return optuna.pruners.NopPruner()
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """An RDB storage with heartbeats: a trial whose process died is failed and retried once."""
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
+
+
+def open_study(
+    url: str, name: str, base: TrainConfig, space: SearchSpace, settings: SearchSettings, worker: int
+) -> optuna.Study:
+    """Create or load the study ``name``; the run settings are stored so a resumed search can check them.
+
+    Raises:
+        ConfigError: The stored study was made with a different base config or space.
+    """
+    from moreft.errors import ConfigError  # noqa: PLC0415
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    seed = settings.seed + worker
+    sampler = (
+        optuna.samplers.RandomSampler(seed=seed)
+        if settings.sampler is Sampler.RANDOM
+        else optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, settings.trials // 3))
+    )
+    study = optuna.create_study(
+        storage=make_storage(url),
+        study_name=name,
+        direction="maximize",
+        sampler=sampler,
+        pruner=make_pruner(settings, base),
+        load_if_exists=True,
+    )
+    fixed = {"base": _comparable(base), "space": space.to_dict(), "max_params": settings.max_params}
+    stored = {k: study.user_attrs.get(k) for k in fixed}
+    if stored["base"] is None and not study.trials:
+        for key, value in fixed.items():
+            study.set_user_attr(key, value)
+    elif stored != fixed:
+        what = [k for k in fixed if stored[k] != fixed[k]]
+        old = stored["base"] or {}
+        diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in fixed["base"].items() if old.get(k) != v]
+        if "max_params" in what:
+            diffs.append(f"max_params: {stored['max_params']!r} -> {settings.max_params!r}")
+        if "space" in what:
+            diffs.append("the search space")
+        raise ConfigError(
+            f"study {name!r} in {url} was made with a different {' and '.join(what)} ({', '.join(diffs)}); "
+            "resume it with the same settings, or pass another --name / --storage"
+        )
+    return study
+
+
+def _comparable(base: TrainConfig) -> dict[str, Any]:
+    """The base config fields that change what a trial learns (not where it is written or shown)."""
+    skip = {
+        "output_dir",
+        "run_name",
+        "resume",
+        "overwrite",
+        "progress",
+        "keep_checkpoints",
+        "save_every",
+        "log_every",
+        "eval_batch_size",
+    }
+    return {k: v for k, v in base.to_dict().items() if k not in skip}
+
+
+def requeue_interrupted(study: optuna.Study) -> int:
+    """Enqueue again each trial stopped by Ctrl-C (not yet retried); returns how many."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    todo = [
+        t
+        for t in trials
+        if t.state is optuna.trial.TrialState.FAIL
+        and t.user_attrs.get(INTERRUPTED)
+        and t.number not in retried
+    ]
+    for t in todo:
+        study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number})
+    return len(todo)
+
+
+def counted(study: optuna.Study) -> int:
+    """Finished trials (complete or pruned)."""
+    return len(
+        study.get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        )
+    )
+
+
+class ReportToOptuna(TrainerCallback):
+    """Reports ``eval_<metric>`` to the trial at each evaluation and stops the run when it is pruned."""
+
+    def __init__(self, trial: optuna.Trial, key: str) -> None:
+        self.trial, self.key, self.last_step = trial, key, -1
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any
+    ) -> None:
+        """Raises ``optuna.TrialPruned`` (which ends the run) when the pruner says so."""
+        value = (metrics or {}).get(self.key)
+        if value is None or state.global_step == self.last_step or not math.isfinite(value):
+            return
+        self.last_step = state.global_step
+        self.trial.report(value, state.global_step)
+        self.trial.set_user_attr("last_step", state.global_step)
+        if state.global_step < state.max_steps and self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {state.global_step}: {self.key}={value:.4f}")
+
+
+class Objective:
+    """Samples an architecture (in the budget), lr and batch size; trains; returns the validation metric."""
+
+    def __init__(
+        self, base: TrainConfig, space: SearchSpace, allowed: dict[str, Candidate], path: Path
+    ) -> None:
+        from moreft.tasks import get_task  # noqa: PLC0415
+
+        self.base, self.space, self.allowed, self.path = base, space, allowed, path
+        self.metric = get_task(base.task, **base.task_options).metric_name
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        from moreft.train.loop import train  # noqa: PLC0415
+
+        key, lr, batch_size = self.space.suggest(trial, list(self.allowed))
+        candidate = self.allowed[key]
+        config = self.base.replace(
+            **candidate.changes,
+            lr=lr,
+            batch_size=batch_size,
+            run_name=f"trial-{trial.number:04d}",
+            output_dir=str(self.path / TRIALS_DIR),
+            resume=False,
+            overwrite=True,
+            progress=False,
+        )
+        trial.set_user_attr("params", candidate.params)
+        trial.set_user_attr("config", config.to_dict())
+        start = time.perf_counter()
+        try:
+            metrics = train(
+                config, callbacks=[ReportToOptuna(trial, f"eval_{self.metric}")], quiet=True
+            ).metrics
+        except KeyboardInterrupt:
+            trial.set_user_attr(INTERRUPTED, True)
+            raise
+        finally:
+            trial.set_user_attr("seconds", round(time.perf_counter() - start, 1))
+        trial.set_user_attr("test", metrics.get(f"test_{self.metric}"))
+        return float(metrics[f"eval_{self.metric}"])
+
+
+def _printer(metric: str) -> Any:
+    def show(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        attrs, params = trial.user_attrs, trial.params
+        head = (
+            f"trial {trial.number}: {params.get('architecture')} lr={params.get('lr', float('nan')):.2e} "
+            f"batch={params.get('batch_size')} params={attrs.get('params') or 0:,}"
+        )
+        if trial.state is optuna.trial.TrialState.COMPLETE:
+            print(f"{head} -> eval_{metric}={trial.value:.4f} ({attrs.get('seconds', 0):.0f} s)", flush=True)
+        elif trial.state is optuna.trial.TrialState.PRUNED:
+            last = trial.intermediate_values.get(attrs.get("last_step", -1), float("nan"))
+            print(f"{head} -> pruned at step {attrs.get('last_step')} (eval_{metric}={last:.4f})", flush=True)
+        else:
+            print(f"{head} -> {trial.state.name.lower()}", flush=True)
+
+    return show
+
+
+def work(
+    url: str,
+    name: str,
+    base: dict[str, Any],
+    space: dict[str, Any],
+    settings: dict[str, Any],
+    path: str,
+    quiet: bool,
+    allowed: dict[str, Any],
+    worker: int = 0,
+) -> None:
+    """One search worker: draw and run trials until the study has ``settings.trials`` counted trials.
+
+    Plain (JSON) arguments, so that a worker process can be started with them; ``allowed`` maps
+    each architecture key to be tried to ``{"changes": ..., "params": ...}`` (see :class:`Candidate`).
+    """
+    base, space, settings = (
+        TrainConfig.from_dict(base),
+        SearchSpace.from_dict(space),
+        SearchSettings.from_dict(settings),
+    )
+    study = open_study(url, name, base, space, settings, worker)
+    tried = {key: Candidate(key, c["changes"], c["params"], None) for key, c in allowed.items()}
+    objective = Objective(base, space, tried, Path(path))
+
+    def enough(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if counted(study) >= settings.trials:
+            study.stop()
+
+    left = settings.trials - counted(study)
+    if left <= 0:
+        return
+    callbacks = [enough] + ([] if quiet else [_printer(objective.metric)])
+    study.optimize(
+        objective,
+        n_trials=left,
+        timeout=settings.timeout,
+        callbacks=callbacks,
+        catch=(MoreftError, ValueError, RuntimeError),
+    )
+
+
+def run_workers(job: dict[str, Any], jobs: int, file: Path) -> None:
+    """Run ``jobs`` worker processes (``python -m moreft.train.search_run FILE I``) on one study and wait.
+
+    The CPU threads are split between them. A worker that fails leaves its trial to the others.
+
+    Raises:
+        SearchError: Every worker failed (the first one's exit status is given).
+    """
+    atomic_write_text(file, json.dumps(job))
+    threads = max(1, torch.get_num_threads() // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "moreft.train.search_run", str(file), str(i)], env=env)
+        for i in range(jobs)
+    ]
+    try:
+        codes = [p.wait() for p in procs]
+    except BaseException:
+        for p in procs:
+            p.terminate()
+        raise
+    if all(codes):
+        raise SearchError(
+            f"all {jobs} search workers failed (exit status {codes[0]}); run with --jobs 1 to see why"
+        )
+
+
+class SearchError(MoreftError, RuntimeError):
+    """The search could not run its trials."""
+
+
+if __name__ == "__main__":  # a worker of run_workers
+    _job = json.loads(Path(sys.argv[1]).read_text())
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    work(**_job, worker=int(sys.argv[2]))
