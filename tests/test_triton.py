@@ -273,3 +273,57 @@ if not _CHILD:
         w1, w2 = _factors(4096, 4096, 4, 4, torch.float32, device="cuda")
         x = torch.randn(2, 512, 4096, device="cuda", dtype=torch.bfloat16)
         _compare(more_triton, x, w1, w2, 4096, 1.5e-2)  # fp32 factors, bf16 activations
+
+
+if _CHILD:
+
+    @pytest.mark.parametrize("fused", [True, False], ids=["fused-path", "adapter-path"])
+    def test_more_layer_dispatches_to_triton(fused):
+        """MoReLinear in mode 'on' (CPU under the interpreter) equals mode 'off' on y and every grad."""
+        from torch import nn
+
+        import moreft
+        from moreft.ops import triton_more
+
+        torch.manual_seed(0)
+        base = nn.Linear(37, 45)
+        layer = moreft.layers.MoReLinear(base, moreft.MoReConfig(nblocks=4, block_rank=3))
+        layer.fused = fused
+        with torch.no_grad():
+            layer.blkdiag2.normal_()
+        x = torch.randn(2, 9, 37)
+        results = {}
+        for mode in ("off", "on"):
+            previous = triton_more.set_triton_mode(mode)
+            try:
+                xi = x.clone().requires_grad_()
+                y = layer(xi)
+                y.square().sum().backward()
+                results[mode] = (y.detach(), xi.grad, layer.blkdiag1.grad.clone(), layer.blkdiag2.grad.clone())
+                layer.zero_grad()
+            finally:
+                triton_more.set_triton_mode(previous)
+        for name, got, ref in zip(("y", "dx", "dblkdiag1", "dblkdiag2"), results["on"], results["off"]):
+            assert _rel_err(got, ref) <= _TOL[torch.float32], name
+
+
+if not _CHILD:
+
+    def test_triton_mode_switch_and_validation(monkeypatch):
+        from moreft.ops import triton_more
+
+        assert triton_more.triton_mode() in triton_more.TRITON_MODES
+        previous = triton_more.set_triton_mode("off")
+        try:
+            assert not triton_more.use_triton(torch.randn(2, 3))
+            with pytest.raises(ValueError, match=r"triton mode 'fast' must be one of \('auto', 'off', 'on'\)"):
+                triton_more.set_triton_mode("fast")
+            triton_more.set_triton_mode("auto")
+            assert not triton_more.use_triton(torch.randn(2, 3))  # auto: CUDA tensors only
+        finally:
+            triton_more.set_triton_mode(previous)
+        monkeypatch.setenv("MOREFT_TRITON", "0")
+        assert triton_more._mode_from_env() == "off"
+        monkeypatch.setenv("MOREFT_TRITON", "sometimes")
+        with pytest.raises(ValueError, match=r"MOREFT_TRITON='sometimes' must be one of"):
+            triton_more._mode_from_env()
