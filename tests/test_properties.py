@@ -104,3 +104,32 @@ def test_more_lora_export_is_exact(case):
     a, b, err = lora_factors(layer, config.nblocks * config.block_rank)
     assert err == 0.0 and a.shape == (config.nblocks * config.block_rank, in_f)
     torch.testing.assert_close(b @ a, layer.delta_weight(), rtol=1e-12, atol=1e-12)
+
+
+@st.composite
+def more_layer(draw):
+    """A MoRe config that fits a random ``(in, out)`` layer (every draw is a MoRe case)."""
+    in_f, out_f = draw(st.integers(2, 40)), draw(st.integers(2, 40))
+    nblocks = draw(st.integers(1, min(in_f, 6)))
+    in_b, out_b = block_sizes(in_f, out_f, nblocks)
+    config = moreft.MoReConfig(target_modules=["lin"], nblocks=nblocks, block_rank=draw(st.integers(1, min(in_b, out_b))))
+    return in_f, out_f, draw(st.booleans()), config
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(more_layer())
+def test_more_export_lora_loads_in_peft_with_equal_outputs(case):
+    from peft import PeftModel
+
+    in_f, out_f, bias, config = case
+    net, _ = _adapted(in_f, out_f, bias, config)
+    fresh = Net(in_f, out_f, bias)
+    fresh.load_state_dict({k.replace("lin.base_layer.", "lin."): v for k, v in net.state_dict().items()
+                           if "base_layer" in k})
+    x = torch.randn(4, in_f, dtype=torch.float64)
+    with tempfile.TemporaryDirectory() as d:
+        report = moreft.export_lora(net, d + "/lora")
+        assert report.rank == config.nblocks * config.block_rank and report.max_relative_error < 1e-12
+        peft_model = PeftModel.from_pretrained(fresh, d + "/lora").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(peft_model(x), net(x), rtol=1e-10, atol=1e-10)

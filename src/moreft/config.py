@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -199,8 +200,8 @@ class LoRAConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         positive_int("rank", self.rank)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ConfigError(f"alpha={self.alpha!r} must be a number > 0")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
+            raise ConfigError(f"alpha={self.alpha!r} must be a number > 0 and finite")
         object.__setattr__(self, "alpha", float(self.alpha))
 
 
