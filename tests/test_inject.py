@@ -8,8 +8,15 @@ from collections import OrderedDict
 import pytest
 import torch
 from cases import cases, expected_params
-from conftest import (TinyNet, assert_close, assert_unchanged, make_net, module_types, randomize_adapters,
-                      snapshot)
+from conftest import (
+    TinyNet,
+    assert_close,
+    assert_unchanged,
+    make_net,
+    module_types,
+    randomize_adapters,
+    snapshot,
+)
 from torch import nn
 
 import moreft

@@ -16,7 +16,14 @@ import torch
 import moreft
 from moreft.errors import ConfigError
 from moreft.tasks import (
-    TASKS, DataPackageError, PromptExample, TaskKind, TextExample, extract_answer, get_task, split_ids,
+    TASKS,
+    DataPackageError,
+    PromptExample,
+    TaskKind,
+    TextExample,
+    extract_answer,
+    get_task,
+    split_ids,
 )
 from moreft.tasks._data import package_dir
 from moreft.tasks.news import read_articles

@@ -16,10 +16,10 @@ from transformers import TrainerCallback
 import moreft
 from moreft.cli import build_parser, main
 from moreft.errors import ConfigError
+from moreft.tasks import PromptExample
 from moreft.train import compare, load_trained, parse_method_spec, resolve_config, train
 from moreft.train.config import TrainConfig, field_names
 from moreft.train.data import IGNORE_INDEX, encode_generation
-from moreft.tasks import PromptExample
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

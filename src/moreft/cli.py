@@ -26,10 +26,17 @@ from typing import Any, NoReturn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from moreft.train.commands import (  # noqa: E402
-    cmd_compare, cmd_eval, cmd_export, cmd_inspect, cmd_merge, cmd_train, train_flag_help)
-from moreft.errors import MoreftError  # noqa: E402
-from moreft.train.search_cli import SEARCHED_FIELDS, add_search_flags, cmd_search  # noqa: E402
+from moreft.errors import MoreftError
+from moreft.train.commands import (
+    cmd_compare,
+    cmd_eval,
+    cmd_export,
+    cmd_inspect,
+    cmd_merge,
+    cmd_train,
+    train_flag_help,
+)
+from moreft.train.search_cli import SEARCHED_FIELDS, add_search_flags, cmd_search
 
 EXIT_USER_ERROR = 2
 
@@ -48,7 +55,7 @@ _CHOICES = {"method": ("more", "mora", "lora"), "precision": ("fp32", "bf16"),
 
 def add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
     """One ``--flag`` per :class:`TrainConfig` field; a flag left out does not override the recipe."""
-    from moreft.train.config import field_names  # noqa: PLC0415
+    from moreft.train.config import field_names
 
     helps = train_flag_help()
     parser.add_argument("--config", metavar="RECIPE.yaml", help="recipe file; flags override its values")
@@ -80,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (``bench`` is added when ``moreft.bench`` provides it)."""
     parser = _Parser(prog="moreft", description="Fine-tune models with MoRe / MoRA / LoRA "
                                      "adapters, offline.")
-    from moreft.version import __version__  # noqa: PLC0415
+    from moreft.version import __version__
 
     parser.add_argument("--version", action="version", version=f"moreft {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

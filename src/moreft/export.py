@@ -19,10 +19,10 @@ from torch import Tensor, nn
 
 from .config import LoRAConfig, Method, MoRAConfig, MoReConfig
 from .errors import AdapterFileError, ConfigError
+from .files import atomic_dir_write
 from .inject import adapter_config, adapter_layers, modules_to_save_names
 from .layers import AdapterLayer, LoRALinear, MoReLinear, is_conv1d
 from .ops.monarch import fold_factors
-from .files import atomic_dir_write
 from .state import base_model_name
 
 

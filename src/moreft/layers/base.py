@@ -10,7 +10,6 @@ into a weight in place from its factors, for merging; ``moreft.layers.merging``)
 
 from __future__ import annotations
 
-import functools
 from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -21,42 +20,10 @@ from ..config import AdapterConfig, Method
 from ..errors import MergeError, TargetError
 from ..ops import fused as _fused
 from ..quant import refuse_quantized
+from .linear import conv1d_type, is_conv1d, is_linear, linear_shape
 from .merging import DeltaAdder, accumulate_dtype, add_delta_, count_nonfinite, dense_adder
 
 _PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
-
-
-@functools.cache
-def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is a dependency, but the layers work without it
-        return None
-    return Conv1D
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for transformers' GPT-2 ``Conv1D`` (a linear layer with weight stored ``(in, out)``)."""
-    conv1d = _conv1d_type()
-    return conv1d is not None and isinstance(module, conv1d)
-
-
-def is_linear(module: nn.Module) -> bool:
-    """True for the layer types moreft can wrap: ``nn.Linear`` and GPT-2 ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of a wrappable layer."""
-    if is_conv1d(module):
-        in_features, out_features = module.weight.shape
-        return out_features, in_features
-    return module.out_features, module.in_features
-
-
-def adapter_dtype(weight: Tensor) -> torch.dtype:
-    """Adapters train in fp32 (fp64 kept for exactness tests) even on bf16/fp16 bases."""
-    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -153,7 +120,7 @@ class AdapterLayer(nn.Module):
         """
         fused = self.fused if self.fused is not None else _fused.fused_enabled()
         base = self.base_layer
-        if not fused or not (type(base) is nn.Linear or type(base) is _conv1d_type()) or _has_hooks(base):
+        if not fused or not (type(base) is nn.Linear or type(base) is conv1d_type()) or _has_hooks(base):
             return None
         if any(type(t) not in _PLAIN_TENSORS for t in (base.weight, base.bias) if t is not None):
             return None  # tensor subclasses (quantised, DTensor) keep their own dispatch

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from ..config import LoRAConfig, Method
 from ..ops.fused import lora_linear
-from .base import AdapterLayer, adapter_dtype
+from .base import AdapterLayer
+from .linear import adapter_dtype
 from .merging import DeltaAdder, lowrank_adder
 
 

@@ -12,7 +12,8 @@ from ..config import Method, MoRAConfig, MoRAOperator, SharingLayout
 from ..errors import ConfigError
 from ..ops.blocks import Span, add_blocks_, blocks_linear, cyclic_spans, truncation_spans
 from ..ops.mora import mora_delta_weight, mora_reference, rotate, rotation_tables
-from .base import AdapterLayer, DeltaAdder, adapter_dtype
+from .base import AdapterLayer, DeltaAdder
+from .linear import adapter_dtype
 
 _BOUNDED = (MoRAOperator.TRUNCATION, MoRAOperator.SHARING)
 _TABLES_CACHED = 64

@@ -13,7 +13,8 @@ from ..errors import ConfigError
 from ..ops.fused import fold_more_a, fold_more_b, more_linear
 from ..ops.monarch import block_sizes, more_delta_weight, more_forward
 from ..ops.triton_more import more_triton, use_triton
-from .base import AdapterLayer, adapter_dtype
+from .base import AdapterLayer
+from .linear import adapter_dtype
 from .merging import DeltaAdder, blocked_lowrank_adder, lowrank_adder
 
 

@@ -101,7 +101,7 @@ if triton is not None:
         c_f = f % NB
         a = f // NB
         acc = tl.zeros((BT, BF), dtype=tl.float32)
-        for it in range(0, tiles_per_split):
+        for it in range(tiles_per_split):
             o = (s * tiles_per_split + it) * BO + tl.arange(0, BO)
             omask = o < OUT
             c_o = o % NB
@@ -129,7 +129,7 @@ if triton is not None:
         f = pid_f * BF + tl.arange(0, BF)
         fmask = f < R
         acc = tl.zeros((BO, BF), dtype=tl.float32)
-        for it in range(0, tiles_per_split):
+        for it in range(tiles_per_split):
             rows = (s * tiles_per_split + it) * BT + tl.arange(0, BT)
             rmask = rows < T
             rows64 = rows.to(tl.int64)
@@ -164,7 +164,7 @@ if triton is not None:
         w1t = tl.load(w1_ptr + k * RANK * IBLK + j[:, None] * IBLK + i[None, :],
                       mask=jmask[:, None] & imask[None, :], other=0.0)  # (BR, BI)
         acc = tl.zeros((BR, BI), dtype=tl.float32)
-        for it in range(0, tiles_per_split):
+        for it in range(tiles_per_split):
             rows = (s * tiles_per_split + it) * BT + tl.arange(0, BT)
             rmask = rows < T
             rows64 = rows.to(tl.int64)

@@ -58,8 +58,15 @@ except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
     tl = None
 
-__all__ = ["more_triton", "triton_available", "triton_mode", "set_triton_mode", "use_triton", "SUPPORTED_DTYPES",
-           "TRITON_MODES"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "TRITON_MODES",
+    "more_triton",
+    "set_triton_mode",
+    "triton_available",
+    "triton_mode",
+    "use_triton",
+]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -129,8 +136,13 @@ def use_triton(x: Tensor) -> bool:
 
 
 if triton is not None:
-    from moreft.ops.triton_kernels import (  # noqa: E402
-        _more_down_kernel, _more_dh_kernel, _more_dw2_kernel, _more_dx_dw1_kernel, _more_up_kernel)
+    from moreft.ops.triton_kernels import (
+        _more_dh_kernel,
+        _more_down_kernel,
+        _more_dw2_kernel,
+        _more_dx_dw1_kernel,
+        _more_up_kernel,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def extract_answer(text: str) -> str | None:
 @functools.lru_cache(maxsize=8)
 def _generate(size: int, data_seed: int) -> tuple[dict[str, Any], ...]:
     package_dir("reasoning_gym", "reasoning-gym")  # a clear error if it is missing
-    import reasoning_gym  # noqa: PLC0415 - slow import (~3 s), only when the task is loaded
+    import reasoning_gym
 
     return tuple(reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=data_seed))
 

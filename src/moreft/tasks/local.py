@@ -176,7 +176,7 @@ class FileClassificationTask(_FileSplits, ClassificationTask):
         Raises:
             ValueError: If the lengths differ, are 0, or an id is not an int in ``[0, num_labels)``.
         """
-        from sklearn.metrics import matthews_corrcoef  # noqa: PLC0415
+        from sklearn.metrics import matthews_corrcoef
 
         scores = super().compute_metrics(predictions, references)
         return {**scores, "matthews": float(matthews_corrcoef(list(references), list(predictions)))}

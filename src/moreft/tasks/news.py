@@ -22,7 +22,7 @@ FOLDER = "bbcnews/data"
 TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def read_articles(root: Path) -> tuple[tuple[str, int], ...]:
     """Read every article under ``root/<topic>/*.txt``.
 

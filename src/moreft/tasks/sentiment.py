@@ -39,7 +39,7 @@ SOURCES: dict[str, str] = {
 HEADER = ("id", "sentiment", "text")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def read_ratings(path: Path) -> tuple[tuple[str, float], ...]:
     """Parse one ``*_GroundTruth.txt`` file.
 

@@ -24,7 +24,7 @@ FILE = "data/sms-spam.csv"
 HEADER = ["", "spam", "text"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def read_sms(path: Path) -> tuple[tuple[str, int], ...]:
     """Parse ``sms-spam.csv``.
 

@@ -20,7 +20,7 @@ from moreft.files import replace_dir
 
 def train_flag_help() -> dict[str, str]:
     """Help text per config field, taken from the ``Attributes:`` section of ``TrainConfig``'s docstring."""
-    from moreft.train.config import TrainConfig  # noqa: PLC0415
+    from moreft.train.config import TrainConfig
 
     doc = (TrainConfig.__doc__ or "").split("Attributes:", 1)[-1]
     out: dict[str, str] = {}
@@ -36,8 +36,8 @@ def train_flag_help() -> dict[str, str]:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from moreft.train.config import field_names  # noqa: PLC0415
-    from moreft.train.recipes import parse_task_options  # noqa: PLC0415
+    from moreft.train.config import field_names
+    from moreft.train.recipes import parse_task_options
 
     out = {k: v for k, v in vars(args).items() if k in field_names()}
     if "task_options" in out:
@@ -47,13 +47,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``moreft train``: resolve the config (defaults < recipe < flags) and run it."""
-    from moreft.train.recipes import dump_config, resolve_config  # noqa: PLC0415
+    from moreft.train.recipes import dump_config, resolve_config
 
     config = resolve_config(args.config, _overrides(args))
     if args.dry_run:
         print(dump_config(config), end="")
         return 0
-    from moreft.train.loop import train  # noqa: PLC0415
+    from moreft.train.loop import train
 
     train(config)
     return 0
@@ -66,8 +66,8 @@ def _check_positive(name: str, value: int | None) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     """``moreft eval RUN_DIR``: score the saved adapter on the run's saved split."""
-    from moreft.train.evaluate import evaluate  # noqa: PLC0415
-    from moreft.train.rundir import load_splits, load_trained, precision_dtype  # noqa: PLC0415
+    from moreft.train.evaluate import evaluate
+    from moreft.train.rundir import load_splits, load_trained, precision_dtype
 
     _check_positive("--eval-examples", args.eval_examples)
     _check_positive("--batch-size", args.batch_size)
@@ -94,8 +94,8 @@ def _fresh_output(out: Path, overwrite: bool) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
     """``moreft merge RUN_DIR OUT``: base + ΔW saved with ``save_pretrained`` (and the tokenizer)."""
-    import moreft  # noqa: PLC0415
-    from moreft.train.rundir import load_trained  # noqa: PLC0415
+    import moreft
+    from moreft.train.rundir import load_trained
 
     out = Path(args.out)
     _fresh_output(out, args.overwrite)
@@ -115,9 +115,9 @@ def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     """``moreft export-lora RUN_DIR OUT [--rank R]``: a peft LoRA directory."""
-    import moreft  # noqa: PLC0415
-    from moreft.train.reinit import MERGED_BASE_FILE  # noqa: PLC0415
-    from moreft.train.rundir import load_trained  # noqa: PLC0415
+    import moreft
+    from moreft.train.reinit import MERGED_BASE_FILE
+    from moreft.train.rundir import load_trained
 
     if (Path(args.run_dir) / MERGED_BASE_FILE).is_file():
         raise ConfigError(f"{args.run_dir!r} was trained with merge_every: its update is the merged cycles in "
@@ -130,7 +130,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``moreft inspect RUN_DIR``: per-layer table and a |ΔW| heat map."""
-    from moreft.train.inspect import inspect_run  # noqa: PLC0415
+    from moreft.train.inspect import inspect_run
 
     report = inspect_run(args.run_dir, layer=args.layer, heatmap=args.heatmap)
     settings = {k: v for k, v in report.method.items() if k != "target_modules"}
@@ -156,8 +156,8 @@ def parse_seeds(text: str) -> int | list[int]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``moreft compare``: every method spec x seed, then ``compare.md`` / ``compare.png``."""
-    from moreft.train.comparison import compare, parse_method_spec  # noqa: PLC0415
-    from moreft.train.recipes import resolve_config  # noqa: PLC0415
+    from moreft.train.comparison import compare, parse_method_spec
+    from moreft.train.recipes import resolve_config
 
     seeds = parse_seeds(args.seeds)
     for spec in args.methods:  # fail on a bad spec before anything trains

@@ -133,7 +133,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, coerce_field(f.name, getattr(self, f.name)))
         default_model(self.task)  # checks the task name
-        from moreft.tasks import get_task  # noqa: PLC0415
+        from moreft.tasks import get_task
 
         get_task(self.task, **self.task_options)  # checks the task's options now, before any loading
         _check_choice("method", self.method, METHODS)
@@ -234,7 +234,7 @@ class TrainConfig:
 
 def task_names() -> list[str]:
     """Valid task names."""
-    from moreft.tasks import TASKS  # noqa: PLC0415
+    from moreft.tasks import TASKS
 
     return sorted(TASKS)
 
@@ -245,7 +245,7 @@ def default_model(task: str) -> str:
     Raises:
         ConfigError: ``task`` is not a known task.
     """
-    from moreft.tasks import TASKS, TaskKind  # noqa: PLC0415
+    from moreft.tasks import TASKS, TaskKind
 
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; valid tasks are {task_names()}")

@@ -67,7 +67,7 @@ def predict_labels(model: nn.Module, tokenizer: Any, examples: Sequence[TextExam
 def generate_answers(model: nn.Module, tokenizer: Any, examples: Sequence[PromptExample], batch_size: int,
                      max_length: int, max_new_tokens: int, autocast: torch.dtype | None = None) -> list[str]:
     """Greedy completions of each prompt (the completion only, special tokens removed)."""
-    from transformers import GenerationConfig  # noqa: PLC0415
+    from transformers import GenerationConfig
 
     was_training = model.training
     model.eval()

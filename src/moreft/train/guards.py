@@ -50,7 +50,7 @@ def _any_across_processes(flag: bool) -> bool:
 
 def last_good_checkpoint(checkpoints: Path) -> Path | None:
     """The newest complete checkpoint under ``checkpoints`` (see :func:`moreft.train.rundir.checkpoint_complete`)."""
-    from moreft.train.rundir import checkpoint_complete  # noqa: PLC0415
+    from moreft.train.rundir import checkpoint_complete
 
     done = [p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and checkpoint_complete(p)]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)

@@ -27,7 +27,14 @@ from moreft.train.recipes import dump_config
 from moreft.train.reinit import merge_callbacks
 from moreft.train.rundir import RunDir, is_main_process, load_base, model_defaults, precision_dtype
 from moreft.train.trainer import (
-    CHECKPOINTS_DIR, AdapterTrainer, MetricsLogger, ProgressBar, read_jsonl, truncate_jsonl, use_callbacks)
+    CHECKPOINTS_DIR,
+    AdapterTrainer,
+    MetricsLogger,
+    ProgressBar,
+    read_jsonl,
+    truncate_jsonl,
+    use_callbacks,
+)
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,7 @@ def prepare_run_dir(config: TrainConfig) -> Path | None:
             shutil.rmtree(run.path)
         return None
     if run.config.is_file():
-        from moreft.train.rundir import read_run_config  # noqa: PLC0415
+        from moreft.train.rundir import read_run_config
 
         saved = read_run_config(run.path).to_dict()
         now = config.to_dict()
@@ -81,7 +88,7 @@ def prepare_run_dir(config: TrainConfig) -> Path | None:
 
 def training_arguments(config: TrainConfig) -> Any:
     """The ``transformers.TrainingArguments`` of a run (no hub, no reporting, adapter-only checkpoints)."""
-    from transformers import TrainingArguments  # noqa: PLC0415
+    from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir=str(config.run_dir / CHECKPOINTS_DIR),
@@ -145,7 +152,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), quiet: bool = Fals
     _say(f"# run config ({run.config})\n" + dump_config(config), quiet)
     task = get_task(config.task, **config.task_options)
     splits = task.load(config.seed, config.max_examples)
-    from transformers import set_seed  # noqa: PLC0415
+    from transformers import set_seed
 
     set_seed(config.seed)  # the new head and the adapter are initialised from this seed
     model, tokenizer = load_base(config, task)

@@ -121,7 +121,7 @@ def model_defaults(model_name: str, model: torch.nn.Module, kind: TaskKind) -> t
     default to moreft's per-family defaults (None) and the head is every top-level child with
     parameters other than the backbone (``classifier`` for BERT/RoBERTa, ``score`` for Llama).
     """
-    from moreft.models import MODELS  # noqa: PLC0415
+    from moreft.models import MODELS
 
     if kind is not TaskKind.CLASSIFICATION:
         heads: tuple[str, ...] = ()
@@ -136,7 +136,7 @@ def model_defaults(model_name: str, model: torch.nn.Module, kind: TaskKind) -> t
 
 def load_base(config: TrainConfig, task: Task) -> tuple[torch.nn.Module, Any]:
     """Load the run's base model and tokenizer (no adapter), offline."""
-    from moreft.models import load_model  # noqa: PLC0415
+    from moreft.models import load_model
 
     return load_model(config.model, task.kind, num_labels=task.num_labels,
                       dtype=precision_dtype(config.precision))
@@ -173,7 +173,7 @@ def load_trained(run_dir: str | os.PathLike) -> tuple[TrainConfig, Task, torch.n
         raise moreft.AdapterFileError(f"{str(run.path)!r} has no adapter/: the run did not finish{hint}")
     task = get_task(config.task, **config.task_options)
     model, tokenizer = load_base(config, task)
-    from moreft.train.reinit import MERGED_BASE_FILE, apply_merged_base  # noqa: PLC0415
+    from moreft.train.reinit import MERGED_BASE_FILE, apply_merged_base
 
     if (run.path / MERGED_BASE_FILE).is_file():  # a merge_every run: earlier cycles live in the base weights
         apply_merged_base(model, run.path / MERGED_BASE_FILE)

@@ -142,9 +142,9 @@ class SearchSettings:
 @functools.lru_cache(maxsize=4)
 def _skeleton(model: str, kind: str, num_labels: int | None) -> torch.nn.Module:
     """The model's architecture on the ``meta`` device (shapes only, no memory, no weights read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from moreft.models import model_dir  # noqa: PLC0415
+    from moreft.models import model_dir
 
     path = model_dir(model)
     extra = {"num_labels": num_labels} if kind == "classification" else {}
@@ -156,8 +156,8 @@ def _skeleton(model: str, kind: str, num_labels: int | None) -> torch.nn.Module:
 
 def _meta_model(config: TrainConfig) -> tuple[torch.nn.Module, Any, tuple[str, ...]]:
     """A fresh meta-device copy of the run's model, its default targets and head modules."""
-    from moreft.tasks import get_task  # noqa: PLC0415
-    from moreft.train.rundir import model_defaults  # noqa: PLC0415
+    from moreft.tasks import get_task
+    from moreft.train.rundir import model_defaults
 
     task = get_task(config.task, **config.task_options)
     model = copy.deepcopy(_skeleton(config.model, task.kind.value, task.num_labels))
@@ -182,8 +182,8 @@ def square_block_rank(config: TrainConfig, nblocks: int, target_modules: Any) ->
     Raises:
         ConfigError: ``nblocks`` exceeds a targeted layer's width.
     """
-    from moreft.inject import resolve_targets  # noqa: PLC0415
-    from moreft.layers import linear_shape  # noqa: PLC0415
+    from moreft.inject import resolve_targets
+    from moreft.layers import linear_shape
 
     model, targets, heads = _meta_model(config)
     adapter = config.replace(target_modules=target_modules) if target_modules is not None else config
@@ -312,8 +312,8 @@ def run_search(
     Raises:
         ConfigError: Invalid settings or base config.
     """
-    from moreft.train import search_run  # noqa: PLC0415
-    from moreft.train.search_report import write_report  # noqa: PLC0415
+    from moreft.train import search_run
+    from moreft.train.search_report import write_report
 
     space = space or SearchSpace()
     settings = settings or SearchSettings()

@@ -116,10 +116,10 @@ def read_search_file(path: str | None) -> dict[str, Any]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """``moreft search``: resolve base config, space and settings, run (or resume) the search."""
-    from moreft.train.commands import _overrides  # noqa: PLC0415
-    from moreft.train.recipes import resolve_config  # noqa: PLC0415
-    from moreft.train.search import SearchSettings, run_search  # noqa: PLC0415
-    from moreft.train.search_space import SearchSpace  # noqa: PLC0415
+    from moreft.train.commands import _overrides
+    from moreft.train.recipes import resolve_config
+    from moreft.train.search import SearchSettings, run_search
+    from moreft.train.search_space import SearchSpace
 
     data = read_search_file(args.space)
     space_data = dict(data.get("space") or {})

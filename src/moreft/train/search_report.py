@@ -177,7 +177,7 @@ def write_report(
     Returns:
         ``(rows, best config or None)``.
     """
-    from moreft.tasks import get_task  # noqa: PLC0415
+    from moreft.tasks import get_task
 
     metric = get_task(base.task, **base.task_options).metric_name
     rows = trial_rows(study)

@@ -72,7 +72,7 @@ def open_study(
     Raises:
         ConfigError: The stored study was made with a different base config or space.
     """
-    from moreft.errors import ConfigError  # noqa: PLC0415
+    from moreft.errors import ConfigError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seed = settings.seed + worker
@@ -176,13 +176,13 @@ class Objective:
     def __init__(
         self, base: TrainConfig, space: SearchSpace, allowed: dict[str, Candidate], path: Path
     ) -> None:
-        from moreft.tasks import get_task  # noqa: PLC0415
+        from moreft.tasks import get_task
 
         self.base, self.space, self.allowed, self.path = base, space, allowed, path
         self.metric = get_task(base.task, **base.task_options).metric_name
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from moreft.train.loop import train  # noqa: PLC0415
+        from moreft.train.loop import train
 
         key, lr, batch_size = self.space.suggest(trial, list(self.allowed))
         candidate = self.allowed[key]

@@ -105,7 +105,7 @@ def loss_uses_item_count(model: Any) -> bool:
 
     Only then does the Trainer's cross-device / accumulation rescaling give the global-batch mean.
     """
-    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss  # noqa: PLC0415
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
     return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
 

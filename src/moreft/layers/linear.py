@@ -1,0 +1,42 @@
+"""The layer types moreft wraps: ``nn.Linear`` and transformers' GPT-2 ``Conv1D`` (weight ``(in, out)``)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor, nn
+
+
+@functools.cache
+def conv1d_type() -> type | None:
+    """transformers' ``Conv1D`` class, or None without transformers."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is a dependency, but the layers work without it
+        return None
+    return Conv1D
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 ``Conv1D`` (a linear layer with weight stored ``(in, out)``)."""
+    conv1d = conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for the layer types moreft can wrap: ``nn.Linear`` and GPT-2 ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a wrappable layer."""
+    if is_conv1d(module):
+        in_features, out_features = module.weight.shape
+        return out_features, in_features
+    return module.out_features, module.in_features
+
+
+def adapter_dtype(weight: Tensor) -> torch.dtype:
+    """Adapters train in fp32 (fp64 kept for exactness tests) even on bf16/fp16 bases."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
