@@ -115,3 +115,15 @@ def test_e2e_minilm_runs_in_a_subprocess(tmp_path):
     frozen, more = e2e["rows"]
     assert more["trainable_params"] > frozen["trainable_params"] > 0
     assert frozen["x_frozen_time"] == 1.0 and more["steps_per_s"] > 0 and more["peak_rss_mib"] > 0
+
+
+def test_peak_rss_is_this_process_and_can_restart():
+    from moreft.sysinfo import peak_rss_mib, reset_peak_rss
+
+    before = peak_rss_mib()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    grown = peak_rss_mib()
+    assert grown >= before and grown > 0
+    del block
+    if reset_peak_rss():  # Linux: the peak restarts at the current RSS, below the 64 MiB block
+        assert peak_rss_mib() < grown

@@ -5,15 +5,15 @@ all-MiniLM-L6-v2 (the packaged copy, ``moreft.models.load_model("minilm", ...)``
 sequence length (padded / truncated to ``seq``) for every method. Adapters go on query, key and
 value (the model's defaults) and the head trains in full; ``frozen`` trains only the head (the
 floor), ``peft-lora`` is HF peft's LoRA on the same modules. Each run is a fresh subprocess, so
-its peak RSS (``ru_maxrss``) is its own; runs of different methods are interleaved and the
-medians reported.
+its peak RSS is its own (``VmHWM`` of its own address space: ``ru_maxrss`` would carry over the
+parent's peak through fork + exec); runs of different methods are interleaved and the medians
+reported.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,7 +28,6 @@ from .variants import LORA_ALPHA, MORE_NBLOCKS, RANK
 E2E_METHODS = ("frozen", "lora", "more", "mora", "peft-lora")
 MORE_BLOCK_RANK = 8  # the same parameter count as LoRA r=8 on square layers
 LEARNING_RATE = 1e-4
-KIB = 1024.0
 
 
 def _batches(tokenizer: Any, batch: int, seq: int, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -72,6 +71,7 @@ def e2e_child(method: str, batch: int, seq: int, steps: int, warmup: int) -> dic
         ValueError: an unknown method.
     """
     from ..models import MODELS, load_model
+    from ..sysinfo import peak_rss_mib, reset_peak_rss
 
     if method not in E2E_METHODS:
         raise ValueError(f"unknown end-to-end method {method!r}; choose from {', '.join(E2E_METHODS)}")
@@ -83,7 +83,8 @@ def e2e_child(method: str, batch: int, seq: int, steps: int, warmup: int) -> dic
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LEARNING_RATE)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB
+    reset_peak_rss()
+    rss_before = peak_rss_mib()
     times = []
     for i, b in enumerate(batches):
         t0 = time.perf_counter()
@@ -92,7 +93,7 @@ def e2e_child(method: str, batch: int, seq: int, steps: int, warmup: int) -> dic
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB
+    peak = peak_rss_mib()
     return {"method": method, "median_step_s": statistics.median(times), "times_s": times,
             "peak_rss_mib": peak, "rss_growth_mib": peak - rss_before,
             "trainable_params": sum(p.numel() for p in params)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import time
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ import moreft
 from moreft.errors import ConfigError
 from moreft.files import atomic_write_text
 from moreft.limits import check_adapter_size
+from moreft.sysinfo import peak_rss_mib, reset_peak_rss
 from moreft.tasks import TaskKind, get_task
 from moreft.train.config import RESUMABLE_CHANGES, TrainConfig
 from moreft.train.data import PadCollator, encode_classification, encode_generation
@@ -123,10 +123,6 @@ def training_arguments(config: TrainConfig) -> Any:
     )
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-
 def train(config: TrainConfig, callbacks: Sequence[Any] = (), quiet: bool = False) -> RunResult:
     """Fine-tune ``config.model`` with ``config.method`` on ``config.task`` and fill the run directory.
 
@@ -144,6 +140,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), quiet: bool = Fals
         moreft.errors.TrainingError: A NaN/Inf loss or gradient with ``nonfinite: stop`` (the default).
     """
     began = time.perf_counter()
+    reset_peak_rss()  # metrics report this run's peak, also for several runs in one process
     run = RunDir(config.run_dir)
     checkpoint = prepare_run_dir(config)
     if config.resume:
@@ -208,7 +205,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), quiet: bool = Fals
         "train_examples": len(splits.train), "eval_examples": len(eval_sets["eval"]),
         "test_examples": len(eval_sets["test"]), "train_seconds": round(train_seconds, 3),
         "resumed_from": checkpoint.name if checkpoint else None, "nonfinite_skipped": guard.skipped,
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mib(), 1),
     }
     if torch.cuda.is_available():
         metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
