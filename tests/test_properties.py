@@ -79,14 +79,20 @@ def test_merge_unmerge_round_trip(case):
     torch.testing.assert_close(layer.base_layer.weight, w0, rtol=1e-12, atol=1e-12)
 
 
+def _base_copy(net, in_f, out_f, bias):
+    """A plain ``Net`` holding the adapted net's base weights (no adapter)."""
+    fresh = Net(in_f, out_f, bias)
+    fresh.load_state_dict({k.replace("lin.base_layer.", "lin."): v for k, v in net.state_dict().items()
+                           if "base_layer" in k})
+    return fresh
+
+
 @SETTINGS
 @given(layer_and_config())
 def test_save_load_round_trip(case):
     in_f, out_f, bias, config = case
     net, _ = _adapted(in_f, out_f, bias, config)
-    fresh = Net(in_f, out_f, bias)
-    fresh.load_state_dict({k.replace("lin.base_layer.", "lin."): v for k, v in net.state_dict().items()
-                           if "base_layer" in k})
+    fresh = _base_copy(net, in_f, out_f, bias)
     x = torch.randn(4, in_f, dtype=torch.float64)
     with tempfile.TemporaryDirectory() as d:
         moreft.save_adapter(net, d + "/a")
@@ -123,9 +129,7 @@ def test_more_export_lora_loads_in_peft_with_equal_outputs(case):
 
     in_f, out_f, bias, config = case
     net, _ = _adapted(in_f, out_f, bias, config)
-    fresh = Net(in_f, out_f, bias)
-    fresh.load_state_dict({k.replace("lin.base_layer.", "lin."): v for k, v in net.state_dict().items()
-                           if "base_layer" in k})
+    fresh = _base_copy(net, in_f, out_f, bias)
     x = torch.randn(4, in_f, dtype=torch.float64)
     with tempfile.TemporaryDirectory() as d:
         report = moreft.export_lora(net, d + "/lora")

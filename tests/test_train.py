@@ -272,6 +272,19 @@ def test_compare_writes_table_and_plot(tiny_bert, tmp_path, monkeypatch):
     table = (result.path / "compare.md").read_text()
     assert table.splitlines()[2:5] == ["```", "moreft " + " ".join(argv), "```"]
     assert "| more:block_rank=1 | 384 | 0.50 |" in table
+    assert "Every method uses the same shared settings" in table
+
+
+def test_compare_report_names_per_method_overrides(tmp_path):
+    from moreft.train.comparison import write_report
+
+    row = {"label": "more:block_rank=4,lr=4e-3", "params": 10, "mean": 0.8, "std": 0.01, "eval_mean": 0.8,
+           "eval_std": 0.01, "values": [0.8], "seeds": [0], "seconds": 1.0, "overrides": {"lr": 0.004}}
+    write_report(tmp_path, [row, {**row, "label": "lora:rank=8", "overrides": {}}], "accuracy",
+                 TrainConfig(task="sentiment", model="minilm"))
+    table = (tmp_path / "compare.md").read_text()
+    assert "These methods override shared settings: more:block_rank=4,lr=4e-3 (lr=0.004)." in table
+    assert "no per-method tuning" not in table
 
 
 def test_bench_subcommand_is_registered_when_present(monkeypatch):

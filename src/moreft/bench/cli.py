@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bench never downloads
 import torch
 
 from ..errors import ConfigError
+from ..files import atomic_write_text
 from . import report
 from .e2e import E2E_METHODS, bench_e2e, e2e_child
 from .layer import bench_merge, bench_shape
@@ -150,8 +151,7 @@ def run(args: argparse.Namespace) -> int:
         print(report.format_e2e(out["e2e"]))
     out["machine"]["load_avg_end"] = os.getloadavg()
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=1)
+        atomic_write_text(args.out, json.dumps(out, indent=1))
         print(f"\nwrote {args.out}")
     return 0
 

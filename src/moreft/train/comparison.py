@@ -54,6 +54,10 @@ def parse_method_spec(spec: str) -> dict[str, Any]:
     return out
 
 
+#: Spec keys that choose the adapter; any other key in a spec overrides a shared training setting.
+_ADAPTER_KEYS = frozenset({"method", "rank", "alpha", "block_rank", "nblocks", "r_hat", "operator", "sharing_layout"})
+
+
 def _slug(spec: dict[str, Any]) -> str:
     parts = [spec["method"]] + [f"{k}{v}" for k, v in spec.items() if k != "method"]
     return "-".join(str(p).replace("/", "_").replace("_", "") for p in parts)
@@ -124,7 +128,7 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int | Sequence[int
                              resume=False, overwrite=True) for s in seed_list] for spec in specs]
     run = run or train
     rows, metric = [], ""
-    for spec_text, group in zip(methods, configs):
+    for spec_text, spec, group in zip(methods, specs, configs):
         results = []
         for config in group:
             done = _finished(config)
@@ -138,7 +142,8 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int | Sequence[int
                      "params": results[0]["trainable_params"], "mean": mean, "std": std, "eval_mean": eval_mean,
                      "eval_std": eval_std, "values": values, "seeds": seed_list,
                      "seconds": statistics.fmean(r["train_seconds"] for r in results),
-                     "runs": [str(c.run_dir) for c in group]})
+                     "runs": [str(c.run_dir) for c in group],
+                     "overrides": {k: v for k, v in spec.items() if k not in _ADAPTER_KEYS}})
     write_report(path, rows, metric, base, command)
     return CompareResult(path, rows, metric)
 
@@ -169,9 +174,13 @@ def write_report(path: Path, rows: Sequence[dict[str, Any]], metric: str, base: 
         lines.append(f"| {r['label']} | {r['params']:,} | {r['params'] / rows[0]['params']:.2f} | "
                      f"{r['mean']:.4f} ± {r['std']:.4f} | {r['eval_mean']:.4f} ± {r['eval_std']:.4f} | {per_seed} | "
                      f"{r['seconds']:.1f} |")
+    tuned = [f"{r['label']} ({', '.join(f'{k}={v}' for k, v in r['overrides'].items())})"
+             for r in rows if r.get("overrides")]
+    settings = ("Every method uses the same shared settings (no per-method tuning)." if not tuned else
+                "These methods override shared settings: " + "; ".join(tuned) + ".")
     lines += ["", "Trainable params count adapter parameters only (a classification head, trained in full, "
               "is excluded). std is the sample standard deviation over seeds; each seed also draws its own "
-              "data split. Every method uses the same shared settings (no per-method tuning).", ""]
+              f"data split. {settings}", ""]
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path / "compare.md", "\n".join(lines))
     atomic_write_text(path / "compare.json", json.dumps({"metric": metric, "command": command, "rows": list(rows)},
