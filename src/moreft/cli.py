@@ -167,7 +167,8 @@ def _add_bench(sub: Any) -> None:
         p.set_defaults(func=broken)
         return
     if callable(getattr(bench, "add_arguments", None)) and callable(getattr(bench, "run", None)):
-        p = sub.add_parser("bench", help=(bench.__doc__ or "benchmarks").strip().splitlines()[0])
+        p = sub.add_parser("bench", help="training-step speed and memory of adapted layers, merging and a "
+                                         "real fine-tune, side by side with peft")
         bench.add_arguments(p)
         p.set_defaults(func=bench.run)
 
