@@ -9,6 +9,7 @@ header or the base model before anything real is built.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from torch import nn
@@ -52,12 +53,7 @@ def check_adapter_size(model: nn.Module, config: AdapterConfig, names: Sequence[
     from .layers import linear_shape
 
     modules = {n: linear_shape(model.get_submodule(n)) for n in names}
-    count = 0
-    for shape in adapter_shapes(config, modules).values():
-        numel = 1
-        for d in shape:
-            numel *= d
-        count += numel
+    count = sum(math.prod(shape) for shape in adapter_shapes(config, modules).values())
     total = sum(p.numel() for p in model.parameters())
     if count > total:
         raise ConfigError(f"this {config.method.value} config would give {count:,} adapter parameters on "

@@ -23,6 +23,7 @@ import torch
 from transformers import TrainerCallback
 
 from moreft.errors import TrainingError
+from moreft.train.rundir import newest_complete_checkpoint
 
 
 class NonFinitePolicy(str, enum.Enum):
@@ -46,14 +47,6 @@ def _any_across_processes(flag: bool) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return bool(value.item())
-
-
-def last_good_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint under ``checkpoints`` (see :func:`moreft.train.rundir.checkpoint_complete`)."""
-    from moreft.train.rundir import checkpoint_complete
-
-    done = [p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and checkpoint_complete(p)]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -109,7 +102,7 @@ class NonFiniteGuard(TrainerCallback):
                 print(f"moreft: step {step}: {what}; the step was skipped (nonfinite: skip)", flush=True)
             return
         self.on_train_end(args, state, control)
-        last = last_good_checkpoint(Path(args.output_dir))
+        last = newest_complete_checkpoint(Path(args.output_dir))
         kept = (f"the last good checkpoint is {str(last)!r} (continue with --resume)" if last is not None
                 else "no checkpoint was saved before it (use --save-every to keep some)")
         raise TrainingError(f"{what} at step {step}: stopped before the optimizer applied it; {kept}. "

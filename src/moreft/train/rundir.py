@@ -65,11 +65,13 @@ class RunDir:
 
     def last_checkpoint(self) -> Path | None:
         """The checkpoint with the highest step that holds a complete trainer state, or None."""
-        if not self.checkpoints.is_dir():
-            return None
-        done = [p for p in self.checkpoints.glob("checkpoint-*")
-                if p.name.split("-")[-1].isdigit() and checkpoint_complete(p)]
-        return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+        return newest_complete_checkpoint(self.checkpoints)
+
+
+def newest_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The ``checkpoint-<step>`` under ``checkpoints`` with the highest step that is complete, or None."""
+    done = [p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and checkpoint_complete(p)]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def checkpoint_complete(path: Path) -> bool:
