@@ -105,11 +105,15 @@ def test_saving_again_replaces_the_directory(tmp_path):
     case = CASES[0]
     model = trained(case)
     moreft.save_adapter(model, tmp_path / "ad")
-    (tmp_path / "ad" / "stale.txt").write_text("old")
     randomize_adapters(model, seed=99)
-    moreft.save_adapter(model, tmp_path / "ad")
-    assert not (tmp_path / "ad" / "stale.txt").exists()
+    moreft.save_adapter(model, tmp_path / "ad")  # our own earlier adapter: replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]  # no temp dirs left behind
+    (tmp_path / "ad" / "stale.txt").write_text("not moreft's")  # now the folder holds a user's file
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ad").iterdir()}
+    with pytest.raises(moreft.OutputError, match=r"holds files moreft did not write there .*\(stale.txt\)"):
+        moreft.save_adapter(trained(case), tmp_path / "ad")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ad").iterdir()} == before
+    (tmp_path / "ad" / "stale.txt").unlink()
     fresh = make_net(case)
     moreft.load_adapter(fresh, tmp_path / "ad")
     assert torch.equal(fresh.lin.blkdiag1, model.lin.blkdiag1)

@@ -34,3 +34,12 @@ class TrainingError(MoreftError, RuntimeError):
 
 class DataFileError(MoreftError, ValueError):
     """A user's data file cannot be read: not UTF-8, a malformed JSON line or CSV row, wrong structure."""
+
+
+class OutputError(MoreftError, ValueError):
+    """A write would replace or delete something moreft did not create, or its target is busy.
+
+    Raised before anything is written: a path that is a file, a non-empty folder that is not
+    moreft's own earlier output of the same kind, the run being read, or a run folder that another
+    process is writing.
+    """

@@ -14,16 +14,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import LoRAConfig, Method, MoRAConfig, MoReConfig
 from .errors import AdapterFileError, ConfigError
-from .files import atomic_dir_write
+from .files import FolderKind, atomic_dir_write
 from .inject import adapter_config, adapter_layers, modules_to_save_names
 from .layers import AdapterLayer, LoRALinear, MoReLinear, is_conv1d
 from .ops.monarch import fold_factors
-from .state import base_model_name
+from .state import CONFIG_NAME, WEIGHTS_NAME, base_model_name
+from .version import __version__
+
+#: safetensors metadata key that marks an export as moreft's (peft ignores it).
+EXPORT_MARK = "moreft_export"
+
+
+def _export_names(folder: Path) -> set[str] | None:
+    """The files an export holds, when ``folder``'s weights carry moreft's export mark; else None."""
+    weights = folder / WEIGHTS_NAME
+    if weights.is_symlink() or not weights.is_file():
+        return None
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            marked = EXPORT_MARK in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - safetensors raises its own error types for files that are not its own
+        return None
+    return {WEIGHTS_NAME, CONFIG_NAME} if marked else None
+
+
+#: What :func:`export_lora` may replace: a folder holding only an export it wrote.
+EXPORT_KIND = FolderKind("peft LoRA export", _export_names)
 
 
 @dataclass(frozen=True)
@@ -89,7 +111,8 @@ def export_lora(model: nn.Module, path: str | os.PathLike, rank: int | None = No
 
     Args:
         model: a model carrying a moreft adapter.
-        path: output directory (written atomically).
+        path: output directory (written atomically). It may be missing, empty, or an earlier
+            export (replaced); a link to a folder is written through.
         rank: LoRA rank for a MoRA export (default: the config's ``rank``); MoRe and LoRA
             export at their exact rank.
 
@@ -100,6 +123,8 @@ def export_lora(model: nn.Module, path: str | os.PathLike, rank: int | None = No
         AdapterFileError: ``model`` has no adapter, or mixes Linear and Conv1D targets
             (peft's ``fan_in_fan_out`` is one flag per adapter).
         ConfigError: a bad ``rank``.
+        OutputError: ``path`` is a file, or a non-empty folder that is not an earlier export
+            (nothing is written).
     """
     config = adapter_config(model)
     layers = adapter_layers(model)
@@ -128,8 +153,9 @@ def export_lora(model: nn.Module, path: str | os.PathLike, rank: int | None = No
         "base_model_name_or_path": base_model_name(model), "inference_mode": True,
     }
     out = Path(path)
+    mark = {"format": "pt", EXPORT_MARK: __version__}
     atomic_dir_write(out, {
-        "adapter_model.safetensors": lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
-        "adapter_config.json": lambda p: p.write_text(json.dumps(peft_config, indent=2) + "\n"),
-    })
+        WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata=mark),
+        CONFIG_NAME: lambda p: p.write_text(json.dumps(peft_config, indent=2) + "\n"),
+    }, EXPORT_KIND)
     return ExportReport(out, r, errors)

@@ -9,6 +9,13 @@ Replacing a *folder* that already exists is one ``renameat2(RENAME_EXCHANGE)`` o
 the kernel or filesystem lacks it, the old folder is renamed aside first and the new one renamed
 in, so for that instant the target is missing (the old copy sits in ``.<name>.old-<pid>`` and is
 put back by the next write).
+
+A write never replaces what moreft did not create. A folder target is written only when it is
+missing, empty, or holds nothing but moreft's own earlier output of the same :class:`FolderKind`;
+a file, or a folder with anything else in it, is refused with :class:`~moreft.errors.OutputError`
+before anything is written. A symbolic link to a folder is written through (the link stays a link;
+the folder it points to gets the new contents). The temp-sibling sweep removes only names of the
+exact shape this module creates, owned by this user, whose writer process is gone.
 """
 
 from __future__ import annotations
@@ -17,11 +24,16 @@ import ctypes
 import errno
 import functools
 import os
+import re
 import shutil
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .errors import OutputError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -55,17 +67,38 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _ours(entry: Path) -> bool:
+    """True for an entry this user owns that is not a symbolic link (a temp name we could have made)."""
+    try:
+        info = entry.lstat()
+    except OSError:
+        return False
+    return not stat.S_ISLNK(info.st_mode) and info.st_uid == os.getuid()
+
+
 def _sweep(path: Path) -> None:
-    """Remove temp siblings of ``path`` left by killed writers; put back an old copy if ``path`` is gone."""
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        pid = stale.name[len(f".{path.name}.tmp-"):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    """Remove temp siblings of ``path`` left by killed writers; put back an old copy if ``path`` is gone.
+
+    Only names of the exact shapes :func:`_temp_prefix` / :func:`replace_dir` make are touched
+    (``.<name>.tmp-<pid>-<8 tempfile chars>``, ``.<name>.old-<pid>``), only when this user owns
+    them and process ``pid`` is gone; anything else beside ``path`` is left alone.
+    """
+    temp = re.compile(re.escape(f".{path.name}.tmp-") + r"(\d+)-[a-z0-9_]{8}")
+    old_copy = re.compile(re.escape(f".{path.name}.old-") + r"(\d+)")
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return
+    for stale in siblings:
+        match = temp.fullmatch(stale.name)
+        if match and _ours(stale) and not _alive(int(match.group(1))):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    for old in sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True):
-        pid = old.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+    olds = [p for p in siblings if old_copy.fullmatch(p.name) and _ours(p) and p.is_dir()]
+    for old in sorted(olds, key=lambda p: p.stat().st_mtime, reverse=True):
+        pid = int(old.name.rsplit("-", 1)[-1])
+        if _alive(pid) and pid != os.getpid():
             continue
-        if not path.exists():
+        if not os.path.lexists(path):
             old.rename(path)
         else:
             shutil.rmtree(old, ignore_errors=True)
@@ -101,7 +134,13 @@ def exchange(a: Path, b: Path) -> bool:
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move the complete folder ``src`` to ``dst``, replacing any folder there, atomically where possible."""
+    """Move the complete folder ``src`` to ``dst``, replacing any folder there, atomically where possible.
+
+    Raises:
+        OutputError: ``dst`` exists and is not a real folder (a file or a symbolic link); nothing moved.
+    """
+    if os.path.lexists(dst) and (dst.is_symlink() or not dst.is_dir()):
+        raise OutputError(f"{str(dst)!r} is not a folder; moreft does not replace it with one")
     _fsync(src)
     if dst.exists() and exchange(src, dst):
         shutil.rmtree(src)  # now holds the old contents
@@ -115,46 +154,178 @@ def replace_dir(src: Path, dst: Path) -> None:
     _fsync(dst.parent)
 
 
-def atomic_dir_write(path: Path, files: dict[str, Callable[[Path], Any]]) -> None:
-    """Write ``files`` (name -> callable(path)) into ``path`` via a sibling temp dir and rename.
+@dataclass(frozen=True)
+class FolderKind:
+    """One kind of folder moreft writes whole, and the rule that recognises one it wrote before.
 
-    On any exception (or a kill) the previous contents of ``path``, if any, stay as they were.
+    A non-empty folder is moreft's earlier output of this kind when ``owned(folder)`` returns the
+    set of names that kind writes (its identifying file says moreft wrote it) and every entry of
+    the folder is a regular file with one of those names. Anything else makes it foreign.
+
+    Attributes:
+        what: The kind in words, for messages (``"moreft adapter"``).
+        owned: ``folder -> names it may hold``, or None when the folder is not this kind's output.
+    """
+
+    what: str
+    owned: Callable[[Path], set[str] | None]
+
+
+def plain_files(what: str, names: Iterable[str]) -> FolderKind:
+    """A :class:`FolderKind` recognised by its file names alone (a folder holding only ``names``)."""
+    allowed = set(names)
+    return FolderKind(what, lambda folder: allowed)
+
+
+def foreign_entries(folder: Path, kind: FolderKind) -> list[str]:
+    """Entries of ``folder`` that are not moreft's output of ``kind`` (all of them if it is not that kind)."""
+    entries = sorted(os.listdir(folder))
+    if not entries:
+        return []
+    try:
+        allowed = kind.owned(folder)
+    except (OSError, ValueError):
+        allowed = None
+    if allowed is None:
+        return entries
+    return [name for name in entries if name not in allowed or not stat.S_ISREG(os.lstat(folder / name).st_mode)]
+
+
+def writable_folder(path: str | os.PathLike, kind: FolderKind) -> Path:
+    """The folder a write of ``kind`` to ``path`` goes to, after checking it may be replaced.
+
+    A symbolic link to a folder is followed (the returned path is the real folder, so the link
+    stays a link). Nothing is changed on disk.
+
+    Raises:
+        OutputError: ``path`` is a file, a link to something other than a folder, or a non-empty
+            folder that is not moreft's earlier output of ``kind``.
     """
     path = Path(path)
+    if path.is_symlink():
+        real = Path(os.path.realpath(path))
+        if not real.is_dir():
+            raise OutputError(f"{str(path)!r} is a symbolic link to {str(real)!r}, which is not a folder; moreft "
+                              f"writes the {kind.what} through a link only to an existing folder")
+        path = real
+    if os.path.lexists(path) and not path.is_dir():
+        raise OutputError(f"{str(path)!r} is a file, not a folder; moreft does not replace a file with the "
+                          f"{kind.what} (choose another path, or move the file away yourself)")
+    if path.is_dir():
+        foreign = foreign_entries(path, kind)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise OutputError(f"{str(path)!r} holds files moreft did not write there as a {kind.what} ({shown}); "
+                              f"moreft replaces a folder only when it is empty or holds nothing but its own "
+                              f"earlier {kind.what}. Choose a new or empty folder")
+    return path
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if not os.path.islink(os.path.join(folder, name)):
+                _fsync(Path(folder) / name)
+
+
+def write_folder(path: str | os.PathLike, fill: Callable[[Path], Any], kind: FolderKind) -> Path:
+    """Fill a sibling temp folder with ``fill(temp)`` and swap it in as ``path``, atomically.
+
+    Returns:
+        The folder written (the real folder when ``path`` is a link to one).
+
+    Raises:
+        OutputError: see :func:`writable_folder`; checked before anything is written.
+    """
+    path = Path(path)
+    if not path.is_symlink():
+        _sweep(path)  # an earlier writer's old copy goes back first, so the check sees it
+    path = writable_folder(path, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     _sweep(path)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
     try:
-        for name, write in files.items():
-            write(tmp / name)
-            _public(tmp / name, 0o666)
-            _fsync(tmp / name)
+        fill(tmp)
+        _fsync_tree(tmp)
         _public(tmp, 0o777)
+        writable_folder(path, kind)  # nothing foreign arrived while we wrote
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return path
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and an atomic rename."""
+def atomic_dir_write(path: str | os.PathLike, files: dict[str, Callable[[Path], Any]],
+                     kind: FolderKind | None = None) -> Path:
+    """Write ``files`` (name -> callable(path)) into ``path`` via a sibling temp dir and rename.
+
+    On any exception (or a kill) the previous contents of ``path``, if any, stay as they were.
+
+    Args:
+        path: The folder to write.
+        files: File name -> ``write(file_path)``.
+        kind: What the folder is; default: a folder holding only ``files``' names.
+
+    Returns:
+        The folder written (the real folder when ``path`` is a link to one).
+
+    Raises:
+        OutputError: see :func:`writable_folder`; nothing is written then.
+    """
+    def fill(tmp: Path) -> None:
+        for name, write in files.items():
+            write(tmp / name)
+            _public(tmp / name, 0o666)
+
+    return write_folder(path, fill, kind or plain_files("folder", files))
+
+
+def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Write a file with ``write(temp_path)`` beside ``path`` and rename it over ``path`` in one step.
+
+    A symbolic link is written through: the file it points to is replaced, the link stays.
+
+    Returns:
+        The file written (the real file when ``path`` is a link).
+
+    Raises:
+        OutputError: ``path`` is a folder.
+    """
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.is_dir():
+        raise OutputError(f"{str(path)!r} is a folder; moreft does not replace a folder with a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     _sweep(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write(Path(tmp))
         _public(Path(tmp), 0o666)
+        _fsync(Path(tmp))
         os.replace(tmp, path)
         _fsync(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temp file in the same folder and an atomic rename."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and an atomic rename.
+
+    Raises:
+        OutputError: ``path`` is a folder.
+    """
+    atomic_write_file(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temp file in the same folder and an atomic rename.
+
+    Raises:
+        OutputError: ``path`` is a folder.
+    """
     atomic_write_bytes(path, text.encode("utf-8"))

@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import AdapterConfig, Method, SharingLayout, config_from_dict
 from .errors import AdapterFileError, ConfigError
-from .files import atomic_dir_write
+from .files import FolderKind, atomic_dir_write
 from .inject import adapter_config, adapter_layers, eject, inject, modules_to_save_names
 from .layers import MoRALinear, is_linear, linear_shape
 from .limits import adapter_shapes
@@ -36,6 +36,22 @@ UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 #: adapter_config.json holds names and a few numbers; anything bigger is not ours.
 MAX_CONFIG_BYTES = 16 * 2**20
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _adapter_names(folder: Path) -> set[str] | None:
+    """The files a moreft adapter folder holds, when ``folder``'s config says moreft wrote it; else None."""
+    config = folder / CONFIG_NAME
+    if config.is_symlink() or not config.is_file() or config.stat().st_size > MAX_CONFIG_BYTES:
+        return None
+    try:
+        meta = json.loads(config.read_bytes())
+    except (ValueError, RecursionError):
+        return None
+    return {WEIGHTS_NAME, CONFIG_NAME} if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
+#: What :func:`save_adapter` may replace: a folder holding only an adapter it wrote.
+ADAPTER_KIND = FolderKind("moreft adapter", _adapter_names)
 
 
 def _no_constant(name: str) -> Any:
@@ -77,11 +93,17 @@ def _gathered(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the adapter of ``model`` (weights + config only) to directory ``path``, atomically.
 
+    ``path`` may be missing, empty, or hold an adapter moreft saved before (it is replaced); a
+    link to a folder is written through. Anything else is refused, so a tokenizer or other files
+    saved in ``path`` are never deleted.
+
     Under FSDP (``fully_shard``) every rank must call it: the shards are gathered (a collective)
     and rank 0 writes the directory.
 
     Raises:
         AdapterFileError: ``model`` carries no moreft adapter.
+        OutputError: ``path`` is a file, or a non-empty folder that is not a moreft adapter
+            (nothing is written).
     """
     config = adapter_config(model)
     if config is None:
@@ -103,7 +125,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     atomic_dir_write(path, {
         WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
         CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"),
-    })
+    }, ADAPTER_KIND)
     return path
 
 

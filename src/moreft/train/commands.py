@@ -6,16 +6,18 @@ Heavy imports (torch, transformers) happen inside the commands, so ``moreft --he
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from moreft.errors import ConfigError
-from moreft.files import replace_dir
+from moreft.errors import ConfigError, OutputError
+from moreft.files import FolderKind, writable_folder, write_folder
+
+#: The file that marks a ``moreft merge`` output and lists every file in it.
+MERGED_MARK = "moreft_merged.json"
 
 
 def train_flag_help() -> dict[str, str]:
@@ -87,9 +89,35 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _fresh_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"output {str(out)!r} already exists; pass --overwrite to replace it or choose another path")
+def _merged_names(folder: Path) -> set[str] | None:
+    """The files a ``moreft merge`` output holds, per its :data:`MERGED_MARK`; None if it has no valid one."""
+    mark = folder / MERGED_MARK
+    if mark.is_symlink() or not mark.is_file() or mark.stat().st_size > 2**20:
+        return None
+    try:
+        meta = json.loads(mark.read_bytes())
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != "moreft-merged" or not isinstance(meta.get("files"), list):
+        return None
+    return {str(n) for n in meta["files"]} | {MERGED_MARK}
+
+
+#: What ``moreft merge`` may replace (with --overwrite): a folder holding only files an earlier merge wrote.
+MERGED_KIND = FolderKind("merged model", _merged_names)
+
+
+def _outside_run(out: Path, run_dir: Path) -> None:
+    """Refuse an output that is the run being read, inside it, or holds it.
+
+    Raises:
+        OutputError: names both paths.
+    """
+    o, r = Path(os.path.realpath(out)), Path(os.path.realpath(run_dir))
+    where = "is" if o == r else "is inside" if r in o.parents else "holds" if o in r.parents else None
+    if where:
+        raise OutputError(f"output {str(out)!r} {where} the run being read ({str(run_dir)!r}); moreft never writes "
+                          "into or over the run it reads. Choose a path outside it")
 
 
 def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,30 +126,37 @@ def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
     from moreft.train.rundir import load_trained
 
     out = Path(args.out)
-    _fresh_output(out, args.overwrite)
+    _outside_run(out, Path(args.run_dir))
+    real = writable_folder(out, MERGED_KIND)
+    if real.is_dir() and any(real.iterdir()) and not args.overwrite:
+        raise ConfigError(f"output {str(out)!r} already exists; pass --overwrite to replace it or choose another path")
     config, _, model, tokenizer = load_trained(args.run_dir)
     moreft.merge(model, safe=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        replace_dir(tmp, out)  # an existing OUT is swapped out atomically, never missing
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.iterdir())
+        mark = {"format": "moreft-merged", "moreft_version": moreft.__version__, "run": str(args.run_dir),
+                "files": files}
+        (tmp / MERGED_MARK).write_text(json.dumps(mark, indent=2) + "\n")
+
+    write_folder(out, fill, MERGED_KIND)  # an existing OUT (ours) is swapped out atomically, never missing
     return {"merged": str(out), "base_model": config.model, "method": config.method_label()}
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     """``moreft export-lora RUN_DIR OUT [--rank R]``: a peft LoRA directory."""
     import moreft
+    from moreft.export import EXPORT_KIND
     from moreft.train.reinit import MERGED_BASE_FILE
     from moreft.train.rundir import load_trained
 
     if (Path(args.run_dir) / MERGED_BASE_FILE).is_file():
         raise ConfigError(f"{args.run_dir!r} was trained with merge_every: its update is the merged cycles in "
                           f"{MERGED_BASE_FILE} plus the last adapter, not one LoRA; use `moreft merge` instead")
+    _outside_run(Path(args.out), Path(args.run_dir))
+    writable_folder(Path(args.out), EXPORT_KIND)  # refuse before the slow model load
     config, _, model, _ = load_trained(args.run_dir)
     report = moreft.export_lora(model, args.out, rank=args.rank)
     return {"exported": str(report.path), "method": config.method_label(), "lora_rank": report.rank,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import moreft
 from moreft.errors import ConfigError
 from moreft.files import atomic_write_text
 from moreft.limits import check_adapter_size
+from moreft.lock import LOCK_NAME, folder_lock
 from moreft.sysinfo import peak_rss_mib, reset_peak_rss
 from moreft.tasks import TaskKind, get_task
 from moreft.train.config import RESUMABLE_CHANGES, TrainConfig
@@ -25,7 +25,15 @@ from moreft.train.guards import NonFiniteGuard
 from moreft.train.plots import plot_run
 from moreft.train.recipes import dump_config
 from moreft.train.reinit import merge_callbacks
-from moreft.train.rundir import RunDir, is_main_process, load_base, model_defaults, precision_dtype
+from moreft.train.rundir import (
+    RunDir,
+    check_run_owned,
+    clear_run,
+    is_main_process,
+    load_base,
+    model_defaults,
+    precision_dtype,
+)
 from moreft.train.trainer import (
     CHECKPOINTS_DIR,
     AdapterTrainer,
@@ -60,18 +68,22 @@ def _say(message: str, quiet: bool) -> None:
 def prepare_run_dir(config: TrainConfig) -> Path | None:
     """Check the run directory against ``resume`` / ``overwrite``; return the checkpoint to resume.
 
+    Nothing is deleted here: with ``overwrite`` the old run is removed by :func:`train` only once
+    the new one is ready to start.
+
     Raises:
         ConfigError: The directory holds a run and neither ``resume`` nor ``overwrite`` is set, or
             ``resume`` is set and the saved config differs in a field that changes training.
+        moreft.OutputError: ``overwrite`` is set and the directory holds files moreft did not write.
     """
     run = RunDir(config.run_dir)
-    occupied = run.path.is_dir() and any(run.path.iterdir())
+    occupied = run.path.is_dir() and any(p.name != LOCK_NAME for p in run.path.iterdir())
     if not config.resume:
         if occupied and not config.overwrite and is_main_process():
             raise ConfigError(f"run directory {str(run.path)!r} already exists; pass --resume to continue it, "
                               "--overwrite to start over, or choose another --run-name")
         if occupied and config.overwrite and is_main_process():
-            shutil.rmtree(run.path)
+            check_run_owned(run.path)
         return None
     if run.config.is_file():
         from moreft.train.rundir import read_run_config
@@ -138,7 +150,17 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), quiet: bool = Fals
         ConfigError: Bad task options, model, hyperparameters or run directory state.
         moreft.tasks.DataPackageError: The task's or model's data package is not installed.
         moreft.errors.TrainingError: A NaN/Inf loss or gradient with ``nonfinite: stop`` (the default).
+        moreft.OutputError: Another process is writing the run directory, or ``overwrite`` would
+            delete files moreft did not write there.
     """
+    if not is_main_process():  # rank 0 holds the run's lock for the whole launch
+        return _train(config, callbacks, quiet)
+    with folder_lock(config.run_dir, "run directory"):
+        return _train(config, callbacks, quiet)
+
+
+def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunResult:
+    """:func:`train` inside the run directory's lock."""
     began = time.perf_counter()
     reset_peak_rss()  # metrics report this run's peak, also for several runs in one process
     run = RunDir(config.run_dir)
@@ -160,12 +182,6 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), quiet: bool = Fals
     for p in model.parameters():  # optimizer state and updates in fp32 even on a bf16 base
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    # The run directory is made only now, so a run that cannot start (bad data, model or sizes) leaves none.
-    if is_main_process():
-        run.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run.config, dump_config(config))
-        atomic_write_text(run.split, json.dumps({"task": config.task, "seed": config.seed, "sizes": splits.sizes,
-                                                 "ids": splits.split_ids}) + "\n")
     counts = moreft.trainable_parameters(model)
     _say(f"{config.method_label()} on {len(moreft.adapter_layers(model))} layers: {counts}", quiet)
     _say(f"{config.task}: {splits.sizes}", quiet)
@@ -179,8 +195,17 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), quiet: bool = Fals
     def score(examples: Sequence[Any]) -> dict[str, float]:
         return evaluate(model, tokenizer, task, examples, eval_bs, config.max_length, config.max_new_tokens, autocast)
 
-    trainer = AdapterTrainer(model=model, args=training_arguments(config),
-                             train_dataset=encode(splits.train, tokenizer, config.max_length),
+    train_dataset, arguments = encode(splits.train, tokenizer, config.max_length), training_arguments(config)
+    # Every check has passed: only now is an old run (--overwrite) removed and the new one written, so a
+    # run that cannot start (bad data, model or sizes) leaves the folder as it was.
+    if is_main_process():
+        if config.overwrite and not config.resume:
+            clear_run(run.path)
+        run.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.config, dump_config(config))
+        atomic_write_text(run.split, json.dumps({"task": config.task, "seed": config.seed, "sizes": splits.sizes,
+                                                 "ids": splits.split_ids}) + "\n")
+    trainer = AdapterTrainer(model=model, args=arguments, train_dataset=train_dataset,
                              data_collator=PadCollator(tokenizer.pad_token_id), score=score, eval_sets=eval_sets)
     printers = [] if quiet else [ProgressBar(config.progress)]
     guard = NonFiniteGuard(config.nonfinite)  # before MetricsLogger: it adds nonfinite_skipped to the logs

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,19 +12,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from moreft.files import atomic_write_file
+
 
 def _save(fig: Any, path: Path) -> Path:
-    """Save ``fig`` as PNG through a temp file and an atomic rename; closes the figure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    """Save ``fig`` as PNG through a temp file and an atomic rename; closes the figure.
+
+    Raises:
+        moreft.OutputError: ``path`` is a folder.
+    """
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

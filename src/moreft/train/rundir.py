@@ -9,13 +9,22 @@
 ``adapter/``        the trained adapter (:func:`moreft.save_adapter` format; with the head)
 ``loss.png``        training loss and eval metric curves
 ``checkpoints/``    ``checkpoint-<step>/`` for ``--resume`` (adapter + optimizer state)
+``.moreft.lock``    held (``flock``) by the process writing the run; removed when it ends
 ==================  ===========================================================================
+
+``merged_base.safetensors`` (``merge_every`` runs) and ``delta_<layer>.png`` (``moreft inspect``)
+may sit beside them. These names, temp siblings of them that an atomic write left
+(``.<name>.tmp-<pid>-*``, ``.<name>.old-<pid>``), a moreft adapter in ``adapter/`` and
+``checkpoint-<step>`` folders in ``checkpoints/`` are what moreft owns in a run folder;
+``--overwrite`` deletes only those, and refuses a folder holding anything else.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +33,9 @@ import torch
 import yaml
 
 import moreft
-from moreft.errors import ConfigError
+from moreft.errors import ConfigError, OutputError
+from moreft.files import foreign_entries
+from moreft.lock import LOCK_NAME
 from moreft.tasks import Splits, Task, TaskKind, get_task
 from moreft.train.config import TrainConfig
 
@@ -66,6 +77,62 @@ class RunDir:
     def last_checkpoint(self) -> Path | None:
         """The checkpoint with the highest step that holds a complete trainer state, or None."""
         return newest_complete_checkpoint(self.checkpoints)
+
+
+_CHECKPOINT = re.compile(r"(?:tmp-)?checkpoint-\d+")
+
+
+def foreign_run_entries(path: Path) -> list[str]:
+    """Entries of run folder ``path`` that moreft did not write there (see the module docstring)."""
+    from moreft.state import ADAPTER_KIND
+    from moreft.train.reinit import MERGED_BASE_FILE
+
+    files = ("config.yaml", "split.json", "metrics.jsonl", "metrics.json", "loss.png", MERGED_BASE_FILE, LOCK_NAME)
+    temp = re.compile(r"\.(?:" + "|".join(map(re.escape, (*files, "adapter"))) + r")\.(?:tmp-\d+-[a-z0-9_]{8}|old-\d+)")
+    out = []
+    for name in sorted(os.listdir(path)):
+        entry = path / name
+        if entry.is_symlink():
+            out.append(name)
+        elif name in files or re.fullmatch(r"delta_.+\.png", name):
+            out += [] if entry.is_file() else [name]
+        elif temp.fullmatch(name):
+            continue
+        elif name == "adapter" and entry.is_dir():
+            out += [f"adapter/{n}" for n in foreign_entries(entry, ADAPTER_KIND)]
+        elif name == "checkpoints" and entry.is_dir():
+            out += [f"checkpoints/{c.name}" for c in sorted(entry.iterdir())
+                    if c.is_symlink() or not c.is_dir() or not _CHECKPOINT.fullmatch(c.name)]
+        else:
+            out.append(name)
+    return out
+
+
+def check_run_owned(path: Path) -> None:
+    """Refuse to start over in ``path`` when it holds anything moreft did not write there.
+
+    Raises:
+        OutputError: names the foreign entries; nothing is deleted.
+    """
+    foreign = foreign_run_entries(path)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(f"--overwrite would delete run directory {str(path)!r}, but it holds files moreft did not "
+                          f"write there ({shown}); moreft deletes only its own run files. Move them away or choose "
+                          "another --run-name")
+
+
+def clear_run(path: Path) -> None:
+    """Delete what an earlier run wrote in ``path`` (never the lock file, which this process holds).
+
+    Raises:
+        OutputError: ``path`` holds anything else (see :func:`check_run_owned`); nothing is deleted then.
+    """
+    check_run_owned(path)
+    for entry in sorted(path.iterdir()):
+        if entry.name == LOCK_NAME:
+            continue
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def newest_complete_checkpoint(checkpoints: Path) -> Path | None:
