@@ -1,0 +1,388 @@
+"""Where moreft writes: never over what it did not create, never into the run it reads, one writer per run.
+
+Library writers (``save_adapter``, ``export_lora``) and CLI writers (``export-lora``, ``merge``,
+``train --overwrite``) either succeed changing only their own output, or refuse with a
+``MoreftError`` / ``moreft: error:`` (exit 2, no traceback) leaving every file byte for byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_net, randomize_adapters
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny import SUBPROCESS_ENV, make_tiny_bert, train_flags
+
+import moreft
+from moreft.cli import main
+from moreft.errors import MoreftError, OutputError
+from moreft.files import atomic_write_text
+from moreft.lock import LOCK_NAME, FolderLock
+from moreft.state import CONFIG_NAME, WEIGHTS_NAME
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+# -- fixtures and helpers --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> str:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(bert, tmp_path_factory) -> Path:
+    """A finished two-step run (never changed by the tests: each copies it first)."""
+    out = tmp_path_factory.mktemp("runs")
+    assert main(train_flags(bert, out, max_steps=2, run_name="r")) == 0
+    return out / "r"
+
+
+def copy_run(trained_run: Path, root: Path, name: str = "r") -> Path:
+    shutil.copytree(trained_run, root / name, symlinks=True)
+    return root / name
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root``: links by target, folders, files by the hash of their bytes."""
+    out: dict[str, tuple] = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(folder) / name
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("dir",)
+            else:
+                out[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def cli(*argv: str) -> tuple[int, str]:
+    """``moreft ARGV`` in this process: ``(exit status, stderr)``."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main([str(a) for a in argv])
+    return code, err.getvalue()
+
+
+def assert_refused(code: int, err: str, match: str) -> None:
+    assert code == 2, err
+    assert err.startswith("moreft: error: ") and "Traceback" not in err, err
+    assert match in err, err
+
+
+def adapted(seed: int = 0) -> torch.nn.Module:
+    model = moreft.inject(make_net((24, 24)), moreft.MoReConfig(target_modules=["lin"], block_rank=2))
+    randomize_adapters(model, seed=seed)
+    return model
+
+
+# -- library: save_adapter / export_lora -------------------------------------------------------------
+def test_save_adapter_keeps_other_files_in_the_folder(tmp_path):
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "tokenizer.json").write_text('{"a tokenizer": true}')
+    before = tree(tmp_path)
+    with pytest.raises(OutputError, match=r"holds files moreft did not write there as a moreft adapter "
+                                          r"\(tokenizer.json\)"):
+        moreft.save_adapter(adapted(), tmp_path / "ad")
+    assert tree(tmp_path) == before
+
+
+def test_saving_onto_a_file_is_refused_and_the_file_keeps_its_name_and_bytes(tmp_path):
+    (tmp_path / "ad").write_bytes(b"my notes")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        moreft.save_adapter(adapted(), tmp_path / "ad")
+    assert tree(tmp_path) == {"ad": ("file", hashlib.sha256(b"my notes").hexdigest())}
+    moreft.save_adapter(adapted(), tmp_path / "other")  # a later save sweeps nothing of the user's
+    assert (tmp_path / "ad").read_bytes() == b"my notes"
+
+
+def test_saving_through_a_symlinked_folder_keeps_the_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    model = adapted()
+    moreft.save_adapter(model, tmp_path / "link")
+    moreft.save_adapter(adapted(seed=3), tmp_path / "link")  # again, replacing our own adapter
+    assert (tmp_path / "link").is_symlink() and os.readlink(tmp_path / "link") == "real"
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"]
+    assert sorted(os.listdir(tmp_path / "real")) == [CONFIG_NAME, WEIGHTS_NAME]
+    fresh = moreft.load_adapter(make_net((24, 24)), tmp_path / "link")
+    assert torch.equal(fresh.lin.blkdiag1, adapted(seed=3).lin.blkdiag1)
+
+
+def test_a_link_to_a_file_or_nowhere_is_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "to-file").symlink_to("f")
+    (tmp_path / "dangling").symlink_to("missing")
+    before = tree(tmp_path)
+    for name in ("to-file", "dangling"):
+        with pytest.raises(OutputError, match="is a symbolic link to .* which is not a folder"):
+            moreft.save_adapter(adapted(), tmp_path / name)
+    assert tree(tmp_path) == before
+
+
+def test_export_lora_replaces_its_own_export_but_not_an_adapter(tmp_path):
+    model = adapted()
+    moreft.save_adapter(model, tmp_path / "ad")
+    before = tree(tmp_path)
+    with pytest.raises(OutputError, match=r"as a peft LoRA export \(adapter_config.json, adapter_model"):
+        moreft.export_lora(model, tmp_path / "ad")
+    assert tree(tmp_path) == before
+    moreft.export_lora(model, tmp_path / "lora")
+    moreft.export_lora(adapted(seed=5), tmp_path / "lora")
+    assert sorted(os.listdir(tmp_path / "lora")) == [CONFIG_NAME, WEIGHTS_NAME]
+    with pytest.raises(OutputError, match="as a moreft adapter"):  # and save_adapter does not take an export
+        moreft.save_adapter(model, tmp_path / "lora")
+
+
+def test_text_writes_follow_a_link_and_refuse_a_folder(tmp_path):
+    (tmp_path / "real.txt").write_text("old")
+    (tmp_path / "link.txt").symlink_to("real.txt")
+    atomic_write_text(tmp_path / "link.txt", "new")
+    assert (tmp_path / "link.txt").is_symlink() and (tmp_path / "real.txt").read_text() == "new"
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "keep").write_text("k")
+    with pytest.raises(OutputError, match="is a folder; moreft does not replace a folder with a file"):
+        atomic_write_text(tmp_path / "d", "x")
+    assert (tmp_path / "d" / "keep").read_text() == "k"
+
+
+def test_the_sweep_removes_only_temp_files_moreft_made(tmp_path):
+    user = {".ad.tmp-notes": b"1", ".ad.tmp-999999999-x": b"2", ".ad.tmp-999999999-abcdefgh.bak": b"3",
+            ".ad.old-backup": b"4"}
+    for name, data in user.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / ".ad.tmp-999999999-abcd_f12").mkdir()  # what a killed writer (pid gone) leaves
+    moreft.save_adapter(adapted(), tmp_path / "ad")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == user
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["ad"]
+
+
+# -- CLI: export-lora and merge ----------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["run", "inside", "adapter", "parent"])
+def test_export_and_merge_never_write_into_or_over_the_run(trained_run, tmp_path, where):
+    run = copy_run(trained_run, tmp_path)
+    out = {"run": run, "inside": run / "lora", "adapter": run / "adapter", "parent": tmp_path}[where]
+    before = tree(tmp_path)
+    for argv in (["export-lora", run, out], ["merge", run, out, "--overwrite"]):
+        code, err = cli(*argv)
+        assert_refused(code, err, "the run being read")
+        assert tree(tmp_path) == before
+
+
+def test_export_lora_keeps_other_files_in_its_output_folder(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    (tmp_path / "somedir").mkdir()
+    (tmp_path / "somedir" / "notes.md").write_text("mine")
+    before = tree(tmp_path)
+    assert_refused(*cli("export-lora", run, tmp_path / "somedir"), "(notes.md)")
+    assert tree(tmp_path) == before
+
+
+def test_merge_overwrite_replaces_only_its_own_output(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    out = tmp_path / "merged"
+    assert cli("merge", run, out)[0] == 0
+    assert_refused(*cli("merge", run, out), "already exists; pass --overwrite")
+    assert cli("merge", run, out, "--overwrite")[0] == 0
+    listed = json.loads((out / "moreft_merged.json").read_text())["files"]
+    assert set(os.listdir(out)) == {*listed, "moreft_merged.json"} and "config.json" in listed
+    (out / "README.md").write_text("my model card")
+    before = tree(tmp_path)
+    assert_refused(*cli("merge", run, out, "--overwrite"), "(README.md)")
+    assert tree(tmp_path) == before
+
+
+# -- CLI: train --overwrite ---------------------------------------------------------------------------
+def test_a_failed_overwrite_keeps_the_old_run(trained_run, bert, tmp_path):
+    copy_run(trained_run, tmp_path)
+    before = tree(tmp_path)
+    code, err = cli(*train_flags(bert, tmp_path, max_steps=2, run_name="r", target_modules="nope"), "--overwrite")
+    assert_refused(code, err, "nope")
+    assert tree(tmp_path) == before
+
+
+def test_overwrite_refuses_a_run_folder_with_foreign_files(trained_run, bert, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    (run / "notes.txt").write_text("mine")
+    (run / "adapter" / "tokenizer.json").write_text("{}")
+    before = tree(tmp_path)
+    code, err = cli(*train_flags(bert, tmp_path, max_steps=2, run_name="r"), "--overwrite")
+    assert_refused(code, err, "holds files moreft did not write there (adapter/tokenizer.json, notes.txt)")
+    assert tree(tmp_path) == before
+
+
+def test_overwrite_replaces_moreft_run_files(trained_run, bert, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    (run / "delta_lin.png").write_bytes(b"an old heat map")  # what `moreft inspect` writes
+    old_split = (run / "split.json").read_bytes()
+    assert cli(*train_flags(bert, tmp_path, max_steps=2, run_name="r", seed=1), "--overwrite")[0] == 0
+    assert not (run / "delta_lin.png").exists() and not (run / LOCK_NAME).exists()
+    assert (run / "split.json").read_bytes() != old_split  # the new seed's split
+    assert json.loads((run / "metrics.json").read_text())["seed"] == 1
+
+
+def test_a_run_that_cannot_start_leaves_no_folder(bert, tmp_path):
+    out = tmp_path / "runs" / "deeper"
+    code, err = cli(*train_flags(bert, out, max_steps=2, run_name="new", target_modules="nope"))
+    assert_refused(code, err, "nope")
+    assert os.listdir(tmp_path) == []
+
+
+# -- the run lock ---------------------------------------------------------------------------------------
+HOLDER = """
+import sys, time
+sys.path.insert(0, {src!r})
+from moreft.lock import FolderLock
+FolderLock({path!r}, "run directory").acquire()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_and_a_killed_writer_frees_the_run(trained_run, bert, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(src=str(SRC), path=str(run))],
+                              env=SUBPROCESS_ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = tree(tmp_path)
+        for extra in (["--overwrite"], ["--resume"], []):
+            code, err = cli(*train_flags(bert, tmp_path, max_steps=2, run_name="r"), *extra)
+            assert_refused(code, err, f"is being written by another moreft process (pid {holder.pid})")
+            assert tree(tmp_path) == before
+        with pytest.raises(OutputError, match="being written"):
+            FolderLock(run).acquire()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    lock = FolderLock(run).acquire()  # the kernel dropped the killed holder's lock
+    lock.release()
+    assert not (run / LOCK_NAME).exists()
+
+
+def test_two_locks_on_one_folder_in_one_process(tmp_path):
+    first = FolderLock(tmp_path / "r", "run directory").acquire()
+    with pytest.raises(OutputError, match=r"run directory .* is being written by another moreft process \(pid "
+                                          + str(os.getpid())):
+        FolderLock(tmp_path / "r", "run directory").acquire()
+    first.release()
+    assert os.listdir(tmp_path) == []  # the folder the lock made, empty again, is removed
+
+
+def test_a_run_name_that_is_a_file_is_refused(bert, tmp_path):
+    (tmp_path / "r").write_text("not a run")
+    assert_refused(*cli(*train_flags(bert, tmp_path, max_steps=2, run_name="r")), "is a file, not a folder")
+    assert (tmp_path / "r").read_text() == "not a run"
+
+
+# -- property: any output situation, any writer --------------------------------------------------------
+def _situations(root: Path, run: Path, own: Callable[[Path], None], other: Callable[[Path], None],
+                extra: str, data: bytes) -> dict[str, tuple[Path, bool]]:
+    """Setups by name -> (OUT, whether a library writer may succeed there)."""
+    def mk(path: Path, files: dict[str, bytes] = {}) -> Path:  # noqa: B006 - read only
+        path.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            (path / name).write_bytes(content)
+        return path
+
+    def link(name: str, target: Path) -> Path:
+        (root / name).symlink_to(target)
+        return root / name
+
+    return {
+        "missing": (lambda: (root / "out", True)),
+        "missing-parents": (lambda: (root / "a" / "b" / "out", True)),
+        "empty": (lambda: (mk(root / "out"), True)),
+        "ours": (lambda: (own(root / "out") or root / "out", True)),
+        "other-kind": (lambda: (other(root / "out") or root / "out", False)),
+        "foreign": (lambda: (mk(root / "out", {extra: data, CONFIG_NAME: data}), False)),
+        "file": (lambda: ((root / "out").write_bytes(data) and root / "out", False)),
+        "link-to-empty": (lambda: (link("out", mk(root / "real")), True)),
+        "link-to-ours": (lambda: (own(root / "real") or link("out", root / "real"), True)),
+        "link-to-foreign": (lambda: (link("out", mk(root / "real", {extra: data})), False)),
+        "dangling-link": (lambda: (link("out", root / "nowhere"), False)),
+        "run": (lambda: (run, False)),
+        "run-subfolder": (lambda: (run / "out", True)),
+        "run-adapter": (lambda: (run / "adapter", False)),
+        "run-parent": (lambda: (root, False)),
+    }
+
+
+WRITERS = {  # name -> (is a CLI command, names its output may hold (None: per its marker))
+    "save_adapter": (False, {CONFIG_NAME, WEIGHTS_NAME}),
+    "export_lora": (False, {CONFIG_NAME, WEIGHTS_NAME}),
+    "export-lora": (True, {CONFIG_NAME, WEIGHTS_NAME}),
+    "merge": (True, None),
+}
+SITUATIONS = ["missing", "missing-parents", "empty", "ours", "other-kind", "foreign", "file", "link-to-empty",
+              "link-to-ours", "link-to-foreign", "dangling-link", "run", "run-subfolder", "run-adapter", "run-parent"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(writer=st.sampled_from(sorted(WRITERS)), situation=st.sampled_from(SITUATIONS),
+       extra=st.from_regex(r"[A-Za-z][A-Za-z0-9_.-]{0,15}", fullmatch=True).filter(
+           lambda n: n not in (CONFIG_NAME, WEIGHTS_NAME, "moreft_merged.json")),
+       data=st.binary(min_size=1, max_size=64))
+def test_any_output_path_changes_only_our_files_or_nothing(trained_run, writer, situation, extra, data):
+    model = adapted()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        run = copy_run(trained_run, root, "run")
+        is_cli, names = WRITERS[writer]
+
+        def write(out: Path) -> tuple[int, str]:
+            if is_cli:
+                return cli(writer, run, out, *(["--overwrite"] if writer == "merge" else []))
+            try:
+                (moreft.save_adapter if writer == "save_adapter" else moreft.export_lora)(model, out)
+            except MoreftError as exc:
+                return 2, f"moreft: error: {exc}"
+            return 0, ""
+
+        def own(out: Path) -> None:
+            assert write(out)[0] == 0
+
+        def other(out: Path) -> None:
+            (moreft.export_lora if writer in ("save_adapter", "merge") else moreft.save_adapter)(model, out)
+
+        out, lib_may_write = _situations(root, run, own, other, extra, data)[situation]()
+        may_write = lib_may_write and not (is_cli and situation.startswith("run"))
+        may_write |= situation == "run-adapter" and writer == "save_adapter"  # a moreft adapter: ours
+        before = tree(root)
+        code, err = write(out)
+        after = tree(root)
+        if not may_write:
+            assert code == 2 and err.startswith("moreft: error: ") and "Traceback" not in err, (situation, err)
+            assert after == before, situation
+            return
+        assert code == 0, (situation, err)
+        real = Path(os.path.realpath(out)).relative_to(root.resolve())
+        inside = {k for k in after if Path(k).parent == real}
+        for key, value in before.items():
+            if key not in inside:
+                assert after.get(key) == value, (situation, key)  # nothing outside OUT changed; links stay links
+        allowed = names or set(json.loads((root / real / "moreft_merged.json").read_text())["files"]) | {
+            "moreft_merged.json"}
+        assert {Path(k).name for k in inside} <= allowed and all(after[k][0] == "file" for k in inside)
+        new = set(after) - set(before) - inside
+        assert all(after[k] == ("dir",) and str(real).startswith(k) for k in new), new  # only OUT's parents
+        assert not [k for k in after if ".tmp-" in k or ".old-" in k]  # no temp siblings left
