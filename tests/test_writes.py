@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -214,7 +213,8 @@ def test_merge_overwrite_replaces_only_its_own_output(trained_run, tmp_path):
 def test_a_failed_overwrite_keeps_the_old_run(trained_run, bert, tmp_path):
     copy_run(trained_run, tmp_path)
     before = tree(tmp_path)
-    code, err = cli(*train_flags(bert, tmp_path, max_steps=2, run_name="r", target_modules="nope"), "--overwrite")
+    flags = train_flags(bert, tmp_path, max_steps=2, run_name="r", target_modules="nope")
+    code, err = cli(*flags, "--overwrite")
     assert_refused(code, err, "nope")
     assert tree(tmp_path) == before
 
@@ -280,8 +280,8 @@ def test_a_second_writer_is_refused_and_a_killed_writer_frees_the_run(trained_ru
 
 def test_two_locks_on_one_folder_in_one_process(tmp_path):
     first = FolderLock(tmp_path / "r", "run directory").acquire()
-    with pytest.raises(OutputError, match=r"run directory .* is being written by another moreft process \(pid "
-                                          + str(os.getpid())):
+    with pytest.raises(OutputError, match=r"run directory .* is being written by another moreft process "
+                                          rf"\(pid {os.getpid()}\)"):
         FolderLock(tmp_path / "r", "run directory").acquire()
     first.release()
     assert os.listdir(tmp_path) == []  # the folder the lock made, empty again, is removed
@@ -295,7 +295,7 @@ def test_a_run_name_that_is_a_file_is_refused(bert, tmp_path):
 
 # -- property: any output situation, any writer --------------------------------------------------------
 def _situations(root: Path, run: Path, own: Callable[[Path], None], other: Callable[[Path], None],
-                extra: str, data: bytes) -> dict[str, tuple[Path, bool]]:
+                extra: str, data: bytes) -> dict[str, Callable[[], tuple[Path, bool]]]:
     """Setups by name -> (OUT, whether a library writer may succeed there)."""
     def mk(path: Path, files: dict[str, bytes] = {}) -> Path:  # noqa: B006 - read only
         path.mkdir(parents=True, exist_ok=True)
@@ -333,7 +333,8 @@ WRITERS = {  # name -> (is a CLI command, names its output may hold (None: per i
     "merge": (True, None),
 }
 SITUATIONS = ["missing", "missing-parents", "empty", "ours", "other-kind", "foreign", "file", "link-to-empty",
-              "link-to-ours", "link-to-foreign", "dangling-link", "run", "run-subfolder", "run-adapter", "run-parent"]
+              "link-to-ours", "link-to-foreign", "dangling-link", "run", "run-subfolder", "run-adapter",
+              "run-parent"]
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -371,7 +372,8 @@ def test_any_output_path_changes_only_our_files_or_nothing(trained_run, writer, 
         code, err = write(out)
         after = tree(root)
         if not may_write:
-            assert code == 2 and err.startswith("moreft: error: ") and "Traceback" not in err, (situation, err)
+            assert code == 2 and err.startswith("moreft: error: "), (situation, err)
+            assert "Traceback" not in err
             assert after == before, situation
             return
         assert code == 0, (situation, err)
@@ -379,10 +381,42 @@ def test_any_output_path_changes_only_our_files_or_nothing(trained_run, writer, 
         inside = {k for k in after if Path(k).parent == real}
         for key, value in before.items():
             if key not in inside:
-                assert after.get(key) == value, (situation, key)  # nothing outside OUT changed; links stay links
+                assert after.get(key) == value, (situation, key)  # nothing else changed; links stay links
         allowed = names or set(json.loads((root / real / "moreft_merged.json").read_text())["files"]) | {
             "moreft_merged.json"}
         assert {Path(k).name for k in inside} <= allowed and all(after[k][0] == "file" for k in inside)
         new = set(after) - set(before) - inside
         assert all(after[k] == ("dir",) and str(real).startswith(k) for k in new), new  # only OUT's parents
         assert not [k for k in after if ".tmp-" in k or ".old-" in k]  # no temp siblings left
+
+
+def test_a_gguf_conversion_never_replaces_a_folder_it_did_not_write(tmp_path):
+    from moreft.models import convert_gguf
+
+    (tmp_path / "model.gguf").write_bytes(b"GGUF not really")
+    (tmp_path / "cache" / "smollm2").mkdir(parents=True)
+    (tmp_path / "cache" / "smollm2" / "my-weights.safetensors").write_bytes(b"mine")
+    before = tree(tmp_path)
+    for target in (tmp_path / "cache" / "smollm2", tmp_path / "model.gguf"):
+        with pytest.raises(OutputError, match="is not an earlier GGUF conversion by moreft"):
+            convert_gguf(tmp_path / "model.gguf", target)
+    assert tree(tmp_path) == before
+
+
+def test_inspect_replaces_only_its_own_heat_map_and_not_in_a_run_being_written(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG my holiday")
+    before = tree(tmp_path)
+    assert_refused(*cli("inspect", run, "--heatmap", tmp_path / "photo.png"), "is not a PNG moreft wrote")
+    lock = FolderLock(run, "run directory").acquire()
+    try:
+        assert_refused(*cli("inspect", run), "is being written by another moreft process")
+    finally:
+        lock.release()
+    assert tree(tmp_path) == before
+    assert cli("inspect", run)[0] == 0 and cli("inspect", run)[0] == 0  # the second replaces our own PNG
+    assert cli("inspect", run, "--heatmap", tmp_path / "h.png")[0] == 0
+    assert cli("inspect", run, "--heatmap", tmp_path / "h.png")[0] == 0
+    assert (tmp_path / "photo.png").read_bytes() == b"\x89PNG my holiday"
+    heat_map = "r/delta_bert.encoder.layer.0.attention.self.query.png"
+    assert sorted(set(tree(tmp_path)) - set(before)) == ["h.png", heat_map]

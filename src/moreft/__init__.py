@@ -36,7 +36,8 @@ from .version import __version__
 __all__ = [
     "AdapterConfig", "AdapterFileError", "AdapterLayer", "AdapterModule", "ConfigError", "ExportReport",
     "LoRAConfig", "LoRALinear", "MergeError", "Method", "MoRAConfig", "MoRALinear", "MoRAOperator",
-    "MoReConfig", "MoReLinear", "MoreftError", "OutputError", "ParameterCounts", "SharingLayout", "TargetError",
+    "MoReConfig", "MoReLinear", "MoreftError", "OutputError", "ParameterCounts", "SharingLayout",
+    "TargetError",
     "__version__", "adapter_config", "adapter_layers", "config_from_dict", "eject", "export_lora",
     "inject", "load_adapter", "merge", "read_adapter_config", "resolve_targets", "save_adapter",
     "trainable_parameters",

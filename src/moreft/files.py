@@ -188,7 +188,7 @@ def foreign_entries(folder: Path, kind: FolderKind) -> list[str]:
         allowed = None
     if allowed is None:
         return entries
-    return [name for name in entries if name not in allowed or not stat.S_ISREG(os.lstat(folder / name).st_mode)]
+    return [n for n in entries if n not in allowed or not stat.S_ISREG(os.lstat(folder / n).st_mode)]
 
 
 def writable_folder(path: str | os.PathLike, kind: FolderKind) -> Path:
@@ -205,8 +205,8 @@ def writable_folder(path: str | os.PathLike, kind: FolderKind) -> Path:
     if path.is_symlink():
         real = Path(os.path.realpath(path))
         if not real.is_dir():
-            raise OutputError(f"{str(path)!r} is a symbolic link to {str(real)!r}, which is not a folder; moreft "
-                              f"writes the {kind.what} through a link only to an existing folder")
+            raise OutputError(f"{str(path)!r} is a symbolic link to {str(real)!r}, which is not a folder; "
+                              f"moreft writes the {kind.what} through a link only to an existing folder")
         path = real
     if os.path.lexists(path) and not path.is_dir():
         raise OutputError(f"{str(path)!r} is a file, not a folder; moreft does not replace a file with the "
@@ -215,9 +215,9 @@ def writable_folder(path: str | os.PathLike, kind: FolderKind) -> Path:
         foreign = foreign_entries(path, kind)
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise OutputError(f"{str(path)!r} holds files moreft did not write there as a {kind.what} ({shown}); "
-                              f"moreft replaces a folder only when it is empty or holds nothing but its own "
-                              f"earlier {kind.what}. Choose a new or empty folder")
+            raise OutputError(f"{str(path)!r} holds files moreft did not write there as a {kind.what} "
+                              f"({shown}); moreft replaces a folder only when it is empty or holds nothing "
+                              f"but its own earlier {kind.what}. Choose a new or empty folder")
     return path
 
 

@@ -40,7 +40,8 @@ class FolderLock:
             OutputError: another process holds it, or ``folder`` exists and is not a folder.
         """
         if os.path.lexists(self.folder) and not self.folder.is_dir():
-            raise OutputError(f"{self.what} {str(self.folder)!r} is a file, not a folder; choose another name")
+            raise OutputError(f"{self.what} {str(self.folder)!r} is a file, not a folder; "
+                              "choose another name")
         missing = [p for p in (self.folder, *self.folder.parents) if not os.path.lexists(p)]
         self.folder.mkdir(parents=True, exist_ok=True)
         self._created_dirs = missing  # deepest first
@@ -52,8 +53,9 @@ class FolderLock:
                 except BlockingIOError:
                     holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
                     os.close(fd)
-                    raise OutputError(f"{self.what} {str(self.folder)!r} is being written by another moreft process "
-                                      f"(pid {holder}); wait for it to finish, or choose another name") from None
+                    raise OutputError(f"{self.what} {str(self.folder)!r} is being written by another moreft "
+                                      f"process (pid {holder}); wait for it to finish, or choose another "
+                                      "name") from None
                 try:
                     same = os.fstat(fd).st_ino == os.stat(self.file, follow_symlinks=False).st_ino
                 except FileNotFoundError:
@@ -64,13 +66,14 @@ class FolderLock:
                     self._fd = fd
                     return self
                 os.close(fd)
-            raise OutputError(f"could not lock {self.what} {str(self.folder)!r}: its lock file keeps changing")
+            raise OutputError(f"could not lock {self.what} {str(self.folder)!r}: "
+                              "its lock file keeps changing")
         except BaseException:
             self._remove_created()
             raise
 
     def release(self) -> None:
-        """Drop the lock, remove the lock file, and remove the folders ``acquire`` made if they stayed empty."""
+        """Drop the lock and remove the lock file, and the folders ``acquire`` made if they stayed empty."""
         if self._fd is None:
             return
         try:
@@ -81,7 +84,7 @@ class FolderLock:
         self._remove_created()
 
     def _remove_created(self) -> None:
-        """Remove the folders ``acquire`` made, deepest first, while they are empty (never a lock we do not hold)."""
+        """Remove the folders ``acquire`` made, deepest first, while they are empty."""
         for folder in self._created_dirs:
             try:
                 folder.rmdir()

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from moreft.errors import ConfigError
+from moreft.errors import ConfigError, OutputError
 from moreft.tasks._data import DataPackageError, package_dir
 from moreft.tasks.base import TaskKind
 
@@ -152,6 +152,19 @@ def _dequantize_gguf(gguf_path: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def _check_conversion_target(out_dir: Path) -> None:
+    """Refuse to replace anything but an earlier conversion (a folder with :data:`MARKER`) or an empty folder.
+
+    Raises:
+        OutputError: ``out_dir`` is a file, a link, or a non-empty folder without the marker.
+    """
+    if not os.path.lexists(out_dir) or (out_dir.is_dir() and not out_dir.is_symlink()
+                                        and ((out_dir / MARKER).is_file() or not any(out_dir.iterdir()))):
+        return
+    raise OutputError(f"{str(out_dir)!r} is not an earlier GGUF conversion by moreft (it has no {MARKER}); "
+                      "moreft will not replace it. Move it away, or point the cache at another folder")
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF causal LM to a float32 safetensors directory, atomically.
 
@@ -169,9 +182,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     Raises:
         FileNotFoundError: If ``gguf_path`` does not exist.
         RuntimeError: If transformers kept some weights packed in GGUF blocks.
+        OutputError: ``out_dir`` exists and is not an earlier conversion (nothing is written).
     """
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+    _check_conversion_target(out_dir)
     model, tokenizer = _dequantize_gguf(gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -180,6 +195,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps(_source_record(gguf_path), indent=2))
+        _check_conversion_target(out_dir)
         if out_dir.exists() and not _is_cached(out_dir, gguf_path):  # stale: move aside, then drop
             stale = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stale-", dir=out_dir.parent))
             os.replace(out_dir, stale / "old")

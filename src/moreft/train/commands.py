@@ -98,7 +98,9 @@ def _merged_names(folder: Path) -> set[str] | None:
         meta = json.loads(mark.read_bytes())
     except (ValueError, RecursionError):
         return None
-    if not isinstance(meta, dict) or meta.get("format") != "moreft-merged" or not isinstance(meta.get("files"), list):
+    if not isinstance(meta, dict) or meta.get("format") != "moreft-merged":
+        return None
+    if not isinstance(meta.get("files"), list):
         return None
     return {str(n) for n in meta["files"]} | {MERGED_MARK}
 
@@ -116,8 +118,8 @@ def _outside_run(out: Path, run_dir: Path) -> None:
     o, r = Path(os.path.realpath(out)), Path(os.path.realpath(run_dir))
     where = "is" if o == r else "is inside" if r in o.parents else "holds" if o in r.parents else None
     if where:
-        raise OutputError(f"output {str(out)!r} {where} the run being read ({str(run_dir)!r}); moreft never writes "
-                          "into or over the run it reads. Choose a path outside it")
+        raise OutputError(f"output {str(out)!r} {where} the run being read ({str(run_dir)!r}); moreft never "
+                          "writes into or over the run it reads. Choose a path outside it")
 
 
 def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
@@ -129,7 +131,8 @@ def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
     _outside_run(out, Path(args.run_dir))
     real = writable_folder(out, MERGED_KIND)
     if real.is_dir() and any(real.iterdir()) and not args.overwrite:
-        raise ConfigError(f"output {str(out)!r} already exists; pass --overwrite to replace it or choose another path")
+        raise ConfigError(f"output {str(out)!r} already exists; pass --overwrite to replace it or choose "
+                          "another path")
     config, _, model, tokenizer = load_trained(args.run_dir)
     moreft.merge(model, safe=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,8 +10,9 @@ from pathlib import Path
 import torch
 
 import moreft
-from moreft.errors import ConfigError
-from moreft.train.plots import plot_heatmap
+from moreft.errors import ConfigError, OutputError
+from moreft.lock import folder_lock
+from moreft.train.plots import is_moreft_png, plot_heatmap
 from moreft.train.rundir import RunDir, load_trained
 
 #: Singular values below ``RANK_RTOL * sigma_max`` count as zero (ΔW is built in fp32).
@@ -91,7 +93,8 @@ def inspect_run(run_dir: str | os.PathLike, layer: str | None = None, heatmap: s
     Args:
         run_dir: A finished run directory.
         layer: Layer to draw (a qualified name or a unique suffix); default the first adapted layer.
-        heatmap: PNG path; default ``<run_dir>/delta_<layer>.png``.
+        heatmap: PNG path; default ``<run_dir>/delta_<layer>.png``. An existing file there is
+            replaced only if it is a PNG moreft wrote.
 
     Returns:
         An :class:`InspectReport`.
@@ -99,7 +102,12 @@ def inspect_run(run_dir: str | os.PathLike, layer: str | None = None, heatmap: s
     Raises:
         ConfigError: ``layer`` matches no adapted layer or more than one.
         moreft.AdapterFileError: The run has no adapter.
+        OutputError: ``heatmap`` names a file moreft did not write, or the heat map goes into a
+            run that another process is writing.
     """
+    if heatmap is not None and os.path.lexists(heatmap) and not is_moreft_png(Path(heatmap)):
+        raise OutputError(f"heat map path {str(heatmap)!r} exists and is not a PNG moreft wrote; moreft "
+                          "will not replace it. Choose another --heatmap path")
     _, _, model, _ = load_trained(run_dir)
     layers = moreft.adapter_layers(model)
     stats = [layer_stats(n, lay) for n, lay in layers.items()]
@@ -120,6 +128,9 @@ def inspect_run(run_dir: str | os.PathLike, layer: str | None = None, heatmap: s
     if config is not None and config.method is moreft.Method.MORE:
         order = monarch_row_order(delta.shape[0], config.nblocks)
         label = f"rows grouped by Monarch output block (N={config.nblocks})"
-    plot_heatmap(delta, out, title=f"|ΔW| of {chosen} ({config.method.value if config else '?'})",
-                 row_order=order, order_label=label)
+    run = Path(os.path.realpath(run_dir))
+    into_run = run == Path(os.path.realpath(out.parent)) or run in Path(os.path.realpath(out.parent)).parents
+    with folder_lock(run, "run directory") if into_run else contextlib.nullcontext():
+        plot_heatmap(delta, out, title=f"|ΔW| of {chosen} ({config.method.value if config else '?'})",
+                     row_order=order, order_label=label)
     return InspectReport(Path(run_dir), config.to_dict() if config else {}, stats, out, chosen)

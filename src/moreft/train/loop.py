@@ -203,8 +203,8 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
             clear_run(run.path)
         run.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.config, dump_config(config))
-        atomic_write_text(run.split, json.dumps({"task": config.task, "seed": config.seed, "sizes": splits.sizes,
-                                                 "ids": splits.split_ids}) + "\n")
+        split = {"task": config.task, "seed": config.seed, "sizes": splits.sizes, "ids": splits.split_ids}
+        atomic_write_text(run.split, json.dumps(split) + "\n")
     trainer = AdapterTrainer(model=model, args=arguments, train_dataset=train_dataset,
                              data_collator=PadCollator(tokenizer.pad_token_id), score=score, eval_sets=eval_sets)
     printers = [] if quiet else [ProgressBar(config.progress)]

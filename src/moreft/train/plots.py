@@ -14,6 +14,18 @@ import torch
 
 from moreft.files import atomic_write_file
 
+#: The PNG text chunk every figure moreft writes carries, so a later write knows the file is its own.
+SOFTWARE = "moreft"
+
+
+def is_moreft_png(path: Path) -> bool:
+    """True when ``path`` is a regular file holding a PNG that moreft wrote (its ``Software`` text chunk)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return head.startswith(b"\x89PNG") and b"tEXtSoftware\x00" + SOFTWARE.encode() in head
+
 
 def _save(fig: Any, path: Path) -> Path:
     """Save ``fig`` as PNG through a temp file and an atomic rename; closes the figure.
@@ -22,7 +34,8 @@ def _save(fig: Any, path: Path) -> Path:
         moreft.OutputError: ``path`` is a folder.
     """
     try:
-        atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+        atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight",
+                                                                metadata={"Software": SOFTWARE}))
     finally:
         plt.close(fig)
     return path

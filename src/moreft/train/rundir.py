@@ -87,8 +87,10 @@ def foreign_run_entries(path: Path) -> list[str]:
     from moreft.state import ADAPTER_KIND
     from moreft.train.reinit import MERGED_BASE_FILE
 
-    files = ("config.yaml", "split.json", "metrics.jsonl", "metrics.json", "loss.png", MERGED_BASE_FILE, LOCK_NAME)
-    temp = re.compile(r"\.(?:" + "|".join(map(re.escape, (*files, "adapter"))) + r")\.(?:tmp-\d+-[a-z0-9_]{8}|old-\d+)")
+    files = ("config.yaml", "split.json", "metrics.jsonl", "metrics.json", "loss.png", MERGED_BASE_FILE,
+             LOCK_NAME)
+    names = "|".join(map(re.escape, (*files, "adapter")))
+    temp = re.compile(rf"\.(?:{names})\.(?:tmp-\d+-[a-z0-9_]{{8}}|old-\d+)")
     out = []
     for name in sorted(os.listdir(path)):
         entry = path / name
@@ -117,9 +119,9 @@ def check_run_owned(path: Path) -> None:
     foreign = foreign_run_entries(path)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise OutputError(f"--overwrite would delete run directory {str(path)!r}, but it holds files moreft did not "
-                          f"write there ({shown}); moreft deletes only its own run files. Move them away or choose "
-                          "another --run-name")
+        raise OutputError(f"--overwrite would delete run directory {str(path)!r}, but it holds files moreft "
+                          f"did not write there ({shown}); moreft deletes only its own run files. Move them "
+                          "away or choose another --run-name")
 
 
 def clear_run(path: Path) -> None:
