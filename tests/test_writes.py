@@ -420,3 +420,12 @@ def test_inspect_replaces_only_its_own_heat_map_and_not_in_a_run_being_written(t
     assert (tmp_path / "photo.png").read_bytes() == b"\x89PNG my holiday"
     heat_map = "r/delta_bert.encoder.layer.0.attention.self.query.png"
     assert sorted(set(tree(tmp_path)) - set(before)) == ["h.png", heat_map]
+
+
+def test_a_lock_file_that_is_a_link_is_refused_not_followed(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "victim").write_text("keep")
+    (tmp_path / "r" / LOCK_NAME).symlink_to(tmp_path / "victim")
+    with pytest.raises(OutputError, match=r"cannot lock run directory .*\.moreft\.lock"):
+        FolderLock(tmp_path / "r", "run directory").acquire()
+    assert (tmp_path / "victim").read_text() == "keep" and (tmp_path / "r" / LOCK_NAME).is_symlink()

@@ -201,7 +201,7 @@ def writable_folder(path: str | os.PathLike, kind: FolderKind) -> Path:
         OutputError: ``path`` is a file, a link to something other than a folder, or a non-empty
             folder that is not moreft's earlier output of ``kind``.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     if path.is_symlink():
         real = Path(os.path.realpath(path))
         if not real.is_dir():
@@ -237,7 +237,7 @@ def write_folder(path: str | os.PathLike, fill: Callable[[Path], Any], kind: Fol
     Raises:
         OutputError: see :func:`writable_folder`; checked before anything is written.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "." and "x/.." name their folder, not a child of it
     if not path.is_symlink():
         _sweep(path)  # an earlier writer's old copy goes back first, so the check sees it
     path = writable_folder(path, kind)
@@ -292,7 +292,7 @@ def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], Any]) -> 
     Raises:
         OutputError: ``path`` is a folder.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     if path.is_symlink():
         path = Path(os.path.realpath(path))
     if path.is_dir():

@@ -37,17 +37,24 @@ class FolderLock:
         """Take the lock without waiting.
 
         Raises:
-            OutputError: another process holds it, or ``folder`` exists and is not a folder.
+            OutputError: another process holds it, ``folder`` exists and is not a folder, or the
+                lock file cannot be created there.
         """
         if os.path.lexists(self.folder) and not self.folder.is_dir():
             raise OutputError(f"{self.what} {str(self.folder)!r} is a file, not a folder; "
                               "choose another name")
-        missing = [p for p in (self.folder, *self.folder.parents) if not os.path.lexists(p)]
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._created_dirs = missing  # deepest first
+        self._created_dirs = [p for p in (self.folder, *self.folder.parents) if not os.path.lexists(p)]
         try:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"cannot create {self.what} {str(self.folder)!r}: {exc.strerror}") from None
             for _ in range(5):  # another writer may remove the file between our open and flock
-                fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+                try:
+                    fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+                except OSError as exc:  # unwritable folder, or the lock file is a link (O_NOFOLLOW)
+                    raise OutputError(f"cannot lock {self.what} {str(self.folder)!r}: {exc.strerror} "
+                                      f"({str(self.file)!r})") from None
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
