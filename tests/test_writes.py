@@ -319,6 +319,7 @@ def _situations(root: Path, run: Path, own: Callable[[Path], None], other: Calla
         "link-to-ours": (lambda: (own(root / "real") or link("out", root / "real"), True)),
         "link-to-foreign": (lambda: (link("out", mk(root / "real", {extra: data})), False)),
         "dangling-link": (lambda: (link("out", root / "nowhere"), False)),
+        "under-a-file": (lambda: ((root / "f").write_bytes(data) and root / "f" / "out", False)),
         "run": (lambda: (run, False)),
         "run-subfolder": (lambda: (run / "out", True)),
         "run-adapter": (lambda: (run / "adapter", False)),
@@ -333,13 +334,14 @@ WRITERS = {  # name -> (is a CLI command, names its output may hold (None: per i
     "merge": (True, None),
 }
 SITUATIONS = ["missing", "missing-parents", "empty", "ours", "other-kind", "foreign", "file", "link-to-empty",
-              "link-to-ours", "link-to-foreign", "dangling-link", "run", "run-subfolder", "run-adapter",
-              "run-parent"]
+              "link-to-ours", "link-to-foreign", "dangling-link", "under-a-file", "run", "run-subfolder",
+              "run-adapter", "run-parent"]
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.function_scoped_fixture])
-@given(writer=st.sampled_from(sorted(WRITERS)), situation=st.sampled_from(SITUATIONS),
+@pytest.mark.parametrize("situation", SITUATIONS)
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(writer=st.sampled_from(sorted(WRITERS)),
        extra=st.from_regex(r"[A-Za-z][A-Za-z0-9_.-]{0,15}", fullmatch=True).filter(
            lambda n: n not in (CONFIG_NAME, WEIGHTS_NAME, "moreft_merged.json")),
        data=st.binary(min_size=1, max_size=64))

@@ -104,6 +104,18 @@ def _sweep(path: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _make_parent(path: Path) -> None:
+    """Create the folders above ``path``.
+
+    Raises:
+        OutputError: one of them is a file, or cannot be created.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create folder {str(path.parent)!r} for {str(path)!r}: {exc.strerror}") from None
+
+
 def _temp_prefix(path: Path) -> str:
     return f".{path.name}.tmp-{os.getpid()}-"
 
@@ -241,7 +253,7 @@ def write_folder(path: str | os.PathLike, fill: Callable[[Path], Any], kind: Fol
     if not path.is_symlink():
         _sweep(path)  # an earlier writer's old copy goes back first, so the check sees it
     path = writable_folder(path, kind)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     _sweep(path)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
     try:
@@ -297,7 +309,7 @@ def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], Any]) -> 
         path = Path(os.path.realpath(path))
     if path.is_dir():
         raise OutputError(f"{str(path)!r} is a folder; moreft does not replace a folder with a file")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     _sweep(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
     os.close(fd)
