@@ -16,20 +16,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_net, randomize_adapters
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from tiny import SUBPROCESS_ENV, make_tiny_bert, train_flags
 
 import moreft
 from moreft.cli import main
-from moreft.errors import MoreftError, OutputError
+from moreft.errors import OutputError
 from moreft.files import atomic_write_text
 from moreft.lock import LOCK_NAME, FolderLock
 from moreft.state import CONFIG_NAME, WEIGHTS_NAME
@@ -291,105 +287,6 @@ def test_a_run_name_that_is_a_file_is_refused(bert, tmp_path):
     (tmp_path / "r").write_text("not a run")
     assert_refused(*cli(*train_flags(bert, tmp_path, max_steps=2, run_name="r")), "is a file, not a folder")
     assert (tmp_path / "r").read_text() == "not a run"
-
-
-# -- property: any output situation, any writer --------------------------------------------------------
-def _situations(root: Path, run: Path, own: Callable[[Path], None], other: Callable[[Path], None],
-                extra: str, data: bytes) -> dict[str, Callable[[], tuple[Path, bool]]]:
-    """Setups by name -> (OUT, whether a library writer may succeed there)."""
-    def mk(path: Path, files: dict[str, bytes] = {}) -> Path:  # noqa: B006 - read only
-        path.mkdir(parents=True, exist_ok=True)
-        for name, content in files.items():
-            (path / name).write_bytes(content)
-        return path
-
-    def link(name: str, target: Path) -> Path:
-        (root / name).symlink_to(target)
-        return root / name
-
-    return {
-        "missing": (lambda: (root / "out", True)),
-        "missing-parents": (lambda: (root / "a" / "b" / "out", True)),
-        "empty": (lambda: (mk(root / "out"), True)),
-        "ours": (lambda: (own(root / "out") or root / "out", True)),
-        "other-kind": (lambda: (other(root / "out") or root / "out", False)),
-        "foreign": (lambda: (mk(root / "out", {extra: data, CONFIG_NAME: data}), False)),
-        "file": (lambda: ((root / "out").write_bytes(data) and root / "out", False)),
-        "link-to-empty": (lambda: (link("out", mk(root / "real")), True)),
-        "link-to-ours": (lambda: (own(root / "real") or link("out", root / "real"), True)),
-        "link-to-foreign": (lambda: (link("out", mk(root / "real", {extra: data})), False)),
-        "dangling-link": (lambda: (link("out", root / "nowhere"), False)),
-        "under-a-file": (lambda: ((root / "f").write_bytes(data) and root / "f" / "out", False)),
-        "run": (lambda: (run, False)),
-        "run-subfolder": (lambda: (run / "out", True)),
-        "run-adapter": (lambda: (run / "adapter", False)),
-        "run-parent": (lambda: (root, False)),
-    }
-
-
-WRITERS = {  # name -> (is a CLI command, names its output may hold (None: per its marker))
-    "save_adapter": (False, {CONFIG_NAME, WEIGHTS_NAME}),
-    "export_lora": (False, {CONFIG_NAME, WEIGHTS_NAME}),
-    "export-lora": (True, {CONFIG_NAME, WEIGHTS_NAME}),
-    "merge": (True, None),
-}
-SITUATIONS = ["missing", "missing-parents", "empty", "ours", "other-kind", "foreign", "file", "link-to-empty",
-              "link-to-ours", "link-to-foreign", "dangling-link", "under-a-file", "run", "run-subfolder",
-              "run-adapter", "run-parent"]
-
-
-@pytest.mark.parametrize("situation", SITUATIONS)
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                 HealthCheck.function_scoped_fixture])
-@given(writer=st.sampled_from(sorted(WRITERS)),
-       extra=st.from_regex(r"[A-Za-z][A-Za-z0-9_.-]{0,15}", fullmatch=True).filter(
-           lambda n: n not in (CONFIG_NAME, WEIGHTS_NAME, "moreft_merged.json")),
-       data=st.binary(min_size=1, max_size=64))
-def test_any_output_path_changes_only_our_files_or_nothing(trained_run, writer, situation, extra, data):
-    model = adapted()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        run = copy_run(trained_run, root, "run")
-        is_cli, names = WRITERS[writer]
-
-        def write(out: Path) -> tuple[int, str]:
-            if is_cli:
-                return cli(writer, run, out, *(["--overwrite"] if writer == "merge" else []))
-            try:
-                (moreft.save_adapter if writer == "save_adapter" else moreft.export_lora)(model, out)
-            except MoreftError as exc:
-                return 2, f"moreft: error: {exc}"
-            return 0, ""
-
-        def own(out: Path) -> None:
-            assert write(out)[0] == 0
-
-        def other(out: Path) -> None:
-            (moreft.export_lora if writer in ("save_adapter", "merge") else moreft.save_adapter)(model, out)
-
-        out, lib_may_write = _situations(root, run, own, other, extra, data)[situation]()
-        may_write = lib_may_write and not (is_cli and situation.startswith("run"))
-        may_write |= situation == "run-adapter" and writer == "save_adapter"  # a moreft adapter: ours
-        before = tree(root)
-        code, err = write(out)
-        after = tree(root)
-        if not may_write:
-            assert code == 2 and err.startswith("moreft: error: "), (situation, err)
-            assert "Traceback" not in err
-            assert after == before, situation
-            return
-        assert code == 0, (situation, err)
-        real = Path(os.path.realpath(out)).relative_to(root.resolve())
-        inside = {k for k in after if Path(k).parent == real}
-        for key, value in before.items():
-            if key not in inside:
-                assert after.get(key) == value, (situation, key)  # nothing else changed; links stay links
-        allowed = names or set(json.loads((root / real / "moreft_merged.json").read_text())["files"]) | {
-            "moreft_merged.json"}
-        assert {Path(k).name for k in inside} <= allowed and all(after[k][0] == "file" for k in inside)
-        new = set(after) - set(before) - inside
-        assert all(after[k] == ("dir",) and str(real).startswith(k) for k in new), new  # only OUT's parents
-        assert not [k for k in after if ".tmp-" in k or ".old-" in k]  # no temp siblings left
 
 
 def test_a_gguf_conversion_never_replaces_a_folder_it_did_not_write(tmp_path):
