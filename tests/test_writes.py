@@ -328,3 +328,16 @@ def test_a_lock_file_that_is_a_link_is_refused_not_followed(tmp_path):
     with pytest.raises(OutputError, match=r"cannot lock run directory .*\.moreft\.lock"):
         FolderLock(tmp_path / "r", "run directory").acquire()
     assert (tmp_path / "victim").read_text() == "keep" and (tmp_path / "r" / LOCK_NAME).is_symlink()
+
+
+def test_reading_a_run_being_written_works_and_writes_only_outside_it(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    lock = FolderLock(run, "run directory").acquire()
+    try:
+        before = tree(run)
+        assert cli("export-lora", run, tmp_path / "lora")[0] == 0
+        assert cli("merge", run, tmp_path / "merged")[0] == 0
+        assert_refused(*cli("export-lora", run, run / "lora"), "is inside the run being read")
+        assert tree(run) == before
+    finally:
+        lock.release()
