@@ -5,6 +5,12 @@
     ...train...
     moreft.save_adapter(model, "adapter/")
     model = moreft.merge(model)   # zero-overhead inference
+
+or, the same adapters through peft: ``peft.get_peft_model(model, moreft.MoReConfig(...))``.
+
+Importing moreft has one effect on the process, on purpose: it registers the peft types
+``"MORE"``, ``"MORA"`` and ``"MOREFT_LORA"`` in ``peft.mapping`` (:mod:`moreft.tuners.registration`),
+so that peft, transformers and TRL can build, save and load these adapters.
 """
 
 from .config import (
@@ -31,12 +37,16 @@ from .inject import (
 )
 from .layers import AdapterLayer, AdapterModule, LoRALinear, MoRALinear, MoReLinear
 from .state import load_adapter, read_adapter_config, save_adapter
+from .tuners import LoRAModel, MoRAModel, MoReModel
+from .tuners.registration import register as _register_peft_types
 from .version import __version__
+
+_register_peft_types()
 
 __all__ = [
     "AdapterConfig", "AdapterFileError", "AdapterLayer", "AdapterModule", "ConfigError", "ExportReport",
     "LoRAConfig", "LoRALinear", "MergeError", "Method", "MoRAConfig", "MoRALinear", "MoRAOperator",
-    "MoReConfig", "MoReLinear", "MoreftError", "ParameterCounts", "SharingLayout", "TargetError",
+    "MoRAModel", "MoReConfig", "MoReLinear", "MoReModel", "LoRAModel", "MoreftError", "ParameterCounts", "SharingLayout", "TargetError",
     "__version__", "adapter_config", "adapter_layers", "config_from_dict", "eject", "export_lora",
     "inject", "load_adapter", "merge", "read_adapter_config", "resolve_targets", "save_adapter",
     "trainable_parameters",
