@@ -21,8 +21,8 @@ from torch import nn
 from ..config import ALL_LINEAR, CONFIG_CLASSES, AdapterConfig
 from ..errors import AdapterFileError, TargetError
 from ..targets import DEFAULT_TARGETS, resolve_targets
-from ..layers import AdapterLayer, LoRALinear, MoRALinear, MoReLinear
-from ..limits import check_adapter_size
+from ..layers import AdapterLayer, LoRALinear, MoRALinear, MoReLinear, linear_shape
+from ..limits import adapter_shapes
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -41,7 +41,7 @@ class MoreftTuner(BaseTuner):
 
         Raises:
             TargetError: nothing or a non-linear module matches, or a layer carries another method.
-            ConfigError: a hyperparameter does not fit a layer's shape, or the adapter is too large.
+            ConfigError: a hyperparameter does not fit a layer's shape.
         """
         expected = CONFIG_CLASSES[self.tuner_layer_cls.method]
         if not isinstance(peft_config, expected):
@@ -52,9 +52,17 @@ class MoreftTuner(BaseTuner):
             if isinstance(module, AdapterLayer) and not isinstance(module, self.tuner_layer_cls):
                 raise TargetError(f"module {name!r} already carries a {module.method.value} adapter; one layer "
                                   f"holds adapters of one method ({peft_config.method.value} asked)")
-        check_adapter_size(model, peft_config, names)
+        adapter_shapes(peft_config, {n: linear_shape(model.get_submodule(n)) for n in names})  # built on meta
         if peft_config.target_modules is None or peft_config.target_modules == ALL_LINEAR:
             peft_config.target_modules = tuple(names)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        """peft's injection; on failure the adapter's config is forgotten again (the layers are untouched)."""
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+        except BaseException:
+            self.peft_config.pop(adapter_name, None)
+            raise
 
     def _create_and_replace(self, peft_config: AdapterConfig, adapter_name: str, target: nn.Module,
                             target_name: str, parent: nn.Module, current_key: str, **_: Any) -> None:
@@ -105,16 +113,16 @@ class MoreftTuner(BaseTuner):
         """
         mapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
-        expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
-        problems = []
-        for key, tensor in sorted(expected.items()):
-            got = mapped.get(key, mapped.get(key.removeprefix("base_model.model.")))
-            if got is None:
-                problems.append(f"missing {key!r}")
-            elif tuple(got.shape) != tuple(tensor.shape):
+        model_state = model.state_dict()
+        expected = _filter_state_dict_by_key_prefixes(model_state, prefixes)
+        problems = [f"missing {key!r}" for key in sorted(expected)
+                    if key not in mapped and key.removeprefix("base_model.model.") not in mapped]
+        for key, got in sorted(mapped.items()):
+            own = model_state.get(key, model_state.get("base_model.model." + key))
+            if own is not None and tuple(got.shape) != tuple(own.shape):
                 problems.append(f"{key!r} has shape {list(got.shape)} in the file but the model expects "
-                                f"{list(tensor.shape)}")
-            elif got.dtype not in FLOAT_DTYPES:
+                                f"{list(own.shape)}")
+            elif own is not None and got.dtype not in FLOAT_DTYPES:
                 problems.append(f"{key!r} has dtype {got.dtype}; adapter tensors must be floating point")
         if problems:
             _remove_adapter(model, adapter_name)
