@@ -113,8 +113,26 @@ def _targets(value: Any) -> tuple[str, ...] | str | None:
     return names
 
 
-#: The peft type string of each method (``peft.mapping`` keys; see :mod:`moreft.tuners.registration`).
-PEFT_TYPES: dict[Method, str] = {Method.MORE: "MORE", Method.MORA: "MORA", Method.LORA: "MOREFT_LORA"}
+class MoreftPeftType(str, enum.Enum):
+    """moreft's peft types: strings (``"MORE"`` is a key of peft's tables) with ``.value`` as peft's enum has.
+
+    transformers' adapter loading reads ``peft_type.value``; peft's own ``PeftType`` cannot be extended.
+    """
+
+    MORE = "MORE"
+    MORA = "MORA"
+    MOREFT_LORA = "MOREFT_LORA"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+#: The peft type of each method (``peft.mapping`` keys; see :mod:`moreft.tuners.registration`).
+PEFT_TYPES: dict[Method, MoreftPeftType] = {
+    Method.MORE: MoreftPeftType.MORE, Method.MORA: MoreftPeftType.MORA, Method.LORA: MoreftPeftType.MOREFT_LORA}
 
 
 @dataclass(kw_only=True)
@@ -138,7 +156,7 @@ class AdapterConfig(PeftConfig):
     target_modules: tuple[str, ...] | str | None = field(default=None, metadata={
         "help": "Modules to adapt: names (exact or dotted suffix), a regex (full match), 'all-linear', "
                 "or None for the model family's default."})
-    modules_to_save: tuple[str, ...] = field(default=(), metadata={
+    modules_to_save: list[str] = field(default_factory=list, metadata={
         "help": "Extra modules trained in full and saved with the adapter (e.g. a classifier head)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout probability in the adapter branch, in [0, 1)."})
     init_weights: bool = field(default=True, metadata={
@@ -148,7 +166,9 @@ class AdapterConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = PEFT_TYPES[self.method]
         self.target_modules = _targets(self.target_modules)
-        self.modules_to_save = _names("modules_to_save", () if self.modules_to_save is None else self.modules_to_save)
+        # a list, as peft's: PeftModelForSequenceClassification appends its head names to it
+        self.modules_to_save = list(_names("modules_to_save", [] if self.modules_to_save is None
+                                           else self.modules_to_save))
         self.dropout = _probability("dropout", self.dropout)
         if not isinstance(self.init_weights, bool):
             raise ConfigError(f"init_weights={self.init_weights!r} must be True or False")
@@ -254,14 +274,14 @@ def config_from_dict(data: Mapping[str, Any]) -> AdapterConfig:
         raise ConfigError(f"an adapter config must be a mapping, got {type(data).__name__}")
     data = dict(data)
     method_value = data.pop("method", None)
-    by_peft_type = {v: k for k, v in PEFT_TYPES.items()}
+    by_peft_type = {v.value: k for k, v in PEFT_TYPES.items()}
     if method_value is None and data.get("peft_type") in by_peft_type:
         method_value = by_peft_type[data["peft_type"]]
     method = coerce_enum(Method, method_value, "method")
     cls = CONFIG_CLASSES[method]
-    if data.get("peft_type", PEFT_TYPES[method]) != PEFT_TYPES[method]:
+    if data.get("peft_type", PEFT_TYPES[method].value) != PEFT_TYPES[method].value:
         raise ConfigError(f"peft_type={data['peft_type']!r} disagrees with method {method.value!r} "
-                          f"(whose peft type is {PEFT_TYPES[method]!r})")
+                          f"(whose peft type is {PEFT_TYPES[method].value!r})")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:

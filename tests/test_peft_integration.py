@@ -1,0 +1,87 @@
+"""moreft's peft methods through the rest of the ecosystem: fresh-process loading, transformers' adapter API, pins."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import peft
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+from peft_models import MODELS, PeftCase
+from safetensors.torch import load_file
+from tiny import SUBPROCESS_ENV
+
+import moreft
+
+BERT, LLAMA = MODELS[1], MODELS[2]
+
+FRESH = textwrap.dedent("""
+    import sys, torch, moreft
+    from peft import {auto}
+    from safetensors.torch import save_file
+    model = {auto}.from_pretrained(sys.argv[1]).eval()
+    ids = torch.arange(14).reshape(2, 7) % 61 + 2
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    save_file({{"logits": logits.contiguous()}}, sys.argv[2])
+    print(type(model).__name__, type(model.peft_config["default"]).__name__)
+""")
+
+
+@pytest.mark.parametrize("spec, config_id, auto", [
+    (BERT, "more-N4r2", "AutoPeftModelForSequenceClassification"),
+    (LLAMA, "mora-rotation", "AutoPeftModelForCausalLM"),
+], ids=["bert-more", "llama-mora"])
+def test_auto_peft_model_loads_in_a_fresh_process(spec, config_id, auto, tmp_path):
+    spec.make().save_pretrained(tmp_path / "base")
+    base = type(spec.make()).from_pretrained(tmp_path / "base").eval()
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(base, PeftCase(spec, config_id).config())
+    expected = spec.out(pm)
+    pm.save_pretrained(tmp_path / "adapter")
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (tmp_path / "adapter").iterdir())
+    proc = subprocess.run([sys.executable, "-c", FRESH.format(auto=auto), str(tmp_path / "adapter"),
+                           str(tmp_path / "out.safetensors")], env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config_cls = type(PeftCase(spec, config_id).config()).__name__
+    assert proc.stdout.split()[-2:] == [auto.removeprefix("Auto"), config_cls]
+    torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["logits"], expected, rtol=0, atol=1e-6)
+
+
+def test_transformers_adapter_api(tmp_path):
+    """``model.load_adapter`` / ``set_adapter`` / ``disable_adapters`` of transformers' own peft integration."""
+    outs = {}
+    for seed, name in ((1, "a"), (2, "b")):
+        pm = PeftCase(BERT, "mora-sharing").peft_model(adapter_seed=seed)
+        outs[name] = BERT.out(pm)
+        pm.save_pretrained(tmp_path / name)
+    model = BERT.make()
+    base_out = BERT.out(model)
+    model.load_adapter(str(tmp_path / "a"), adapter_name="a")
+    model.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    assert len(moreft.adapter_layers(model)) == 13
+    model.set_adapter("a")
+    assert model.active_adapters() == ["a"]
+    torch.testing.assert_close(BERT.out(model), outs["a"], rtol=0, atol=1e-6)
+    model.set_adapter("b")
+    torch.testing.assert_close(BERT.out(model), outs["b"], rtol=0, atol=1e-6)
+    model.disable_adapters()
+    torch.testing.assert_close(BERT.out(model), base_out, rtol=0, atol=1e-6)
+    model.enable_adapters()
+    torch.testing.assert_close(BERT.out(model), outs["b"], rtol=0, atol=1e-6)
+    model.delete_adapter("a")
+    assert model.active_adapters() == ["b"]
+
+
+def test_pinned_versions_work_together():
+    """transformers' adapter API demands a peft version; the pins keep it one moreft registers with."""
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+
+    assert Version(transformers.__version__) < Version("5.24")
+    assert Version("0.21") <= Version(peft.__version__) < Version("0.22")
+    assert Version(MIN_PEFT_VERSION) <= Version(peft.__version__)
