@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -85,3 +86,37 @@ def test_pinned_versions_work_together():
     assert Version(transformers.__version__) < Version("5.24")
     assert Version("0.21") <= Version(peft.__version__) < Version("0.22")
     assert Version(MIN_PEFT_VERSION) <= Version(peft.__version__)
+
+
+@pytest.mark.parametrize("config", [
+    moreft.MoReConfig(target_modules=["lin"], nblocks=3, block_rank=2, modules_to_save=["head"]),
+    moreft.MoRAConfig(target_modules=["lin"], rank=2, operator="sharing", sharing_layout="adjacent"),
+    moreft.LoRAConfig(target_modules=["lin"], rank=4, alpha=8),
+], ids=["more", "mora", "lora"])
+def test_an_old_moreft_adapter_converts_to_peft(config, tmp_path):
+    from conftest import make_net, randomize_adapters
+
+    model = moreft.inject(make_net((23, 37), name_or_path="tiny-net"), config)
+    randomize_adapters(model)
+    x = torch.randn(4, 23)
+    expected = model(x).detach()
+    moreft.save_adapter(model, tmp_path / "old")
+    moreft.convert_to_peft(tmp_path / "old", tmp_path / "new")
+    saved = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == config.peft_type.value and saved["base_model_name_or_path"] == "tiny-net"
+    loaded = peft.PeftModel.from_pretrained(make_net((23, 37)), tmp_path / "new")
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=1e-6)
+    again = moreft.load_adapter(make_net((23, 37), name_or_path="tiny-net"), tmp_path / "old")  # still loads
+    torch.testing.assert_close(again(x), expected, rtol=0, atol=0)
+
+
+def test_converting_refuses_mixed_sharing_layouts(tmp_path):
+    from conftest import make_net
+
+    model = moreft.inject(make_net((24, 24)), moreft.MoRAConfig(target_modules=["lin", "head"], rank=2,
+                                                               operator="sharing"))
+    model.head.sharing_layout = moreft.SharingLayout.ADJACENT
+    moreft.save_adapter(model, tmp_path / "old")
+    with pytest.raises(moreft.AdapterFileError, match=r"different sharing layouts \['adjacent', 'strided'\]"):
+        moreft.convert_to_peft(tmp_path / "old", tmp_path / "new")
+    assert not (tmp_path / "new").exists()

@@ -36,6 +36,7 @@ from .inject import (
     trainable_parameters,
 )
 from .layers import AdapterLayer, AdapterModule, LoRALinear, MoRALinear, MoReLinear
+from .peft_files import convert_to_peft
 from .state import load_adapter, read_adapter_config, save_adapter
 from .tuners import LoRAModel, MoRAModel, MoReModel
 from .tuners.registration import register as _register_peft_types
@@ -47,7 +48,7 @@ __all__ = [
     "AdapterConfig", "AdapterFileError", "AdapterLayer", "AdapterModule", "ConfigError", "ExportReport",
     "LoRAConfig", "LoRALinear", "MergeError", "Method", "MoRAConfig", "MoRALinear", "MoRAOperator",
     "MoRAModel", "MoReConfig", "MoReLinear", "MoReModel", "LoRAModel", "MoreftError", "ParameterCounts", "SharingLayout", "TargetError",
-    "__version__", "adapter_config", "adapter_layers", "config_from_dict", "eject", "export_lora",
+    "__version__", "adapter_config", "adapter_layers", "config_from_dict", "convert_to_peft", "eject", "export_lora",
     "inject", "load_adapter", "merge", "read_adapter_config", "resolve_targets", "save_adapter",
     "trainable_parameters",
 ]
