@@ -120,3 +120,20 @@ def test_converting_refuses_mixed_sharing_layouts(tmp_path):
     with pytest.raises(moreft.AdapterFileError, match=r"different sharing layouts \['adjacent', 'strided'\]"):
         moreft.convert_to_peft(tmp_path / "old", tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+def test_moreft_load_adapter_ignores_init_weights_and_peft_bookkeeping(tmp_path):
+    """``init_weights`` and peft's fields (version, inference_mode, ...) do not change what the tensors mean."""
+    from conftest import make_net
+
+    saved = moreft.inject(make_net((24, 24)), moreft.MoReConfig(target_modules=["lin"], nblocks=4, block_rank=2,
+                                                               init_weights=False))
+    moreft.save_adapter(saved, tmp_path / "ad")
+    target = moreft.inject(make_net((24, 24)), moreft.MoReConfig(target_modules=["lin"], nblocks=4, block_rank=2,
+                                                                inference_mode=True))
+    moreft.load_adapter(target, tmp_path / "ad")
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(target(x), saved(x), rtol=0, atol=0)
+    other = moreft.inject(make_net((24, 24)), moreft.MoReConfig(target_modules=["lin"], nblocks=4, block_rank=1))
+    with pytest.raises(moreft.AdapterFileError, match=r"with block_rank=1; the file was saved with block_rank=2"):
+        moreft.load_adapter(other, tmp_path / "ad")

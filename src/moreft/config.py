@@ -135,6 +135,10 @@ PEFT_TYPES: dict[Method, MoreftPeftType] = {
     Method.MORE: MoreftPeftType.MORE, Method.MORA: MoreftPeftType.MORA, Method.LORA: MoreftPeftType.MOREFT_LORA}
 
 
+#: Fields every peft config has (bookkeeping: type, version, base model, mode), not hyperparameters.
+PEFT_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(PeftConfig))
+
+
 @dataclass(kw_only=True)
 class AdapterConfig(PeftConfig):
     """Fields every method shares; a peft config (``peft.get_peft_model`` accepts it).
