@@ -73,11 +73,14 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
     #: Fused forward/backward (``moreft.ops.fused``) where it applies; ``None`` follows the
     #: module-wide switch ``moreft.ops.fused.set_fused_enabled``, ``False`` forces the reference.
     fused: bool | None = None
+    _setters: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "adapter_param_names" in cls.__dict__:
             cls.adapter_layer_names = tuple(cls.prefix + n for n in cls.adapter_param_names)
+        cls._setters = frozenset(n for k in cls.__mro__ for n, v in vars(k).items()
+                                 if isinstance(v, property) and v.fset is not None)
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str = "",
                  adapter_name: str = "default") -> None:
@@ -101,9 +104,8 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, config)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        prop = getattr(type(self), name, None)
-        if isinstance(prop, property) and prop.fset is not None:  # nn.Module would bypass the setter
-            prop.fset(self, value)
+        if name in self._setters:  # nn.Module.__setattr__ would bypass a property's setter for modules
+            getattr(type(self), name).fset(self, value)
             return
         super().__setattr__(name, value)
 

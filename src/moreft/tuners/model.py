@@ -52,24 +52,38 @@ class MoreftTuner(BaseTuner):
             if isinstance(module, AdapterLayer) and not isinstance(module, self.tuner_layer_cls):
                 raise TargetError(f"module {name!r} already carries a {module.method.value} adapter; one layer "
                                   f"holds adapters of one method ({peft_config.method.value} asked)")
+        fresh = [n for n in names if not isinstance(model.get_submodule(n), AdapterLayer)]
+        if self._building is not None and not self._low_cpu_mem_usage:
+            # every new layer is built before any is swapped in (an error leaves the model as it was)
+            self._prebuilt = {n: self.tuner_layer_cls(model.get_submodule(n), peft_config, name=n,
+                                                      adapter_name=self._building) for n in fresh}
+            names = [n for n in names if n not in self._prebuilt]
         adapter_shapes(peft_config, {n: linear_shape(model.get_submodule(n)) for n in names})  # built on meta
         if peft_config.target_modules is None or peft_config.target_modules == ALL_LINEAR:
             peft_config.target_modules = tuple(names)
 
+    _building: str | None = None
+    _low_cpu_mem_usage: bool = False
+
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         """peft's injection; on failure the adapter's config is forgotten again (the layers are untouched)."""
+        self._building, self._low_cpu_mem_usage = adapter_name, bool(kwargs.get("low_cpu_mem_usage"))
+        self._prebuilt: dict[str, AdapterLayer] = {}
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
         except BaseException:
             self.peft_config.pop(adapter_name, None)
             raise
+        finally:
+            self._building, self._prebuilt = None, {}
 
     def _create_and_replace(self, peft_config: AdapterConfig, adapter_name: str, target: nn.Module,
                             target_name: str, parent: nn.Module, current_key: str, **_: Any) -> None:
         if isinstance(target, AdapterLayer):
             target.update_layer(adapter_name, peft_config, inference_mode=peft_config.inference_mode)
             return
-        new_module = self.tuner_layer_cls(target, peft_config, name=current_key, adapter_name=adapter_name)
+        new_module = self._prebuilt.pop(current_key, None) or self.tuner_layer_cls(
+            target, peft_config, name=current_key, adapter_name=adapter_name)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
