@@ -315,3 +315,23 @@ def test_one_layer_holds_one_method():
     assert set(pm.peft_config) == {"default"}
     assert all(layer.adapter_configs.keys() == {"default"} for layer in _layers(pm).values())
     assert all(torch.equal(w, w0[n]) for n, w in _base_weights(pm).items())
+
+
+@pytest.mark.parametrize("config, match", [
+    (moreft.MoReConfig(target_modules=["lin1", "lin2"], nblocks=30), r"nblocks=30 must be <= in_features=20 of 'lin1'"),
+    (moreft.MoRAConfig(target_modules=["lin1", "lin2"], r_hat=30, operator="truncation"),
+     r"r_hat=30 must be <= min\(in_features, out_features\)=20"),
+    (moreft.MoReConfig(target_modules="lin9.*"), r"target_modules='lin9\.\*' matches no module; linear layers are: lin1"),
+    (moreft.MoReConfig(target_modules=["lin2", "lin1", "nonexistent"], block_rank=2), None),
+], ids=["nblocks", "r_hat", "no-match", "partial"])
+def test_a_config_that_does_not_fit_leaves_the_model_untouched(config, match):
+    spec = CASES[0].values[0].model
+    model = spec.make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if match is None:  # peft's rule: some names may match nothing, as long as one does
+        assert len(_layers(peft.get_peft_model(model, config))) == 2
+        return
+    with pytest.raises((moreft.ConfigError, moreft.TargetError), match=match):
+        peft.get_peft_model(model, config)
+    assert not _layers(model) and "peft_config" not in model.__dict__
+    assert model.state_dict().keys() == before.keys()
