@@ -57,8 +57,8 @@ class MoreftTuner(BaseTuner):
             # every new layer is built before any is swapped in (an error leaves the model as it was)
             self._prebuilt = {n: self.tuner_layer_cls(model.get_submodule(n), peft_config, name=n,
                                                       adapter_name=self._building) for n in fresh}
-            names = [n for n in names if n not in self._prebuilt]
-        adapter_shapes(peft_config, {n: linear_shape(model.get_submodule(n)) for n in names})  # built on meta
+        rest = [n for n in names if n not in self._prebuilt]
+        adapter_shapes(peft_config, {n: linear_shape(model.get_submodule(n)) for n in rest})  # built on meta
         if peft_config.target_modules is None or peft_config.target_modules == ALL_LINEAR:
             peft_config.target_modules = tuple(names)
 
