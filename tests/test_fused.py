@@ -276,7 +276,7 @@ def test_hooked_subclassed_or_transformed_base_runs_the_reference(monkeypatch):
         p.grad = None
     literal(layer, x).square().sum().backward()
     for name in layer.adapter_param_names:
-        assert_close(grads[name], getattr(layer, name).grad, case.tol)
+        assert_close(grads[f"{layer.prefix}{name}.default"], getattr(layer, name).grad, case.tol)
     assert spy.calls == 1
 
 

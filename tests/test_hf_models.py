@@ -80,7 +80,7 @@ def full_cycle(make, config, batch, suffixes, base_type, tmp_path, saved_modules
     assert {n.rsplit(".", 1)[-1] for n in targets} == set(suffixes)
     assert len(targets) == len(suffixes) * 2  # two layers
     layers = moreft.adapter_layers(model)
-    adapter_names = {f"{n}.{p}" for n, layer in layers.items() for p in layer.adapter_params()}
+    adapter_names = {f"{n}.{layer.prefix}{p}.default" for n, layer in layers.items() for p in layer.adapter_params()}
     saved_names = {f"{m}.{p}" for m in saved_modules for p, _ in model.get_submodule(m).named_parameters()}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == adapter_names | saved_names
 

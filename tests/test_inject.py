@@ -49,7 +49,8 @@ def test_inject_wraps_targets_freezes_base_and_counts(case):
     assert list(moreft.adapter_layers(model)) == ["lin"]
     assert moreft.adapter_config(model) == case.config
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"lin.{n}" for n in model.lin.adapter_params()}
+    # the adapter's parameters live in per-adapter dicts: lin.more_blkdiag1.default, ...
+    assert trainable == {f"lin.{model.lin.prefix}{n}.default" for n in model.lin.adapter_params()}
     counts = moreft.trainable_parameters(model)
     assert counts == moreft.ParameterCounts(adapter=expected_params(case), other_trainable=0,
                                             trainable=expected_params(case),
@@ -184,4 +185,4 @@ def test_injected_model_trains_only_adapter(net24):
         net24(_x(24)).square().mean().backward()
         opt.step()
     changed = {k for k, v in net24.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed == {"lin.matrix"}
+    assert changed == {"lin.mora_matrix.default"}

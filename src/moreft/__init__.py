@@ -5,6 +5,12 @@
     ...train...
     moreft.save_adapter(model, "adapter/")
     model = moreft.merge(model)   # zero-overhead inference
+
+or, the same adapters through peft: ``peft.get_peft_model(model, moreft.MoReConfig(...))``.
+
+Importing moreft has one effect on the process, on purpose: it registers the peft types
+``"MORE"``, ``"MORA"`` and ``"MOREFT_LORA"`` in ``peft.mapping`` (:mod:`moreft.tuners.registration`),
+so that peft, transformers and TRL can build, save and load these adapters.
 """
 
 from .config import (
@@ -30,15 +36,19 @@ from .inject import (
     trainable_parameters,
 )
 from .layers import AdapterLayer, AdapterModule, LoRALinear, MoRALinear, MoReLinear
+from .peft_files import convert_to_peft
 from .state import load_adapter, read_adapter_config, save_adapter
+from .tuners import LoRAModel, MoRAModel, MoReModel
+from .tuners.registration import register as _register_peft_types
 from .version import __version__
+
+_register_peft_types()
 
 __all__ = [
     "AdapterConfig", "AdapterFileError", "AdapterLayer", "AdapterModule", "ConfigError", "ExportReport",
     "LoRAConfig", "LoRALinear", "MergeError", "Method", "MoRAConfig", "MoRALinear", "MoRAOperator",
-    "MoReConfig", "MoReLinear", "MoreftError", "OutputError", "ParameterCounts", "SharingLayout",
-    "TargetError",
-    "__version__", "adapter_config", "adapter_layers", "config_from_dict", "eject", "export_lora",
+    "MoRAModel", "MoReConfig", "MoReLinear", "MoReModel", "LoRAModel", "MoreftError", "OutputError", "ParameterCounts", "SharingLayout", "TargetError",
+    "__version__", "adapter_config", "adapter_layers", "config_from_dict", "convert_to_peft", "eject", "export_lora",
     "inject", "load_adapter", "merge", "read_adapter_config", "resolve_targets", "save_adapter",
     "trainable_parameters",
 ]

@@ -1,4 +1,4 @@
-"""Typed, frozen, validated adapter configurations.
+"""Typed, validated adapter configurations; each is a ``peft.PeftConfig`` with its own peft type.
 
 A config says *what* to build (method hyperparameters and which modules to adapt); layer
 shapes are only known at injection time, so rules that depend on them (``nblocks <= in``,
@@ -12,8 +12,10 @@ import enum
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
+
+from peft.config import PeftConfig
 
 from .errors import ConfigError
 
@@ -111,9 +113,35 @@ def _targets(value: Any) -> tuple[str, ...] | str | None:
     return names
 
 
-@dataclass(frozen=True, kw_only=True)
-class AdapterConfig:
-    """Fields every method shares.
+class MoreftPeftType(str, enum.Enum):
+    """moreft's peft types: strings (``"MORE"`` is a key of peft's tables) with ``.value`` as peft's enum has.
+
+    transformers' adapter loading reads ``peft_type.value``; peft's own ``PeftType`` cannot be extended.
+    """
+
+    MORE = "MORE"
+    MORA = "MORA"
+    MOREFT_LORA = "MOREFT_LORA"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+#: The peft type of each method (``peft.mapping`` keys; see :mod:`moreft.tuners.registration`).
+PEFT_TYPES: dict[Method, MoreftPeftType] = {
+    Method.MORE: MoreftPeftType.MORE, Method.MORA: MoreftPeftType.MORA, Method.LORA: MoreftPeftType.MOREFT_LORA}
+
+
+#: Fields every peft config has (bookkeeping: type, version, base model, mode), not hyperparameters.
+PEFT_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(PeftConfig))
+
+
+@dataclass(kw_only=True)
+class AdapterConfig(PeftConfig):
+    """Fields every method shares; a peft config (``peft.get_peft_model`` accepts it).
 
     Attributes:
         target_modules: module names to adapt: a list (exact qualified name or dotted suffix,
@@ -122,38 +150,57 @@ class AdapterConfig:
         modules_to_save: extra modules trained in full and saved with the adapter (e.g. a
             classifier head), matched like ``target_modules`` lists.
         dropout: dropout probability inside the adapter branch (0 disables it).
+        init_weights: True for ΔW = 0 at the start; False for a random non-zero ΔW (tests).
+
+    Raises:
+        ConfigError: (from ``__init__``) a value of the wrong type or out of range.
     """
 
     method: ClassVar[Method]
-    target_modules: tuple[str, ...] | str | None = None
-    modules_to_save: tuple[str, ...] = ()
-    dropout: float = 0.0
+    target_modules: tuple[str, ...] | str | None = field(default=None, metadata={
+        "help": "Modules to adapt: names (exact or dotted suffix), a regex (full match), 'all-linear', "
+                "or None for the model family's default."})
+    modules_to_save: list[str] = field(default_factory=list, metadata={
+        "help": "Extra modules trained in full and saved with the adapter (e.g. a classifier head)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout probability in the adapter branch, in [0, 1)."})
+    init_weights: bool = field(default=True, metadata={
+        "help": "True: ΔW = 0 at the start. False: a random non-zero ΔW (for tests)."})
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", _targets(self.target_modules))
-        object.__setattr__(self, "modules_to_save", _names("modules_to_save", self.modules_to_save))
-        object.__setattr__(self, "dropout", _probability("dropout", self.dropout))
+        super().__post_init__()
+        self.peft_type = PEFT_TYPES[self.method]
+        self.target_modules = _targets(self.target_modules)
+        # a list, as peft's: PeftModelForSequenceClassification appends its head names to it
+        self.modules_to_save = list(_names("modules_to_save", [] if self.modules_to_save is None
+                                           else self.modules_to_save))
+        self.dropout = _probability("dropout", self.dropout)
+        if not isinstance(self.init_weights, bool):
+            raise ConfigError(f"init_weights={self.init_weights!r} must be True or False")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict that :func:`config_from_dict` turns back into an equal config."""
-        out: dict[str, Any] = {"method": self.method.value}
+        """A JSON-ready dict (peft's ``adapter_config.json`` schema) that :func:`config_from_dict` reads back."""
+        out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = value.value if isinstance(value, enum.Enum) else (
-                list(value) if isinstance(value, tuple) else value)
+                list(value) if isinstance(value, (tuple, set)) else value)
         return out
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class MoReConfig(AdapterConfig):
     """MoRe: ΔW = P1·blkdiag2·P2·blkdiag1 with ``nblocks`` blocks of rank ``block_rank``; no alpha.
 
     About ``block_rank * (in + out)`` parameters per layer, rank up to ``nblocks * block_rank``.
+
+    Raises:
+        ConfigError: ``nblocks`` or ``block_rank`` not an integer >= 1.
     """
 
     method: ClassVar[Method] = Method.MORE
-    nblocks: int = 4
-    block_rank: int = 4
+    nblocks: int = field(default=4, metadata={"help": "Number of diagonal blocks (integer >= 1, <= in_features)."})
+    block_rank: int = field(default=4, metadata={
+        "help": "Rank of each block (integer >= 1); ΔW has rank up to nblocks * block_rank."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -161,48 +208,58 @@ class MoReConfig(AdapterConfig):
         positive_int("block_rank", self.block_rank)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class MoRAConfig(AdapterConfig):
     """MoRA: one square ``r_hat x r_hat`` matrix between parameter-free compress/decompress.
 
     ``r_hat`` defaults to ``floor(sqrt((in + out) * rank))`` per layer (LoRA-rank-``rank``
     parameter parity), rounded down to even for ROTATION and capped at ``min(in, out)`` for
     TRUNCATION and SHARING. An explicit ``r_hat`` is used as given and checked per layer.
+
+    Raises:
+        ConfigError: a non-positive ``rank`` / ``r_hat``, an unknown operator or layout, an odd
+            ``r_hat`` for ROTATION.
     """
 
     method: ClassVar[Method] = Method.MORA
-    rank: int = 8
-    r_hat: int | None = None
-    operator: MoRAOperator = MoRAOperator.ROTATION
-    sharing_layout: SharingLayout = SharingLayout.STRIDED
+    rank: int = field(default=8, metadata={"help": "LoRA rank whose parameter count r_hat matches (integer >= 1)."})
+    r_hat: int | None = field(default=None, metadata={
+        "help": "Explicit side of the square matrix; None derives it per layer from rank."})
+    operator: MoRAOperator = field(default=MoRAOperator.ROTATION, metadata={
+        "help": "Compress/decompress pair: 'truncation', 'sharing', 'decouple' or 'rotation'."})
+    sharing_layout: SharingLayout = field(default=SharingLayout.STRIDED, metadata={
+        "help": "Grouping of the 'sharing' operator: 'strided' or 'adjacent'."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive_int("rank", self.rank)
         if self.r_hat is not None:
             positive_int("r_hat", self.r_hat)
-        object.__setattr__(self, "operator", coerce_enum(MoRAOperator, self.operator, "operator"))
-        object.__setattr__(self, "sharing_layout",
-                           coerce_enum(SharingLayout, self.sharing_layout, "sharing_layout"))
+        self.operator = coerce_enum(MoRAOperator, self.operator, "operator")
+        self.sharing_layout = coerce_enum(SharingLayout, self.sharing_layout, "sharing_layout")
         if self.operator is MoRAOperator.ROTATION and self.r_hat is not None and self.r_hat % 2:
             raise ConfigError(f"r_hat={self.r_hat} must be even for operator 'rotation' "
                               "(it rotates pairs of coordinates)")
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class LoRAConfig(AdapterConfig):
-    """LoRA: ΔW = (alpha / rank) · B·A with A Kaiming-initialised and B zero."""
+    """LoRA: ΔW = (alpha / rank) · B·A with A Kaiming-initialised and B zero.
+
+    Raises:
+        ConfigError: ``rank`` not an integer >= 1, ``alpha`` not a finite number > 0.
+    """
 
     method: ClassVar[Method] = Method.LORA
-    rank: int = 8
-    alpha: float = 16.0
+    rank: int = field(default=8, metadata={"help": "Rank of B·A (integer >= 1)."})
+    alpha: float = field(default=16.0, metadata={"help": "Scale numerator: ΔW = (alpha / rank) · B·A (> 0)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive_int("rank", self.rank)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
             raise ConfigError(f"alpha={self.alpha!r} must be a number > 0 and finite")
-        object.__setattr__(self, "alpha", float(self.alpha))
+        self.alpha = float(self.alpha)
 
 
 CONFIG_CLASSES: dict[Method, type[AdapterConfig]] = {
@@ -210,7 +267,9 @@ CONFIG_CLASSES: dict[Method, type[AdapterConfig]] = {
 
 
 def config_from_dict(data: Mapping[str, Any]) -> AdapterConfig:
-    """Build a config from :meth:`AdapterConfig.to_dict` output (e.g. a saved adapter's JSON).
+    """Build a config from :meth:`AdapterConfig.to_dict` output or a saved adapter's JSON.
+
+    The method comes from ``method`` (moreft's own files) or ``peft_type`` (peft's layout).
 
     Raises:
         ConfigError: unknown method, unknown keys, or invalid values.
@@ -218,14 +277,19 @@ def config_from_dict(data: Mapping[str, Any]) -> AdapterConfig:
     if not isinstance(data, Mapping):
         raise ConfigError(f"an adapter config must be a mapping, got {type(data).__name__}")
     data = dict(data)
-    method = coerce_enum(Method, data.pop("method", None), "method")
+    method_value = data.pop("method", None)
+    by_peft_type = {v.value: k for k, v in PEFT_TYPES.items()}
+    if method_value is None and data.get("peft_type") in by_peft_type:
+        method_value = by_peft_type[data["peft_type"]]
+    method = coerce_enum(Method, method_value, "method")
     cls = CONFIG_CLASSES[method]
+    if data.get("peft_type", PEFT_TYPES[method].value) != PEFT_TYPES[method].value:
+        raise ConfigError(f"peft_type={data['peft_type']!r} disagrees with method {method.value!r} "
+                          f"(whose peft type is {PEFT_TYPES[method].value!r})")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown keys {unknown} for method {method.value!r}; valid keys: {sorted(known)}")
-    if isinstance(data.get("target_modules"), list):
-        data["target_modules"] = tuple(data["target_modules"])
     try:
         return cls(**data)
     except TypeError as exc:

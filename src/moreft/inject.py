@@ -1,91 +1,31 @@
 """Put adapters into any PyTorch / transformers model, count them, and merge them away.
 
-One model carries at most one moreft adapter (one config); its config is kept on the model as
-``model.moreft_config`` so that :func:`moreft.save_adapter` can write it.
+moreft's own API over the peft machinery: :func:`inject` runs the method's peft tuner
+(:mod:`moreft.tuners`) with one adapter named ``"default"``, so a model prepared here and one from
+``peft.get_peft_model`` carry the same layers. Here a model carries one adapter config, kept on
+the model as ``model.moreft_config`` for :func:`moreft.save_adapter`, and ``modules_to_save`` are
+trained in place (peft's ``PeftModel`` instead trains a copy of them, ``ModulesToSaveWrapper``).
 """
 
 from __future__ import annotations
 
-import re
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
 
-from .config import ALL_LINEAR, AdapterConfig
+from .config import AdapterConfig
 from .errors import TargetError
-from .layers import LAYER_CLASSES, AdapterLayer, is_linear
+from .layers import AdapterLayer
+from .targets import DEFAULT_TARGETS, HEAD_NAMES, modules_to_save_names, resolve_targets
+from .tuners.registration import TUNERS
+
+__all__ = ["DEFAULT_TARGETS", "HEAD_NAMES", "ParameterCounts", "adapter_config", "adapter_layers", "eject",
+           "inject", "merge", "modules_to_save_names", "resolve_targets", "trainable_parameters"]
 
 CONFIG_ATTR = "moreft_config"
-
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "bert": ("query", "key", "value"),
-    "roberta": ("query", "key", "value"),
-    "xlm-roberta": ("query", "key", "value"),
-    "distilbert": ("q_lin", "k_lin", "v_lin"),
-    "llama": ("q_proj", "k_proj", "v_proj"),
-    "mistral": ("q_proj", "k_proj", "v_proj"),
-    "qwen2": ("q_proj", "k_proj", "v_proj"),
-    "gpt2": ("c_attn",),
-}
-
-
-def _model_type(model: nn.Module) -> str | None:
-    return getattr(getattr(model, "config", None), "model_type", None)
-
-
-def _matches(name: str, targets: tuple[str, ...]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-# Task heads that "all-linear" leaves alone, as peft does: they are new or tied, not adapted.
-HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
-
-
-def _output_head_names(model: nn.Module) -> set[str]:
-    """The output embedding and any module inside a task head (``HEAD_NAMES`` at top level)."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    return {n for n, m in model.named_modules()
-            if (head is not None and m is head) or n.split(".")[0] in HEAD_NAMES}
-
-
-def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Qualified names of the modules ``config.target_modules`` selects in ``model``.
-
-    Raises:
-        TargetError: nothing matches (the error lists the linear layers that exist), a match is
-            not a linear layer, or the model family has no default and none was given.
-    """
-    spec = config.target_modules
-    if spec is None:
-        model_type = _model_type(model)
-        if model_type not in DEFAULT_TARGETS:
-            raise TargetError(f"no default target_modules for model type {model_type!r}; pass "
-                              f"target_modules (names, a regex, or {ALL_LINEAR!r}). Known defaults: "
-                              f"{sorted(DEFAULT_TARGETS)}")
-        spec = DEFAULT_TARGETS[model_type]
-    modules = dict(model.named_modules())
-    inside_adapter = {f"{n}.{sub}" for n, m in modules.items() if isinstance(m, AdapterLayer)
-                      for sub, _ in m.named_modules() if sub}
-    candidates = [n for n in modules if n and n not in inside_adapter]
-    if spec == ALL_LINEAR:
-        skip = _output_head_names(model) | {n for n in candidates if _matches(n, config.modules_to_save)}
-        names = [n for n in candidates if is_linear(modules[n]) and n not in skip]
-    elif isinstance(spec, str):
-        pattern = re.compile(spec)
-        names = [n for n in candidates if pattern.fullmatch(n)]
-    else:
-        names = [n for n in candidates if _matches(n, spec)]
-    if not names:
-        linear = [n for n in candidates if is_linear(modules[n])]
-        shown = ", ".join(linear[:12]) + (f", ... ({len(linear)} in all)" if len(linear) > 12 else "")
-        raise TargetError(f"target_modules={spec!r} matches no module; linear layers are: {shown or 'none'}")
-    for n in names:
-        if not (is_linear(modules[n]) or isinstance(modules[n], AdapterLayer)):
-            raise TargetError(f"target module {n!r} is a {type(modules[n]).__name__}; moreft adapts "
-                              "only nn.Linear and transformers Conv1D layers")
-    return names
+ADAPTER_NAME = "default"
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -94,10 +34,11 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    """Wrap the targeted layers of ``model`` with ``config``'s adapter, in place.
+    """Wrap the targeted layers of ``model`` with ``config``'s adapter (named ``"default"``), in place.
 
     Every parameter is frozen except the adapter's and those of ``config.modules_to_save``.
-    All layers are built before any is swapped in, so a failure leaves the model untouched.
+    Every layer is checked against the config before any is swapped in, so a failure leaves the
+    model untouched.
 
     Returns:
         The same ``model`` object.
@@ -112,28 +53,18 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         again = sorted(set(names) & set(existing)) or sorted(existing)[:3]
         raise TargetError(f"model already carries a moreft adapter (e.g. on {again}); merge it with "
                           "moreft.merge(model) or load a fresh model before injecting again")
-    layer_cls = LAYER_CLASSES[config.method]
-    new_layers = {n: layer_cls(model.get_submodule(n), config, name=n) for n in names}
     save_names = modules_to_save_names(model, config)
-    missing = [t for t in config.modules_to_save if not any(_matches(n, (t,)) for n in save_names)]
+    missing = [t for t in config.modules_to_save if not any(n == t or n.endswith("." + t) for n in save_names)]
     if missing:
         raise TargetError(f"modules_to_save {missing} match no module of the model")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for n, layer in new_layers.items():
-        _set_submodule(model, n, layer)
-        for p in layer.adapter_params().values():
-            p.requires_grad_(True)
+    tuner_config = copy.copy(config)  # peft writes into its config; the caller's stays as given
+    tuner_config.target_modules, tuner_config.modules_to_save = tuple(names), None
+    TUNERS[config.method](model, tuner_config, ADAPTER_NAME)
     for n in save_names:
         for p in model.get_submodule(n).parameters():
             p.requires_grad_(True)
     setattr(model, CONFIG_ATTR, config)
     return model
-
-
-def modules_to_save_names(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Qualified names of the modules ``config.modules_to_save`` selects (trained in full)."""
-    return [n for n, _ in model.named_modules() if n and _matches(n, config.modules_to_save)]
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
@@ -220,9 +151,10 @@ def eject(model: nn.Module) -> nn.Module:
 
 
 def _unwrap(model: nn.Module, layers: dict[str, AdapterLayer]) -> nn.Module:
-    """Put each layer's base layer back in its place and forget the model's adapter config."""
+    """Put each layer's base layer back in its place and forget the model's adapter configs."""
     for name, layer in layers.items():
         _set_submodule(model, name, layer.base_layer)
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    for attr in (CONFIG_ATTR, "peft_config"):
+        if attr in model.__dict__:
+            delattr(model, attr)
     return model

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import AdapterConfig, Method, SharingLayout, config_from_dict
+from .config import PEFT_CONFIG_FIELDS, AdapterConfig, Method, SharingLayout, config_from_dict
 from .errors import AdapterFileError, ConfigError
 from .files import FolderKind, atomic_dir_write
 from .inject import adapter_config, adapter_layers, eject, inject, modules_to_save_names
@@ -211,7 +211,8 @@ def _check_model_fits(model: nn.Module, meta: dict[str, Any], config: AdapterCon
                                    f"{len(meta['modules'])} modules")
         # Hyperparameters the tensor shapes do not pin down (LoRA alpha, MoRA operator) change
         # what the loaded tensors mean, so they must agree too.
-        ignored = {"target_modules", "modules_to_save", "dropout", "sharing_layout"}
+        ignored = {"target_modules", "modules_to_save", "dropout", "sharing_layout", "init_weights",
+                   *PEFT_CONFIG_FIELDS}
         ours, theirs = current.to_dict(), config.to_dict()
         differ = sorted(k for k in theirs if k not in ignored and ours.get(k) != theirs[k])
         if differ:

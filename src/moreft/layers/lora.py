@@ -18,36 +18,51 @@ from .merging import DeltaAdder, lowrank_adder
 class LoRALinear(AdapterLayer):
     """``y = base(x) + (alpha / rank) · dropout(x) · Aᵀ · Bᵀ``.
 
-    ``lora_A (rank, in)`` Kaiming-uniform, ``lora_B (out, rank)`` zero; input dropout.
+    ``lora_A (rank, in)`` Kaiming-uniform, ``lora_B (out, rank)`` zero; input dropout. Per adapter in
+    ``moreft_lora_lora_A`` / ``moreft_lora_lora_B`` (peft's own LoRA uses ``lora_``).
     """
 
     method = Method.LORA
+    prefix = "moreft_lora_"
     adapter_param_names = ("lora_A", "lora_B")
 
-    def __init__(self, base_layer: nn.Module, config: LoRAConfig, name: str = "") -> None:
-        super().__init__(base_layer, config, name)
-        weight = base_layer.weight
+    lora_A = property(lambda self: self.moreft_lora_lora_A[self._one()], doc="The active adapter's A.")
+    lora_B = property(lambda self: self.moreft_lora_lora_B[self._one()], doc="The active adapter's B.")
+    scaling = property(lambda self: self._scaling(self._one()), doc="The active adapter's alpha / rank.")
+
+    def _scaling(self, adapter_name: str) -> float:
+        config = self.adapter_configs[adapter_name]
+        return config.alpha / config.rank
+
+    def _new_params(self, config: LoRAConfig, adapter_name: str) -> dict[str, Tensor]:
+        weight = self.base_layer.weight
         kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
-        self.scaling = config.alpha / config.rank
-        self.lora_A = nn.Parameter(torch.empty(config.rank, self.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, config.rank, **kw))
-        self.reset_parameters()
+        return {"lora_A": torch.empty(config.rank, self.in_features, **kw),
+                "lora_B": torch.empty(self.out_features, config.rank, **kw)}
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """ΔW = 0: ``lora_A`` as ``nn.Linear`` initialises its weight, ``lora_B`` zero."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_B.zero_()
+    def _init_params(self, adapter_name: str, init_weights: bool) -> None:
+        """``lora_A`` as ``nn.Linear`` initialises its weight; ``lora_B`` zero (or alike, for ΔW != 0)."""
+        nn.init.kaiming_uniform_(self.moreft_lora_lora_A[adapter_name], a=math.sqrt(5))
+        if init_weights:
+            self.moreft_lora_lora_B[adapter_name].zero_()
+        else:
+            nn.init.kaiming_uniform_(self.moreft_lora_lora_B[adapter_name], a=math.sqrt(5))
 
-    def delta_weight(self) -> Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling  # (out, rank) @ (rank, in)
+    def _delta_weight(self, adapter_name: str) -> Tensor:
+        a, b = self.moreft_lora_lora_A[adapter_name], self.moreft_lora_lora_B[adapter_name]
+        return (b @ a) * self._scaling(adapter_name)  # (out, rank) @ (rank, in)
 
-    def adapter_forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+    def _adapter_forward(self, x: Tensor, adapter_name: str) -> Tensor:
+        a, b = self.moreft_lora_lora_A[adapter_name], self.moreft_lora_lora_B[adapter_name]
+        return F.linear(F.linear(self.adapter_dropout[adapter_name](x), a), b) * self._scaling(adapter_name)
 
-    def _delta_adder(self, dtype: torch.dtype) -> DeltaAdder:
+    def _delta_adder(self, dtype: torch.dtype, adapter_name: str) -> DeltaAdder:
         kw = {"device": self.base_layer.weight.device, "dtype": dtype}
-        return lowrank_adder(self.lora_B.detach().to(**kw), self.lora_A.detach().to(**kw), self.scaling)
+        a = self.moreft_lora_lora_A[adapter_name].detach().to(**kw)
+        b = self.moreft_lora_lora_B[adapter_name].detach().to(**kw)
+        return lowrank_adder(b, a, self._scaling(adapter_name))
 
-    def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return lora_linear(x, weight, bias, self.lora_A, self.lora_B, self.scaling)
+    def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, adapter_name: str) -> Tensor:
+        return lora_linear(x, weight, bias, self.moreft_lora_lora_A[adapter_name],
+                           self.moreft_lora_lora_B[adapter_name], self._scaling(adapter_name))

@@ -55,59 +55,84 @@ def resolve_r_hat(config: MoRAConfig, in_features: int, out_features: int, name:
 
 
 class MoRALinear(AdapterLayer):
-    """``y = base(x) + f_decomp(M · f_comp(dropout(x)))`` with a zero-initialised ``matrix``.
+    """``y = base(x) + f_decomp(M · f_comp(dropout(x)))`` with a zero-initialised ``matrix`` M.
 
-    ``sharing_layout`` is a buffer-free attribute so ReMoRA can switch it between merges.
+    Per adapter: ``mora_matrix`` (the parameter), ``mora_r_hat`` and ``mora_sharing_layout`` (a
+    plain attribute, so ReMoRA can switch it between merges).
     """
 
     method = Method.MORA
+    prefix = "mora_"
     adapter_param_names = ("matrix",)
+    other_param_names = (*AdapterLayer.other_param_names, "mora_r_hat", "mora_sharing_layout")
 
-    def __init__(self, base_layer: nn.Module, config: MoRAConfig, name: str = "") -> None:
-        super().__init__(base_layer, config, name)
-        self.r_hat = resolve_r_hat(config, self.in_features, self.out_features, name)
-        self.operator = config.operator
-        self.sharing_layout: SharingLayout = config.sharing_layout
-        weight = base_layer.weight
-        self.matrix = nn.Parameter(
-            torch.zeros(self.r_hat, self.r_hat, device=weight.device, dtype=adapter_dtype(weight)))
+    matrix = property(lambda self: self.mora_matrix[self._one()], doc="The active adapter's square matrix.")
+    r_hat = property(lambda self: self.mora_r_hat[self._one()], doc="The active adapter's r_hat.")
+    operator = property(lambda self: self.adapter_configs[self._one()].operator, doc="The active operator.")
+
+    @property
+    def sharing_layout(self) -> SharingLayout:
+        return self.mora_sharing_layout[self._one()]
+
+    @sharing_layout.setter
+    def sharing_layout(self, layout: SharingLayout) -> None:
+        self.mora_sharing_layout[self._one()] = layout
+
+    def _new_params(self, config: MoRAConfig, adapter_name: str) -> dict[str, Tensor]:
+        r_hat = resolve_r_hat(config, self.in_features, self.out_features, self.name)
+        if not hasattr(self, "mora_r_hat"):
+            self.mora_r_hat: dict[str, int] = {}
+            self.mora_sharing_layout: dict[str, SharingLayout] = {}
+        self.mora_r_hat[adapter_name] = r_hat
+        self.mora_sharing_layout[adapter_name] = config.sharing_layout
+        weight = self.base_layer.weight
+        return {"matrix": torch.empty(r_hat, r_hat, device=weight.device, dtype=adapter_dtype(weight))}
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """ΔW = 0: MoRA needs no random factor, ``matrix`` starts at zero."""
-        self.matrix.zero_()
+    def _init_params(self, adapter_name: str, init_weights: bool) -> None:
+        """MoRA needs no random factor: ``matrix`` starts at zero (random, for ΔW != 0)."""
+        matrix = self.mora_matrix[adapter_name]
+        if init_weights:
+            matrix.zero_()
+        else:
+            nn.init.uniform_(matrix, -1.0 / math.sqrt(matrix.shape[0]), 1.0 / math.sqrt(matrix.shape[0]))
 
-    def delta_weight(self) -> Tensor:
-        return mora_delta_weight(self.matrix, self.in_features, self.out_features,
-                                 self.operator, self.sharing_layout)
+    def _op(self, adapter_name: str) -> tuple[MoRAOperator, SharingLayout]:
+        return self.adapter_configs[adapter_name].operator, self.mora_sharing_layout[adapter_name]
 
-    def adapter_forward(self, x: Tensor) -> Tensor:
-        return mora_reference(self.dropout(x), self.matrix, self.in_features, self.out_features,
-                              self.operator, self.sharing_layout)
+    def _delta_weight(self, adapter_name: str) -> Tensor:
+        return mora_delta_weight(self.mora_matrix[adapter_name], self.in_features, self.out_features,
+                                 *self._op(adapter_name))
 
-    def _block_form(self) -> tuple[Tensor, tuple[Span, ...]] | None:
+    def _adapter_forward(self, x: Tensor, adapter_name: str) -> Tensor:
+        return mora_reference(self.adapter_dropout[adapter_name](x), self.mora_matrix[adapter_name],
+                              self.in_features, self.out_features, *self._op(adapter_name))
+
+    def _block_form(self, adapter_name: str | None = None) -> tuple[Tensor, tuple[Span, ...]] | None:
         """``(blocks (c, r, r), spans)`` with ΔW their placement (``moreft.ops.blocks``); None for SHARING."""
-        r, m = self.r_hat, self.matrix
-        if self.operator is MoRAOperator.TRUNCATION:
+        name = self._one(adapter_name)
+        operator, m = self.adapter_configs[name].operator, self.mora_matrix[name]
+        r = m.shape[0]
+        if operator is MoRAOperator.TRUNCATION:
             return m.unsqueeze(0), truncation_spans(r)  # (1, r, r)
-        if self.operator is MoRAOperator.SHARING:
+        if operator is MoRAOperator.SHARING:
             return None
         c = math.ceil(self.in_features / r)
-        if self.operator is MoRAOperator.ROTATION:
+        if operator is MoRAOperator.ROTATION:
             cos, sin = _rotation_tables(c, r, m.device, m.dtype)  # (c, r) each
             blocks = rotate(m.unsqueeze(0), cos.unsqueeze(1), -sin.unsqueeze(1))  # (c, r, r): M·R_j
         else:
             blocks = m.unsqueeze(0).expand(c, r, r)  # (c, r, r)
         return blocks, cyclic_spans(self.in_features, self.out_features, r)
 
-    def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-        form = self._block_form()
+    def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, adapter_name: str) -> Tensor | None:
+        form = self._block_form(adapter_name)
         return None if form is None else blocks_linear(x, weight, bias, *form)
 
-    def _delta_adder(self, dtype: torch.dtype) -> DeltaAdder:
-        form = self._block_form()
+    def _delta_adder(self, dtype: torch.dtype, adapter_name: str) -> DeltaAdder:
+        form = self._block_form(adapter_name)
         if form is None:
-            return super()._delta_adder(dtype)
+            return super()._delta_adder(dtype, adapter_name)
         blocks, spans = form
         blocks = blocks.detach().to(dtype)
         dense = None
@@ -124,5 +149,6 @@ class MoRALinear(AdapterLayer):
         return add
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, r_hat={self.r_hat}, operator={self.operator.value}, "
-                f"sharing_layout={self.sharing_layout.value}")
+        layers = {a: f"r_hat={self.mora_r_hat[a]}, operator={c.operator.value}, "
+                     f"sharing_layout={self.mora_sharing_layout[a].value}" for a, c in self.adapter_configs.items()}
+        return f"{super().extra_repr()}, {layers}"

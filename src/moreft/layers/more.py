@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..config import Method, MoReConfig
 from ..errors import ConfigError
@@ -21,9 +21,10 @@ from .merging import DeltaAdder, blocked_lowrank_adder, lowrank_adder
 class MoReLinear(AdapterLayer):
     """``y = base(x) + dropout(x · ΔWᵀ)`` with ``ΔW = P1·blkdiag2·P2·blkdiag1``; no alpha.
 
-    Parameters (named as in the paper's pseudocode): ``blkdiag1 (nblocks, block_rank, in_block)``
-    applied first, Kaiming-uniform per block; ``blkdiag2 (nblocks, out_block, block_rank)``, zero,
-    so ΔW = 0 at the start. Dropout acts on the adapter output, as in the authors' code.
+    Parameters (named as in the paper's pseudocode, per adapter in ``more_blkdiag1`` /
+    ``more_blkdiag2``): ``blkdiag1 (nblocks, block_rank, in_block)`` applied first, Kaiming-uniform
+    per block; ``blkdiag2 (nblocks, out_block, block_rank)``, zero, so ΔW = 0 at the start.
+    Dropout acts on the adapter output, as in the authors' code.
 
     Raises:
         ConfigError: ``nblocks > in_features``, or ``block_rank`` above the smaller block size
@@ -31,11 +32,14 @@ class MoReLinear(AdapterLayer):
     """
 
     method = Method.MORE
+    prefix = "more_"
     adapter_param_names = ("blkdiag1", "blkdiag2")
 
-    def __init__(self, base_layer: nn.Module, config: MoReConfig, name: str = "") -> None:
-        super().__init__(base_layer, config, name)
-        n, r = config.nblocks, config.block_rank
+    blkdiag1 = property(lambda self: self.more_blkdiag1[self._one()], doc="The active adapter's blkdiag1.")
+    blkdiag2 = property(lambda self: self.more_blkdiag2[self._one()], doc="The active adapter's blkdiag2.")
+
+    def _new_params(self, config: MoReConfig, adapter_name: str) -> dict[str, Tensor]:
+        n, r, name = config.nblocks, config.block_rank, self.name
         if n > self.in_features:
             raise ConfigError(f"nblocks={n} must be <= in_features={self.in_features} of {name!r}")
         in_block, out_block = block_sizes(self.in_features, self.out_features, n)
@@ -43,37 +47,44 @@ class MoReLinear(AdapterLayer):
             raise ConfigError(f"block_rank={r} must be <= min(in_block, out_block)="
                               f"{min(in_block, out_block)} for {name!r} "
                               f"({self.in_features}->{self.out_features} in {n} blocks)")
-        weight = base_layer.weight
+        weight = self.base_layer.weight
         kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
-        self.blkdiag1 = nn.Parameter(torch.empty(n, r, in_block, **kw))
-        self.blkdiag2 = nn.Parameter(torch.empty(n, out_block, r, **kw))
-        self.reset_parameters()
+        return {"blkdiag1": torch.empty(n, r, in_block, **kw), "blkdiag2": torch.empty(n, out_block, r, **kw)}
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """ΔW = 0: Kaiming-uniform ``blkdiag1`` with each block's own fan-in, zero ``blkdiag2``."""
-        bound = 1.0 / math.sqrt(self.blkdiag1.shape[-1])  # kaiming_uniform_(a=sqrt(5)) per block
-        self.blkdiag1.uniform_(-bound, bound)
-        self.blkdiag2.zero_()
+    def _init_params(self, adapter_name: str, init_weights: bool) -> None:
+        """Kaiming-uniform ``blkdiag1`` with each block's own fan-in; ``blkdiag2`` zero (or alike, for ΔW != 0)."""
+        b1, b2 = self.more_blkdiag1[adapter_name], self.more_blkdiag2[adapter_name]
+        bound = 1.0 / math.sqrt(b1.shape[-1])  # kaiming_uniform_(a=sqrt(5)) per block
+        b1.uniform_(-bound, bound)
+        if init_weights:
+            b2.zero_()
+        else:
+            b2.uniform_(-1.0 / math.sqrt(b2.shape[-1]), 1.0 / math.sqrt(b2.shape[-1]))
 
-    def delta_weight(self) -> Tensor:
-        return more_delta_weight(self.blkdiag1, self.blkdiag2, self.in_features, self.out_features)
+    def _delta_weight(self, adapter_name: str) -> Tensor:
+        return more_delta_weight(self.more_blkdiag1[adapter_name], self.more_blkdiag2[adapter_name],
+                                 self.in_features, self.out_features)
 
-    def adapter_forward(self, x: Tensor) -> Tensor:
+    def _adapter_forward(self, x: Tensor, adapter_name: str) -> Tensor:
+        b1, b2 = self.more_blkdiag1[adapter_name], self.more_blkdiag2[adapter_name]
+        dropout = self.adapter_dropout[adapter_name]
         if use_triton(x):  # CUDA: both products and both permutations in fused Triton kernels
-            return self.dropout(more_triton(x, self.blkdiag1, self.blkdiag2, self.out_features))
-        return self.dropout(more_forward(x, self.blkdiag1, self.blkdiag2, self.out_features))
+            return dropout(more_triton(x, b1, b2, self.out_features))
+        return dropout(more_forward(x, b1, b2, self.out_features))
 
-    def _delta_adder(self, dtype: torch.dtype) -> DeltaAdder:
+    def _delta_adder(self, dtype: torch.dtype, adapter_name: str) -> DeltaAdder:
         kw = {"device": self.base_layer.weight.device, "dtype": dtype}
-        b1, b2 = self.blkdiag1.detach().to(**kw), self.blkdiag2.detach().to(**kw)
+        b1 = self.more_blkdiag1[adapter_name].detach().to(**kw)
+        b2 = self.more_blkdiag2[adapter_name].detach().to(**kw)
         b = fold_more_b(b2, self.out_features)  # (out, N·r)
         if b1.shape[0] * b1.shape[2] == self.in_features:
             return blocked_lowrank_adder(b, b1)
         return lowrank_adder(b, fold_more_a(b1, self.in_features), 1.0)
 
-    def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, adapter_name: str) -> Tensor:
+        b1, b2 = self.more_blkdiag1[adapter_name], self.more_blkdiag2[adapter_name]
         if use_triton(x):
             y = F.linear(x, weight, bias)  # (..., out); not saved by autograd, so added to in place
-            return y.add_(more_triton(x, self.blkdiag1, self.blkdiag2, self.out_features))
-        return more_linear(x, weight, bias, self.blkdiag1, self.blkdiag2)
+            return y.add_(more_triton(x, b1, b2, self.out_features))
+        return more_linear(x, weight, bias, b1, b2)

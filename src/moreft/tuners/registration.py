@@ -1,0 +1,32 @@
+"""Register moreft's methods with peft: the one import-time effect of ``import moreft``.
+
+peft dispatches on a config's ``peft_type`` through three tables in ``peft.mapping``. Its
+``PeftType`` enum cannot be extended from outside (``peft.utils.register_peft_method`` refuses
+unknown names), but the tables accept plain strings beside the enum members, and every peft entry
+point used here (``get_peft_model``, ``save_pretrained``, ``PeftModel.from_pretrained``,
+``AutoPeftModel*``, transformers' ``load_adapter``) looks types up in them. Registering is
+idempotent and adds three keys per method; it changes no existing entry.
+"""
+
+from __future__ import annotations
+
+from peft import mapping
+
+from ..config import CONFIG_CLASSES, PEFT_TYPES, Method
+from .model import LoRAModel, MoRAModel, MoReModel, MoreftTuner
+
+TUNERS: dict[Method, type[MoreftTuner]] = {Method.MORE: MoReModel, Method.MORA: MoRAModel, Method.LORA: LoRAModel}
+
+
+def register() -> None:
+    """Make ``"MORE"``, ``"MORA"`` and ``"MOREFT_LORA"`` known peft types (idempotent)."""
+    for method, tuner in TUNERS.items():
+        peft_type = PEFT_TYPES[method]
+        mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = CONFIG_CLASSES[method]
+        mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = tuner
+        mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = tuner.prefix
+
+
+def registered() -> bool:
+    """True when every moreft peft type is in peft's tables with moreft's classes."""
+    return all(mapping.PEFT_TYPE_TO_TUNER_MAPPING.get(PEFT_TYPES[m]) is t for m, t in TUNERS.items())
