@@ -147,9 +147,8 @@ def run(args: argparse.Namespace) -> int:
     if args.full:
         args.compile = args.inference = args.e2e = args.llm = True
     shapes = parse_shapes(args.shapes) if args.shapes else (QUICK_SHAPES if args.quick else FULL_SHAPES)
-    methods = _methods(args.methods, LAYER_METHODS + COMPILED_METHODS, "method(s)")
-    if args.compile and not args.methods:
-        methods += COMPILED_METHODS
+    default = LAYER_METHODS + COMPILED_METHODS if args.compile else LAYER_METHODS
+    methods = _methods(args.methods or ",".join(default), LAYER_METHODS + COMPILED_METHODS, "method(s)")
     methods = methods if "base" in methods else ("base", *methods)
     e2e_methods = _methods(args.e2e_methods, E2E_METHODS, "--e2e-methods")
     llm_methods = _methods(args.llm_methods, LLM_METHODS, "--llm-methods")
