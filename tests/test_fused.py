@@ -205,7 +205,6 @@ def test_gradcheck_blocks_function(in_f, out_f, r):
     def t(*shape):
         return torch.randn(*shape, dtype=torch.float64, generator=gen).requires_grad_(True)
 
-    spans = blocks_ops.cyclic_spans(in_f, out_f, r)
     c = -(-in_f // r)
     for tokens in (3, 2 * in_f):
         x, w = t(tokens, in_f), t(out_f, in_f)

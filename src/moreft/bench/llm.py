@@ -151,7 +151,7 @@ def bench_llm(methods: tuple[str, ...], precisions: tuple[str, ...], model_name:
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {(m, p): [] for p in precisions for m in methods}
     skipped: dict[tuple[str, str], str] = {}
     for rep in range(repeats):
-        for (m, p) in runs:
+        for (m, p), done in runs.items():
             if (m, p) in skipped:
                 continue
             cmd = [sys.executable, "-m", "moreft.bench", "--llm-child", f"{m}:{p}", "--llm-model", model_name,
@@ -164,8 +164,8 @@ def bench_llm(methods: tuple[str, ...], precisions: tuple[str, ...], model_name:
                 skipped[(m, p)] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "failed"
                 log(f"  llm {m} {p}: skipped ({skipped[(m, p)]})")
                 continue
-            runs[(m, p)].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            last = runs[(m, p)][-1]
+            done.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            last = done[-1]
             step = f"{statistics.median(last['step_s']):.2f} s/step, " if "step_s" in last else ""
             log(f"  llm {m} {p} ({rep + 1}/{repeats}): {step}peak RSS {last.get('peak_rss_mib', 0):.0f} MiB")
     rows = []

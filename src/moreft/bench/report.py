@@ -125,10 +125,11 @@ GOAL_SHARING_OVER_PEFT_LORA_E2E = 1.1
 
 
 def format_llm(res: dict[str, Any]) -> str:
-    lines = [f"\nLLM end to end: {res['model']}, all linear layers, batch {res['batch']} x seq {res['seq']}, "
-             f"median of {res['repeats']} runs x {res['steps']} steps (ratios of medians)",
-             f"{'method':<14}{'prec':<6}{'trainable':>11}{'s/step':>8}{'x peft-LoRA':>12}{'peak RSS MiB':>13}"
-             f"{'x RSS':>7}{'fwd s':>8}{'x frozen':>9}{'merged x frozen':>16}"]
+    title = (f"\nLLM end to end: {res['model']}, all linear layers, batch {res['batch']} x seq {res['seq']}, "
+             f"median of {res['repeats']} runs x {res['steps']} steps (ratios of medians)")
+    header = (f"{'method':<14}{'prec':<6}{'trainable':>11}{'s/step':>8}{'x peft-LoRA':>12}{'peak RSS MiB':>13}"
+              f"{'x RSS':>7}{'fwd s':>8}{'x frozen':>9}{'merged x frozen':>16}")
+    lines = [title, header]
     for r in res["rows"]:
         if "skipped" in r and "trainable_params" not in r:
             lines.append(f"{r['method']:<14}{r['precision']:<6}skipped: {r['skipped']}")

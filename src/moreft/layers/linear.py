@@ -14,7 +14,7 @@ def conv1d_type() -> type | None:
         try:
             from transformers.pytorch_utils import Conv1D
         except ImportError:  # transformers is a dependency, but the layers work without it
-            Conv1D = None  # noqa: N806
+            Conv1D = None
         _CONV1D.append(Conv1D)
     return _CONV1D[0]
 

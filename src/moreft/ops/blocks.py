@@ -13,7 +13,9 @@ reads input columns ``(j·r + u) mod in`` (cyclic padding) and writes output row
   (a parameter-sized temporary), which removes two of MoRA's three ``T·out·r`` products; and
 * a merge adds the blocks into ``W`` in place (:func:`add_blocks_`), with no dense ``ΔW``.
 
-SHARING sums input groups and is not of this form: it keeps its literal reference path.
+SHARING sums input groups and is not of this form: :mod:`moreft.ops.sharing` fuses it.
+Like every fused op, :func:`blocks_linear` is an autograd Function in eager mode and a custom op
+under ``torch.compile`` (:mod:`moreft.ops.dispatch`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ Forward: ``y = x Wᵀ + bias`` (the frozen layer's own GEMM), ``hᵀ = A xᵀ`` 
 backward pass), then ``y += h Bᵀ`` in place. Backward, with ``g = ∂L/∂y``: ``gBᵀ = (g B)ᵀ``,
 ``∂x = g W`` then ``∂x += gB A`` in place, ``∂A = gBᵀ x``, ``∂Bᵀ = hᵀ g``; every weight gradient
 is a ``small · big`` product, and MoRe's are cut back to its blocks by strided views. MoRA's
-operators are handled alike in :mod:`moreft.ops.blocks`.
+operators are handled alike in :mod:`moreft.ops.blocks` and :mod:`moreft.ops.sharing`.
 
 Exactness: the same products as the reference in another association order: results agree to
 rounding (fp64 to ~1e-13). The layers fall back to their literal reference path where fusing

@@ -70,14 +70,27 @@ def _view(wide: Tensor, s: Segment) -> Tensor:
     return wide[:, s.pos:s.pos + s.count * s.width].unflatten(1, (s.count, s.width))  # (T, count, width)
 
 
+def _group_sums(view: Tensor, repeat: bool) -> Tensor:
+    """Sums of a ``(T, count, width)`` view: over ``width`` (repeat, ``(T, count)``) or ``count`` (tile, ``(T, width)``).
+
+    As products with a ones vector: on CPU several times faster than ``sum`` over a short dim.
+    """
+    if repeat:
+        return torch.matmul(view, view.new_ones(view.shape[2]))  # (T, count)
+    return torch.matmul(view.new_ones(view.shape[1]), view)  # (T, width)
+
+
 def compress(wide: Tensor, segs: tuple[Segment, ...], r: int) -> Tensor:
     """``narrow (T, r)``: the sum of each group's columns of ``wide (T, width)``."""
-    narrow = wide.new_zeros(wide.shape[0], r)  # (T, r)
+    narrow = None
     for s in segs:
-        if s.repeat:
-            narrow[:, s.group:s.group + s.count] += _view(wide, s).sum(2)  # (T, count)
-        else:
-            narrow[:, s.group:s.group + s.width] += _view(wide, s).sum(1)  # (T, width)
+        part = _group_sums(_view(wide, s), s.repeat)  # (T, count) or (T, width)
+        if narrow is None and part.shape[1] == r:  # the first segment covers every group: no zeros
+            narrow = part
+            continue
+        if narrow is None:
+            narrow = wide.new_zeros(wide.shape[0], r)  # (T, r)
+        narrow[:, s.group:s.group + part.shape[1]] += part
     return narrow
 
 
