@@ -52,7 +52,7 @@ def test_gradcheck_and_reference(in_f, out_f, r, layout):
     def t(*shape):
         return torch.randn(*shape, dtype=torch.float64, generator=gen).requires_grad_(True)
 
-    for tokens in (3, 2 * in_f):  # thin: the broadcast adds; wide: through W + ΔW
+    for tokens in (3, 2 * in_f):
         x, w, m = t(tokens, in_f), t(out_f, in_f), t(r, r)
         for bias in (t(out_f), None):
             assert torch.autograd.gradcheck(lambda *args: sharing.sharing_linear(*args, layout), (x, w, bias, m),
