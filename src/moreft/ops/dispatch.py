@@ -95,11 +95,9 @@ class _Fused(torch.autograd.Function):
         return (None, *grads, None, None)
 
 
-def _grad_like(t: Tensor | None, need: bool, grad: Tensor | None) -> Tensor:
-    """A custom op returns no None: an empty tensor stands for a gradient not asked for."""
-    if need and t is not None and grad is not None:
-        return grad.contiguous()
-    return (t if t is not None else torch.empty(0)).new_empty(0)
+def _grad_or_empty(gy: Tensor, grad: Tensor | None) -> Tensor:
+    """A custom op returns no None: an empty tensor (``gy``'s dtype and device) stands for a gradient not asked for."""
+    return gy.new_empty(0) if grad is None else grad.contiguous()
 
 
 def register(impl: FusedImpl) -> FusedImpl:
@@ -116,7 +114,7 @@ def register(impl: FusedImpl) -> FusedImpl:
 
     def backward_op(gy, x, weight, bias, p1, p2, saved, ints, floats, needs):
         grads = _run_backward(impl, gy, x, weight, bias, p1, p2, saved, ints, floats, needs)
-        return [_grad_like(t, n, g) for t, n, g in zip((x, weight, bias, p1, p2), needs, grads, strict=True)]
+        return [_grad_or_empty(gy, g if n else None) for n, g in zip(needs, grads, strict=True)]
 
     def backward_fake(gy, x, weight, bias, p1, p2, saved, ints, floats, needs):
         return [t.new_empty(t.shape) if n and t is not None else gy.new_empty(0)
