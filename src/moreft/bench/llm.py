@@ -166,8 +166,10 @@ def bench_llm(methods: tuple[str, ...], precisions: tuple[str, ...], model_name:
                 continue
             done.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             last = done[-1]
-            step = f"{statistics.median(last['step_s']):.2f} s/step, " if "step_s" in last else ""
-            log(f"  llm {m} {p} ({rep + 1}/{repeats}): {step}peak RSS {last.get('peak_rss_mib', 0):.0f} MiB")
+            trained = (f"{statistics.median(last['step_s']):.2f} s/step, peak RSS {last['peak_rss_mib']:.0f} MiB"
+                       if "step_s" in last else "inference only")
+            log(f"  llm {m} {p} ({rep + 1}/{repeats}): {trained}, "
+                f"no_grad forward {statistics.median(last['forward_s']):.2f} s")
     rows = []
     for (m, p), rs in runs.items():
         row: dict[str, Any] = {"method": m, "precision": p, "runs": rs}
