@@ -127,3 +127,66 @@ def test_peak_rss_is_this_process_and_can_restart():
     del block
     if reset_peak_rss():  # Linux: the peak restarts at the current RSS, below the 64 MiB block
         assert peak_rss_mib() < grown
+
+
+def test_compiled_variants_and_inference(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["--shapes", "64x48x16", "--methods", "more-r8,more-r8-compiled,mora-sharing", "--rounds", "1",
+                 "--warmup", "1", "--no-merge", "--inference", "--threads", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    by = {r["method"]: r for r in report["shapes"][0]["rows"]}
+    assert list(by) == ["base", "more-r8", "more-r8-compiled", "mora-sharing"]
+    compiled = by["more-r8-compiled"]
+    assert "fullgraph=True" in compiled["note"] and math.isfinite(compiled["x_eager"])
+    assert compiled["trainable_params"] == by["more-r8"]["trainable_params"]
+    # SHARING's floor: three T·r² products and four group-sum passes over T·(in + out)
+    r = int(by["mora-sharing"]["note"].split("r_hat=")[1].split(",")[0])
+    assert by["mora-sharing"]["flop_floor"] == pytest.approx(1 + (6 * 16 * r * r + 2 * 16 * 112) / (4 * 16 * 64 * 48))
+    inference = report["inference"][0]
+    names = [r["what"] for r in inference["rows"]]
+    assert names[0] == "base" and {"more-r8 merged", "more-r8 no_grad", "more-r8 train-fwd",
+                                   "mora-sharing merged"} <= set(names)
+    assert all(math.isfinite(r["x_base"]) for r in inference["rows"])
+    goals_checked = {g["goal"] for g in report["goals"]}
+    assert {"MoRe r8 compiled / eager", "mora-sharing time / its FLOP floor", "more-r8 merged / frozen layer",
+            "lora no_grad / training forward"} <= goals_checked
+
+
+def make_tiny_llama(path) -> str:
+    """A 2-layer Llama (hidden 72: C3A's block size 32 does not divide it, so that peer fails)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from moreft.models import minilm_dir
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=72, intermediate_size=144, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_llm_end_to_end_skips_a_failing_peer(tmp_path):
+    out = tmp_path / "llm.json"
+    model = make_tiny_llama(tmp_path / "llama")
+    assert main(["--llm-only", "--llm-model", model, "--llm-methods", "frozen,more,peft-lora,peft-c3a",
+                 "--llm-precisions", "bf16", "--llm-batch", "2", "--llm-seq", "16", "--llm-steps", "1",
+                 "--llm-repeats", "1", "--threads", "1", "--out", str(out)]) == 0
+    llm = json.loads(out.read_text())["llm"]
+    by = {r["method"]: r for r in llm["rows"]}
+    assert list(by) == ["frozen", "more", "peft-lora", "peft-c3a"] and {r["precision"] for r in by.values()} == {"bf16"}
+    assert "step_s" not in by["frozen"] and by["frozen"]["x_frozen_forward"] == 1.0
+    more = by["more"]
+    assert more["trainable_params"] == by["peft-lora"]["trainable_params"] > 0  # 4 x r8 == LoRA r8 here
+    assert math.isfinite(more["x_peft_lora_step"]) and math.isfinite(more["x_peft_lora_rss"])
+    assert math.isfinite(more["x_frozen_merged_forward"]) and "merged_forward_s" not in by["peft-lora"]
+    assert "skipped" in by["peft-c3a"] and "trainable_params" not in by["peft-c3a"]
+
+
+def test_llm_child_refuses_an_unknown_run():
+    from moreft.bench.llm import llm_child
+
+    with pytest.raises(ValueError, match=r"unknown LLM run 'dora:fp32'"):
+        llm_child("dora:fp32", "smollm2", 1, 8, 1)

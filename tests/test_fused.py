@@ -16,15 +16,15 @@ from torch import nn
 
 from moreft import MergeError, Method, MoRAConfig, MoRAOperator
 from moreft.layers import AdapterLayer, MoRALinear
-from moreft.layers import mora as mora_layers
 from moreft.ops import blocks as blocks_ops
 from moreft.ops import fused as fused_ops
+from moreft.ops import mora_fused
+from moreft.ops import sharing as sharing_ops
 from moreft.ops.monarch import fold_factors, more_reference
 from moreft.ops.mora import mora_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FUSED_METHODS = {Method.MORE, Method.LORA}  # MoRA: every operator but SHARING
 DTYPES = [pytest.param(torch.float64, id="fp64"), pytest.param(torch.float32, id="fp32")]
 
 
@@ -42,7 +42,7 @@ def literal(layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
 
 
 def expect_fused(layer: AdapterLayer) -> bool:
-    return layer.method in FUSED_METHODS or layer.operator is not MoRAOperator.SHARING
+    return True  # every method and every MoRA operator has a fused path
 
 
 class Spy:
@@ -50,7 +50,7 @@ class Spy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
-        for module, name in ((fused_ops, "_forward"), (blocks_ops, "_forward")):
+        for module, name in ((fused_ops, "_forward"), (blocks_ops, "_forward"), (sharing_ops, "_forward")):
             original = getattr(module, name)
 
             def counted(*args, _original=original, **kwargs):
@@ -139,7 +139,7 @@ def test_eval_no_grad_and_inference_mode(case, monkeypatch):
 
 def test_mora_tables_first_built_in_inference_mode_still_train():
     case = next(c for c in CASES if c.method is Method.MORA and c.config.operator is MoRAOperator.ROTATION)
-    mora_layers._rotation_tables.cache_clear()
+    mora_fused.clear_rotation_tables()
     layer = make_layer(case)
     randomize_adapters(layer)
     x = torch.randn(3, case.in_features)
@@ -205,13 +205,12 @@ def test_gradcheck_blocks_function(in_f, out_f, r):
     def t(*shape):
         return torch.randn(*shape, dtype=torch.float64, generator=gen).requires_grad_(True)
 
-    spans = blocks_ops.cyclic_spans(in_f, out_f, r)
     c = -(-in_f // r)
     for tokens in (3, 2 * in_f):
         x, w = t(tokens, in_f), t(out_f, in_f)
         for bias in (t(out_f), None):
             assert torch.autograd.gradcheck(
-                lambda *args: blocks_ops.blocks_linear(*args, spans), (x, w, bias, t(c, r, r)), fast_mode=True)
+                lambda *args: blocks_ops.blocks_linear(*args, True), (x, w, bias, t(c, r, r)), fast_mode=True)
 
 
 @pytest.mark.parametrize("in_f,out_f,r", [(24, 24, 6), (23, 37, 6), (37, 23, 6), (20, 36, 8), (8, 64, 10),

@@ -18,8 +18,9 @@ from ..errors import ConfigError
 from ..files import atomic_write_text
 from . import report
 from .e2e import E2E_METHODS, bench_e2e, e2e_child
-from .layer import bench_merge, bench_shape
-from .variants import LAYER_METHODS
+from .layer import INFERENCE_METHODS, bench_inference, bench_merge, bench_shape
+from .llm import LLM_METHODS, PRECISIONS, bench_llm, llm_child
+from .variants import COMPILED_METHODS, LAYER_METHODS
 
 FULL_SHAPES = ((1024, 1024, 4096), (4096, 4096, 1024), (1024, 4096, 4096))  # (in, out, tokens)
 QUICK_SHAPES = ((1024, 1024, 4096),)
@@ -29,6 +30,7 @@ MERGE_ROUNDS, QUICK_MERGE_ROUNDS = 7, 3
 E2E_STEPS, QUICK_E2E_STEPS = 6, 2
 E2E_REPEATS, QUICK_E2E_REPEATS = 3, 1
 E2E_WARMUP = 2
+LLM_STEPS, LLM_REPEATS = 3, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,8 +58,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"timed steps per run (default {E2E_STEPS}; quick {QUICK_E2E_STEPS})")
     parser.add_argument("--e2e-repeats", type=int, default=None,
                         help=f"runs per method (default {E2E_REPEATS}; quick {QUICK_E2E_REPEATS})")
+    parser.add_argument("--compile", action="store_true",
+                        help=f"also time torch.compile'd variants ({','.join(COMPILED_METHODS)}) against eager")
+    parser.add_argument("--inference", action="store_true",
+                        help="also time forward-only inference per shape: merged vs frozen, no_grad vs training forward")
+    parser.add_argument("--llm", action="store_true",
+                        help="also run the SmolLM2-135M end-to-end benchmark (all linear layers, ours and peft's peers)")
+    parser.add_argument("--llm-only", action="store_true", help="only the SmolLM2-135M end-to-end benchmark")
+    parser.add_argument("--llm-methods", default=",".join(LLM_METHODS), metavar="M,...",
+                        help=f"LLM methods (default {','.join(LLM_METHODS)})")
+    parser.add_argument("--llm-precisions", default=",".join(PRECISIONS), metavar="P,...",
+                        help="fp32 and/or bf16 (autocast) (default fp32,bf16)")
+    parser.add_argument("--llm-model", default="smollm2", help="model name or local directory (default smollm2)")
+    parser.add_argument("--llm-batch", type=int, default=8, help="LLM sequences per step (default 8)")
+    parser.add_argument("--llm-seq", type=int, default=256, help="LLM tokens per sequence (default 256)")
+    parser.add_argument("--llm-steps", type=int, default=LLM_STEPS, help=f"timed LLM steps per run (default {LLM_STEPS})")
+    parser.add_argument("--llm-repeats", type=int, default=LLM_REPEATS,
+                        help=f"LLM runs per method and precision (default {LLM_REPEATS})")
+    parser.add_argument("--full", action="store_true",
+                        help="everything: all shapes and variants with --compile, --inference, merge, --e2e and --llm")
     parser.add_argument("--out", default=None, metavar="FILE.json", help="write every result as JSON")
     parser.add_argument("--e2e-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--llm-child", default=None, help=argparse.SUPPRESS)
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -111,23 +133,33 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         ConfigError: a bad shape, method name or count.
     """
-    for name in ("threads", "rounds", "warmup", "merge_size", "e2e_batch", "e2e_seq", "e2e_steps", "e2e_repeats"):
+    for name in ("threads", "rounds", "warmup", "merge_size", "e2e_batch", "e2e_seq", "e2e_steps", "e2e_repeats",
+                 "llm_batch", "llm_seq", "llm_steps", "llm_repeats"):
         _positive(name, getattr(args, name))
     torch.set_num_threads(args.threads)
     if args.e2e_child:
         print(json.dumps(e2e_child(args.e2e_child, args.e2e_batch, args.e2e_seq,
                                    args.e2e_steps or E2E_STEPS, E2E_WARMUP)))
         return 0
+    if args.llm_child:
+        print(json.dumps(llm_child(args.llm_child, args.llm_model, args.llm_batch, args.llm_seq, args.llm_steps)))
+        return 0
+    if args.full:
+        args.compile = args.inference = args.e2e = args.llm = True
     shapes = parse_shapes(args.shapes) if args.shapes else (QUICK_SHAPES if args.quick else FULL_SHAPES)
-    methods = _methods(args.methods, LAYER_METHODS, "method(s)")
+    default = LAYER_METHODS + COMPILED_METHODS if args.compile else LAYER_METHODS
+    methods = _methods(args.methods or ",".join(default), LAYER_METHODS + COMPILED_METHODS, "method(s)")
     methods = methods if "base" in methods else ("base", *methods)
     e2e_methods = _methods(args.e2e_methods, E2E_METHODS, "--e2e-methods")
+    llm_methods = _methods(args.llm_methods, LLM_METHODS, "--llm-methods")
+    precisions = _methods(args.llm_precisions, PRECISIONS, "--llm-precisions")
+    layers = not (args.e2e_only or args.llm_only)
     rounds = args.rounds or (QUICK_ROUNDS if args.quick else FULL_ROUNDS)
     out = _header(args)
-    out.update(shapes=[], goals=[])
+    out.update(shapes=[], goals=[], inference=[])
     print(f"moreft bench: {out['machine']['cpus']} CPUs, {args.threads} threads, torch {torch.__version__}, "
           f"peft {out['versions']['peft']}, load average {out['machine']['load_avg_start'][0]:.1f}", flush=True)
-    if not args.e2e_only:
+    if layers:
         for in_f, out_f, tokens in shapes:
             print(f"  timing {in_f}->{out_f}, T={tokens}: {len(methods)} variants x {rounds} rounds",
                   file=sys.stderr, flush=True)
@@ -135,6 +167,12 @@ def run(args: argparse.Namespace) -> int:
             out["shapes"].append(res)
             out["goals"] += report.goals(res)
             print(report.format_shape(res), flush=True)
+        if args.inference:
+            for in_f, out_f, tokens in shapes:
+                res = bench_inference(in_f, out_f, tokens, INFERENCE_METHODS, rounds, args.warmup)
+                out["inference"].append(res)
+                out["goals"] += report.inference_goals(res)
+                print(report.format_inference(res), flush=True)
         if out["shapes"]:
             print(f"\npeak memory: {out['shapes'][0]['rows'][0]['memory_method']} (moreft.bench.measure)")
         if not args.no_merge:
@@ -142,13 +180,19 @@ def run(args: argparse.Namespace) -> int:
             out["merge"] = bench_merge(size, QUICK_MERGE_ROUNDS if args.quick else MERGE_ROUNDS)
             out["goals"] += report.merge_goals(out["merge"])
             print(report.format_merge(out["merge"]), flush=True)
-        print(report.format_goals(out["goals"]))
-    if args.e2e or args.e2e_only:
+    if (args.e2e or args.e2e_only) and not args.llm_only:
         out["e2e"] = bench_e2e(e2e_methods, args.e2e_batch, args.e2e_seq,
                                args.e2e_steps or (QUICK_E2E_STEPS if args.quick else E2E_STEPS),
                                args.e2e_repeats or (QUICK_E2E_REPEATS if args.quick else E2E_REPEATS),
                                args.threads, lambda msg: print(msg, file=sys.stderr, flush=True))
         print(report.format_e2e(out["e2e"]))
+    if args.llm or args.llm_only:
+        out["llm"] = bench_llm(llm_methods, precisions, args.llm_model, args.llm_batch, args.llm_seq, args.llm_steps,
+                               args.llm_repeats, args.threads, lambda msg: print(msg, file=sys.stderr, flush=True))
+        out["goals"] += report.llm_goals(out["llm"])
+        print(report.format_llm(out["llm"]))
+    if out["goals"]:
+        print(report.format_goals(out["goals"]))
     out["machine"]["load_avg_end"] = os.getloadavg()
     if args.out:
         atomic_write_text(args.out, json.dumps(out, indent=1))

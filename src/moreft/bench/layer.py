@@ -38,10 +38,15 @@ def bench_shape(in_f: int, out_f: int, tokens: int, methods: tuple[str, ...], ro
         median ratio), ``x_floor`` (``x_base / flop_floor``), ``extra_peak_mib`` (over the base
         layer) and ``x_peft_lora`` (paired median ratio).
     """
+    if any(m.endswith("-compiled") for m in methods):
+        torch._dynamo.reset()  # every shape compiles afresh (and stays under dynamo's recompile limit)
     variants = build_variants(in_f, out_f, tokens, methods, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(tokens, in_f, generator=gen).requires_grad_(True)  # as inside a network
     g = torch.randn(tokens, out_f, generator=gen)
+    for v in variants:
+        if v.name.endswith("-compiled"):  # compile before the memory step, outside the profiler
+            _runner(v, x, g)()
     memory = {v.name: peak_step_memory(v.module, x, g) for v in variants}
     times = interleaved_times({v.name: _runner(v, x, g) for v in variants}, rounds, warmup, seed=seed)
     rows = []
@@ -58,6 +63,11 @@ def bench_shape(in_f: int, out_f: int, tokens: int, methods: tuple[str, ...], ro
             row["extra_peak_mib"] = (peak - memory["base"][0]) / MIB
         if "peft-lora" in times:
             row["x_peft_lora"] = paired_ratio(t, times["peft-lora"])
+        eager = v.name.removesuffix("-compiled")
+        if eager != v.name and eager in times:
+            row["x_eager"] = paired_ratio(t, times[eager])
+        if "peft-lora-compiled" in times:
+            row["x_peft_lora_compiled"] = paired_ratio(t, times["peft-lora-compiled"])
         rows.append(row)
     return {"in": in_f, "out": out_f, "tokens": tokens, "rounds": rounds, "rows": rows}
 
@@ -98,3 +108,45 @@ def bench_merge(size: int, rounds: int, seed: int = 0) -> dict[str, Any]:
     return {"size": size, "rounds": rounds,
             "rows": [{"what": k, "median_ms": statistics.median(t) * MS / 2, "x_add": paired_ratio(t, ref)}
                      for k, t in times.items()]}
+
+
+INFERENCE_METHODS = ("lora", "more-r8", "mora", "mora-sharing")
+
+
+def bench_inference(in_f: int, out_f: int, tokens: int, methods: tuple[str, ...], rounds: int, warmup: int,
+                    seed: int = 0) -> dict[str, Any]:
+    """Forward-only times of a layer: merged and unmerged adapters against the frozen layer, interleaved.
+
+    Per method: ``merged`` (``layer.merge()``, then ``no_grad``: what serving runs), ``no_grad``
+    (unmerged, the inference path) and ``train-fwd`` (unmerged, grad mode on, ``x`` requiring grad:
+    the training forward, graph built and dropped). ``x base`` is the paired ratio over the frozen
+    layer's ``no_grad`` forward; ``x train-fwd`` (``no_grad`` rows) over the same method's training forward.
+    """
+    variants = build_variants(in_f, out_f, tokens, ("base", *methods), seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(tokens, in_f, generator=gen)
+    x_grad = x.clone().requires_grad_(True)
+
+    def forward(module: nn.Module, grad: bool) -> Callable[[], None]:
+        def run() -> None:
+            with torch.set_grad_enabled(grad):
+                module(x_grad if grad else x)
+
+        return run
+
+    runs: dict[str, Callable[[], None]] = {"base": forward(variants[0].module, False)}
+    for v in variants[1:]:
+        merged = copy.deepcopy(v.module)
+        merged.merge()
+        runs[f"{v.name} merged"] = forward(merged, False)
+        runs[f"{v.name} no_grad"] = forward(v.module, False)
+        runs[f"{v.name} train-fwd"] = forward(v.module, True)
+    times = interleaved_times(runs, rounds, warmup, seed=seed)
+    rows = []
+    for name, t in times.items():
+        row: dict[str, Any] = {"what": name, "median_ms": statistics.median(t) * MS,
+                               "x_base": paired_ratio(t, times["base"])}
+        if name.endswith(" no_grad"):
+            row["x_train_fwd"] = paired_ratio(t, times[name.replace(" no_grad", " train-fwd")])
+        rows.append(row)
+    return {"in": in_f, "out": out_f, "tokens": tokens, "rounds": rounds, "rows": rows}

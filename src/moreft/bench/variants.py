@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import LoRAConfig, MoRAConfig, MoReConfig
+from .. import LoRAConfig, MoRAConfig, MoRAOperator, MoReConfig, SharingLayout
 from ..layers import LoRALinear, MoRALinear, MoReLinear
 from ..ops.monarch import more_reference
 
@@ -26,8 +26,15 @@ MORE_NBLOCKS = 4  # the MoRe paper's default
 MORE_BLOCK_RANKS = (1, 4, 8)
 BOFT_BLOCK_SIZE = 4  # BOFT_{b=4}^{m=4}, the MoRe paper's Table 3/4 configuration
 BOFT_BUTTERFLY = 4
+MORA_OPERATORS = {"mora": (MoRAOperator.ROTATION, SharingLayout.STRIDED),  # the default operator
+                  "mora-truncation": (MoRAOperator.TRUNCATION, SharingLayout.STRIDED),
+                  "mora-sharing": (MoRAOperator.SHARING, SharingLayout.STRIDED),
+                  "mora-sharing-adjacent": (MoRAOperator.SHARING, SharingLayout.ADJACENT),
+                  "mora-decouple": (MoRAOperator.DECOUPLE, SharingLayout.STRIDED)}
 LAYER_METHODS = ("base", "lora", *(f"more-r{r}" for r in MORE_BLOCK_RANKS), "more-r8-unfused",
-                 "more-r8-paper", "mora", "peft-lora", "peft-boft")
+                 "more-r8-paper", *MORA_OPERATORS, "peft-lora", "peft-boft")
+#: ``torch.compile``d twins (``--compile``): ours with ``fullgraph=True``, peft's as peft allows.
+COMPILED_METHODS = tuple(f"{m}-compiled" for m in ("lora", "more-r8", "mora-sharing", "peft-lora"))
 ADAPTER_INIT_STD = 0.02  # nonzero adapters, as after some training (values do not change the speed)
 
 
@@ -100,9 +107,9 @@ def build_variants(in_f: int, out_f: int, tokens: int, methods: tuple[str, ...],
     Raises:
         ValueError: an unknown method name.
     """
-    unknown = [m for m in methods if m not in LAYER_METHODS]
+    unknown = [m for m in methods if m not in LAYER_METHODS + COMPILED_METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(LAYER_METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(LAYER_METHODS + COMPILED_METHODS)}")
     torch.manual_seed(seed)
     base = nn.Linear(in_f, out_f).requires_grad_(False)
     base_flops = 4.0 * tokens * in_f * out_f  # forward and input gradient
@@ -116,8 +123,31 @@ def _randomized(layer: nn.Module) -> nn.Module:
     return layer
 
 
+def compiled_variant(v: Variant) -> Variant:
+    """``v`` under ``torch.compile`` (default inductor): ``fullgraph=True`` for moreft's layers."""
+    fullgraph = not v.name.startswith("peft-")
+    module = torch.compile(v.module, fullgraph=fullgraph)
+    return Variant(f"{v.name}-compiled", module, v.params, v.flop_floor,
+                   f"{v.note}; torch.compile(fullgraph={fullgraph})")
+
+
+def mora_flop_floor(layer: MoRALinear, tokens: int, base_flops: float) -> float:
+    """1 + MoRA's FLOPs per step over the base's: three products over ΔW's non-zero blocks (forward,
+    ``∂x``, ``∂M``); for SHARING three ``T·r²`` products and four group-sum passes (``T·(in + out)`` adds each way).
+    """
+    form = layer._block_form()
+    if form is None:
+        adapter = 6.0 * tokens * layer.r_hat ** 2 + 2.0 * tokens * (layer.in_features + layer.out_features)
+    else:
+        nnz = sum(s.count * (s.row1 - s.row0) * (s.col1 - s.col0) for s in form[1])  # non-zeros of ΔW
+        adapter = 3 * 2.0 * tokens * nnz
+    return 1.0 + adapter / base_flops
+
+
 def _variant(name: str, base: nn.Linear, tokens: int, base_flops: float) -> Variant:
     out_f, in_f = base.weight.shape
+    if name.endswith("-compiled"):
+        return compiled_variant(_variant(name.removesuffix("-compiled"), base, tokens, base_flops))
     lowrank_floor = 1.0 + lowrank_flops(tokens, in_f, out_f, RANK) / base_flops
     if name == "base":
         return Variant(name, base, 0, 1.0, "frozen nn.Linear alone")
@@ -137,14 +167,13 @@ def _variant(name: str, base: nn.Linear, tokens: int, base_flops: float) -> Vari
             note += ", paper pseudocode (more_reference)"
         floor = 1.0 + lowrank_flops(tokens, in_f, out_f, r) / base_flops
         return Variant(name, module, _trainable(layer), floor, note)
-    if name == "mora":
-        layer = _randomized(MoRALinear(copy.deepcopy(base), MoRAConfig(rank=RANK)))
-        form = layer._block_form()
-        nnz = out_f * layer.r_hat if form is None else sum(
-            s.count * (s.row1 - s.row0) * (s.col1 - s.col0) for s in form[1])  # non-zeros of ΔW
-        floor = 1.0 + 3 * 2.0 * tokens * nnz / base_flops  # forward, ∂x, ∂M
-        return Variant(name, layer, _trainable(layer), floor,
-                       f"moreft MoRA rank={RANK} (r_hat={layer.r_hat}, {layer.operator.value})")
+    if name in MORA_OPERATORS:
+        operator, layout = MORA_OPERATORS[name]
+        cfg = MoRAConfig(rank=RANK, operator=operator, sharing_layout=layout)
+        layer = _randomized(MoRALinear(copy.deepcopy(base), cfg))
+        note = f"moreft MoRA rank={RANK} (r_hat={layer.r_hat}, {operator.value}"
+        note += f", {layout.value})" if operator is MoRAOperator.SHARING else ")"
+        return Variant(name, layer, _trainable(layer), mora_flop_floor(layer, tokens, base_flops), note)
     layer, note = peft_layer(copy.deepcopy(base), name.removeprefix("peft-"))
     if name == "peft-lora":
         return Variant(name, layer, _trainable(layer), lowrank_floor, note)

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor, nn
 
+_CONV1D: list[type | None] = []  # looked up once; a plain list, not functools.cache, for torch.compile
 
-@functools.cache
+
 def conv1d_type() -> type | None:
     """transformers' ``Conv1D`` class, or None without transformers."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is a dependency, but the layers work without it
-        return None
-    return Conv1D
+    if not _CONV1D:
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except ImportError:  # transformers is a dependency, but the layers work without it
+            Conv1D = None
+        _CONV1D.append(Conv1D)
+    return _CONV1D[0]
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -10,24 +9,13 @@ from torch import Tensor, nn
 
 from ..config import Method, MoRAConfig, MoRAOperator, SharingLayout
 from ..errors import ConfigError
-from ..ops.blocks import Span, add_blocks_, blocks_linear, cyclic_spans, truncation_spans
-from ..ops.mora import mora_delta_weight, mora_reference, rotate, rotation_tables
+from ..ops.blocks import Span
+from ..ops.mora import mora_delta_weight, mora_reference
+from ..ops.mora_fused import mora_blocks, mora_delta_add_, mora_linear, mora_spans
 from .base import AdapterLayer, DeltaAdder
 from .linear import adapter_dtype
 
 _BOUNDED = (MoRAOperator.TRUNCATION, MoRAOperator.SHARING)
-_TABLES_CACHED = 64
-
-
-@functools.lru_cache(maxsize=_TABLES_CACHED)
-def _rotation_tables(n_chunks: int, r: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``rotation_tables``, built once per key (constants, never written to).
-
-    Built outside inference mode even when first asked for inside it, so that a later training
-    step may save them for backward.
-    """
-    with torch.inference_mode(False):
-        return rotation_tables(n_chunks, r, device, dtype)
 
 
 def resolve_r_hat(config: MoRAConfig, in_features: int, out_features: int, name: str = "") -> int:
@@ -111,39 +99,28 @@ class MoRALinear(AdapterLayer):
     def _block_form(self, adapter_name: str | None = None) -> tuple[Tensor, tuple[Span, ...]] | None:
         """``(blocks (c, r, r), spans)`` with ΔW their placement (``moreft.ops.blocks``); None for SHARING."""
         name = self._one(adapter_name)
-        operator, m = self.adapter_configs[name].operator, self.mora_matrix[name]
-        r = m.shape[0]
-        if operator is MoRAOperator.TRUNCATION:
-            return m.unsqueeze(0), truncation_spans(r)  # (1, r, r)
-        if operator is MoRAOperator.SHARING:
+        operator = self.adapter_configs[name].operator
+        blocks = mora_blocks(self.mora_matrix[name], self.in_features, operator)
+        if blocks is None:
             return None
-        c = math.ceil(self.in_features / r)
-        if operator is MoRAOperator.ROTATION:
-            cos, sin = _rotation_tables(c, r, m.device, m.dtype)  # (c, r) each
-            blocks = rotate(m.unsqueeze(0), cos.unsqueeze(1), -sin.unsqueeze(1))  # (c, r, r): M·R_j
-        else:
-            blocks = m.unsqueeze(0).expand(c, r, r)  # (c, r, r)
-        return blocks, cyclic_spans(self.in_features, self.out_features, r)
+        return blocks, mora_spans(self.in_features, self.out_features, self.mora_r_hat[name], operator)
 
-    def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, adapter_name: str) -> Tensor | None:
-        form = self._block_form(adapter_name)
-        return None if form is None else blocks_linear(x, weight, bias, *form)
+    def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, adapter_name: str) -> Tensor:
+        return mora_linear(x, weight, bias, self.mora_matrix[adapter_name], *self._op(adapter_name))
 
     def _delta_adder(self, dtype: torch.dtype, adapter_name: str) -> DeltaAdder:
-        form = self._block_form(adapter_name)
-        if form is None:
-            return super()._delta_adder(dtype, adapter_name)
-        blocks, spans = form
-        blocks = blocks.detach().to(dtype)
+        matrix = self.mora_matrix[adapter_name].detach().to(dtype)
+        operator, layout = self._op(adapter_name)
         dense = None
 
         def add(out: Tensor, row0: int, alpha: float) -> None:
             nonlocal dense
-            if row0 == 0 and out.shape[0] == self.out_features:
-                add_blocks_(out, blocks, spans, alpha)  # the whole weight: blocks only, in place
+            if row0 == 0 and out.shape[0] == self.out_features:  # the whole weight, in place, no dense ΔW
+                mora_delta_add_(out, matrix, operator, layout, alpha)
                 return
             if dense is None:  # row chunks (low-precision weights): one dense ΔW, built once
-                dense = add_blocks_(blocks.new_zeros(self.out_features, self.in_features), blocks, spans)
+                dense = mora_delta_add_(matrix.new_zeros(self.out_features, self.in_features), matrix,
+                                        operator, layout)
             out.add_(dense[row0:row0 + out.shape[0]], alpha=alpha)
 
         return add

@@ -13,17 +13,22 @@ reads input columns ``(j·r + u) mod in`` (cyclic padding) and writes output row
   (a parameter-sized temporary), which removes two of MoRA's three ``T·out·r`` products; and
 * a merge adds the blocks into ``W`` in place (:func:`add_blocks_`), with no dense ``ΔW``.
 
-SHARING sums input groups and is not of this form: it keeps its literal reference path.
+SHARING sums input groups and is not of this form: :mod:`moreft.ops.sharing` fuses it.
+Like every fused op, :func:`blocks_linear` is an autograd Function in eager mode and a custom op
+under ``torch.compile`` (:mod:`moreft.ops.dispatch`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import dispatch
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ def cyclic_spans(in_features: int, out_features: int, r: int) -> tuple[Span, ...
     return tuple(spans)
 
 
+@functools.cache
 def truncation_spans(r: int) -> tuple[Span, ...]:
     """TRUNCATION: ``ΔW[:r, :r] = M`` and zero elsewhere (one block)."""
     return (Span(0, 1, 0, r, 0, r, 0, 0),)
@@ -145,45 +151,47 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, blocks: Tensor,
     return y
 
 
-class _BlocksLinear(torch.autograd.Function):
-    """``y = x (W + ΔW)ᵀ + bias`` with ``ΔW`` given by ``blocks (c, r, r)`` placed by ``spans``."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, blocks: Tensor,
-                spans: tuple[Span, ...]) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
-        y = _forward(x2, weight, bias, blocks, spans)
-        ctx.spans, ctx.x_shape = spans, x.shape
-        ctx.save_for_backward(x2, weight, blocks)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, gy: Tensor):
-        x2, weight, blocks = ctx.saved_tensors
-        need_x, need_w, need_bias, need_blocks = ctx.needs_input_grad[:4]
-        r = blocks.shape[-1]
-        g2 = gy.reshape(-1, gy.shape[-1])  # (T, out)
-        dx = dw = dbias = dblocks = None
-        if need_x and merged_pays(x2.shape[0], x2.shape[1]):
-            dx = (g2 @ _merged(weight, blocks, ctx.spans)).view(ctx.x_shape)  # (T, in)
-        elif need_x:
-            dx = g2 @ weight  # (T, in): what the frozen layer computes anyway
-            for s in ctx.spans:
-                _cols(dx, s, r).baddbmm_(_rows(g2, s, r), _sub(blocks, s))
-            dx = dx.view(ctx.x_shape)
-        if need_blocks:
-            dblocks = torch.zeros_like(blocks)  # (c, r, r)
-            for s in ctx.spans:
-                _sub(dblocks, s).baddbmm_(_rows(g2, s, r).transpose(1, 2), _cols(x2, s, r))
-        if need_w:
-            dw = g2.T @ x2  # (out, in)
-        if need_bias:
-            dbias = g2.sum(0)
-        return dx, dw, dbias, dblocks, None
+def spans_of(in_features: int, out_features: int, r: int, cyclic: bool) -> tuple[Span, ...]:
+    """The placement of DECOUPLE / ROTATION (``cyclic``) or TRUNCATION blocks of size ``r``."""
+    return cyclic_spans(in_features, out_features, r) if cyclic else truncation_spans(r)
 
 
-def blocks_linear(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: Tensor,
-                  spans: tuple[Span, ...]) -> Tensor:
+def _blocks_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, blocks: Tensor, _: None,
+                    ints: Sequence[int], floats: Sequence[float]) -> tuple[Tensor, Tensor]:
+    spans = spans_of(x2.shape[1], weight.shape[0], blocks.shape[-1], bool(ints[0]))
+    return _forward(x2, weight, bias, blocks, spans), x2.new_empty(0)  # nothing kept
+
+
+def _blocks_backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | None, blocks: Tensor, _: None,
+                     saved: Tensor, ints: Sequence[int], floats: Sequence[float],
+                     needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    """Gradients of ``(x2, weight, bias, blocks)``."""
+    spans = spans_of(x2.shape[1], weight.shape[0], blocks.shape[-1], bool(ints[0]))
+    need_x, need_w, need_bias, need_blocks, _ = needs
+    r = blocks.shape[-1]
+    dx = dw = dbias = dblocks = None
+    if need_x and merged_pays(x2.shape[0], x2.shape[1]):
+        dx = g2 @ _merged(weight, blocks, spans)  # (T, in)
+    elif need_x:
+        dx = g2 @ weight  # (T, in): what the frozen layer computes anyway
+        for s in spans:
+            _cols(dx, s, r).baddbmm_(_rows(g2, s, r), _sub(blocks, s))
+    if need_blocks:
+        dblocks = torch.zeros_like(blocks)  # (c, r, r)
+        for s in spans:
+            _sub(dblocks, s).baddbmm_(_rows(g2, s, r).transpose(1, 2), _cols(x2, s, r))
+    if need_w:
+        dw = g2.T @ x2  # (out, in)
+    if need_bias:
+        dbias = g2.sum(0)
+    return dx, dw, dbias, dblocks, None
+
+
+BLOCKS = dispatch.register(dispatch.FusedImpl(
+    "blocks_linear", _blocks_forward, _blocks_backward, lambda tokens, weight, blocks, _, ints: (0,)))
+
+
+def blocks_linear(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: Tensor, cyclic: bool) -> Tensor:
     """``F.linear(x, weight + ΔW, bias)`` with ``ΔW`` = ``blocks (c, r, r)`` placed by ``spans``, fused.
 
     Args:
@@ -191,14 +199,10 @@ def blocks_linear(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: Tensor
         weight: ``(out, in)`` (a transposed view is fine).
         bias: ``(out,)`` or None.
         blocks: ``(c, r, r)``; its gradient comes back in that shape.
-        spans: from :func:`cyclic_spans` or :func:`truncation_spans`.
+        cyclic: the blocks are placed by :func:`cyclic_spans` (DECOUPLE, ROTATION), else by
+            :func:`truncation_spans` (TRUNCATION, ``c = 1``).
 
     Returns:
         ``(..., out)``.
     """
-    if not torch.is_grad_enabled() or not any(
-            t is not None and t.requires_grad for t in (x, weight, bias, blocks)):
-        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
-        y = _forward(x2, weight, bias, blocks, spans)
-        return y.view(*x.shape[:-1], y.shape[-1])
-    return _BlocksLinear.apply(x, weight, bias, blocks, spans)
+    return dispatch.apply(BLOCKS, x, weight, bias, blocks, None, (int(cyclic),))

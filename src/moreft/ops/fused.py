@@ -18,7 +18,7 @@ Forward: ``y = x Wᵀ + bias`` (the frozen layer's own GEMM), ``hᵀ = A xᵀ`` 
 backward pass), then ``y += h Bᵀ`` in place. Backward, with ``g = ∂L/∂y``: ``gBᵀ = (g B)ᵀ``,
 ``∂x = g W`` then ``∂x += gB A`` in place, ``∂A = gBᵀ x``, ``∂Bᵀ = hᵀ g``; every weight gradient
 is a ``small · big`` product, and MoRe's are cut back to its blocks by strided views. MoRA's
-operators are handled alike in :mod:`moreft.ops.blocks`.
+operators are handled alike in :mod:`moreft.ops.blocks` and :mod:`moreft.ops.sharing`.
 
 Exactness: the same products as the reference in another association order: results agree to
 rounding (fp64 to ~1e-13). The layers fall back to their literal reference path where fusing
@@ -30,12 +30,14 @@ autocast, ``torch.func`` transforms, base layers with hooks or of a subclass typ
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import dispatch
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 _enabled = True
@@ -166,62 +168,69 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tens
     return y, (b_full, a_dense, h_t)
 
 
-class _LowRankLinear(torch.autograd.Function):
-    """``y = x Wᵀ + bias + x Aᵀ Bᵀ`` with a backward pass that allocates nothing token-sized but ``∂x``."""
+def _spec(ints: Sequence[int], floats: Sequence[float]) -> _Factors:
+    return _Factors(more=bool(ints[0]), scale=float(floats[0]), blocked=bool(ints[1]))
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
-                spec: _Factors) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
-        y, saved = _forward(x2, weight, bias, a, b, spec)
-        ctx.spec, ctx.x_shape = spec, x.shape
-        ctx.save_for_backward(x2, weight, a, b, *saved)
-        return y.view(*x.shape[:-1], y.shape[-1])
 
-    @staticmethod
-    def backward(ctx, gy: Tensor):
-        x2, weight, a, b, b_full, a_dense, h_t = ctx.saved_tensors
-        spec: _Factors = ctx.spec
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        g2 = gy.reshape(-1, gy.shape[-1])  # (T, out)
-        dx = dw = dbias = da = db = None
-        gb_t = _gb_t(g2, b_full) if (need_x or need_a) else None  # (k, T)
-        if need_x:
-            dx = g2 @ weight  # (T, in): what the frozen layer computes anyway
-            if spec.blocked:  # gB viewed (N, T, r)
-                _x_blocks(dx, a.shape[0]).baddbmm_(gb_t.view(a.shape[0], a.shape[1], x2.shape[0]).transpose(1, 2), a)
-            else:
-                dx.addmm_(gb_t.T, a_dense)
-            dx = dx.view(ctx.x_shape)
-        if need_a:
-            if spec.blocked:
-                da = torch.bmm(gb_t.view(a.shape[0], a.shape[1], x2.shape[0]), _x_blocks(x2, a.shape[0]))  # (N, r, I)
-            elif spec.more:
-                da_pad = x2.new_zeros(a.shape[0] * a.shape[1], a.shape[0] * a.shape[2])  # (N·r, N·I)
-                da_pad[:, :x2.shape[1]].addmm_(gb_t, x2)
-                da = more_a_grad(da_pad, a)
-            else:
-                da = gb_t @ x2  # (r, in)
-        del gb_t  # freed before ∂B's buffer is made: one fewer (k, T) buffer at the peak
-        if need_b:
-            if spec.more:
-                db_pad = x2.new_zeros(h_t.shape[0], b.shape[0] * b.shape[1])  # (N·r, N·O)
-                db_pad[:, :g2.shape[1]].addmm_(h_t, g2)
-                db = more_b_grad(db_pad, b)
-            else:
-                db = (h_t @ g2).T.mul_(spec.scale)  # (out, r)
-        if need_w:
-            dw = g2.T @ x2  # (out, in)
-        if need_bias:
-            dbias = g2.sum(0)
-        return dx, dw, dbias, da, db, None
+def _lowrank_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor | None,
+                     ints: Sequence[int], floats: Sequence[float]) -> tuple[Tensor, Tensor]:
+    y, (_, _, h_t) = _forward(x2, weight, bias, a, b, _spec(ints, floats))
+    return y, h_t  # (T, out), (k, T)
+
+
+def _lowrank_backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
+                      h_t: Tensor, ints: Sequence[int], floats: Sequence[float],
+                      needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    """Gradients of ``(x2, weight, bias, a, b)``; nothing token-sized is allocated but ``∂x``."""
+    spec = _spec(ints, floats)
+    need_x, need_w, need_bias, need_a, need_b = needs
+    if spec.more:  # the folds again: parameter-sized strided copies, cheaper than keeping them
+        b_full = fold_more_b(b, weight.shape[0])  # (out, N·r)
+        a_dense = None if spec.blocked else fold_more_a(a, x2.shape[1])  # (N·r, in)
+    else:
+        b_full, a_dense = b * spec.scale, a  # (out, r), (r, in)
+    dx = dw = dbias = da = db = None
+    gb_t = _gb_t(g2, b_full) if (need_x or need_a) else None  # (k, T)
+    if need_x:
+        dx = g2 @ weight  # (T, in): what the frozen layer computes anyway
+        if spec.blocked:  # gB viewed (N, T, r)
+            _x_blocks(dx, a.shape[0]).baddbmm_(gb_t.view(a.shape[0], a.shape[1], x2.shape[0]).transpose(1, 2), a)
+        else:
+            dx.addmm_(gb_t.T, a_dense)
+    if need_a:
+        if spec.blocked:
+            da = torch.bmm(gb_t.view(a.shape[0], a.shape[1], x2.shape[0]), _x_blocks(x2, a.shape[0]))  # (N, r, I)
+        elif spec.more:
+            da_pad = x2.new_zeros(a.shape[0] * a.shape[1], a.shape[0] * a.shape[2])  # (N·r, N·I)
+            da_pad[:, :x2.shape[1]].addmm_(gb_t, x2)
+            da = more_a_grad(da_pad, a)
+        else:
+            da = gb_t @ x2  # (r, in)
+    del gb_t  # freed before ∂B's buffer is made: one fewer (k, T) buffer at the peak
+    if need_b:
+        if spec.more:
+            db_pad = x2.new_zeros(h_t.shape[0], b.shape[0] * b.shape[1])  # (N·r, N·O)
+            db_pad[:, :g2.shape[1]].addmm_(h_t, g2)
+            db = more_b_grad(db_pad, b)
+        else:
+            db = (h_t @ g2).T.mul_(spec.scale)  # (out, r)
+    if need_w:
+        dw = g2.T @ x2  # (out, in)
+    if need_bias:
+        dbias = g2.sum(0)
+    return dx, dw, dbias, da, db
+
+
+def _saved_shape(tokens: int, weight: Tensor, a: Tensor, b: Tensor | None, ints: Sequence[int]) -> tuple[int, ...]:
+    k = a.shape[0] * a.shape[1] if ints[0] else a.shape[0]
+    return (k, tokens)  # hᵀ
+
+
+LOWRANK = dispatch.register(dispatch.FusedImpl("lowrank_linear", _lowrank_forward, _lowrank_backward, _saved_shape))
 
 
 def _apply(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, spec: _Factors) -> Tensor:
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, a, b)):
-        return _LowRankLinear.apply(x, weight, bias, a, b, spec)
-    y, _ = _forward(x.reshape(-1, x.shape[-1]), weight, bias, a, b, spec)  # no graph: nothing kept
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return dispatch.apply(LOWRANK, x, weight, bias, a, b, (int(spec.more), int(spec.blocked)), (spec.scale,))
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,

@@ -1,0 +1,101 @@
+"""MoRA's fused layer for every operator: one entry point over :mod:`.blocks` and :mod:`.sharing`.
+
+TRUNCATION, DECOUPLE and ROTATION place copies of ``c`` square blocks (``M``, or ``M·R_j`` for
+ROTATION) and run through :func:`moreft.ops.blocks.blocks_linear`; SHARING runs through
+:func:`moreft.ops.sharing.sharing_linear`. Both are exact against
+:func:`moreft.ops.mora.mora_reference` (outputs and all gradients) and run under
+``torch.compile(fullgraph=True)`` as custom ops (:mod:`moreft.ops.dispatch`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from ..config import MoRAOperator, SharingLayout
+from .blocks import Span, add_blocks_, blocks_linear, spans_of
+from .mora import rotate, rotation_tables
+from .sharing import sharing_delta_add_, sharing_linear
+
+_TABLES_CACHED = 64
+
+
+@functools.lru_cache(maxsize=_TABLES_CACHED)
+def _tables(n_chunks: int, r: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    with torch.inference_mode(False):  # a later training step may save them for backward
+        return rotation_tables(n_chunks, r, device, dtype)
+
+
+def cached_rotation_tables(n_chunks: int, r: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """:func:`moreft.ops.mora.rotation_tables`, built once per key in eager mode (constants, never written).
+
+    Under ``torch.compile`` they are built in the graph instead (constants the compiler folds), so
+    that dynamo never meets the cache.
+    """
+    if torch.compiler.is_compiling():
+        return rotation_tables(n_chunks, r, device, dtype)
+    return _tables(n_chunks, r, device, dtype)
+
+
+def clear_rotation_tables() -> None:
+    """Drop the cached tables (tests)."""
+    _tables.cache_clear()
+
+
+def mora_blocks(matrix: Tensor, in_features: int, operator: MoRAOperator) -> Tensor | None:
+    """The blocks ``(c, r, r)`` whose placement is ΔW, or None for SHARING (differentiable in ``matrix``).
+
+    TRUNCATION: ``M`` once (``c = 1``); DECOUPLE: ``M`` for each of ``c = ceil(in / r)`` chunks;
+    ROTATION: ``M·R_j`` for chunk ``j`` (Eq. 11).
+    """
+    r = matrix.shape[0]
+    if operator is MoRAOperator.TRUNCATION:
+        return matrix.unsqueeze(0)  # (1, r, r)
+    if operator is MoRAOperator.SHARING:
+        return None
+    c = math.ceil(in_features / r)
+    if operator is MoRAOperator.ROTATION:
+        cos, sin = cached_rotation_tables(c, r, matrix.device, matrix.dtype)  # (c, r) each
+        return rotate(matrix.unsqueeze(0), cos.unsqueeze(1), -sin.unsqueeze(1))  # (c, r, r): M·R_j
+    return matrix.unsqueeze(0).expand(c, r, r)  # (c, r, r)
+
+
+def mora_spans(in_features: int, out_features: int, r: int, operator: MoRAOperator) -> tuple[Span, ...] | None:
+    """Where :func:`mora_blocks` go in ΔW (``moreft.ops.blocks``); None for SHARING."""
+    if operator is MoRAOperator.SHARING:
+        return None
+    return spans_of(in_features, out_features, r, operator is not MoRAOperator.TRUNCATION)
+
+
+def mora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, operator: MoRAOperator,
+                layout: SharingLayout) -> Tensor:
+    """``F.linear(x, weight, bias) + mora_reference(x, matrix, in, out, operator, layout)``, fused.
+
+    Args:
+        x: ``(..., in)``.
+        weight: ``(out, in)`` (a transposed view is fine).
+        bias: ``(out,)`` or None.
+        matrix: ``M (r, r)``.
+        operator: any MoRA operator.
+        layout: the SHARING layout (ignored by the others).
+
+    Returns:
+        ``(..., out)``.
+    """
+    if operator is MoRAOperator.SHARING:
+        return sharing_linear(x, weight, bias, matrix, layout)
+    blocks = mora_blocks(matrix, weight.shape[1], operator)
+    return blocks_linear(x, weight, bias, blocks, operator is not MoRAOperator.TRUNCATION)
+
+
+def mora_delta_add_(weight: Tensor, matrix: Tensor, operator: MoRAOperator, layout: SharingLayout,
+                    alpha: float = 1.0) -> Tensor:
+    """``weight (out, in) += alpha · ΔW`` in place (any strides), from ``M`` with no dense ``ΔW``; returns it."""
+    if operator is MoRAOperator.SHARING:
+        return sharing_delta_add_(weight, matrix, layout, alpha)
+    out_f, in_f = weight.shape
+    blocks = mora_blocks(matrix, in_f, operator)
+    return add_blocks_(weight, blocks, mora_spans(in_f, out_f, matrix.shape[0], operator), alpha)
