@@ -49,6 +49,33 @@ class SharingLayout(str, enum.Enum):
     ADJACENT = "adjacent"
 
 
+class RHatRounding(str, enum.Enum):
+    """How MoRA's default square size ``sqrt((in + out) * rank)`` becomes an integer.
+
+    FLOOR is the paper's rule (moreft's default). ROUND is the authors' code,
+    ``int(math.sqrt((in + out) * r) + 0.5)`` (kongds/MoRA, peft-mora ``LoraLayer.update_layer``),
+    e.g. 64->64 at rank 4: 23 instead of 22.
+    """
+
+    FLOOR = "floor"
+    ROUND = "round"
+
+
+class BlockRule(str, enum.Enum):
+    """How MoRe's block shapes follow from ``(in, out, nblocks)`` (``moreft.ops.monarch.block_shapes``).
+
+    MOREFT: ``ceil(in / N)`` and ``ceil(out / N)``, all ``N`` blocks kept. OFFICIAL: the MoRe
+    repository's ``MonarchLinear`` (SprocketLab/sparse_matrix_fine_tuning, src/layers/monarch_linear.py
+    @89094ed): fully padded input blocks dropped, ``out_block = ceil(in_block * (out / in))`` in
+    floating point, ``block_rank`` not bounded by the block sizes. OFFICIAL_INT: its earlier
+    ``out_block = in_block * ceil(out / in)`` (src/models/layers/monarch_linear.py @8b2dbc5).
+    """
+
+    MOREFT = "moreft"
+    OFFICIAL = "official"
+    OFFICIAL_INT = "official-int"
+
+
 E = TypeVar("E", bound=enum.Enum)
 
 
@@ -154,11 +181,13 @@ class MoReConfig(AdapterConfig):
     method: ClassVar[Method] = Method.MORE
     nblocks: int = 4
     block_rank: int = 4
+    block_rule: BlockRule = BlockRule.MOREFT
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive_int("nblocks", self.nblocks)
         positive_int("block_rank", self.block_rank)
+        object.__setattr__(self, "block_rule", coerce_enum(BlockRule, self.block_rule, "block_rule"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,6 +197,12 @@ class MoRAConfig(AdapterConfig):
     ``r_hat`` defaults to ``floor(sqrt((in + out) * rank))`` per layer (LoRA-rank-``rank``
     parameter parity), rounded down to even for ROTATION and capped at ``min(in, out)`` for
     TRUNCATION and SHARING. An explicit ``r_hat`` is used as given and checked per layer.
+
+    The authors' code differs in three ways, each an option here: ``r_hat_rounding="round"``
+    (their ``int(sqrt(...) + 0.5)``), ``cap_r_hat=False`` (SHARING above ``min(in, out)``, as
+    their code allows) and ``sharing_output_layout`` (their ``mora_type`` 3 and 4 group the
+    inputs with one layout and the outputs with the other). ``sharing_layout`` is the input
+    grouping, and the output grouping too unless ``sharing_output_layout`` is set.
     """
 
     method: ClassVar[Method] = Method.MORA
@@ -175,6 +210,9 @@ class MoRAConfig(AdapterConfig):
     r_hat: int | None = None
     operator: MoRAOperator = MoRAOperator.ROTATION
     sharing_layout: SharingLayout = SharingLayout.STRIDED
+    sharing_output_layout: SharingLayout | None = None
+    r_hat_rounding: RHatRounding = RHatRounding.FLOOR
+    cap_r_hat: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -184,6 +222,13 @@ class MoRAConfig(AdapterConfig):
         object.__setattr__(self, "operator", coerce_enum(MoRAOperator, self.operator, "operator"))
         object.__setattr__(self, "sharing_layout",
                            coerce_enum(SharingLayout, self.sharing_layout, "sharing_layout"))
+        if self.sharing_output_layout is not None:
+            object.__setattr__(self, "sharing_output_layout", coerce_enum(
+                SharingLayout, self.sharing_output_layout, "sharing_output_layout"))
+        object.__setattr__(self, "r_hat_rounding",
+                           coerce_enum(RHatRounding, self.r_hat_rounding, "r_hat_rounding"))
+        if not isinstance(self.cap_r_hat, bool):
+            raise ConfigError(f"cap_r_hat={self.cap_r_hat!r} must be true or false")
         if self.operator is MoRAOperator.ROTATION and self.r_hat is not None and self.r_hat % 2:
             raise ConfigError(f"r_hat={self.r_hat} must be even for operator 'rotation' "
                               "(it rotates pairs of coordinates)")

@@ -11,11 +11,10 @@ from torch import Tensor, nn
 from ..config import Method, MoRAConfig, MoRAOperator, SharingLayout
 from ..errors import ConfigError
 from ..ops.blocks import Span, add_blocks_, blocks_linear, cyclic_spans, truncation_spans
-from ..ops.mora import mora_delta_weight, mora_reference, rotate, rotation_tables
+from ..ops.mora import mora_delta_weight, mora_reference, rotate, rotation_tables, square_size
 from .base import AdapterLayer, DeltaAdder
 from .linear import adapter_dtype
 
-_BOUNDED = (MoRAOperator.TRUNCATION, MoRAOperator.SHARING)
 _TABLES_CACHED = 64
 
 
@@ -31,23 +30,27 @@ def _rotation_tables(n_chunks: int, r: int, device: torch.device, dtype: torch.d
 
 
 def resolve_r_hat(config: MoRAConfig, in_features: int, out_features: int, name: str = "") -> int:
-    """The square size for one layer: explicit ``r_hat`` or ``floor(sqrt((in + out) * rank))``.
+    """The square size for one layer: explicit ``r_hat`` or ``sqrt((in + out) * rank)`` rounded.
+
+    The rounding is ``config.r_hat_rounding`` (``moreft.ops.mora.square_size``); TRUNCATION, and
+    SHARING unless ``cap_r_hat`` is false, are capped at ``min(in, out)``.
 
     Raises:
         ConfigError: an explicit ``r_hat`` above ``max(in, out)``, or above ``min(in, out)`` for
-            TRUNCATION or SHARING.
+            TRUNCATION, or SHARING with ``cap_r_hat``.
     """
     limit = min(in_features, out_features)
     if config.r_hat is not None:
         if config.r_hat > max(in_features, out_features):
             raise ConfigError(f"r_hat={config.r_hat} must be <= max(in_features, out_features)="
                               f"{max(in_features, out_features)} on {name!r}")
-        if config.operator in _BOUNDED and config.r_hat > limit:
+        if config.r_hat > limit and (config.operator is MoRAOperator.TRUNCATION or (
+                config.operator is MoRAOperator.SHARING and config.cap_r_hat)):
             raise ConfigError(f"r_hat={config.r_hat} must be <= min(in_features, out_features)={limit} "
                               f"for operator {config.operator.value!r} on {name!r}")
         return config.r_hat
-    r_hat = math.isqrt((in_features + out_features) * config.rank)
-    if config.operator in _BOUNDED:
+    r_hat = square_size(in_features, out_features, config.rank, config.r_hat_rounding)
+    if config.operator is MoRAOperator.TRUNCATION or (config.operator is MoRAOperator.SHARING and config.cap_r_hat):
         r_hat = min(r_hat, limit)
     if config.operator is MoRAOperator.ROTATION:
         r_hat = max(2, r_hat - r_hat % 2)
@@ -57,7 +60,8 @@ def resolve_r_hat(config: MoRAConfig, in_features: int, out_features: int, name:
 class MoRALinear(AdapterLayer):
     """``y = base(x) + f_decomp(M · f_comp(dropout(x)))`` with a zero-initialised ``matrix``.
 
-    ``sharing_layout`` is a buffer-free attribute so ReMoRA can switch it between merges.
+    ``sharing_layout`` (input grouping) and ``sharing_output_layout`` (output grouping) are
+    buffer-free attributes so ReMoRA can switch them between merges.
     """
 
     method = Method.MORA
@@ -68,6 +72,7 @@ class MoRALinear(AdapterLayer):
         self.r_hat = resolve_r_hat(config, self.in_features, self.out_features, name)
         self.operator = config.operator
         self.sharing_layout: SharingLayout = config.sharing_layout
+        self.sharing_output_layout: SharingLayout = config.sharing_output_layout or config.sharing_layout
         weight = base_layer.weight
         self.matrix = nn.Parameter(
             torch.zeros(self.r_hat, self.r_hat, device=weight.device, dtype=adapter_dtype(weight)))
@@ -79,11 +84,11 @@ class MoRALinear(AdapterLayer):
 
     def delta_weight(self) -> Tensor:
         return mora_delta_weight(self.matrix, self.in_features, self.out_features,
-                                 self.operator, self.sharing_layout)
+                                 self.operator, self.sharing_layout, self.sharing_output_layout)
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         return mora_reference(self.dropout(x), self.matrix, self.in_features, self.out_features,
-                              self.operator, self.sharing_layout)
+                              self.operator, self.sharing_layout, self.sharing_output_layout)
 
     def _block_form(self) -> tuple[Tensor, tuple[Span, ...]] | None:
         """``(blocks (c, r, r), spans)`` with ΔW their placement (``moreft.ops.blocks``); None for SHARING."""
@@ -125,4 +130,5 @@ class MoRALinear(AdapterLayer):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r_hat={self.r_hat}, operator={self.operator.value}, "
-                f"sharing_layout={self.sharing_layout.value}")
+                f"sharing_layout={self.sharing_layout.value}, "
+                f"sharing_output_layout={self.sharing_output_layout.value}")
