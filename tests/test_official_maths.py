@@ -170,3 +170,24 @@ def test_official_rule_allows_block_rank_above_block_size_and_default_refuses_it
         MoReLinear(nn.Linear(12, 12), MoReConfig(nblocks=4, block_rank=5))
     layer = MoReLinear(nn.Linear(12, 12), MoReConfig(nblocks=4, block_rank=5, block_rule="official"))
     assert layer.blkdiag1.shape == (4, 5, 3)
+
+
+def test_export_lora_of_an_official_rule_layer_with_dropped_blocks_is_exact(tmp_path):
+    """20 inputs in 8 blocks keep 7 (official rule); the export pads to rank nblocks * block_rank."""
+    from conftest import TinyNet, randomize_adapters
+
+    import moreft
+
+    torch.manual_seed(0)
+    net = moreft.inject(TinyNet(20, 36), MoReConfig(target_modules=("lin",), nblocks=8, block_rank=2,
+                                                    block_rule="official"))
+    randomize_adapters(net)
+    report = moreft.export_lora(net, tmp_path / "lora")
+    assert report.rank == 16 and report.max_relative_error == 0.0
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    peft_model = PeftModel.from_pretrained(TinyNet(20, 36), str(tmp_path / "lora"))
+    x = torch.randn(3, 20)
+    with torch.no_grad():
+        assert_close(peft_model(x), net(x), rtol=1e-5, atol=1e-6)

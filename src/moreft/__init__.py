@@ -9,11 +9,13 @@
 
 from .config import (
     AdapterConfig,
+    BlockRule,
     LoRAConfig,
     Method,
     MoRAConfig,
     MoRAOperator,
     MoReConfig,
+    RHatRounding,
     SharingLayout,
     config_from_dict,
 )
@@ -34,7 +36,7 @@ from .state import load_adapter, read_adapter_config, save_adapter
 from .version import __version__
 
 __all__ = [
-    "AdapterConfig", "AdapterFileError", "AdapterLayer", "AdapterModule", "ConfigError", "ExportReport",
+    "AdapterConfig", "AdapterFileError", "BlockRule", "RHatRounding", "AdapterLayer", "AdapterModule", "ConfigError", "ExportReport",
     "LoRAConfig", "LoRALinear", "MergeError", "Method", "MoRAConfig", "MoRALinear", "MoRAOperator",
     "MoReConfig", "MoReLinear", "MoreftError", "ParameterCounts", "SharingLayout", "TargetError",
     "__version__", "adapter_config", "adapter_layers", "config_from_dict", "eject", "export_lora",
