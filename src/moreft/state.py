@@ -199,7 +199,7 @@ def _check_model_fits(model: nn.Module, meta: dict[str, Any], config: AdapterCon
                                    f"{len(meta['modules'])} modules")
         # Hyperparameters the tensor shapes do not pin down (LoRA alpha, MoRA operator) change
         # what the loaded tensors mean, so they must agree too.
-        ignored = {"target_modules", "modules_to_save", "dropout", "sharing_layout"}
+        ignored = {"target_modules", "modules_to_save", "dropout", "sharing_layout", "sharing_output_layout"}
         ours, theirs = current.to_dict(), config.to_dict()
         differ = sorted(k for k in theirs if k not in ignored and ours.get(k) != theirs[k])
         if differ:
