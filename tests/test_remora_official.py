@@ -28,9 +28,12 @@ TYPE_OF = {(S, S): 1, (A, A): 2, (A, S): 3, (S, A): 4}
 def ours(scheduler_type, lr, max_steps, warmup_steps, merge_every, restart_warmup):
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=lr)
-    scheduler = transformers.get_scheduler(scheduler_type, optimizer=optimizer, num_warmup_steps=warmup_steps,
-                                           num_training_steps=max_steps)
-    scheduler.lr_lambdas = [official_restarts(scheduler.lr_lambdas[0], merge_every, restart_warmup, max_steps)]
+    scheduler = transformers.get_scheduler(
+        scheduler_type, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps
+    )
+    scheduler.lr_lambdas = [
+        official_restarts(scheduler.lr_lambdas[0], merge_every, restart_warmup, max_steps)
+    ]
     scheduler.last_epoch = -1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -43,10 +46,20 @@ def ours(scheduler_type, lr, max_steps, warmup_steps, merge_every, restart_warmu
     return used
 
 
-@pytest.mark.parametrize(("kind", "max_steps", "warmup", "merge_every", "restart_warmup"), [
-    ("linear", 200, 10, 50, 50), ("linear", 230, 0, 60, 20), ("linear", 120, 5, 25, 10),
-    ("cosine", 300, 30, 100, 50), ("cosine", 101, 3, 20, 7), ("linear", 40, 2, 10, 50)])
-def test_official_schedule_restart_matches_their_callback(kind, max_steps, warmup, merge_every, restart_warmup):
+@pytest.mark.parametrize(
+    ("kind", "max_steps", "warmup", "merge_every", "restart_warmup"),
+    [
+        ("linear", 200, 10, 50, 50),
+        ("linear", 230, 0, 60, 20),
+        ("linear", 120, 5, 25, 10),
+        ("cosine", 300, 30, 100, 50),
+        ("cosine", 101, 3, 20, 7),
+        ("linear", 40, 2, 10, 50),
+    ],
+)
+def test_official_schedule_restart_matches_their_callback(
+    kind, max_steps, warmup, merge_every, restart_warmup
+):
     expected = kongds_remora.learning_rates(kind, 1e-3, max_steps, warmup, merge_every, restart_warmup)
     got = ours(kind, 1e-3, max_steps, warmup, merge_every, restart_warmup)
     assert got == pytest.approx(expected, rel=1e-12, abs=1e-18)
@@ -61,13 +74,15 @@ def test_official_schedule_needs_a_warmup_decay_schedule():
         official_restarts(constant.lr_lambdas[0], 10, 5, 100)
 
 
-@pytest.mark.parametrize(("cycle", "types"), [(RemoraCycle.FOUR, [1, 2, 3, 4, 1, 2]),
-                                              (RemoraCycle.ALTERNATE, [1, 2, 1, 2, 1, 2])])
+@pytest.mark.parametrize(
+    ("cycle", "types"), [(RemoraCycle.FOUR, [1, 2, 3, 4, 1, 2]), (RemoraCycle.ALTERNATE, [1, 2, 1, 2, 1, 2])]
+)
 def test_cycle_steps_through_their_mora_types_and_merges_their_delta(cycle, types):
     torch.manual_seed(0)
     net = TinyNet(23, 37, dtype=torch.float64)
-    config = moreft.MoRAConfig(target_modules=("lin",), rank=2, operator="sharing", r_hat_rounding="round",
-                               cap_r_hat=False)
+    config = moreft.MoRAConfig(
+        target_modules=("lin",), rank=2, operator="sharing", r_hat_rounding="round", cap_r_hat=False
+    )
     moreft.inject(net, config)
     layer = moreft.adapter_layers(net)["lin"]
     seen = []
@@ -90,14 +105,17 @@ def test_cycle_steps_through_their_mora_types_and_merges_their_delta(cycle, type
 
 def test_official_callback_drops_all_optimizer_state_and_jagged_only_the_adapters(tmp_path):
     torch.manual_seed(0)
-    net = moreft.inject(TinyNet(8, 8), moreft.LoRAConfig(target_modules=("lin",), rank=2,
-                                                          modules_to_save=("head",)))
+    net = moreft.inject(
+        TinyNet(8, 8), moreft.LoRAConfig(target_modules=("lin",), rank=2, modules_to_save=("head",))
+    )
     for official, kept in ((True, 0), (False, 2)):  # the head's weight and bias keep their moments
         opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
         net(torch.randn(4, 8)).sum().backward()
         opt.step()
         callback = MergeReinitCallback(2, 1, tmp_path, official_schedule=official)
-        callback.on_step_end(None, SimpleNamespace(global_step=2, max_steps=10), None, model=net, optimizer=opt)
+        callback.on_step_end(
+            None, SimpleNamespace(global_step=2, max_steps=10), None, model=net, optimizer=opt
+        )
         assert len(opt.state) == kept
 
 
@@ -119,15 +137,42 @@ def test_train_config_options_and_defaults(tmp_path):
 def test_official_remora_run_logs_their_learning_rates(tmp_path):
     """A real ``moreft train`` run (tiny BERT, MoRA sharing, linear schedule): logged lrs are the oracle's."""
     model = make_tiny_bert(tmp_path / "bert")
-    config = resolve_config(None, {
-        "task": "sentiment", "model": model, "method": "mora", "operator": "sharing", "rank": 2,
-        "r_hat_rounding": "round", "cap_r_hat": False, "max_steps": 9, "batch_size": 8, "max_examples": 120,
-        "eval_examples": 8, "max_length": 32, "lr": 1e-2, "log_every": 1, "lr_scheduler": "linear",
-        "warmup_steps": 1, "merge_every": 3, "merge_warmup": 2, "merge_schedule": "official", "merge_cycle": "four",
-        "output_dir": str(tmp_path / "runs"), "progress": False})
+    config = resolve_config(
+        None,
+        {
+            "task": "sentiment",
+            "model": model,
+            "method": "mora",
+            "operator": "sharing",
+            "rank": 2,
+            "r_hat_rounding": "round",
+            "cap_r_hat": False,
+            "max_steps": 9,
+            "batch_size": 8,
+            "max_examples": 120,
+            "eval_examples": 8,
+            "max_length": 32,
+            "lr": 1e-2,
+            "log_every": 1,
+            "lr_scheduler": "linear",
+            "warmup_steps": 1,
+            "merge_every": 3,
+            "merge_warmup": 2,
+            "merge_schedule": "official",
+            "merge_cycle": "four",
+            "output_dir": str(tmp_path / "runs"),
+            "progress": False,
+        },
+    )
     run = train(config, quiet=True).run_dir
-    logged = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    logged = {
+        r["step"]: r["lr"]
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if "lr" in r
+    }
     expected = kongds_remora.learning_rates("linear", 1e-2, 9, 1, 3, 2)
     assert [logged[s] for s in range(1, 10)] == pytest.approx(expected, rel=1e-9)  # update s ran at logged[s]
     state = json.loads((run / "adapter" / "adapter_config.json").read_text())["layer_state"]
-    assert {tuple(v.values()) for v in state.values()} == {("adjacent", "strided")}  # type 3 after merges at 3, 6
+    assert {tuple(v.values()) for v in state.values()} == {
+        ("adjacent", "strided")
+    }  # type 3 after merges at 3, 6

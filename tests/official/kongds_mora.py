@@ -32,7 +32,9 @@ def _uneven(width: int, r: int) -> tuple[int, int, int, int]:
     return mr, nr, m, n
 
 
-def _rope_tables(r: int, chunks: int, dtype: torch.dtype, table_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+def _rope_tables(
+    r: int, chunks: int, dtype: torch.dtype, table_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor]:
     """``inv_freq = 1 / 10000 ** (arange(0, r, 2).float() / r)``; ``t = arange(rb1)``; cat(freqs, freqs)."""
     work = torch.float32 if table_dtype is None else table_dtype
     inv_freq = 1.0 / (10000 ** (torch.arange(0, r, 2, dtype=work) / r))
@@ -41,8 +43,9 @@ def _rope_tables(r: int, chunks: int, dtype: torch.dtype, table_dtype: torch.dty
     return emb.cos().unsqueeze(0).to(dtype), emb.sin().unsqueeze(0).to(dtype)  # (1, chunks, r)
 
 
-def apply_mora(x: Tensor, weight: Tensor, in_f: int, out_f: int, mora_type: int,
-               table_dtype: torch.dtype | None = None) -> Tensor:
+def apply_mora(
+    x: Tensor, weight: Tensor, in_f: int, out_f: int, mora_type: int, table_dtype: torch.dtype | None = None
+) -> Tensor:
     """``LoraLayer._apply_mora``: compress, ``lora_A`` (an ``nn.Linear(r, r)``: ``y = in_x @ W.T``), decompress."""
     r = weight.shape[0]
     # -- compress ----------------------------------------------------------------------------
@@ -56,8 +59,8 @@ def apply_mora(x: Tensor, weight: Tensor, in_f: int, out_f: int, mora_type: int,
     elif mora_type in (2, 3):
         mr, nr, m, n = _uneven(in_f, r)
         if m > 0:
-            x_m = x[..., :m * mr].reshape(*x.shape[:-1], m, mr).sum(dim=-1)
-            x_n = x[..., m * mr:].reshape(*x.shape[:-1], n, nr).sum(dim=-1)
+            x_m = x[..., : m * mr].reshape(*x.shape[:-1], m, mr).sum(dim=-1)
+            x_n = x[..., m * mr :].reshape(*x.shape[:-1], n, nr).sum(dim=-1)
             in_x = torch.cat([x_m, x_n], dim=-1)
         else:
             in_x = x.reshape(*x.shape[:-1], n, nr).sum(dim=-1)
@@ -70,7 +73,7 @@ def apply_mora(x: Tensor, weight: Tensor, in_f: int, out_f: int, mora_type: int,
             sum_inter += 1
         in_x = x.view(*x.shape[:-1], sum_inter, r)
         cos, sin = _rope_tables(r, rb1, x.dtype, table_dtype)
-        rh_in_x = torch.cat((-in_x[..., r // 2:], in_x[..., :r // 2]), dim=-1)
+        rh_in_x = torch.cat((-in_x[..., r // 2 :], in_x[..., : r // 2]), dim=-1)
         in_x = in_x * cos + rh_in_x * sin
     else:
         raise ValueError(f"mora_type {mora_type} has no forward in the official code")
@@ -82,8 +85,13 @@ def apply_mora(x: Tensor, weight: Tensor, in_f: int, out_f: int, mora_type: int,
     if mora_type in (2, 4):
         mr, nr, m, n = _uneven(out_f, r)
         if m > 0:
-            return torch.cat([torch.repeat_interleave(out_x[..., :m], mr, dim=-1),
-                              torch.repeat_interleave(out_x[..., m:], nr, dim=-1)], dim=-1)
+            return torch.cat(
+                [
+                    torch.repeat_interleave(out_x[..., :m], mr, dim=-1),
+                    torch.repeat_interleave(out_x[..., m:], nr, dim=-1),
+                ],
+                dim=-1,
+            )
         return torch.repeat_interleave(out_x, nr, dim=-1)
     out_x = out_x.reshape(*x.shape[:-1], -1)[..., :out_f]  # type 6: flatten the chunks
     if out_x.shape[-1] < out_f:
@@ -106,11 +114,14 @@ def _uneven_repeat(w: Tensor, width: int, dim: int) -> Tensor:
     r = w.shape[dim]
     mr, nr, m, _ = _uneven(width, r)
     head, tail = w.narrow(dim, 0, m), w.narrow(dim, m, r - m)
-    return torch.cat([torch.repeat_interleave(head, mr, dim=dim), torch.repeat_interleave(tail, nr, dim=dim)], dim=dim)
+    return torch.cat(
+        [torch.repeat_interleave(head, mr, dim=dim), torch.repeat_interleave(tail, nr, dim=dim)], dim=dim
+    )
 
 
-def delta_weight(weight: Tensor, in_f: int, out_f: int, mora_type: int,
-                 table_dtype: torch.dtype | None = None) -> Tensor:
+def delta_weight(
+    weight: Tensor, in_f: int, out_f: int, mora_type: int, table_dtype: torch.dtype | None = None
+) -> Tensor:
     """``Linear.get_delta_weight`` for ``use_mora``: the dense ``(out, in)`` update merged into W."""
     aw = weight
     r = aw.shape[0]
@@ -133,14 +144,14 @@ def delta_weight(weight: Tensor, in_f: int, out_f: int, mora_type: int,
     rb1 = in_f // r if in_f % r == 0 else in_f // r + 1
     rb2 = out_f // r if out_f % r == 0 else out_f // r + 1
     cos, sin = _rope_tables(r, rb1, aw.dtype, table_dtype)
-    aw2 = torch.cat((aw[:, r // 2:], -aw[:, :r // 2]), dim=-1)
+    aw2 = torch.cat((aw[:, r // 2 :], -aw[:, : r // 2]), dim=-1)
     for i in range(rb1 - 1):
-        w[i * r:(i + 1) * r, i * r:(i + 1) * r] = aw2 * sin[:, i] + aw * cos[:, i]
+        w[i * r : (i + 1) * r, i * r : (i + 1) * r] = aw2 * sin[:, i] + aw * cos[:, i]
     i = rb1 - 1
     block = aw2 * sin[:, i] + aw * cos[:, i]
-    w[i * r:, i * r:] = block[:, :r - pad_size]
+    w[i * r :, i * r :] = block[:, : r - pad_size]
     if pad_size > 0:
-        w[i * r:, :pad_size] = block[:, r - pad_size:]  # assigned, as there (added in the forward)
+        w[i * r :, :pad_size] = block[:, r - pad_size :]  # assigned, as there (added in the forward)
     if in_f < out_f:
         return torch.cat([w] * rb2, dim=0)[:out_f]
     return w[:out_f]

@@ -20,20 +20,27 @@ import transformers
 CYCLE = {4: {1: 2, 2: 3, 3: 4, 4: 1}, 2: {1: 2, 2: 1}}
 
 
-def learning_rates(scheduler_type: str, lr: float, max_steps: int, warmup_steps: int, merge_every: int,
-                   restart_warmup: int = 50) -> list[float]:
+def learning_rates(
+    scheduler_type: str,
+    lr: float,
+    max_steps: int,
+    warmup_steps: int,
+    merge_every: int,
+    restart_warmup: int = 50,
+) -> list[float]:
     """The lr of updates 1..max_steps under the official callback (HF Trainer order of calls)."""
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=lr)
-    scheduler = transformers.get_scheduler(scheduler_type, optimizer=optimizer, num_warmup_steps=warmup_steps,
-                                           num_training_steps=max_steps)
+    scheduler = transformers.get_scheduler(
+        scheduler_type, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps
+    )
     used = []
     for global_step in range(1, max_steps + 1):
         used.append(optimizer.param_groups[0]["lr"])
         optimizer.step()  # runs at that lr
         scheduler.step()  # Trainer: lr_scheduler.step(), then global_step += 1, then on_step_end
         if global_step % merge_every == 0 and global_step > 0:
-            _, _, (func, args, keywords, namespace) = scheduler.lr_lambdas[0].__reduce__()
+            _, _, (_func, _args, keywords, _namespace) = scheduler.lr_lambdas[0].__reduce__()
             keywords["num_warmup_steps"] = restart_warmup
             keywords["num_training_steps"] = max_steps - global_step
             scheduler._step_count = 0

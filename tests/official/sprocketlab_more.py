@@ -27,13 +27,13 @@ from torch import Tensor
 
 def block_shapes(in_f: int, out_f: int, nblocks: int, float_align: bool = True) -> tuple[int, int, int]:
     """``(nblocks, in_blksz, out_blksz)`` as ``MonarchLinear.__init__`` leaves them."""
-    in_blksz = int(math.ceil(in_f / nblocks))
+    in_blksz = int(math.ceil(in_f / nblocks))  # noqa: RUF046 - their expression
     if nblocks * in_blksz > in_f or nblocks * in_blksz < in_f:
         nblocks = (in_f + in_blksz - 1) // in_blksz
     if float_align:
         out_blksz = math.ceil(in_blksz * (out_f / in_f))
     else:
-        out_blksz = in_blksz * int(math.ceil(out_f / in_f))
+        out_blksz = in_blksz * int(math.ceil(out_f / in_f))  # noqa: RUF046 - their expression
     return nblocks, in_blksz, out_blksz
 
 
@@ -46,7 +46,9 @@ def butterfly_multiply(x: Tensor, w1_bfly: Tensor, w2_bfly: Tensor) -> Tensor:
     assert nblocks1 * blk1_in == n and nblocks2 * blk2_in == nblocks1 * blk1_out
     x_reshaped = x.reshape(seq_dim, nblocks1, blk1_in).transpose(0, 1)
     out1 = torch.bmm(x_reshaped, w1_bfly.transpose(-1, -2))  # (nblocks1, seq, blk1_out)
-    out1 = out1.transpose(0, 1).reshape(seq_dim, blk2_in, nblocks2).permute(2, 0, 1)  # (nblocks2, seq, blk2_in)
+    out1 = (
+        out1.transpose(0, 1).reshape(seq_dim, blk2_in, nblocks2).permute(2, 0, 1)
+    )  # (nblocks2, seq, blk2_in)
     out2 = torch.bmm(out1, w2_bfly.transpose(-1, -2))  # (nblocks2, seq, blk2_out)
     return out2.permute(1, 2, 0).reshape(*batch_shape, blk2_out * nblocks2)
 

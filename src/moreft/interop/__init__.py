@@ -34,8 +34,12 @@ class Source(str, enum.Enum):
     SPROCKETLAB_MORE = "sprocketlab-more"
 
 
-def read(source: Source | str, path: str | os.PathLike, allow_bin: bool = False,
-         modules_to_save: tuple[str, ...] = ()) -> Imported:
+def read(
+    source: Source | str,
+    path: str | os.PathLike,
+    allow_bin: bool = False,
+    modules_to_save: tuple[str, ...] = (),
+) -> Imported:
     """Read a foreign adapter file (see :class:`Source`), not yet tied to a model.
 
     Raises:
@@ -45,13 +49,20 @@ def read(source: Source | str, path: str | os.PathLike, allow_bin: bool = False,
     source = coerce_enum(Source, source, "source")
     if source is Source.KONGDS_MORA:
         if modules_to_save:
-            raise ConfigError("modules_to_save cannot be given for kongds-mora: its adapter_config.json names them")
+            raise ConfigError(
+                "modules_to_save cannot be given for kongds-mora: its adapter_config.json names them"
+            )
         return kongds_mora.read(path, allow_bin)
     return sprocketlab_more.read(path, allow_bin, tuple(modules_to_save))
 
 
-def load_official(model: nn.Module, source: Source | str, path: str | os.PathLike, allow_bin: bool = False,
-                  modules_to_save: tuple[str, ...] = ()) -> ImportReport:
+def load_official(
+    model: nn.Module,
+    source: Source | str,
+    path: str | os.PathLike,
+    allow_bin: bool = False,
+    modules_to_save: tuple[str, ...] = (),
+) -> ImportReport:
     """Inject and load a foreign adapter into ``model`` (outputs equal to the authors' code's).
 
     Raises:
@@ -60,9 +71,14 @@ def load_official(model: nn.Module, source: Source | str, path: str | os.PathLik
     return load_imported(model, read(source, path, allow_bin, modules_to_save))
 
 
-def convert(source: Source | str, path: str | os.PathLike, out: str | os.PathLike,
-            base: str | os.PathLike | None = None, allow_bin: bool = False,
-            modules_to_save: tuple[str, ...] = ()) -> ImportReport:
+def convert(
+    source: Source | str,
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    allow_bin: bool = False,
+    modules_to_save: tuple[str, ...] = (),
+) -> ImportReport:
     """Write a foreign adapter as a moreft adapter directory (``moreft.load_adapter`` reads it).
 
     Only the base model's ``config.json`` is read (its layers are built on the ``meta`` device).

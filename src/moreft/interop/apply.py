@@ -32,10 +32,13 @@ class ImportReport:
 
     def lines(self) -> list[str]:
         """Human-readable lines, as ``moreft convert`` prints them."""
-        out = [f"source: {self.source} ({self.path}), {self.layers} adapted layers",
-               f"moreft config: {self.config.method.value} "
-               + ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items()
-                           if k not in ("method", "target_modules"))]
+        out = [
+            f"source: {self.source} ({self.path}), {self.layers} adapted layers",
+            f"moreft config: {self.config.method.value} "
+            + ", ".join(
+                f"{k}={v}" for k, v in self.config.to_dict().items() if k not in ("method", "target_modules")
+            ),
+        ]
         out += [f"option: {line}" for line in self.options] + [f"note: {line}" for line in self.notes]
         if self.written:
             out.append(f"wrote {self.written} (adapter_model.safetensors + adapter_config.json)")
@@ -49,8 +52,10 @@ def _layer_shapes(model: nn.Module, imported: Imported) -> dict[str, tuple[int, 
         module = modules.get(name)
         if module is None or not is_linear(module):
             what = "no such module" if module is None else type(module).__name__
-            raise AdapterFileError(f"{imported.path!r} adapts {name!r}, which is not a linear layer of this base "
-                                   f"model ({what}); the file belongs to another model")
+            raise AdapterFileError(
+                f"{imported.path!r} adapts {name!r}, which is not a linear layer of this base "
+                f"model ({what}); the file belongs to another model"
+            )
         shapes[name] = linear_shape(module)
     return shapes
 
@@ -64,8 +69,10 @@ def _check_shapes(imported: Imported, config: AdapterConfig, shapes: dict[str, t
         for name, tensor in params.items():
             expected = implied.get(f"{module}.{name}")
             if expected != tuple(tensor.shape):
-                raise AdapterFileError(f"{imported.path!r}: {module}.{name} has shape {list(tensor.shape)} but the "
-                                       f"chosen config builds {list(expected) if expected else 'no such tensor'}")
+                raise AdapterFileError(
+                    f"{imported.path!r}: {module}.{name} has shape {list(tensor.shape)} but the "
+                    f"chosen config builds {list(expected) if expected else 'no such tensor'}"
+                )
 
 
 @torch.no_grad()
@@ -76,7 +83,9 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         module = model.get_submodule(module_name)
         old = module._parameters[leaf]
         if old.is_meta:
-            module._parameters[leaf] = nn.Parameter(value.to(old.dtype).clone(), requires_grad=old.requires_grad)
+            module._parameters[leaf] = nn.Parameter(
+                value.to(old.dtype).clone(), requires_grad=old.requires_grad
+            )
         else:
             old.copy_(value.to(device=old.device, dtype=old.dtype))
 
@@ -92,23 +101,31 @@ def load_imported(model: nn.Module, imported: Imported) -> ImportReport:
             fit no moreft config on this model.
     """
     if adapter_layers(model):
-        raise AdapterFileError("the model already carries a moreft adapter; load the file into a fresh base model")
+        raise AdapterFileError(
+            "the model already carries a moreft adapter; load the file into a fresh base model"
+        )
     shapes = _layer_shapes(model, imported)
     config, options = imported.resolve(shapes)
     _check_shapes(imported, config, shapes)
-    flat = {f"{m}.{p}": t for m, params in imported.layers.items() for p, t in params.items()} | imported.extra
+    flat = {
+        f"{m}.{p}": t for m, params in imported.layers.items() for p, t in params.items()
+    } | imported.extra
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
     inject(model, config)
     try:
         expected = adapter_state_dict(model)
         missing, unexpected = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
         if missing or unexpected:
-            raise AdapterFileError(f"{imported.path!r} does not fit the model: missing {missing[:5]}, "
-                                   f"unexpected {unexpected[:5]}")
+            raise AdapterFileError(
+                f"{imported.path!r} does not fit the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
         for key, value in flat.items():
             if tuple(expected[key].shape) != tuple(value.shape):
-                raise AdapterFileError(f"{imported.path!r}: {key} has shape {list(value.shape)}, the model's is "
-                                       f"{list(expected[key].shape)}")
+                raise AdapterFileError(
+                    f"{imported.path!r}: {key} has shape {list(value.shape)}, the model's is "
+                    f"{list(expected[key].shape)}"
+                )
         _assign(model, flat)
     except BaseException:
         eject(model)
@@ -129,10 +146,16 @@ def _compare_base(model: nn.Module, imported: Imported) -> list[str]:
         if weight.is_meta:
             return []
         weight = weight.T if weight.shape != dense.shape else weight
-        diffs.append(float((weight.double() - dense.double()).abs().max()) if weight.shape == dense.shape else float("inf"))
+        diffs.append(
+            float((weight.double() - dense.double()).abs().max())
+            if weight.shape == dense.shape
+            else float("inf")
+        )
     if not diffs:
         return []
-    return [f"the file's frozen base weights (<module>.dense) differ from this base model's by at most {max(diffs):.3g}"]
+    return [
+        f"the file's frozen base weights (<module>.dense) differ from this base model's by at most {max(diffs):.3g}"
+    ]
 
 
 def skeleton(base: str | os.PathLike) -> nn.Module:
@@ -155,7 +178,9 @@ def skeleton(base: str | os.PathLike) -> nn.Module:
     return model
 
 
-def convert_imported(imported: Imported, out: str | os.PathLike, base: str | os.PathLike | None = None) -> ImportReport:
+def convert_imported(
+    imported: Imported, out: str | os.PathLike, base: str | os.PathLike | None = None
+) -> ImportReport:
     """Write ``imported`` as a moreft adapter directory ``out``, sized on ``base`` (or the base the file names).
 
     Raises:
@@ -164,8 +189,10 @@ def convert_imported(imported: Imported, out: str | os.PathLike, base: str | os.
     """
     base = base if base is not None else imported.base_model
     if base is None:
-        raise AdapterFileError(f"{imported.path!r} does not name its base model; give one with --base (a local model "
-                               "directory): the layer shapes decide the config")
+        raise AdapterFileError(
+            f"{imported.path!r} does not name its base model; give one with --base (a local model "
+            "directory): the layer shapes decide the config"
+        )
     model = skeleton(base)
     report = load_imported(model, imported)
     report.written = str(save_adapter(model, Path(out)))

@@ -29,32 +29,46 @@ WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIXES = ("base_model.model.",)
 _S, _A = SharingLayout.STRIDED, SharingLayout.ADJACENT
 #: mora_type -> (operator, input grouping, output grouping): ``_apply_mora``'s branches.
-MORA_TYPES = {1: (MoRAOperator.SHARING, _S, _S), 2: (MoRAOperator.SHARING, _A, _A),
-              3: (MoRAOperator.SHARING, _A, _S), 4: (MoRAOperator.SHARING, _S, _A),
-              6: (MoRAOperator.ROTATION, _S, _S)}
+MORA_TYPES = {
+    1: (MoRAOperator.SHARING, _S, _S),
+    2: (MoRAOperator.SHARING, _A, _A),
+    3: (MoRAOperator.SHARING, _A, _S),
+    4: (MoRAOperator.SHARING, _S, _A),
+    6: (MoRAOperator.ROTATION, _S, _S),
+}
 _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight")
 
 
 def _settings(config: dict, where: str) -> tuple[int, int, float]:
     """``(r, mora_type, dropout)`` from their ``adapter_config.json``, refusing what moreft cannot express."""
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterFileError(f"{where}: peft_type={config.get('peft_type')!r}; the MoRA fork saves peft_type 'LORA'")
+        raise AdapterFileError(
+            f"{where}: peft_type={config.get('peft_type')!r}; the MoRA fork saves peft_type 'LORA'"
+        )
     if config.get("use_mora") is not True:
-        raise AdapterFileError(f"{where}: use_mora={config.get('use_mora')!r}, so this is a plain LoRA adapter, "
-                               "not MoRA; load it with peft (PeftModel.from_pretrained)")
+        raise AdapterFileError(
+            f"{where}: use_mora={config.get('use_mora')!r}, so this is a plain LoRA adapter, "
+            "not MoRA; load it with peft (PeftModel.from_pretrained)"
+        )
     mora_type = config.get("mora_type", 1)
     if mora_type not in MORA_TYPES:
-        raise AdapterFileError(f"{where}: mora_type={mora_type!r} is not one the authors' forward runs "
-                               f"(_apply_mora handles {sorted(MORA_TYPES)})")
+        raise AdapterFileError(
+            f"{where}: mora_type={mora_type!r} is not one the authors' forward runs "
+            f"(_apply_mora handles {sorted(MORA_TYPES)})"
+        )
     r = config.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise AdapterFileError(f"{where}: r={r!r} must be an integer >= 1")
     for key, what in (("use_dora", "DoRA"), ("rank_pattern", "per-layer ranks (rank_pattern)")):
         if config.get(key):
-            raise AdapterFileError(f"{where}: {key}={config[key]!r}: {what} cannot be expressed by a moreft MoRA adapter")
+            raise AdapterFileError(
+                f"{where}: {key}={config[key]!r}: {what} cannot be expressed by a moreft MoRA adapter"
+            )
     if config.get("bias", "none") != "none":
-        raise AdapterFileError(f"{where}: bias={config['bias']!r} trains base-layer biases, which a moreft adapter "
-                               "does not hold; only bias='none' converts")
+        raise AdapterFileError(
+            f"{where}: bias={config['bias']!r} trains base-layer biases, which a moreft adapter "
+            "does not hold; only bias='none' converts"
+        )
     dropout = config.get("lora_dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise AdapterFileError(f"{where}: lora_dropout={dropout!r} must be a number in [0, 1)")
@@ -97,16 +111,22 @@ def read(path: str | Path, allow_bin: bool = False) -> Imported:
         if any(module == s or module.endswith("." + s) for s in saved):
             extra[name] = value
             continue
-        raise AdapterFileError(f"{str(weights)!r}: key {key!r} is neither a MoRA matrix (<module>.lora_A.weight) nor "
-                               f"a tensor of modules_to_save {list(saved)}")
+        raise AdapterFileError(
+            f"{str(weights)!r}: key {key!r} is neither a MoRA matrix (<module>.lora_A.weight) nor "
+            f"a tensor of modules_to_save {list(saved)}"
+        )
     for module, ab in sorted(pairs.items()):
         a = ab.get("A", ab.get("B"))
         if a.dim() != 2 or a.shape[0] != a.shape[1]:
-            raise AdapterFileError(f"{str(weights)!r}: {module}.lora_A.weight has shape {list(a.shape)}; a MoRA "
-                                   "matrix is square (r_hat x r_hat)")
+            raise AdapterFileError(
+                f"{str(weights)!r}: {module}.lora_A.weight has shape {list(a.shape)}; a MoRA "
+                "matrix is square (r_hat x r_hat)"
+            )
         if "B" in ab and "A" in ab and not torch.equal(ab["A"], ab["B"]):
-            raise AdapterFileError(f"{str(weights)!r}: {module}.lora_B.weight differs from lora_A.weight; in the "
-                                   "MoRA fork they are one module, so this file is not a MoRA adapter")
+            raise AdapterFileError(
+                f"{str(weights)!r}: {module}.lora_B.weight differs from lora_A.weight; in the "
+                "MoRA fork they are one module, so this file is not a MoRA adapter"
+            )
         layers[module] = {"matrix": a}
     if not layers:
         raise AdapterFileError(f"{str(weights)!r} holds no <module>.lora_A.weight tensor")
@@ -118,28 +138,52 @@ def read(path: str | Path, allow_bin: bool = False) -> Imported:
             expected = square_size(in_f, out_f, r, RHatRounding.ROUND)
             got = tensors_of["matrix"].shape[0]
             if got != expected:
-                raise AdapterFileError(f"{module}: the file's square is {got}x{got} but the authors' rule "
-                                       f"int(sqrt(({in_f} + {out_f}) * {r}) + 0.5) gives {expected}; the file was "
-                                       "made for another base model or with per-layer ranks")
+                raise AdapterFileError(
+                    f"{module}: the file's square is {got}x{got} but the authors' rule "
+                    f"int(sqrt(({in_f} + {out_f}) * {r}) + 0.5) gives {expected}; the file was "
+                    "made for another base model or with per-layer ranks"
+                )
             if operator is MoRAOperator.ROTATION and got % 2:
-                raise AdapterFileError(f"{module}: r_hat={got} is odd; mora_type 6 rotates pairs of coordinates "
-                                       "and the authors' code cannot run it, so neither can moreft")
+                raise AdapterFileError(
+                    f"{module}: r_hat={got} is odd; mora_type 6 rotates pairs of coordinates "
+                    "and the authors' code cannot run it, so neither can moreft"
+                )
         try:
-            ours = MoRAConfig(target_modules=tuple(sorted(layers)), modules_to_save=saved, dropout=dropout, rank=r,
-                              operator=operator, sharing_layout=layout_in,
-                              sharing_output_layout=None if layout_out is layout_in else layout_out,
-                              r_hat_rounding=RHatRounding.ROUND, cap_r_hat=False)
+            ours = MoRAConfig(
+                target_modules=tuple(sorted(layers)),
+                modules_to_save=saved,
+                dropout=dropout,
+                rank=r,
+                operator=operator,
+                sharing_layout=layout_in,
+                sharing_output_layout=None if layout_out is layout_in else layout_out,
+                r_hat_rounding=RHatRounding.ROUND,
+                cap_r_hat=False,
+            )
         except ConfigError as exc:
             raise AdapterFileError(f"{where}: {exc}") from None
-        lines = [f"mora_type={mora_type} -> operator={operator.value}, sharing_layout={layout_in.value}"
-                 + (f", sharing_output_layout={layout_out.value}" if layout_out is not layout_in else ""),
-                 f"r={r} -> rank={r}, r_hat_rounding=round (int(sqrt((in+out)*r)+0.5)), cap_r_hat=false"]
+        lines = [
+            f"mora_type={mora_type} -> operator={operator.value}, sharing_layout={layout_in.value}"
+            + (f", sharing_output_layout={layout_out.value}" if layout_out is not layout_in else ""),
+            f"r={r} -> rank={r}, r_hat_rounding=round (int(sqrt((in+out)*r)+0.5)), cap_r_hat=false",
+        ]
         return ours, lines
 
-    notes = [f"read {weights.name}: {len(layers)} MoRA matrices (<module>.lora_A.weight -> <module>.matrix)"
-             + (f", {len(extra)} modules_to_save tensors" if extra else "")]
+    notes = [
+        f"read {weights.name}: {len(layers)} MoRA matrices (<module>.lora_A.weight -> <module>.matrix)"
+        + (f", {len(extra)} modules_to_save tensors" if extra else "")
+    ]
     if any("B" in ab for ab in pairs.values()):
-        notes.append("lora_B.weight repeats lora_A.weight (one module in the fork): checked equal, not stored twice")
+        notes.append(
+            "lora_B.weight repeats lora_A.weight (one module in the fork): checked equal, not stored twice"
+        )
     base = config.get("base_model_name_or_path")
-    return Imported("kongds-mora", str(weights), layers, extra, resolve, notes,
-                    base_model=base if isinstance(base, str) and base else None)
+    return Imported(
+        "kongds-mora",
+        str(weights),
+        layers,
+        extra,
+        resolve,
+        notes,
+        base_model=base if isinstance(base, str) and base else None,
+    )

@@ -83,27 +83,44 @@ def read(path: str | Path, allow_bin: bool = False, modules_to_save: tuple[str, 
     if not layers:
         raise AdapterFileError(f"{str(weights)!r} holds no <module>.blkdiag1 / <module>.blkdiag2 tensors")
     for module, factors in sorted(layers.items()):
-        bad = [k for k in tensors if k.startswith(module + ".") and k[len(module) + 1:].split(".")[0] in UNSUPPORTED]
+        bad = [
+            k
+            for k in tensors
+            if k.startswith(module + ".") and k[len(module) + 1 :].split(".")[0] in UNSUPPORTED
+        ]
         if bad:
-            raise AdapterFileError(f"{str(weights)!r}: {bad[0]!r}: the layer was trained with a scaler or a "
-                                   "multiplicative factor, which a moreft MoRe adapter cannot express")
+            raise AdapterFileError(
+                f"{str(weights)!r}: {bad[0]!r}: the layer was trained with a scaler or a "
+                "multiplicative factor, which a moreft MoRe adapter cannot express"
+            )
         if set(factors) != set(FACTORS):
-            raise AdapterFileError(f"{str(weights)!r}: {module} has {sorted(factors)} but needs both {list(FACTORS)}")
+            raise AdapterFileError(
+                f"{str(weights)!r}: {module} has {sorted(factors)} but needs both {list(FACTORS)}"
+            )
         b1, b2 = factors["blkdiag1"], factors["blkdiag2"]
         if b1.dim() != 3 or b2.dim() != 3 or b1.shape[0] != b2.shape[0] or b1.shape[1] != b2.shape[2]:
-            raise AdapterFileError(f"{str(weights)!r}: {module} has blkdiag1 {list(b1.shape)} and blkdiag2 "
-                                   f"{list(b2.shape)}; they must be (N, r, I) and (N, O, r)")
+            raise AdapterFileError(
+                f"{str(weights)!r}: {module} has blkdiag1 {list(b1.shape)} and blkdiag2 "
+                f"{list(b2.shape)}; they must be (N, r, I) and (N, O, r)"
+            )
     ranks = sorted({f["blkdiag1"].shape[1] for f in layers.values()})
     if len(ranks) > 1:
-        raise AdapterFileError(f"{str(weights)!r}: block ranks {ranks} differ between layers (their 'square' "
-                               "option); one moreft config has one block_rank")
+        raise AdapterFileError(
+            f"{str(weights)!r}: block ranks {ranks} differ between layers (their 'square' "
+            "option); one moreft config has one block_rank"
+        )
     saved_names = tuple(modules_to_save)
-    extra = {k: v for k, v in tensors.items()
-             if any(k.rpartition(".")[0] == s or k.rpartition(".")[0].endswith("." + s) for s in saved_names)}
+    extra = {
+        k: v
+        for k, v in tensors.items()
+        if any(k.rpartition(".")[0] == s or k.rpartition(".")[0].endswith("." + s) for s in saved_names)
+    }
     if saved_names and not extra:
         raise AdapterFileError(f"{str(weights)!r} holds no tensor of modules_to_save {list(saved_names)}")
     base_weights = {m: tensors[m + ".dense"] for m in layers if m + ".dense" in tensors}
-    found = {m: (f["blkdiag1"].shape[0], f["blkdiag1"].shape[2], f["blkdiag2"].shape[1]) for m, f in layers.items()}
+    found = {
+        m: (f["blkdiag1"].shape[0], f["blkdiag1"].shape[2], f["blkdiag2"].shape[1]) for m, f in layers.items()
+    }
     rank = ranks[0]
 
     def resolve(shapes: Shapes) -> tuple[MoReConfig, list[str]]:
@@ -112,21 +129,47 @@ def read(path: str | Path, allow_bin: bool = False, modules_to_save: tuple[str, 
             if nblocks is None:
                 continue
             try:
-                config = MoReConfig(target_modules=tuple(sorted(layers)), modules_to_save=saved_names,
-                                    nblocks=nblocks, block_rank=rank, block_rule=rule)
+                config = MoReConfig(
+                    target_modules=tuple(sorted(layers)),
+                    modules_to_save=saved_names,
+                    nblocks=nblocks,
+                    block_rank=rank,
+                    block_rule=rule,
+                )
             except ConfigError as exc:
                 raise AdapterFileError(f"{str(weights)!r}: {exc}") from None
-            return config, [f"block shapes (N, in_block, out_block) {sorted(set(found.values()))} -> nblocks={nblocks}, "
-                            f"block_rank={rank}, block_rule={rule.value}"]
-        detail = "; ".join(f"{m} ({shapes[m][1]}->{shapes[m][0]}): {list(s)}" for m, s in sorted(found.items())[:4])
-        raise AdapterFileError(f"no nblocks and block rule (moreft, official, official-int) rebuild the file's block "
-                               f"shapes (N, I, O): {detail}; they were made for another base model or with an "
-                               "explicit blk_sz, which moreft cannot express")
+            shapes_seen = sorted(set(found.values()))
+            return config, [
+                (
+                    f"block shapes (N, in_block, out_block) {shapes_seen} -> nblocks={nblocks}, "
+                    f"block_rank={rank}, block_rule={rule.value}"
+                )
+            ]
+        detail = "; ".join(
+            f"{m} ({shapes[m][1]}->{shapes[m][0]}): {list(s)}" for m, s in sorted(found.items())[:4]
+        )
+        raise AdapterFileError(
+            f"no nblocks and block rule (moreft, official, official-int) rebuild the file's block "
+            f"shapes (N, I, O): {detail}; they were made for another base model or with an "
+            "explicit blk_sz, which moreft cannot express"
+        )
 
-    notes = [f"read {weights.name}: {len(layers)} MoRe layers (<module>.blkdiag1/2 kept as they are)",
-             f"{len(base_weights)} frozen base weights (<module>.dense) read for comparison, "
-             f"{len(tensors) - 2 * len(layers) - len(base_weights) - len(extra)} other entries of the checkpoint ignored"]
+    ignored = len(tensors) - 2 * len(layers) - len(base_weights) - len(extra)
+    notes = [
+        f"read {weights.name}: {len(layers)} MoRe layers (<module>.blkdiag1/2 kept as they are)",
+        (
+            f"{len(base_weights)} frozen base weights (<module>.dense) read for comparison, "
+            f"{ignored} other entries of the checkpoint ignored"
+        ),
+    ]
     if extra:
         notes.append(f"{len(extra)} tensors of modules_to_save {list(saved_names)} kept")
-    return Imported("sprocketlab-more", str(weights), {m: dict(f) for m, f in layers.items()}, extra, resolve, notes,
-                    base_weights=base_weights)
+    return Imported(
+        "sprocketlab-more",
+        str(weights),
+        {m: dict(f) for m, f in layers.items()},
+        extra,
+        resolve,
+        notes,
+        base_weights=base_weights,
+    )

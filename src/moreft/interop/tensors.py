@@ -27,7 +27,9 @@ def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise AdapterFileError(f"{str(path)!r} does not exist")
     if path.stat().st_size > MAX_JSON_BYTES:
-        raise AdapterFileError(f"{str(path)!r} is {path.stat().st_size:,} bytes; a config is at most {MAX_JSON_BYTES:,}")
+        raise AdapterFileError(
+            f"{str(path)!r} is {path.stat().st_size:,} bytes; a config is at most {MAX_JSON_BYTES:,}"
+        )
 
     def no_constant(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
@@ -67,17 +69,23 @@ def read_tensors(path: Path, allow_bin: bool = False) -> dict[str, Tensor]:
     """
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_bin:
-            raise AdapterFileError(f"{str(path)!r} is a pickle file; moreft reads it only when asked (--allow-bin, "
-                                   "allow_bin=True), and then with torch.load(weights_only=True); a safetensors "
-                                   "copy needs no such step")
+            raise AdapterFileError(
+                f"{str(path)!r} is a pickle file; moreft reads it only when asked (--allow-bin, "
+                "allow_bin=True), and then with torch.load(weights_only=True); a safetensors "
+                "copy needs no such step"
+            )
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - the unpickler raises many types for bad files
-            raise AdapterFileError(f"{str(path)!r} is not a plain tensor file torch.load(weights_only=True) "
-                                   f"accepts: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise AdapterFileError(
+                f"{str(path)!r} is not a plain tensor file torch.load(weights_only=True) "
+                f"accepts: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from None
         if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
             raw = raw["state_dict"]
-        if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in raw.items()):
+        if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in raw.items()
+        ):
             raise AdapterFileError(f"{str(path)!r} must hold a flat mapping of names to tensors")
         tensors = dict(raw)
     else:
@@ -88,7 +96,9 @@ def read_tensors(path: Path, allow_bin: bool = False) -> dict[str, Tensor]:
             raise AdapterFileError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
     for key, value in tensors.items():
         if value.dtype not in FLOAT_DTYPES:
-            raise AdapterFileError(f"tensor {key!r} in {str(path)!r} has dtype {value.dtype}; expected floating point")
+            raise AdapterFileError(
+                f"tensor {key!r} in {str(path)!r} has dtype {value.dtype}; expected floating point"
+            )
     return tensors
 
 
@@ -96,5 +106,5 @@ def strip_prefix(key: str, prefixes: tuple[str, ...]) -> str:
     """``key`` without the first of ``prefixes`` it starts with (wrapper names: peft, DDP)."""
     for prefix in prefixes:
         if key.startswith(prefix):
-            return key[len(prefix):]
+            return key[len(prefix) :]
     return key
