@@ -77,17 +77,22 @@ def _check_shapes(imported: Imported, config: AdapterConfig, shapes: dict[str, t
 
 @torch.no_grad()
 def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy into each named parameter (replacing it where the model is a ``meta`` skeleton)."""
+    """Copy into each named parameter (replacing it where the model is a ``meta`` skeleton).
+
+    Every value is converted first, so a failure leaves all parameters untouched.
+    """
+    targets = []
     for key, value in tensors.items():
         module_name, _, leaf = key.rpartition(".")
         module = model.get_submodule(module_name)
         old = module._parameters[leaf]
+        device = "cpu" if old.is_meta else old.device
+        targets.append((module, leaf, old, value.to(device=device, dtype=old.dtype).clone()))
+    for module, leaf, old, value in targets:
         if old.is_meta:
-            module._parameters[leaf] = nn.Parameter(
-                value.to(old.dtype).clone(), requires_grad=old.requires_grad
-            )
+            module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
         else:
-            old.copy_(value.to(device=old.device, dtype=old.dtype))
+            old.copy_(value)
 
 
 def load_imported(model: nn.Module, imported: Imported) -> ImportReport:
