@@ -67,7 +67,8 @@ class BlockRule(str, enum.Enum):
     MOREFT: ``ceil(in / N)`` and ``ceil(out / N)``, all ``N`` blocks kept. OFFICIAL: the MoRe
     repository's ``MonarchLinear`` (SprocketLab/sparse_matrix_fine_tuning, src/layers/monarch_linear.py
     @89094ed): fully padded input blocks dropped, ``out_block = ceil(in_block * (out / in))`` in
-    floating point, ``block_rank`` not bounded by the block sizes. OFFICIAL_INT: its earlier
+    floating point, ``block_rank`` not bounded by the block sizes (theirs is checked by an ``assert``
+    only, skipped under ``python -O``). OFFICIAL_INT: its earlier
     ``out_block = in_block * ceil(out / in)`` (src/models/layers/monarch_linear.py @8b2dbc5).
     """
 
