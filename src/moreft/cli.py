@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "mapping and the options chosen (docs/interop.md).")
     p.add_argument("src", metavar="SRC", help="their adapter directory / checkpoint file or directory")
     p.add_argument("out", metavar="OUT", help="moreft adapter directory to write")
-    p.add_argument("--from", dest="source", required=True, choices=("kongds-mora", "sprocketlab-more"))
+    p.add_argument("--from", dest="source", required=True, choices=("kongds-mora", "sprocketlab-more"),
+                   help="the format: kongds/MoRA's peft fork, or SprocketLab/sparse_matrix_fine_tuning (MoRe)")
     p.add_argument("--base", default=None, metavar="MODEL", help="local base model directory (or minilm/smollm2); "
                    "default: the base the file names")
     p.add_argument("--allow-bin", action="store_true", help="read a pickle .bin with torch.load(weights_only=True)")
