@@ -88,3 +88,27 @@ def test_mora_linear_without_grad_keeps_no_graph():
     assert y.grad_fn is None and y.shape == (5, 7)
     expected = F.linear(x, w) + mora_reference(x, m.detach(), 9, 7, MoRAOperator.SHARING, SharingLayout.ADJACENT)
     torch.testing.assert_close(y, expected)
+
+
+MIXED = [(SharingLayout.STRIDED, SharingLayout.ADJACENT), (SharingLayout.ADJACENT, SharingLayout.STRIDED)]
+
+
+@pytest.mark.parametrize("layout,output_layout", MIXED, ids=["strided-in-adjacent-out", "adjacent-in-strided-out"])
+@pytest.mark.parametrize("in_f,out_f,r", [(9, 9, 4), (23, 37, 6), (37, 23, 5)])
+def test_mixed_layouts_fused_equal_reference(in_f, out_f, r, layout, output_layout):
+    """The authors' mora_type 3/4 (one grouping for inputs, the other for outputs): forward, grads, merge."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2 * in_f, in_f, dtype=torch.float64, generator=gen).requires_grad_(True)
+    w = torch.randn(out_f, in_f, dtype=torch.float64, generator=gen).requires_grad_(True)
+    m = torch.randn(r, r, dtype=torch.float64, generator=gen).requires_grad_(True)
+    y = mora_linear(x, w, None, m, MoRAOperator.SHARING, layout, output_layout)
+    ref = F.linear(x, w) + mora_reference(x, m, in_f, out_f, MoRAOperator.SHARING, layout, output_layout)
+    same = F.linear(x, w) + mora_reference(x, m, in_f, out_f, MoRAOperator.SHARING, layout)
+    assert not torch.allclose(ref, same)  # the mixed grouping is a different operator
+    g = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(y, (x, w, m), g), torch.autograd.grad(ref, (x, w, m), g), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    merged = mora_delta_add_(w.detach().clone(), m.detach(), MoRAOperator.SHARING, layout, 1.0, output_layout)
+    closed = w.detach() + mora_delta_weight(m.detach(), in_f, out_f, MoRAOperator.SHARING, layout, output_layout)
+    torch.testing.assert_close(merged, closed, rtol=0, atol=1e-13)

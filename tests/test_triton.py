@@ -186,6 +186,21 @@ if _CHILD:
         x = torch.randn(*lead, n_in, generator=torch.Generator().manual_seed(2)).to(dtype)
         _compare(more_triton, x, w1, w2, n_out, _TOL[dtype])
 
+    @pytest.mark.parametrize("n_in,n_out,nblocks,rank,rule", [
+        (20, 36, 8, 2, "official"), (37, 13, 4, 3, "official"), (12, 12, 4, 5, "official"),
+        (13, 40, 4, 2, "official-int")])
+    def test_official_block_shapes_match_reference(n_in, n_out, nblocks, rank, rule):
+        """The MoRe repository's block shapes (dropped blocks, larger out blocks, rank above a block)."""
+        from moreft.config import BlockRule
+        from moreft.ops.monarch import block_shapes
+
+        n, in_blk, out_blk = block_shapes(n_in, n_out, nblocks, BlockRule(rule))
+        gen = torch.Generator().manual_seed(0)
+        w1 = torch.randn(n, rank, in_blk, generator=gen) / in_blk ** 0.5
+        w2 = torch.randn(n, out_blk, rank, generator=gen) / rank ** 0.5
+        x = torch.randn(2, 9, n_in, generator=gen)
+        _compare(more_triton, x, w1, w2, n_out, _TOL[torch.float32])
+
     def test_available_in_interpreter():
         assert triton_available(torch.randn(2, 3))
         assert triton_available(torch.randn(2, 3, dtype=torch.bfloat16))

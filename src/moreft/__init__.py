@@ -15,11 +15,13 @@ so that peft, transformers and TRL can build, save and load these adapters.
 
 from .config import (
     AdapterConfig,
+    BlockRule,
     LoRAConfig,
     Method,
     MoRAConfig,
     MoRAOperator,
     MoReConfig,
+    RHatRounding,
     SharingLayout,
     config_from_dict,
 )
@@ -45,7 +47,7 @@ from .version import __version__
 _register_peft_types()
 
 __all__ = [
-    "AdapterConfig", "AdapterFileError", "AdapterLayer", "AdapterModule", "ConfigError", "ExportReport",
+    "AdapterConfig", "AdapterFileError", "BlockRule", "RHatRounding", "AdapterLayer", "AdapterModule", "ConfigError", "ExportReport",
     "LoRAConfig", "LoRALinear", "MergeError", "Method", "MoRAConfig", "MoRALinear", "MoRAOperator",
     "MoRAModel", "MoReConfig", "MoReLinear", "MoReModel", "LoRAModel", "MoreftError", "OutputError", "ParameterCounts", "SharingLayout", "TargetError",
     "__version__", "adapter_config", "adapter_layers", "config_from_dict", "convert_to_peft", "eject", "export_lora",

@@ -42,7 +42,7 @@ EXIT_USER_ERROR = 2
 
 # Fields that are not plain ``--flag VALUE`` options of ``train``.
 _NOT_FLAGS = {"task_options"}
-_BOOL_FLAGS = {"resume", "overwrite", "progress", "group_by_length"}
+_BOOL_FLAGS = {"resume", "overwrite", "progress", "group_by_length", "cap_r_hat"}
 _INT_FLAGS = {"block_rank", "nblocks", "rank", "r_hat", "batch_size", "eval_batch_size", "max_steps",
               "warmup_steps", "grad_accum", "seed", "max_length", "max_new_tokens", "max_examples",
               "eval_examples", "eval_every", "save_every", "keep_checkpoints", "log_every",
@@ -50,7 +50,9 @@ _INT_FLAGS = {"block_rank", "nblocks", "rank", "r_hat", "batch_size", "eval_batc
 _CHOICES = {"method": ("more", "mora", "lora"), "precision": ("fp32", "bf16"),
             "lr_scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
             "operator": ("truncation", "sharing", "decouple", "rotation"), "sharing_layout": ("strided", "adjacent"),
-            "nonfinite": ("stop", "skip")}
+            "nonfinite": ("stop", "skip"), "merge_schedule": ("jagged", "official"),
+            "merge_cycle": ("alternate", "four"), "r_hat_rounding": ("floor", "round"),
+            "sharing_output_layout": ("strided", "adjacent"), "block_rule": ("moreft", "official", "official-int")}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
@@ -140,8 +142,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_flags(p)
     p.set_defaults(func=cmd_search)
 
+    p = sub.add_parser("convert", help="convert an adapter trained with the papers' code to a moreft adapter",
+                       description="Read an adapter of the MoRA authors' peft fork (kongds-mora) or a checkpoint of "
+                       "the MoRe authors' code (sprocketlab-more) and write a moreft adapter directory; prints the "
+                       "mapping and the options chosen (docs/interop.md).")
+    p.add_argument("src", metavar="SRC", help="their adapter directory / checkpoint file or directory")
+    p.add_argument("out", metavar="OUT", help="moreft adapter directory to write")
+    p.add_argument("--from", dest="source", required=True, choices=("kongds-mora", "sprocketlab-more"),
+                   help="the format: kongds/MoRA's peft fork, or SprocketLab/sparse_matrix_fine_tuning (MoRe)")
+    p.add_argument("--base", default=None, metavar="MODEL", help="local base model directory (or minilm/smollm2); "
+                   "default: the base the file names")
+    p.add_argument("--allow-bin", action="store_true", help="read a pickle .bin with torch.load(weights_only=True)")
+    p.add_argument("--modules-to-save", nargs="+", default=(), metavar="NAME",
+                   help="sprocketlab-more: modules trained in full to take from the checkpoint (e.g. classifier)")
+    p.set_defaults(func=cmd_convert)
+
     _add_bench(sub)
     return parser
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """``moreft convert SRC OUT --from ...``: write the moreft adapter and print what was done."""
+    from moreft.interop import convert
+
+    report = convert(args.source, args.src, args.out, base=args.base, allow_bin=args.allow_bin,
+                     modules_to_save=tuple(args.modules_to_save))
+    print("\n".join(report.lines()))
+    return 0
 
 
 def _add_bench(sub: Any) -> None:

@@ -51,6 +51,34 @@ class SharingLayout(str, enum.Enum):
     ADJACENT = "adjacent"
 
 
+class RHatRounding(str, enum.Enum):
+    """How MoRA's default square size ``sqrt((in + out) * rank)`` becomes an integer.
+
+    FLOOR is the paper's rule (moreft's default). ROUND is the authors' code,
+    ``int(math.sqrt((in + out) * r) + 0.5)`` (kongds/MoRA, peft-mora ``LoraLayer.update_layer``),
+    e.g. 64->64 at rank 4: 23 instead of 22.
+    """
+
+    FLOOR = "floor"
+    ROUND = "round"
+
+
+class BlockRule(str, enum.Enum):
+    """How MoRe's block shapes follow from ``(in, out, nblocks)`` (``moreft.ops.monarch.block_shapes``).
+
+    MOREFT: ``ceil(in / N)`` and ``ceil(out / N)``, all ``N`` blocks kept. OFFICIAL: the MoRe
+    repository's ``MonarchLinear`` (SprocketLab/sparse_matrix_fine_tuning, src/layers/monarch_linear.py
+    @89094ed): fully padded input blocks dropped, ``out_block = ceil(in_block * (out / in))`` in
+    floating point, ``block_rank`` not bounded by the block sizes (theirs is checked by an ``assert``
+    only, skipped under ``python -O``). OFFICIAL_INT: its earlier
+    ``out_block = in_block * ceil(out / in)`` (src/models/layers/monarch_linear.py @8b2dbc5).
+    """
+
+    MOREFT = "moreft"
+    OFFICIAL = "official"
+    OFFICIAL_INT = "official-int"
+
+
 E = TypeVar("E", bound=enum.Enum)
 
 
@@ -201,11 +229,15 @@ class MoReConfig(AdapterConfig):
     nblocks: int = field(default=4, metadata={"help": "Number of diagonal blocks (integer >= 1, <= in_features)."})
     block_rank: int = field(default=4, metadata={
         "help": "Rank of each block (integer >= 1); ΔW has rank up to nblocks * block_rank."})
+    block_rule: BlockRule = field(default=BlockRule.MOREFT, metadata={
+        "help": "Block shapes: 'moreft' (default), or the MoRe authors' 'official' / 'official-int' rules "
+                "(docs/interop.md)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive_int("nblocks", self.nblocks)
         positive_int("block_rank", self.block_rank)
+        self.block_rule = coerce_enum(BlockRule, self.block_rule, "block_rule")
 
 
 @dataclass(kw_only=True)
@@ -216,9 +248,15 @@ class MoRAConfig(AdapterConfig):
     parameter parity), rounded down to even for ROTATION and capped at ``min(in, out)`` for
     TRUNCATION and SHARING. An explicit ``r_hat`` is used as given and checked per layer.
 
+    The authors' code differs in three ways, each an option here: ``r_hat_rounding="round"``
+    (their ``int(sqrt(...) + 0.5)``), ``cap_r_hat=False`` (SHARING above ``min(in, out)``, as
+    their code allows) and ``sharing_output_layout`` (their ``mora_type`` 3 and 4 group the
+    inputs with one layout and the outputs with the other). ``sharing_layout`` is the input
+    grouping, and the output grouping too unless ``sharing_output_layout`` is set.
+
     Raises:
-        ConfigError: a non-positive ``rank`` / ``r_hat``, an unknown operator or layout, an odd
-            ``r_hat`` for ROTATION.
+        ConfigError: a non-positive ``rank`` / ``r_hat``, an unknown operator, layout or rounding,
+            an odd ``r_hat`` for ROTATION, a non-boolean ``cap_r_hat``.
     """
 
     method: ClassVar[Method] = Method.MORA
@@ -228,7 +266,14 @@ class MoRAConfig(AdapterConfig):
     operator: MoRAOperator = field(default=MoRAOperator.ROTATION, metadata={
         "help": "Compress/decompress pair: 'truncation', 'sharing', 'decouple' or 'rotation'."})
     sharing_layout: SharingLayout = field(default=SharingLayout.STRIDED, metadata={
-        "help": "Grouping of the 'sharing' operator: 'strided' or 'adjacent'."})
+        "help": "Grouping of the 'sharing' operator: 'strided' or 'adjacent' (inputs, and outputs unless "
+                "sharing_output_layout is set)."})
+    sharing_output_layout: SharingLayout | None = field(default=None, metadata={
+        "help": "Output grouping of 'sharing' when it differs from the input's (the authors' mora_type 3/4)."})
+    r_hat_rounding: RHatRounding = field(default=RHatRounding.FLOOR, metadata={
+        "help": "How r_hat is rounded from sqrt((in + out) * rank): 'floor' (the paper) or 'round' (the authors' code)."})
+    cap_r_hat: bool = field(default=True, metadata={
+        "help": "Cap a derived r_hat at min(in, out) for 'sharing' (the authors' code does not)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -237,6 +282,12 @@ class MoRAConfig(AdapterConfig):
             positive_int("r_hat", self.r_hat)
         self.operator = coerce_enum(MoRAOperator, self.operator, "operator")
         self.sharing_layout = coerce_enum(SharingLayout, self.sharing_layout, "sharing_layout")
+        if self.sharing_output_layout is not None:
+            self.sharing_output_layout = coerce_enum(SharingLayout, self.sharing_output_layout,
+                                                     "sharing_output_layout")
+        self.r_hat_rounding = coerce_enum(RHatRounding, self.r_hat_rounding, "r_hat_rounding")
+        if not isinstance(self.cap_r_hat, bool):
+            raise ConfigError(f"cap_r_hat={self.cap_r_hat!r} must be true or false")
         if self.operator is MoRAOperator.ROTATION and self.r_hat is not None and self.r_hat % 2:
             raise ConfigError(f"r_hat={self.r_hat} must be even for operator 'rotation' "
                               "(it rotates pairs of coordinates)")

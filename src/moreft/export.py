@@ -90,6 +90,9 @@ def lora_factors(layer: AdapterLayer, rank: int) -> tuple[Tensor, Tensor, float]
     with torch.no_grad():
         if isinstance(layer, MoReLinear):
             a, b = fold_factors(layer.blkdiag1, layer.blkdiag2, layer.in_features, layer.out_features)
+            if a.shape[0] < rank:  # block_rule "official" dropped fully padded blocks: zero rank-1 terms
+                a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
+                b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
             return a, b, 0.0
         if isinstance(layer, LoRALinear):
             return layer.lora_A, layer.lora_B * layer.scaling, 0.0

@@ -19,6 +19,8 @@ is re-drawn at random each cycle, which already lets the accumulated rank grow b
 
 from __future__ import annotations
 
+import enum
+
 import torch
 from torch import nn
 
@@ -26,18 +28,40 @@ from .config import MoRAOperator, SharingLayout
 from .inject import adapter_layers
 from .layers import MoRALinear
 
-_OTHER_LAYOUT = {SharingLayout.STRIDED: SharingLayout.ADJACENT, SharingLayout.ADJACENT: SharingLayout.STRIDED}
+_S, _A = SharingLayout.STRIDED, SharingLayout.ADJACENT
+
+
+class RemoraCycle(str, enum.Enum):
+    """The SHARING groupings a ReMoRA run steps through, one per merge.
+
+    As the authors' ``mora_type`` (kongds/MoRA train.py, ``ResetReloraCallback.on_step_end``):
+    1 = STRIDED in and out, 2 = ADJACENT in and out, 3 = ADJACENT in / STRIDED out, 4 = STRIDED in /
+    ADJACENT out. ALTERNATE is their ``remora_types=2`` (1 <-> 2, both groupings flip; moreft's
+    default); FOUR is their default ``remora_types=4`` (1 -> 2 -> 3 -> 4 -> 1).
+    """
+
+    ALTERNATE = "alternate"
+    FOUR = "four"
+
+
+#: ``(input layout, output layout)`` -> the next pair, per cycle.
+_NEXT = {
+    RemoraCycle.ALTERNATE: {(_S, _S): (_A, _A), (_A, _A): (_S, _S), (_A, _S): (_S, _A), (_S, _A): (_A, _S)},
+    RemoraCycle.FOUR: {(_S, _S): (_A, _A), (_A, _A): (_A, _S), (_A, _S): (_S, _A), (_S, _A): (_S, _S)},
+}
 
 
 @torch.no_grad()
-def merge_and_reinit(model: nn.Module, switch_sharing_layout: bool = True) -> list[nn.Parameter]:
+def merge_and_reinit(model: nn.Module, switch_sharing_layout: bool = True,
+                     cycle: RemoraCycle = RemoraCycle.ALTERNATE) -> list[nn.Parameter]:
     """Merge every adapter into its base weight, then re-initialise it (ΔW = 0 again).
 
     Every layer is checked for NaN/Inf before any weight is written.
 
     Args:
         model: a model carrying a moreft adapter.
-        switch_sharing_layout: for MoRA SHARING layers, alternate STRIDED <-> ADJACENT.
+        switch_sharing_layout: for MoRA SHARING layers, step to the next groupings of ``cycle``.
+        cycle: which groupings SHARING layers step through (:class:`RemoraCycle`).
 
     Returns:
         The re-initialised adapter parameters (whose optimizer state should be reset).
@@ -55,7 +79,8 @@ def merge_and_reinit(model: nn.Module, switch_sharing_layout: bool = True) -> li
         layer.merged = False  # the old ΔW now lives in the base weight; the new one starts at 0
         if (switch_sharing_layout and isinstance(layer, MoRALinear)
                 and layer.operator is MoRAOperator.SHARING):
-            layer.sharing_layout = _OTHER_LAYOUT[layer.sharing_layout]
+            pair = _NEXT[RemoraCycle(cycle)][layer.sharing_layout, layer.sharing_output_layout]
+            layer.sharing_layout, layer.sharing_output_layout = pair
         params.extend(layer.adapter_params().values())
     return params
 

@@ -114,8 +114,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "format": FORMAT, "format_version": FORMAT_VERSION, "moreft_version": __version__,
         "method": config.method.value, "config": config.to_dict(),
         "base_model": base_model_name(model), "modules": shapes, "fingerprint": fingerprint(shapes),
-        "layer_state": {n: {"sharing_layout": layer.sharing_layout.value}
-                        for n, layer in layers.items() if isinstance(layer, MoRALinear)},
+        "layer_state": {n: _layer_state(layer) for n, layer in layers.items() if isinstance(layer, MoRALinear)},
     }
     gathered = {k: _gathered(v.detach()) for k, v in adapter_state_dict(model).items()}
     tensors = {k: t.to("cpu").contiguous() for k, (t, _) in gathered.items()}
@@ -127,6 +126,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"),
     }, ADAPTER_KIND)
     return path
+
+
+def _layer_state(layer: MoRALinear) -> dict[str, str]:
+    """A MoRA layer's current groupings; the output one only where it differs (mixed layouts)."""
+    state = {"sharing_layout": layer.sharing_layout.value}
+    if layer.sharing_output_layout is not layer.sharing_layout:
+        state["sharing_output_layout"] = layer.sharing_output_layout.value
+    return state
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[dict[str, Any], AdapterConfig]:
@@ -190,9 +197,12 @@ def _check_layer_state(state: Any, modules: dict[str, Any], config: AdapterConfi
     for name, entry in state.items():
         if name not in modules:
             raise AdapterFileError(f"'layer_state' names module {name!r}, which is not in 'modules'")
-        if not isinstance(entry, dict) or set(entry) != {"sharing_layout"} or entry["sharing_layout"] not in valid:
+        if (not isinstance(entry, dict) or "sharing_layout" not in entry
+                or not set(entry) <= {"sharing_layout", "sharing_output_layout"}
+                or any(v not in valid for v in entry.values())):
             raise AdapterFileError(f"'layer_state' of {name!r} is {entry!r}; it must be "
-                                   f"{{'sharing_layout': one of {valid}}}")
+                                   f"{{'sharing_layout': one of {valid}}}, optionally with "
+                                   "'sharing_output_layout'")
 
 
 def _check_model_fits(model: nn.Module, meta: dict[str, Any], config: AdapterConfig,
@@ -211,8 +221,8 @@ def _check_model_fits(model: nn.Module, meta: dict[str, Any], config: AdapterCon
                                    f"{len(meta['modules'])} modules")
         # Hyperparameters the tensor shapes do not pin down (LoRA alpha, MoRA operator) change
         # what the loaded tensors mean, so they must agree too.
-        ignored = {"target_modules", "modules_to_save", "dropout", "sharing_layout", "init_weights",
-                   *PEFT_CONFIG_FIELDS}
+        ignored = {"target_modules", "modules_to_save", "dropout", "sharing_layout", "sharing_output_layout",
+                   "init_weights", *PEFT_CONFIG_FIELDS}
         ours, theirs = current.to_dict(), config.to_dict()
         differ = sorted(k for k in theirs if k not in ignored and ours.get(k) != theirs[k])
         if differ:
@@ -318,4 +328,5 @@ def _load_tensors(model: nn.Module, file: Path, meta: dict[str, Any]) -> None:
     for name, state in meta.get("layer_state", {}).items():
         layer = adapter_layers(model).get(name)
         if isinstance(layer, MoRALinear):
-            layer.sharing_layout = type(layer.sharing_layout)(state["sharing_layout"])
+            layer.sharing_layout = SharingLayout(state["sharing_layout"])
+            layer.sharing_output_layout = SharingLayout(state.get("sharing_output_layout", state["sharing_layout"]))

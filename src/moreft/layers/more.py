@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import Method, MoReConfig
+from ..config import BlockRule, Method, MoReConfig
 from ..errors import ConfigError
 from ..ops.fused import fold_more_a, fold_more_b, more_linear
-from ..ops.monarch import block_sizes, more_delta_weight, more_forward
+from ..ops.monarch import block_shapes, more_delta_weight, more_forward
 from ..ops.triton_more import more_triton, use_triton
 from .base import AdapterLayer
 from .linear import adapter_dtype
@@ -25,6 +25,9 @@ class MoReLinear(AdapterLayer):
     ``more_blkdiag2``): ``blkdiag1 (nblocks, block_rank, in_block)`` applied first, Kaiming-uniform
     per block; ``blkdiag2 (nblocks, out_block, block_rank)``, zero, so ΔW = 0 at the start.
     Dropout acts on the adapter output, as in the authors' code.
+
+    ``config.block_rule`` picks the block shapes (``moreft.ops.monarch.block_shapes``); under the
+    official rules the layer may hold fewer than ``nblocks`` blocks and neither check below applies.
 
     Raises:
         ConfigError: ``nblocks > in_features``, or ``block_rank`` above the smaller block size
@@ -40,10 +43,11 @@ class MoReLinear(AdapterLayer):
 
     def _new_params(self, config: MoReConfig, adapter_name: str) -> dict[str, Tensor]:
         n, r, name = config.nblocks, config.block_rank, self.name
-        if n > self.in_features:
+        moreft_rule = config.block_rule is BlockRule.MOREFT
+        if moreft_rule and n > self.in_features:
             raise ConfigError(f"nblocks={n} must be <= in_features={self.in_features} of {name!r}")
-        in_block, out_block = block_sizes(self.in_features, self.out_features, n)
-        if r > min(in_block, out_block):
+        n, in_block, out_block = block_shapes(self.in_features, self.out_features, n, config.block_rule)
+        if moreft_rule and r > min(in_block, out_block):
             raise ConfigError(f"block_rank={r} must be <= min(in_block, out_block)="
                               f"{min(in_block, out_block)} for {name!r} "
                               f"({self.in_features}->{self.out_features} in {n} blocks)")

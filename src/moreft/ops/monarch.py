@@ -26,10 +26,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import BlockRule
+
 
 def block_sizes(in_features: int, out_features: int, nblocks: int) -> tuple[int, int]:
     """Return ``(in_block, out_block) = (ceil(in / N), ceil(out / N))``."""
     return math.ceil(in_features / nblocks), math.ceil(out_features / nblocks)
+
+
+def block_shapes(in_features: int, out_features: int, nblocks: int,
+                 rule: BlockRule = BlockRule.MOREFT) -> tuple[int, int, int]:
+    """``(blocks, in_block, out_block)`` of a MoRe layer asked for ``nblocks`` blocks under ``rule``.
+
+    MOREFT keeps all ``N`` blocks of ``ceil(in / N)`` inputs and ``ceil(out / N)`` outputs. The
+    OFFICIAL rules are the MoRe repository's ``MonarchLinear.__init__``: the same input block, then
+    ``ceil(in / in_block)`` blocks (fully padded blocks dropped: in=20, N=8 gives 7 blocks of 3),
+    and ``out_block = ceil(in_block * (out / in))`` evaluated in floating point exactly as there
+    (11008 -> 14336 at N=4 gives 3585, not 3584), or for OFFICIAL_INT
+    ``in_block * ceil(out / in)``. Every rule gives ``blocks * in_block >= in`` and
+    ``blocks * out_block >= out``.
+    """
+    in_block = math.ceil(in_features / nblocks)
+    if rule is BlockRule.MOREFT:
+        return nblocks, in_block, math.ceil(out_features / nblocks)
+    blocks = (in_features + in_block - 1) // in_block
+    if rule is BlockRule.OFFICIAL:
+        return blocks, in_block, math.ceil(in_block * (out_features / in_features))
+    return blocks, in_block, in_block * math.ceil(out_features / in_features)
 
 
 def more_reference(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor, out_features: int) -> Tensor:

@@ -17,7 +17,20 @@ import math
 import torch
 from torch import Tensor
 
-from ..config import MoRAOperator, SharingLayout
+from ..config import MoRAOperator, RHatRounding, SharingLayout
+
+
+def square_size(in_features: int, out_features: int, rank: int,
+                rounding: RHatRounding = RHatRounding.FLOOR) -> int:
+    """``sqrt((in + out) * rank)`` as an integer: the square of LoRA-rank-``rank`` parameter parity.
+
+    FLOOR is exact integer arithmetic (the paper's floor). ROUND is the authors' expression
+    ``int(math.sqrt((in + out) * r) + 0.5)`` (kongds/MoRA ``LoraLayer.update_layer``), kept in
+    floating point so that it gives their value on every input.
+    """
+    if rounding is RHatRounding.ROUND:
+        return int(math.sqrt((in_features + out_features) * rank) + 0.5)
+    return math.isqrt((in_features + out_features) * rank)
 
 
 def _adjacent_groups(width: int, r: int, device: torch.device) -> Tensor:
@@ -74,8 +87,13 @@ def _decouple_rows(out_features: int, n_chunks: int, r: int, device: torch.devic
 
 
 def mora_reference(x: Tensor, matrix: Tensor, in_features: int, out_features: int,
-                   operator: MoRAOperator, layout: SharingLayout) -> Tensor:
-    """MoRA adapter output ``f_decomp(M · f_comp(x))`` of shape ``(..., out)``, literally."""
+                   operator: MoRAOperator, layout: SharingLayout,
+                   output_layout: SharingLayout | None = None) -> Tensor:
+    """MoRA adapter output ``f_decomp(M · f_comp(x))`` of shape ``(..., out)``, literally.
+
+    SHARING groups the inputs by ``layout`` and the outputs by ``output_layout`` (default: the
+    same); the mixed pairs are the authors' ``mora_type`` 3 (ADJACENT in, STRIDED out) and 4.
+    """
     r = matrix.shape[0]
     dev = x.device
     if operator is MoRAOperator.TRUNCATION:
@@ -85,7 +103,7 @@ def mora_reference(x: Tensor, matrix: Tensor, in_features: int, out_features: in
         group, source = input_groups(in_features, r, layout, dev)
         compressed = x.new_zeros(*x.shape[:-1], r).index_add_(-1, group, x[..., source])  # (..., r)
         y = compressed @ matrix.T  # (..., r)
-        return y[..., output_groups(out_features, r, layout, dev)]  # (..., out)
+        return y[..., output_groups(out_features, r, output_layout or layout, dev)]  # (..., out)
     c = _n_chunks(in_features, r)
     xp = x[..., torch.arange(c * r, device=dev) % in_features]  # (..., c*r) cyclic pad
     chunks = xp.reshape(*x.shape[:-1], c, r)  # (..., c, r)
@@ -97,8 +115,9 @@ def mora_reference(x: Tensor, matrix: Tensor, in_features: int, out_features: in
 
 
 def mora_delta_weight(matrix: Tensor, in_features: int, out_features: int,
-                      operator: MoRAOperator, layout: SharingLayout) -> Tensor:
-    """Closed-form ``ΔW (out, in)`` such that ``mora_reference(x) == x @ ΔW.T``."""
+                      operator: MoRAOperator, layout: SharingLayout,
+                      output_layout: SharingLayout | None = None) -> Tensor:
+    """Closed-form ``ΔW (out, in)`` such that ``mora_reference(x) == x @ ΔW.T`` (same arguments)."""
     r = matrix.shape[0]
     dev = matrix.device
     if operator is MoRAOperator.TRUNCATION:
@@ -108,7 +127,7 @@ def mora_delta_weight(matrix: Tensor, in_features: int, out_features: int,
     if operator is MoRAOperator.SHARING:
         group, source = input_groups(in_features, r, layout, dev)
         mc = matrix.new_zeros(r, in_features).index_add_(1, source, matrix[:, group])  # (r, in)
-        return mc[output_groups(out_features, r, layout, dev)]  # (out, in)
+        return mc[output_groups(out_features, r, output_layout or layout, dev)]  # (out, in)
     c = _n_chunks(in_features, r)
     if operator is MoRAOperator.ROTATION:
         cos, sin = rotation_tables(c, r, dev, matrix.dtype)

@@ -71,8 +71,8 @@ def mora_spans(in_features: int, out_features: int, r: int, operator: MoRAOperat
 
 
 def mora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, operator: MoRAOperator,
-                layout: SharingLayout) -> Tensor:
-    """``F.linear(x, weight, bias) + mora_reference(x, matrix, in, out, operator, layout)``, fused.
+                layout: SharingLayout, output_layout: SharingLayout | None = None) -> Tensor:
+    """``F.linear(x, weight, bias) + mora_reference(x, matrix, in, out, operator, layout, output_layout)``, fused.
 
     Args:
         x: ``(..., in)``.
@@ -81,21 +81,22 @@ def mora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, 
         matrix: ``M (r, r)``.
         operator: any MoRA operator.
         layout: the SHARING layout (ignored by the others).
+        output_layout: SHARING's output grouping when it differs from ``layout``.
 
     Returns:
         ``(..., out)``.
     """
     if operator is MoRAOperator.SHARING:
-        return sharing_linear(x, weight, bias, matrix, layout)
+        return sharing_linear(x, weight, bias, matrix, layout, output_layout)
     blocks = mora_blocks(matrix, weight.shape[1], operator)
     return blocks_linear(x, weight, bias, blocks, operator is not MoRAOperator.TRUNCATION)
 
 
 def mora_delta_add_(weight: Tensor, matrix: Tensor, operator: MoRAOperator, layout: SharingLayout,
-                    alpha: float = 1.0) -> Tensor:
+                    alpha: float = 1.0, output_layout: SharingLayout | None = None) -> Tensor:
     """``weight (out, in) += alpha · ΔW`` in place (any strides), from ``M`` with no dense ``ΔW``; returns it."""
     if operator is MoRAOperator.SHARING:
-        return sharing_delta_add_(weight, matrix, layout, alpha)
+        return sharing_delta_add_(weight, matrix, layout, alpha, output_layout)
     out_f, in_f = weight.shape
     blocks = mora_blocks(matrix, in_f, operator)
     return add_blocks_(weight, blocks, mora_spans(in_f, out_f, matrix.shape[0], operator), alpha)

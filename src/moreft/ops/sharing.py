@@ -105,25 +105,34 @@ def expand_add_(wide: Tensor, narrow: Tensor, segs: tuple[Segment, ...]) -> Tens
     return wide
 
 
-def _segs(in_features: int, out_features: int, r: int, code: int) -> tuple[tuple[Segment, ...], ...]:
-    layout = _LAYOUTS[code]
-    return segments(in_features, r, layout, True), segments(out_features, r, layout, False)
+def _segs(in_features: int, out_features: int, r: int, codes: Sequence[int]) -> tuple[tuple[Segment, ...], ...]:
+    """Input and output segments; ``codes`` = (input layout, output layout) as indices of ``_LAYOUTS``."""
+    return segments(in_features, r, _LAYOUTS[codes[0]], True), segments(out_features, r, _LAYOUTS[codes[1]], False)
 
 
-def sharing_delta_add_(weight: Tensor, matrix: Tensor, layout: SharingLayout, alpha: float = 1.0) -> Tensor:
-    """``weight (out, in) += alpha · ΔW`` of SHARING in place (any strides), with no dense ``ΔW``; returns it."""
+def _codes(layout: SharingLayout, output_layout: SharingLayout | None) -> tuple[int, int]:
+    return _LAYOUTS.index(layout), _LAYOUTS.index(output_layout or layout)
+
+
+def sharing_delta_add_(weight: Tensor, matrix: Tensor, layout: SharingLayout, alpha: float = 1.0,
+                       output_layout: SharingLayout | None = None) -> Tensor:
+    """``weight (out, in) += alpha · ΔW`` of SHARING in place (any strides), with no dense ``ΔW``; returns it.
+
+    ``output_layout`` groups the outputs (default: ``layout``; the authors' ``mora_type`` 3/4 mix them).
+    """
     out_f, in_f = weight.shape
     r = matrix.shape[0]
-    segs_in, segs_out = _segs(in_f, out_f, r, _LAYOUTS.index(layout))
+    segs_in, segs_out = _segs(in_f, out_f, r, _codes(layout, output_layout))
     mc = expand_add_(matrix.new_zeros(r, in_f), matrix, segs_in)  # (r, in): M·C
     expand_add_(weight.T, (alpha * mc).T.to(weight.dtype), segs_out)  # rows of W: D·(M·C)
     return weight
 
 
-def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, code: int) -> tuple[Tensor, Tensor]:
+def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor,
+             codes: Sequence[int]) -> tuple[Tensor, Tensor]:
     """``y (T, out)`` and ``h = C x (T, r)`` (kept for ``∂M``)."""
     r = matrix.shape[0]
-    segs_in, segs_out = _segs(x2.shape[1], weight.shape[0], r, code)
+    segs_in, segs_out = _segs(x2.shape[1], weight.shape[0], r, codes)
     h = compress(x2, segs_in, r)  # (T, r)
     y = F.linear(x2, weight, bias)  # (T, out): the frozen layer
     return expand_add_(y, h @ matrix.T, segs_out), h  # z = h Mᵀ (T, r) copied to the output groups
@@ -131,15 +140,15 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, co
 
 def _sharing_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, _: None,
                      ints: Sequence[int], floats: Sequence[float]) -> tuple[Tensor, Tensor]:
-    return _forward(x2, weight, bias, matrix, ints[0])
+    return _forward(x2, weight, bias, matrix, ints)
 
 
 def _backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, _: None,
               h: Tensor, ints: Sequence[int], floats: Sequence[float],
               needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
     """Gradients of ``(x2, weight, bias, matrix)``: ``gz = Dᵀ g``, ``∂x = g W + Cᵀ(gz M)``, ``∂M = gzᵀ h``."""
-    r, code = matrix.shape[0], ints[0]
-    segs_in, segs_out = _segs(x2.shape[1], weight.shape[0], r, code)
+    r = matrix.shape[0]
+    segs_in, segs_out = _segs(x2.shape[1], weight.shape[0], r, ints)
     need_x, need_w, need_bias, need_m, _ = needs
     dx = dw = dbias = dm = None
     gz = compress(g2, segs_out, r) if (need_m or need_x) else None  # (T, r)
@@ -158,7 +167,8 @@ SHARING = dispatch.register(dispatch.FusedImpl(
     "sharing_linear", _sharing_forward, _backward, lambda tokens, weight, matrix, _, ints: (tokens, matrix.shape[0])))
 
 
-def sharing_linear(x: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, layout: SharingLayout) -> Tensor:
+def sharing_linear(x: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, layout: SharingLayout,
+                   output_layout: SharingLayout | None = None) -> Tensor:
     """``F.linear(x, weight, bias) + mora_reference(x, matrix, ..., SHARING, layout)``, fused.
 
     Args:
@@ -166,9 +176,10 @@ def sharing_linear(x: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tenso
         weight: ``(out, in)`` (a transposed view is fine).
         bias: ``(out,)`` or None.
         matrix: ``M (r, r)``, ``r <= min(in, out)``.
-        layout: STRIDED or ADJACENT groups.
+        layout: STRIDED or ADJACENT groups (inputs, and outputs unless ``output_layout`` is given).
+        output_layout: the output grouping when it differs (the authors' ``mora_type`` 3/4).
 
     Returns:
         ``(..., out)``.
     """
-    return dispatch.apply(SHARING, x, weight, bias, matrix, None, (_LAYOUTS.index(layout),))
+    return dispatch.apply(SHARING, x, weight, bias, matrix, None, _codes(layout, output_layout))

@@ -21,6 +21,8 @@ METHODS = tuple(m.value for m in Method)
 PRECISIONS = ("fp32", "bf16")
 NONFINITE = ("stop", "skip")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+MERGE_SCHEDULES = ("jagged", "official")
+MERGE_CYCLES = ("alternate", "four")
 
 #: Fields that may change when a run is resumed (they do not change what is learned so far).
 RESUMABLE_CHANGES = frozenset({"resume", "nonfinite", "overwrite", "max_steps", "epochs", "eval_every", "save_every",
@@ -80,7 +82,18 @@ class TrainConfig:
             ``skip``s that optimizer step (:mod:`moreft.train.guards`).
         merge_every: Every N optimizer steps merge each adapter into its base weight and re-initialise it
             (ReLoRA / ReMoRA, :mod:`moreft.train.reinit`); None: never.
-        merge_warmup: Learning-rate warmup steps after each merge (None: ``min(50, merge_every // 10)``).
+        merge_warmup: Learning-rate warmup steps after each merge (None: ``min(50, merge_every // 10)``,
+            or 50 with ``merge_schedule: official``).
+        merge_schedule: ``jagged`` (the run's schedule times a warmup ramp after each merge; adapter
+            optimizer state dropped) or ``official`` (kongds/MoRA: the schedule restarts from the
+            current lr with a warmup and decays over the remaining steps; all optimizer state dropped).
+        merge_cycle: MoRA sharing groupings at each merge: ``alternate`` (mora_type 1 <-> 2) or
+            ``four`` (the authors' default ReMoRA cycle 1 -> 2 -> 3 -> 4).
+        r_hat_rounding: MoRA square size from ``rank``: ``floor`` (paper) or ``round`` (authors' code).
+        cap_r_hat: Cap MoRA sharing's square size at ``min(in, out)`` (the authors' code does not).
+        sharing_output_layout: MoRA sharing output grouping when it differs from ``sharing_layout``
+            (``strided`` / ``adjacent``; the authors' mora_type 3 and 4).
+        block_rule: MoRe block shapes: ``moreft``, ``official`` or ``official-int`` (the MoRe repository's).
     """
 
     task: str
@@ -126,6 +139,12 @@ class TrainConfig:
     nonfinite: str = "stop"
     merge_every: int | None = None
     merge_warmup: int | None = None
+    merge_schedule: str = "jagged"
+    merge_cycle: str = "alternate"
+    r_hat_rounding: str = "floor"
+    cap_r_hat: bool = True
+    sharing_output_layout: str | None = None
+    block_rule: str = "moreft"
 
     def __post_init__(self) -> None:
         if self.model is None and isinstance(self.task, str):
@@ -141,7 +160,10 @@ class TrainConfig:
         _check_choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _check_choice("sharing_layout", self.sharing_layout, ("strided", "adjacent"))
         _check_choice("nonfinite", self.nonfinite, NONFINITE)
-        if self.merge_warmup is not None and (self.merge_every is None or self.merge_warmup >= self.merge_every):
+        _check_choice("merge_schedule", self.merge_schedule, MERGE_SCHEDULES)
+        _check_choice("merge_cycle", self.merge_cycle, MERGE_CYCLES)
+        if self.merge_warmup is not None and (self.merge_every is None or (
+                self.merge_warmup >= self.merge_every and self.merge_schedule != "official")):
             raise ConfigError(f"merge_warmup={self.merge_warmup} needs merge_every > merge_warmup "
                               f"(merge_every={self.merge_every})")
         if self.warmup_ratio and self.warmup_steps:
@@ -182,10 +204,11 @@ class TrainConfig:
                   "modules_to_save": tuple(modules_to_save), "dropout": self.dropout}
         method = coerce_enum(Method, self.method, "method")
         if method is Method.MORE:
-            return MoReConfig(nblocks=self.nblocks, block_rank=self.block_rank, **common)
+            return MoReConfig(nblocks=self.nblocks, block_rank=self.block_rank, block_rule=self.block_rule, **common)
         if method is Method.MORA:
             return MoRAConfig(rank=self.rank, r_hat=self.r_hat, operator=self.operator,
-                              sharing_layout=self.sharing_layout, **common)
+                              sharing_layout=self.sharing_layout, sharing_output_layout=self.sharing_output_layout,
+                              r_hat_rounding=self.r_hat_rounding, cap_r_hat=self.cap_r_hat, **common)
         return LoRAConfig(rank=self.rank, alpha=self.alpha, **common)
 
     def method_label(self) -> str:

@@ -31,6 +31,8 @@ _SPEC: dict[str, tuple[str, float | None]] = {
     "max_grad_norm": ("float", 0.0), "resume": ("bool", None), "group_by_length": ("bool", None), "overwrite": ("bool", None),
     "progress": ("bool", None), "nonfinite": ("str", None),
     "merge_every": ("opt_int", 1), "merge_warmup": ("opt_int", 0),
+    "merge_schedule": ("str", None), "merge_cycle": ("str", None), "r_hat_rounding": ("str", None),
+    "cap_r_hat": ("bool", None), "sharing_output_layout": ("opt_str", None), "block_rule": ("str", None),
 }
 _UPPER = {"dropout": 1.0, "warmup_ratio": 1.0}  # exclusive upper bounds
 _POSITIVE = {"alpha", "lr", "epochs"}  # strictly > 0

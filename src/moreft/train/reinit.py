@@ -20,6 +20,7 @@ model, which is what ``moreft eval`` / ``merge`` do before loading the adapter.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ import moreft
 from moreft.errors import ConfigError
 from moreft.files import atomic_write_bytes
 from moreft.layers import AdapterLayer
-from moreft.remora import merge_and_reinit, reset_optimizer_state
+from moreft.remora import RemoraCycle, merge_and_reinit, reset_optimizer_state
 
 MERGED_BASE_FILE = "merged_base.safetensors"
 #: ReLoRA / ReMoRA restart warmup (MoRA paper, Section 5.3: "50 steps restarts warmup").
@@ -65,6 +66,52 @@ def jagged(schedule: Callable[[int], float], merge_every: int, warmup: int) -> C
         return schedule(step) * restart_factor(step, merge_every, warmup)
 
     lr_lambda.jagged = True  # type: ignore[attr-defined]  # a plain function: LambdaLR does not save it
+    return lr_lambda
+
+
+def official_restarts(schedule: Callable[[int], float], merge_every: int, warmup: int,
+                      max_steps: int) -> Callable[[int], float]:
+    """The authors' ReMoRA schedule restart as a pure function of the step (kongds/MoRA).
+
+    Their ``ResetReloraCallback.on_step_end`` (train.py), after each merge at step ``m``, rewrites
+    the transformers schedule's ``num_warmup_steps`` to ``warmup`` and ``num_training_steps`` to
+    ``max_steps - m``, sets the scheduler back to epoch 0 and its base lr to the current lr. So the
+    update right after the merge still runs at the current lr ``S = f(m)``, and step ``m + j``
+    (``j >= 1``) gets ``S * g(j)`` with ``g`` the same schedule shape restarted: a warmup ramp
+    from ``1/warmup``, then the decay over the remaining steps.
+
+    Args:
+        schedule: the run's ``LambdaLR`` function: a ``functools.partial`` of a transformers
+            schedule lambda with ``num_warmup_steps`` and ``num_training_steps`` keywords (linear,
+            cosine, ...), as their code requires.
+        merge_every: optimizer steps per cycle.
+        warmup: restart warmup steps (theirs: 50).
+        max_steps: the run's total optimizer steps.
+
+    Raises:
+        ConfigError: ``schedule`` is not such a partial (e.g. a constant schedule).
+    """
+    keywords = getattr(schedule, "keywords", None) or {}
+    if not isinstance(schedule, functools.partial) or not {"num_warmup_steps", "num_training_steps"} <= set(keywords):
+        raise ConfigError(
+            "merge_schedule='official' restarts a warmup-and-decay schedule (linear, cosine); the run's "
+            f"learning-rate schedule {getattr(schedule, '__name__', schedule)!r} has no num_warmup_steps/"
+            "num_training_steps to restart")
+    scales = {0: 1.0}  # merge step -> lr factor the restarted schedule starts from (S above)
+
+    def restarted(merge: int, j: int) -> float:
+        shape = functools.partial(schedule.func, *schedule.args, **{
+            **keywords, "num_warmup_steps": warmup, "num_training_steps": max_steps - merge})
+        return schedule(j) if merge == 0 else scales[merge] * shape(j)
+
+    def lr_lambda(step: int) -> float:
+        merge = max(0, (step - 1) // merge_every * merge_every)  # the last merge before update step + 1
+        merge = min(merge, (max_steps - 1) // merge_every * merge_every)  # none at or after the last step
+        for m in range(max(scales) + merge_every, merge + 1, merge_every):  # each restart starts where the last is
+            scales[m] = restarted(m - merge_every, merge_every)
+        return restarted(merge, step - merge)
+
+    lr_lambda.jagged = True  # type: ignore[attr-defined]  # already restarts: on_train_begin keeps it
     return lr_lambda
 
 
@@ -122,23 +169,30 @@ class MergeReinitCallback(TrainerCallback):
         merge_every: Optimizer steps per cycle, >= 1.
         warmup: Restart warmup steps after each merge (0: none).
         run_dir: Where ``merged_base.safetensors`` goes at the end of training.
-        switch_sharing_layout: Alternate MoRA SHARING layouts at each merge (ReMoRA).
+        switch_sharing_layout: Step MoRA SHARING layouts at each merge (ReMoRA).
+        cycle: The SHARING layouts stepped through (:class:`moreft.remora.RemoraCycle`).
+        official_schedule: Restart the schedule and drop all optimizer state as the authors' code
+            does (:func:`official_restarts`) instead of the jagged ramp and adapter-only reset.
 
     Raises:
-        ConfigError: ``merge_every < 1``, ``warmup < 0`` or ``warmup >= merge_every``.
+        ConfigError: ``merge_every < 1``, ``warmup < 0`` or ``warmup >= merge_every`` (allowed with
+            ``official_schedule``, as the authors' code allows it).
     """
 
     def __init__(
-        self, merge_every: int, warmup: int, run_dir: Path, switch_sharing_layout: bool = True
+        self, merge_every: int, warmup: int, run_dir: Path, switch_sharing_layout: bool = True,
+        cycle: RemoraCycle = RemoraCycle.ALTERNATE, official_schedule: bool = False,
     ) -> None:
         if merge_every < 1:
             raise ConfigError(f"merge_every={merge_every} must be an integer >= 1")
-        if not 0 <= warmup < merge_every:
+        if warmup < 0 or (warmup >= merge_every and not official_schedule):
             raise ConfigError(f"merge_warmup={warmup} must be >= 0 and < merge_every={merge_every}")
         self.merge_every = merge_every
         self.warmup = warmup
         self.run_dir = Path(run_dir)
         self.switch_sharing_layout = switch_sharing_layout
+        self.cycle = RemoraCycle(cycle)
+        self.official_schedule = official_schedule
         self.merges = 0
 
     def on_train_begin(
@@ -156,7 +210,9 @@ class MergeReinitCallback(TrainerCallback):
                 f"built a {type(lr_scheduler).__name__}"
             )
         lr_scheduler.lr_lambdas = [
-            f if getattr(f, "jagged", False) else jagged(f, self.merge_every, self.warmup)
+            f if getattr(f, "jagged", False) else (
+                official_restarts(f, self.merge_every, self.warmup, state.max_steps) if self.official_schedule
+                else jagged(f, self.merge_every, self.warmup))
             for f in lr_scheduler.lr_lambdas
         ]
         if state.global_step >= self.merge_every:
@@ -177,8 +233,11 @@ class MergeReinitCallback(TrainerCallback):
         """After every ``merge_every``-th step (but the last): merge, re-init, reset the moments."""
         if state.global_step % self.merge_every or state.global_step >= state.max_steps:
             return
-        params = merge_and_reinit(model, switch_sharing_layout=self.switch_sharing_layout)
-        reset_optimizer_state(_unwrap_optimizer(optimizer), params)
+        params = merge_and_reinit(model, switch_sharing_layout=self.switch_sharing_layout, cycle=self.cycle)
+        optimizer = _unwrap_optimizer(optimizer)
+        if self.official_schedule:  # their fine-tuning branch: `optimizer.state = defaultdict(dict)`
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+        reset_optimizer_state(optimizer, params)
         self.merges += 1
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -197,7 +256,11 @@ def merge_callbacks(config: Any, run_dir: Path) -> list[TrainerCallback]:
     """``[MergeReinitCallback]`` if ``config.merge_every`` is set, else ``[]`` (used by ``train``)."""
     if not config.merge_every:
         return []
-    warmup = (
-        config.merge_warmup if config.merge_warmup is not None else default_merge_warmup(config.merge_every)
-    )
-    return [MergeReinitCallback(config.merge_every, warmup, run_dir)]
+    official = getattr(config, "merge_schedule", "jagged") == "official"
+    if config.merge_warmup is not None:
+        warmup = config.merge_warmup
+    else:
+        warmup = PAPER_RESTART_WARMUP if official else default_merge_warmup(config.merge_every)
+    return [MergeReinitCallback(config.merge_every, warmup, run_dir,
+                                cycle=RemoraCycle(getattr(config, "merge_cycle", "alternate")),
+                                official_schedule=official)]
