@@ -34,3 +34,7 @@ class TrainingError(MoreftError, RuntimeError):
 
 class DataFileError(MoreftError, ValueError):
     """A user's data file cannot be read: not UTF-8, a malformed JSON line or CSV row, wrong structure."""
+
+
+class CheckpointError(MoreftError, ValueError):
+    """A training checkpoint cannot be resumed: unreadable, or its optimizer state does not fit the model."""

@@ -103,7 +103,8 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         The same ``model`` object.
 
     Raises:
-        TargetError: see :func:`resolve_targets`; or the model already carries an adapter.
+        TargetError: see :func:`resolve_targets`; the model already carries an adapter; or a target
+            overlaps ``modules_to_save``.
         ConfigError: a hyperparameter does not fit a layer's shape (e.g. ``nblocks > in``).
     """
     existing = adapter_layers(model)
@@ -118,6 +119,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     missing = [t for t in config.modules_to_save if not any(_matches(n, (t,)) for n in save_names)]
     if missing:
         raise TargetError(f"modules_to_save {missing} match no module of the model")
+    _check_disjoint(names, save_names)
     for p in model.parameters():
         p.requires_grad_(False)
     for n, layer in new_layers.items():
@@ -129,6 +131,20 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
             p.requires_grad_(True)
     setattr(model, CONFIG_ATTR, config)
     return model
+
+
+def _check_disjoint(targets: list[str], saved: list[str]) -> None:
+    """A module is adapted or trained in full, never both: training it in full would unfreeze the
+    base weight an adapter wraps (and merging would then add the update twice).
+
+    Raises:
+        TargetError: a target is a ``modules_to_save`` module, or one lies inside the other.
+    """
+    for t in targets:
+        for s in saved:
+            if t == s or t.startswith(s + ".") or s.startswith(t + "."):
+                raise TargetError(f"target module {t!r} overlaps modules_to_save module {s!r}; a module is either "
+                                  "adapted (target_modules) or trained in full (modules_to_save), not both")
 
 
 def modules_to_save_names(model: nn.Module, config: AdapterConfig) -> list[str]:

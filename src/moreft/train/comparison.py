@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from moreft.errors import ConfigError
+from moreft.train.bounded import load_yaml
 from moreft.files import atomic_write_text
 from moreft.train.config import METHODS, TrainConfig, field_names
 from moreft.train.loop import RunResult, train
@@ -50,7 +49,7 @@ def parse_method_spec(spec: str) -> dict[str, Any]:
             allowed = [k for k in field_names() if k not in _RESERVED and k != "method"]
             raise ConfigError(f"method spec {spec!r}: {key!r} is not a setting a method may change; "
                               f"valid keys are {allowed}")
-        out[key] = yaml.safe_load(raw)
+        out[key] = load_yaml(raw, f"method spec {spec!r}")
     return out
 
 

@@ -25,7 +25,16 @@ from moreft.train.guards import NonFiniteGuard
 from moreft.train.plots import plot_run
 from moreft.train.recipes import dump_config
 from moreft.train.reinit import merge_callbacks
-from moreft.train.rundir import RunDir, is_main_process, load_base, model_defaults, precision_dtype
+from moreft.train.rundir import (
+    RunDir,
+    check_max_length,
+    check_split,
+    is_main_process,
+    load_base,
+    model_defaults,
+    precision_dtype,
+    split_record,
+)
 from moreft.train.trainer import (
     CHECKPOINTS_DIR,
     AdapterTrainer,
@@ -149,10 +158,12 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), quiet: bool = Fals
     _say(f"# run config ({run.config})\n" + dump_config(config), quiet)
     task = get_task(config.task, **config.task_options)
     splits = task.load(config.seed, config.max_examples)
+    keep_split = config.resume and check_split(run.path, config, splits)  # resume on the same data, or stop
     from transformers import set_seed
 
     set_seed(config.seed)  # the new head and the adapter are initialised from this seed
     model, tokenizer = load_base(config, task)
+    check_max_length(config, model, task.kind)
     targets, heads = model_defaults(config.model, model, task.kind)
     adapter = config.adapter_config(targets, heads)
     check_adapter_size(model, adapter, moreft.resolve_targets(model, adapter))  # before allocating it
@@ -164,8 +175,8 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), quiet: bool = Fals
     if is_main_process():
         run.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.config, dump_config(config))
-        atomic_write_text(run.split, json.dumps({"task": config.task, "seed": config.seed, "sizes": splits.sizes,
-                                                 "ids": splits.split_ids}) + "\n")
+        if not keep_split:
+            atomic_write_text(run.split, json.dumps(split_record(config, splits)) + "\n")
     counts = moreft.trainable_parameters(model)
     _say(f"{config.method_label()} on {len(moreft.adapter_layers(model))} layers: {counts}", quiet)
     _say(f"{config.task}: {splits.sizes}", quiet)

@@ -24,7 +24,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import moreft
+from moreft.errors import CheckpointError
 from moreft.files import atomic_write_text
+from moreft.train.checkpoints import check_optimizer_files
 
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
@@ -98,6 +100,30 @@ class AdapterTrainer(Trainer):
         """
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         moreft.load_adapter(model, Path(resume_from_checkpoint) / ADAPTER_DIR, check_base=False)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Check the checkpoint's optimizer and scheduler state against this run's parameters, then load them.
+
+        Raises:
+            moreft.errors.CheckpointError: The state is unreadable or made for other parameters.
+        """
+        if checkpoint is not None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            groups = [list(group["params"]) for group in self.optimizer.param_groups]
+            check_optimizer_files(Path(checkpoint), groups)
+        super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """Restore the random generators' state; a malformed ``rng_state*.pth`` is a clear error.
+
+        Raises:
+            moreft.errors.CheckpointError: The file is not an RNG state the Trainer can restore.
+        """
+        try:
+            super()._load_rng_state(checkpoint)
+        except Exception as exc:  # noqa: BLE001 - torch.load / set_state raise many types for a bad file
+            raise CheckpointError(f"the random-generator state in checkpoint {checkpoint!r} is unreadable "
+                                  f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})"
+                                  ) from None
 
 
 def loss_uses_item_count(model: Any) -> bool:
