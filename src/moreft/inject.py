@@ -6,10 +6,11 @@ One model carries at most one moreft adapter (one config); its config is kept on
 
 from __future__ import annotations
 
-import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import regex
 from torch import nn
 
 from .config import ALL_LINEAR, AdapterConfig
@@ -17,6 +18,8 @@ from .errors import TargetError
 from .layers import LAYER_CLASSES, AdapterLayer, is_linear
 
 CONFIG_ATTR = "moreft_config"
+#: Time a ``target_modules`` regex may take to match all module names of a model.
+MATCH_SECONDS = 2.0
 
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "bert": ("query", "key", "value"),
@@ -50,6 +53,29 @@ def _output_head_names(model: nn.Module) -> set[str]:
             if (head is not None and m is head) or n.split(".")[0] in HEAD_NAMES}
 
 
+def _regex_matches(spec: str, candidates: list[str]) -> list[str]:
+    """The names ``spec`` fully matches, within :data:`MATCH_SECONDS` for all of them together.
+
+    A regex with nested repetition (``(a|aa)+c``) backtracks exponentially; the ``regex`` package's
+    ``timeout`` bounds it, where ``re`` would hang.
+
+    Raises:
+        TargetError: the matching ran out of time.
+    """
+    pattern = regex.compile(spec)
+    deadline = time.monotonic() + MATCH_SECONDS
+    names = []
+    try:
+        for n in candidates:
+            if pattern.fullmatch(n, timeout=max(deadline - time.monotonic(), 1e-6)):
+                names.append(n)
+    except TimeoutError:
+        raise TargetError(f"target_modules={spec!r} took more than {MATCH_SECONDS:g} s to match "
+                          f"{len(candidates):,} module names (nested repetition backtracks exponentially); "
+                          "simplify the regex or list the names") from None
+    return names
+
+
 def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Qualified names of the modules ``config.target_modules`` selects in ``model``.
 
@@ -73,8 +99,7 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         skip = _output_head_names(model) | {n for n in candidates if _matches(n, config.modules_to_save)}
         names = [n for n in candidates if is_linear(modules[n]) and n not in skip]
     elif isinstance(spec, str):
-        pattern = re.compile(spec)
-        names = [n for n in candidates if pattern.fullmatch(n)]
+        names = _regex_matches(spec, candidates)
     else:
         names = [n for n in candidates if _matches(n, spec)]
     if not names:

@@ -145,21 +145,24 @@ def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every complete JSON line of ``path`` (a torn last line from a crash is skipped)."""
+    """Every complete JSON object line of ``path``; anything else (a torn last line from a crash, a
+    line that is not UTF-8 or not an object) is skipped."""
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for raw in path.read_bytes().splitlines():
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError, JSONDecodeError, 5000-digit numbers
             continue
+        if isinstance(record, dict):
+            out.append(record)
     return out
 
 
 def truncate_jsonl(path: Path, max_step: int) -> None:
     """Keep only records with ``step <= max_step`` (a resumed run re-logs the later steps)."""
-    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= max_step]
+    kept = [r for r in read_jsonl(path) if isinstance(r.get("step", 0), (int, float)) and r.get("step", 0) <= max_step]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
