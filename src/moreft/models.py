@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from moreft.errors import ConfigError
+from moreft.modelfolder import check_model_dir, check_size_fits_weights, model_dir_errors
 from moreft.tasks._data import DataPackageError, package_dir
 from moreft.tasks.base import TaskKind
 
@@ -236,61 +237,6 @@ def model_dir(name_or_path: str | Path, cache_dir: Path | None = None) -> Path:
                       "or a local model directory (with config.json) or .gguf file")
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-#: config.json of a model is a few KB; anything this large is not one.
-MAX_MODEL_CONFIG_BYTES = 16 * 2**20
-
-
-def check_model_dir(path: Path) -> None:
-    """Check a model folder before transformers reads it: a ``config.json`` object naming its
-    ``model_type``, and a weights file.
-
-    Raises:
-        ConfigError: naming the folder and what is wrong with it.
-    """
-    config_file = path / "config.json"
-    try:
-        size = config_file.stat().st_size
-        if size > MAX_MODEL_CONFIG_BYTES:
-            raise ConfigError(f"model folder {str(path)!r}: config.json is {size:,} bytes, not a model config")
-        config = json.loads(config_file.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"model folder {str(path)!r}: config.json cannot be read ({exc.strerror or exc})") from None
-    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON
-        raise ConfigError(f"model folder {str(path)!r}: config.json is not valid JSON ({str(exc)[:200]})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise ConfigError(f"model folder {str(path)!r}: config.json must be a JSON object with a 'model_type' "
-                          "(as save_pretrained writes it)")
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise ConfigError(f"model folder {str(path)!r} has no weights: none of {list(WEIGHT_FILES)}")
-
-
-def _saved_labels(path: Path) -> str:
-    """The number of labels a saved classifier's config.json names (``?`` when it names none)."""
-    try:
-        config = json.loads((path / "config.json").read_bytes().decode("utf-8"))
-        return str(len(config.get("id2label") or {}) or config.get("num_labels") or "?")
-    except (OSError, ValueError, AttributeError):
-        return "?"
-
-
-@contextlib.contextmanager
-def _model_dir_errors(path: Path, num_labels: int | None) -> Iterator[None]:
-    """Turn transformers' errors on a broken model folder into one clear :class:`ConfigError`."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - transformers/safetensors/tokenizers raise many types here
-        text = " ".join(str(exc).split())[:300] or type(exc).__name__
-        if "mismatch" in text.lower() and num_labels is not None:
-            raise ConfigError(f"model folder {str(path)!r} holds a classifier for {_saved_labels(path)} labels; this "
-                              f"task has {num_labels}. Train on the base model (without the head), or use a task "
-                              "with the same labels") from None
-        raise ConfigError(f"model folder {str(path)!r} cannot be loaded ({type(exc).__name__}: {text}); its "
-                          "weights or tokenizer files are missing, truncated or of another model") from None
-
-
 def load_model(name_or_path: str | Path, kind: TaskKind | str, num_labels: int | None = None,
                dtype: torch.dtype = torch.float32, cache_dir: Path | None = None) -> tuple[Any, Any]:
     """Load a model and its tokenizer for a task kind, offline.
@@ -333,10 +279,11 @@ def load_model(name_or_path: str | Path, kind: TaskKind | str, num_labels: int |
         raise ConfigError(f"model {spec.name!r} supports {[k.value for k in spec.kinds]}, not {kind.value!r}")
     path = model_dir(name_or_path, cache_dir)
 
-    check_model_dir(path)
     extra = {"num_labels": num_labels} if kind is TaskKind.CLASSIFICATION else {}
     auto = AutoModelForSequenceClassification if kind is TaskKind.CLASSIFICATION else AutoModelForCausalLM
-    with _quiet_transformers(), _model_dir_errors(path, num_labels):
+    check_model_dir(path)
+    with _quiet_transformers(), model_dir_errors(path, num_labels):
+        check_size_fits_weights(path, auto, extra)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model, info = auto.from_pretrained(path, dtype=dtype, local_files_only=True,
                                            output_loading_info=True, **extra)

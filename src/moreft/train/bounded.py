@@ -111,7 +111,10 @@ def load_yaml(text: str, source: str, max_nodes: int = MAX_YAML_NODES) -> Any:
         ConfigError: Not valid YAML, more than one document, too many nodes, a recursive alias, or
             nesting too deep to construct.
     """
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # its reader refuses control characters right away
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {str(exc)[:500]}") from None
     try:
         node = loader.get_single_node()
         if node is None:
