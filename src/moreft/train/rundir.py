@@ -163,7 +163,8 @@ def data_digest(splits: Splits) -> str:
     digest = hashlib.sha256()
     for name in ("train", "validation", "test"):
         for example in getattr(splits, name):
-            row = json.dumps(dataclasses.asdict(example), sort_keys=True, default=str, ensure_ascii=False)
+            fields = getattr(example, "__dict__", None) or dataclasses.asdict(example)
+            row = json.dumps(fields, sort_keys=True, default=str, ensure_ascii=False)
             digest.update(f"{name}\t{row}\n".encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
 
