@@ -133,14 +133,14 @@ def load_base(config: TrainConfig, task: Task) -> tuple[torch.nn.Module, Any]:
 
 
 def position_limit(model: torch.nn.Module) -> int | None:
-    """How many token positions ``model`` can embed: its absolute position table (less RoBERTa's
-    padding offset), else ``config.max_position_embeddings``; None when it states no limit."""
+    """How many token positions ``model`` can embed: the rows of its absolute position table (less
+    RoBERTa's padding offset); None for rotary or relative positions, which index no table (a longer
+    sequence runs, beyond the length the model was trained at)."""
     for name, module in model.named_modules():
         if name.endswith(("position_embeddings", "wpe")) and isinstance(module, torch.nn.Embedding):
             pad = module.padding_idx
             return module.num_embeddings - (pad + 1 if pad is not None else 0)
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return limit if type(limit) is int and limit > 0 else None
+    return None
 
 
 def check_max_length(config: TrainConfig, model: torch.nn.Module, kind: TaskKind) -> None:
