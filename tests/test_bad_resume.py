@@ -102,8 +102,8 @@ def test_resume_with_another_runs_optimizer_state_is_a_clear_error(work):
     (lambda s: s["state"][3]["exp_avg_sq"].fill_(float("nan")), r"'exp_avg_sq' of parameter 3 holds NaN/Inf values"),
     (lambda s: s["param_groups"].pop(), r"has 1 parameter groups; this run's optimizer has 2"),
     (lambda s: s["param_groups"][0]["params"].pop(), r"parameter group 0 holds 12 parameters; this run trains 13"),
-    (lambda s: s["param_groups"][0].update(lr=float("inf")), r"parameter group 0 has non-finite or malformed "
-                                                               r"hyperparameters \['lr'\]"),
+    (lambda s: s["param_groups"][0].update(lr=float("inf")),
+     r"parameter group 0 has non-finite or malformed hyperparameters \['lr'\]"),
     (lambda s: s["state"].update({99: {}}), r"state entry 99 names no parameter"),
     (lambda s: s.clear(), r"is not an optimizer state"),
 ], ids=["nan-moment", "groups", "params", "inf-lr", "stray-entry", "empty"])
@@ -186,7 +186,7 @@ def test_eval_and_export_refuse_an_adapter_full_of_nan(work):
     run = tmp / "runs" / "a"
     file = run / "adapter" / "adapter_model.safetensors"
     tensors = load_file(str(file))
-    key = sorted(tensors)[0]
+    key = min(tensors)
     tensors[key] = torch.full_like(tensors[key], float("nan"))
     save_file(tensors, str(file))
     for args in (["eval", str(run)], ["export-lora", str(run), str(tmp / "lora")]):
