@@ -100,13 +100,17 @@ def test_resume_with_another_runs_optimizer_state_is_a_clear_error(work):
 
 @pytest.mark.parametrize("spoil,match", [
     (lambda s: s["state"][3]["exp_avg_sq"].fill_(float("nan")), r"'exp_avg_sq' of parameter 3 holds NaN/Inf values"),
-    (lambda s: s["param_groups"].pop(), r"has 1 parameter groups; this run's optimizer has 2"),
+    (lambda s: s["param_groups"].pop(), r"has 1 parameter groups \(or malformed ones\); this run's optimizer has 2"),
     (lambda s: s["param_groups"][0]["params"].pop(), r"parameter group 0 holds 12 parameters; this run trains 13"),
     (lambda s: s["param_groups"][0].update(lr=float("inf")),
      r"parameter group 0 has non-finite or malformed hyperparameters \['lr'\]"),
     (lambda s: s["state"].update({99: {}}), r"state entry 99 names no parameter"),
     (lambda s: s.clear(), r"is not an optimizer state"),
-], ids=["nan-moment", "groups", "params", "inf-lr", "stray-entry", "empty"])
+    (lambda s: s["state"][0].update(exp_avg=torch.tensor(0.0)), r"'exp_avg' of parameter 0 has shape \[\]"),
+    (lambda s: s["state"][0].update(step=torch.zeros(2)), r"'step' of parameter 0 has shape \[2\]"),
+    (lambda s: s["param_groups"][1].update(params=[[13]]), r"parameter groups \(or malformed ones\)"),
+], ids=["nan-moment", "groups", "params", "inf-lr", "stray-entry", "empty", "scalar-moment", "step-vector",
+        "unhashable-id"])
 def test_resume_with_a_spoiled_optimizer_state_is_a_clear_error(work, spoil, match):
     bert, tmp = work
     path = tmp / "runs" / "a" / "checkpoints" / "checkpoint-4" / "optimizer.pt"
@@ -117,9 +121,12 @@ def test_resume_with_a_spoiled_optimizer_state_is_a_clear_error(work, spoil, mat
 
 
 @pytest.mark.parametrize("content,match", [
-    ({"base_lrs": [0.01]}, r"base_lrs=\[0\.01\] must list 2 finite learning rates"),
-    ({"base_lrs": [float("nan"), 0.01]}, r"base_lrs=\[nan, 0\.01\] must list 2 finite"),
-    ({"last_epoch": "4"}, r"last_epoch='4' must be an integer >= -1"),
+    ({"base_lrs": [0.01]}, r"base_lrs=\[0\.01\] does not fit this run's scheduler, whose base_lrs is \[0\.01, 0\.01\] "
+                           r"\(2 parameter groups\)"),
+    ({"base_lrs": [float("nan"), 0.01]}, r"base_lrs=\[nan, 0\.01\] does not fit this run's scheduler"),
+    ({"last_epoch": "4"}, r"last_epoch='4' does not fit this run's scheduler, whose last_epoch is a int"),
+    ({"lr_lambdas": [{}, {}, {}]}, r"lr_lambdas=\[\{\}, \{\}, \{\}\] does not fit"),
+    ({"optimizer": None}, r"has keys \[.*'optimizer'.*\]; this run's scheduler has \["),
     ([1, 2], r"is not a learning-rate scheduler state"),
     ("zip", r"scheduler\.pt' is not a readable scheduler state \(torch\.load with weights_only=True"),
 ])

@@ -57,15 +57,9 @@ def checkpoint_complete(path: Path) -> bool:
         if (path / STATE_FILE).stat().st_size > MAX_STATE_BYTES:
             return False
         state = json.loads((path / STATE_FILE).read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (OSError, ValueError, RecursionError, zipfile.BadZipFile):  # a corrupt zip64 record; bad UTF-8/JSON
         return False
-    if not isinstance(state, dict) or type(state.get("global_step")) is not int or state["global_step"] != step:
-        return False
-    from transformers import TrainerState
-
-    try:
-        TrainerState(**state)
-    except (TypeError, ValueError):
+    if not _valid_trainer_state(state, step):
         return False
     from moreft.errors import AdapterFileError
     from moreft.state import read_adapter_config
@@ -74,6 +68,45 @@ def checkpoint_complete(path: Path) -> bool:
         read_adapter_config(path / "adapter")
     except AdapterFileError:
         return False
+    return True
+
+
+_NUMBER, _INT, _BOOL, _TEXT, _DICT = (int, float), (int,), (bool,), (str,), (dict,)
+#: ``TrainerState`` fields and the types ``trainer_state.json`` may give them (None allowed where the default is).
+_STATE_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
+    "epoch": (_NUMBER, True), "global_step": (_INT, False), "max_steps": (_INT, False),
+    "logging_steps": (_NUMBER, False), "eval_steps": (_NUMBER, False), "save_steps": (_NUMBER, False),
+    "train_batch_size": (_INT, True), "num_train_epochs": (_NUMBER, False), "num_input_tokens_seen": (_INT, False),
+    "total_flos": (_NUMBER, False), "log_history": ((list,), False), "best_metric": (_NUMBER, True),
+    "best_global_step": (_INT, True), "best_model_checkpoint": (_TEXT, True), "is_local_process_zero": (_BOOL, False),
+    "is_world_process_zero": (_BOOL, False), "is_hyper_param_search": (_BOOL, False), "trial_name": (_TEXT, True),
+    "trial_params": (_DICT, True), "stateful_callbacks": (_DICT, True),
+}
+_CONTROL_FLAGS = ("should_training_stop", "should_epoch_stop", "should_save", "should_evaluate", "should_log")
+
+
+def _valid_trainer_state(state: Any, step: int) -> bool:
+    """``trainer_state.json`` content the Trainer can resume from: known fields of the right types, the
+    folder's step, a log of objects, and a ``TrainerControl`` state of booleans (the Trainer rebuilds it)."""
+    if not isinstance(state, dict) or not set(state) <= set(_STATE_TYPES) or state.get("global_step") != step:
+        return False
+    for key, value in state.items():
+        types, optional = _STATE_TYPES[key]
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) and types is not _BOOL or not isinstance(value, types):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+    if not all(isinstance(entry, dict) for entry in state.get("log_history", [])):
+        return False
+    control = (state.get("stateful_callbacks") or {}).get("TrainerControl", {})
+    for entry in control if isinstance(control, list) else [control]:
+        if not isinstance(entry, dict) or not set(entry) <= {"args", "attributes"}:
+            return False
+        for part in (entry.get("args", {}), entry.get("attributes", {})):
+            if not isinstance(part, dict) or not all(k in _CONTROL_FLAGS and isinstance(v, bool) for k, v in part.items()):
+                return False
     return True
 
 
@@ -120,9 +153,11 @@ def check_optimizer_state(state: Any, groups: Sequence[Sequence[torch.Tensor]], 
             not isinstance(state.get("param_groups"), list):
         raise CheckpointError(f"{where} is not an optimizer state (a mapping with 'state' and 'param_groups')")
     saved = state["param_groups"]
-    if len(saved) != len(groups) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved):
-        raise CheckpointError(f"{where} has {len(saved)} parameter groups; this run's optimizer has {len(groups)}: "
-                              "the checkpoint belongs to another run")
+    if len(saved) != len(groups) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list)
+            and all(type(i) is int for i in g["params"]) for g in saved):
+        raise CheckpointError(f"{where} has {len(saved)} parameter groups (or malformed ones); this run's optimizer "
+                              f"has {len(groups)}: the checkpoint belongs to another run")
     params: dict[Any, torch.Tensor] = {}
     for number, (group, live) in enumerate(zip(saved, groups)):
         if len(group["params"]) != len(live):
@@ -142,39 +177,63 @@ def check_optimizer_state(state: Any, groups: Sequence[Sequence[torch.Tensor]], 
                 if not _finite_number(value):
                     raise CheckpointError(f"{where}: {name!r} of parameter {key} is {value!r}, not a finite number")
                 continue
-            if value.dim() > 0 and (tuple(value.shape) != tuple(param.shape) or not value.is_floating_point()):
+            scalar = name == "step"  # AdamW's step count; every other entry is a moment shaped like the parameter
+            if (value.numel() != 1 if scalar else tuple(value.shape) != tuple(param.shape)) \
+                    or not value.is_floating_point():
                 raise CheckpointError(f"{where}: {name!r} of parameter {key} has shape {list(value.shape)} "
                                       f"({value.dtype}); the parameter is {list(param.shape)} ({param.dtype}): the "
                                       "checkpoint belongs to another run or model")
-            if value.dim() == 0 and value.numel() != 1:
-                raise CheckpointError(f"{where}: {name!r} of parameter {key} is empty")
             if not bool(torch.isfinite(value).all()):
                 raise CheckpointError(f"{where}: {name!r} of parameter {key} holds NaN/Inf values; resuming would "
                                       "train on them")
 
 
-def check_scheduler_state(state: Any, num_groups: int, path: Path) -> None:
-    """Check a ``LambdaLR``-style scheduler ``state_dict``: per-group lists and a finite step.
+def _same_kind(saved: Any, live: Any) -> bool:
+    """Whether a saved scheduler value has the structure of the live one (numbers finite)."""
+    if isinstance(live, bool):
+        return isinstance(saved, bool)
+    if isinstance(live, int):
+        return type(saved) is int and saved >= -1
+    if isinstance(live, float):
+        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
+    if isinstance(live, list):
+        return isinstance(saved, list) and len(saved) == len(live) and all(
+            _same_kind(s, v) for s, v in zip(saved, live))
+    if isinstance(live, dict) or live is None:  # LambdaLR keeps {} (or None) per group for its lambdas
+        return saved is None or (isinstance(saved, dict) and all(
+            isinstance(k, str) and _finite_number(v) for k, v in saved.items()))
+    return _finite_number(saved)
+
+
+def check_scheduler_state(state: Any, live: dict[str, Any], path: Path) -> None:
+    """Check a scheduler ``state_dict`` against the live scheduler's: the same keys, each value of the
+    same kind (per-group lists of the same length, finite numbers).
+
+    ``LambdaLR.load_state_dict`` copies every key onto the scheduler object, so a stray key or a
+    value of another type would break the run later, mid-training.
 
     Raises:
-        CheckpointError: Not a mapping, lists of another length, or non-finite values.
+        CheckpointError: Not a mapping, other keys, or a value of another kind.
     """
     where = repr(str(path))
     if not isinstance(state, dict):
         raise CheckpointError(f"{where} is not a learning-rate scheduler state (a mapping)")
-    for key in ("base_lrs", "_last_lr"):
-        value = state.get(key)
-        if value is not None and (not isinstance(value, list) or len(value) != num_groups
-                                  or not all(_finite_number(v) and not isinstance(v, bool) for v in value)):
-            raise CheckpointError(f"{where}: {key}={value!r} must list {num_groups} finite learning rates, one per "
-                                  "parameter group")
-    epoch = state.get("last_epoch")
-    if epoch is not None and (type(epoch) is not int or epoch < -1):
-        raise CheckpointError(f"{where}: last_epoch={epoch!r} must be an integer >= -1")
+    if set(state) != set(live):
+        raise CheckpointError(f"{where} has keys {sorted(map(str, state))}; this run's scheduler has "
+                              f"{sorted(live)}: the checkpoint belongs to another run or version")
+    for key, value in live.items():
+        if not _same_kind(state[key], value):
+            shown = repr(state[key])
+            raise CheckpointError(f"{where}: {key}={shown[:80]} does not fit this run's scheduler, whose {key} is "
+                                  f"{value!r} ({len(value)} parameter groups)" if isinstance(value, list) else
+                                  f"{where}: {key}={shown[:80]} does not fit this run's scheduler, whose {key} is "
+                                  f"a {type(value).__name__}")
 
 
-def check_optimizer_files(checkpoint: Path, groups: Sequence[Sequence[torch.Tensor]]) -> None:
-    """Read ``optimizer.pt`` / ``scheduler.pt`` of ``checkpoint`` and check them against ``groups``.
+def check_optimizer_files(checkpoint: Path, groups: Sequence[Sequence[torch.Tensor]],
+                          scheduler_state: dict[str, Any] | None) -> None:
+    """Read ``optimizer.pt`` / ``scheduler.pt`` of ``checkpoint`` and check them against the live
+    optimizer's ``groups`` and the live scheduler's ``scheduler_state`` (None: not checked).
 
     Raises:
         CheckpointError: A file is missing, too large, unreadable, or does not fit (see above).
@@ -186,4 +245,5 @@ def check_optimizer_files(checkpoint: Path, groups: Sequence[Sequence[torch.Tens
     optimizer = _load(checkpoint / OPTIMIZER_FILE, "optimizer state", 3 * 8 * numel + STATE_SLACK_BYTES)
     check_optimizer_state(optimizer, groups, checkpoint / OPTIMIZER_FILE)
     scheduler = _load(checkpoint / SCHEDULER_FILE, "scheduler state", STATE_SLACK_BYTES)
-    check_scheduler_state(scheduler, len(groups), checkpoint / SCHEDULER_FILE)
+    if scheduler_state is not None:
+        check_scheduler_state(scheduler, scheduler_state, checkpoint / SCHEDULER_FILE)

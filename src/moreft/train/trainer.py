@@ -109,7 +109,8 @@ class AdapterTrainer(Trainer):
         """
         if checkpoint is not None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             groups = [list(group["params"]) for group in self.optimizer.param_groups]
-            check_optimizer_files(Path(checkpoint), groups)
+            scheduler = getattr(self, "lr_scheduler", None)
+            check_optimizer_files(Path(checkpoint), groups, scheduler.state_dict() if scheduler is not None else None)
         super()._load_optimizer_and_scheduler(checkpoint)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
