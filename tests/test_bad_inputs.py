@@ -268,6 +268,11 @@ def test_the_table_covers_at_least_25_bad_inputs():
 
 @pytest.mark.parametrize("bad", BAD_INPUTS, ids=[b.id for b in BAD_INPUTS])
 def test_bad_input_gives_a_clear_error_and_touches_nothing(bad, bert, tmp_path):
+    check_bad_input(bad, bert, tmp_path)
+
+
+def check_bad_input(bad: Bad, bert: str, tmp_path: Path) -> None:
+    """Run one row: its error, one clear line, and no change to the model or any file under ``tmp_path`` / ``bert``."""
     ctx = Ctx(tmp_path, make_net((24, 24)), bert)
     attempt = bad.setup(ctx)
     model_before, files_before = snapshot(ctx.net), _tree(tmp_path, Path(bert))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,15 +73,39 @@ def test_kill9_then_resume_equals_an_uninterrupted_run_bit_for_bit(bert, tmp_pat
 
 def test_a_torn_checkpoint_is_skipped_on_resume(tmp_path):
     run = RunDir(tmp_path)
+    model = moreft.inject(make_net((24, 24)), moreft.MoReConfig(target_modules=["lin"], block_rank=2))
     for step, state in ((2, '{"global_step": 2}'), (4, '{"global_step": 4, "log_hist')):
         ckpt = run.checkpoints / f"checkpoint-{step}"
-        (ckpt / "adapter").mkdir(parents=True)
-        for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.pt",
-                     "scheduler.pt"):
-            (ckpt / name).write_bytes(b"x")
+        moreft.save_adapter(model, ckpt / "adapter")
+        for name in ("optimizer.pt", "scheduler.pt"):
+            torch.save({}, ckpt / name)
         (ckpt / "trainer_state.json").write_text(state)
     (run.checkpoints / "checkpoint-6" / "adapter").mkdir(parents=True)  # killed right after mkdir
     assert run.last_checkpoint() == run.checkpoints / "checkpoint-2"
+
+
+def test_a_checkpoint_counts_as_complete_by_content_not_by_file_names(tmp_path):
+    run = RunDir(tmp_path)
+    good = run.checkpoints / "checkpoint-2"
+    moreft.save_adapter(moreft.inject(make_net((24, 24)), moreft.MoReConfig(target_modules=["lin"])), good / "adapter")
+    for name in ("optimizer.pt", "scheduler.pt"):
+        torch.save({}, good / name)
+    (good / "trainer_state.json").write_text('{"global_step": 2}')
+    assert run.last_checkpoint() == good
+    fakes = {  # each newer "checkpoint" is marked complete by some JSON file, but is not
+        4: lambda c: (c / "optimizer.pt").write_bytes(b"x"),  # not a torch.save archive
+        6: lambda c: (c / "trainer_state.json").write_text('{"global_step": 2}'),  # another step's state
+        8: lambda c: (c / "trainer_state.json").write_text('{"global_step": 8, "nope": 1}'),  # not a TrainerState
+        10: lambda c: (c / "trainer_state.json").write_text("[8]"),
+        12: lambda c: (c / "adapter" / "adapter_config.json").write_text("{}"),  # not an adapter
+    }
+    for step, spoil in fakes.items():
+        ckpt = run.checkpoints / f"checkpoint-{step}"
+        shutil.copytree(good, ckpt)
+        (ckpt / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+        assert run.last_checkpoint() == ckpt
+        spoil(ckpt)
+        assert run.last_checkpoint() == good, step
 
 
 # -- atomic writes -----------------------------------------------------------------------------

@@ -275,11 +275,19 @@ def test_corrupt_safetensors_file(tmp_path, net24):
     expect_load_error(net24, path, r"is not a readable safetensors file")
 
 
-def test_nan_adapter_file_is_caught_by_safe_merge(tmp_path, net24):
+def test_nan_adapter_file_is_refused_on_load_and_nan_weights_by_safe_merge(tmp_path, net24):
     path = saved(tmp_path / "ad")
-    save_file(_tensors(**{"lin.blkdiag1": (4, 2, 6), "lin.blkdiag2": (4, 6, 2)}) | {
-        "lin.blkdiag2": torch.full((4, 6, 2), float("nan"))}, str(path / WEIGHTS_NAME))
+    good = _tensors(**{"lin.blkdiag1": (4, 2, 6), "lin.blkdiag2": (4, 6, 2)})
+    save_file(good | {"lin.blkdiag2": torch.full((4, 6, 2), float("nan"))}, str(path / WEIGHTS_NAME))
+    before = snapshot(net24)
+    with pytest.raises(moreft.AdapterFileError, match=r"holds NaN/Inf values in 1 tensor\(s\) \(e\.g\. "
+                                                      r"\['lin\.blkdiag2'\]\); an adapter must be finite"):
+        moreft.load_adapter(net24, path)
+    assert_unchanged(net24, before)
+    save_file(good, str(path / WEIGHTS_NAME))
     moreft.load_adapter(net24, path)
+    with torch.no_grad():
+        net24.lin.blkdiag2.fill_(float("nan"))  # diverged in memory, after loading
     before = snapshot(net24)
     # 288 of 576: the in-place merge adds per column block, so MoRe's structural zeros stay finite
     with pytest.raises(moreft.MergeError, match=r"merging adapter layer 'lin' would write 288 NaN/Inf"):

@@ -95,12 +95,19 @@ def test_mora_export_at_r_hat_is_exact_only_when_delta_has_rank_r_hat(case, tmp_
 
 def test_export_of_thin_layers_pads_to_one_rank(tmp_path):
     case = cases(Method.MORA, operators=(MoRAOperator.TRUNCATION,))[0].values[0]
-    model = trained(case)
-    big = min(case.in_features, case.out_features) + 5
+    model = trained(case, target_modules=("lin", "head"))  # head is out_features -> 3: thinner than lin
+    big = min(case.in_features, case.out_features)
+    assert big > 3
     report = moreft.export_lora(model, tmp_path, rank=big)
     assert report.rank == big and report.max_relative_error < 1e-6
     with torch.no_grad():
         assert_close(peft_load(case, tmp_path)(_x(case)), model(_x(case)), case.tol)
+    with pytest.raises(moreft.ConfigError, match=f"rank={big + 1} is more than any adapted layer can hold: "
+                                                 rf"min\(out_features, in_features\) is at most {big}"):
+        moreft.export_lora(model, tmp_path / "too-big", rank=big + 1)
+    with pytest.raises(moreft.ConfigError, match="is more than any adapted layer can hold"):
+        moreft.export_lora(model, tmp_path / "huge", rank=10**12)
+    assert not (tmp_path / "too-big").exists() and not (tmp_path / "huge").exists()
 
 
 def test_export_refuses_merged_layers_and_bad_ranks(tmp_path):

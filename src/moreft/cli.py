@@ -39,6 +39,8 @@ from moreft.train.commands import (
 from moreft.train.search_cli import SEARCHED_FIELDS, add_search_flags, cmd_search
 
 EXIT_USER_ERROR = 2
+#: Commands that run adapter layers forward, and so read ``$MOREFT_TRITON``.
+_RUNS_LAYERS = frozenset({"train", "eval", "compare", "search", "bench"})
 
 # Fields that are not plain ``--flag VALUE`` options of ``train``.
 _NOT_FLAGS = {"task_options"}
@@ -209,6 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     args.argv = list(sys.argv[1:] if argv is None else argv)  # e.g. shown at the top of compare.md
     try:
+        if args.command in _RUNS_LAYERS:
+            from moreft.ops.triton_more import check_triton_env
+
+            check_triton_env()  # a bad MOREFT_TRITON stops only the commands that run adapter layers
         result = args.func(args)
     except MoreftError as exc:
         print(f"moreft: error: {exc}", file=sys.stderr)

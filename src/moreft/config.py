@@ -10,16 +10,18 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+import regex
 from peft.config import PeftConfig
 
 from .errors import ConfigError
 
 ALL_LINEAR = "all-linear"
+#: A ``target_modules`` regex longer than this is refused (names are better listed).
+MAX_PATTERN_CHARS = 1000
 
 
 class Method(str, enum.Enum):
@@ -130,9 +132,12 @@ def _targets(value: Any) -> tuple[str, ...] | str | None:
     if value is None or value == ALL_LINEAR:
         return value
     if isinstance(value, str):
+        if len(value) > MAX_PATTERN_CHARS:
+            raise ConfigError(f"target_modules is a regex of {len(value):,} characters; at most "
+                              f"{MAX_PATTERN_CHARS:,} are accepted (list the names instead)")
         try:
-            re.compile(value)
-        except re.error as exc:
+            regex.compile(value)
+        except (regex.error, RecursionError, OverflowError) as exc:
             raise ConfigError(f"target_modules={value!r} is not a valid regular expression: {exc}") from None
         return value
     names = _names("target_modules", value)

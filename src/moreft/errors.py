@@ -43,3 +43,7 @@ class OutputError(MoreftError, ValueError):
     moreft's own earlier output of the same kind, the run being read, or a run folder that another
     process is writing.
     """
+
+
+class CheckpointError(MoreftError, ValueError):
+    """A training checkpoint cannot be resumed: unreadable, or its optimizer state does not fit the model."""

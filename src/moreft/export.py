@@ -22,7 +22,7 @@ from .config import LoRAConfig, Method, MoRAConfig, MoReConfig
 from .errors import AdapterFileError, ConfigError
 from .files import FolderKind, atomic_dir_write
 from .inject import adapter_config, adapter_layers, modules_to_save_names
-from .layers import AdapterLayer, LoRALinear, MoReLinear, is_conv1d
+from .layers import AdapterLayer, LoRALinear, MoReLinear, is_conv1d, linear_shape
 from .ops.monarch import fold_factors
 from .state import CONFIG_NAME, WEIGHTS_NAME, base_model_name
 from .version import __version__
@@ -125,7 +125,7 @@ def export_lora(model: nn.Module, path: str | os.PathLike, rank: int | None = No
     Raises:
         AdapterFileError: ``model`` has no adapter, or mixes Linear and Conv1D targets
             (peft's ``fan_in_fan_out`` is one flag per adapter).
-        ConfigError: a bad ``rank``.
+        ConfigError: a bad ``rank``, or one above every layer's ``min(out, in)``.
         OutputError: ``path`` is a file, or a non-empty folder that is not an earlier export
             (nothing is written).
     """
@@ -136,6 +136,10 @@ def export_lora(model: nn.Module, path: str | os.PathLike, rank: int | None = No
     if any(layer.merged for layer in layers.values()):
         raise AdapterFileError("some adapter layers are merged; unmerge them before exporting")
     r = export_rank(config, rank)
+    widest = max(min(linear_shape(layer.base_layer)) for layer in layers.values())
+    if config.method is Method.MORA and r > widest:  # every layer would get zero rank-1 terms only
+        raise ConfigError(f"rank={r} is more than any adapted layer can hold: min(out_features, in_features) is "
+                          f"at most {widest} over the {len(layers)} layers; export at rank <= {widest}")
     fan_in_fan_out = {is_conv1d(layer.base_layer) for layer in layers.values()}
     if len(fan_in_fan_out) > 1:
         raise AdapterFileError("cannot export a mix of Linear and Conv1D targets as one peft adapter")

@@ -18,7 +18,7 @@ from torch import nn
 from .config import AdapterConfig
 from .errors import TargetError
 from .layers import AdapterLayer
-from .targets import DEFAULT_TARGETS, HEAD_NAMES, modules_to_save_names, resolve_targets
+from .targets import DEFAULT_TARGETS, HEAD_NAMES, check_disjoint, modules_to_save_names, resolve_targets
 from .tuners.registration import TUNERS
 
 __all__ = ["DEFAULT_TARGETS", "HEAD_NAMES", "ParameterCounts", "adapter_config", "adapter_layers", "eject",
@@ -44,7 +44,8 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         The same ``model`` object.
 
     Raises:
-        TargetError: see :func:`resolve_targets`; or the model already carries an adapter.
+        TargetError: see :func:`resolve_targets`; the model already carries an adapter; or a target
+            overlaps ``modules_to_save``.
         ConfigError: a hyperparameter does not fit a layer's shape (e.g. ``nblocks > in``).
     """
     existing = adapter_layers(model)
@@ -57,6 +58,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     missing = [t for t in config.modules_to_save if not any(n == t or n.endswith("." + t) for n in save_names)]
     if missing:
         raise TargetError(f"modules_to_save {missing} match no module of the model")
+    check_disjoint(names, save_names)
     tuner_config = copy.copy(config)  # peft writes into its config; the caller's stays as given
     tuner_config.target_modules, tuner_config.modules_to_save = tuple(names), None
     TUNERS[config.method](model, tuner_config, ADAPTER_NAME)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from moreft.errors import ConfigError, OutputError
+from moreft.modelfolder import check_model_dir, check_size_fits_weights, model_dir_errors
 from moreft.tasks._data import DataPackageError, package_dir
 from moreft.tasks.base import TaskKind
 
@@ -296,7 +297,9 @@ def load_model(name_or_path: str | Path, kind: TaskKind | str, num_labels: int |
 
     extra = {"num_labels": num_labels} if kind is TaskKind.CLASSIFICATION else {}
     auto = AutoModelForSequenceClassification if kind is TaskKind.CLASSIFICATION else AutoModelForCausalLM
-    with _quiet_transformers():
+    check_model_dir(path)
+    with _quiet_transformers(), model_dir_errors(path, num_labels):
+        check_size_fits_weights(path, auto, extra)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model, info = auto.from_pretrained(path, dtype=dtype, local_files_only=True,
                                            output_loading_info=True, **extra)

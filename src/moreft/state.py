@@ -252,7 +252,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
 
     Raises:
         AdapterFileError: see :func:`read_adapter_config`; a different base model (unless
-            ``check_base=False``), modules or shapes that do not fit, missing or unexpected keys.
+            ``check_base=False``), modules or shapes that do not fit, missing or unexpected keys,
+            or NaN/Inf values in a tensor.
     """
     path = Path(path)
     meta, config = read_adapter_config(path)
@@ -322,6 +323,10 @@ def _load_tensors(model: nn.Module, file: Path, meta: dict[str, Any]) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
         raise AdapterFileError(f"{str(file)!r} is not a readable safetensors file: {exc}") from None
+    bad = sorted(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
+    if bad:
+        raise AdapterFileError(f"{str(file)!r} holds NaN/Inf values in {len(bad)} tensor(s) (e.g. {bad[:3]}); "
+                               "an adapter must be finite: the run that saved it diverged or the file is corrupt")
     with torch.no_grad():
         for key, value in tensors.items():
             expected[key].copy_(value)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import re
+import time
 
+import regex
 from torch import nn
 
 from .config import ALL_LINEAR, AdapterConfig
 from .errors import TargetError
 from .layers import AdapterLayer, is_linear
+
+#: Time a ``target_modules`` regex may take to match all module names of a model.
+MATCH_SECONDS = 2.0
 
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "bert": ("query", "key", "value"),
@@ -42,6 +46,29 @@ def _output_head_names(model: nn.Module) -> set[str]:
             if (head is not None and m is head) or n.split(".")[0] in HEAD_NAMES}
 
 
+def _regex_matches(spec: str, candidates: list[str]) -> list[str]:
+    """The names ``spec`` fully matches, within :data:`MATCH_SECONDS` for all of them together.
+
+    A regex with nested repetition (``(a|aa)+c``) backtracks exponentially; the ``regex`` package's
+    ``timeout`` bounds it, where ``re`` would hang.
+
+    Raises:
+        TargetError: the matching ran out of time.
+    """
+    pattern = regex.compile(spec)
+    deadline = time.monotonic() + MATCH_SECONDS
+    names = []
+    try:
+        for n in candidates:
+            if pattern.fullmatch(n, timeout=max(deadline - time.monotonic(), 1e-6)):
+                names.append(n)
+    except TimeoutError:
+        raise TargetError(f"target_modules={spec!r} took more than {MATCH_SECONDS:g} s to match "
+                          f"{len(candidates):,} module names (nested repetition backtracks exponentially); "
+                          "simplify the regex or list the names") from None
+    return names
+
+
 def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Qualified names of the modules ``config.target_modules`` selects in ``model``.
 
@@ -66,8 +93,7 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         names = [n for n in candidates if (is_linear(modules[n]) or isinstance(modules[n], AdapterLayer))
                  and n not in skip]
     elif isinstance(spec, str):
-        pattern = re.compile(spec)
-        names = [n for n in candidates if pattern.fullmatch(n)]
+        names = _regex_matches(spec, candidates)
     else:
         names = [n for n in candidates if _matches(n, spec)]
     if not names:
@@ -84,3 +110,17 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
 def modules_to_save_names(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Qualified names of the modules ``config.modules_to_save`` selects (trained in full)."""
     return [n for n, _ in model.named_modules() if n and _matches(n, config.modules_to_save or ())]
+
+
+def check_disjoint(targets: list[str], saved: list[str]) -> None:
+    """A module is adapted or trained in full, never both: training it in full would unfreeze the
+    base weight an adapter wraps (and merging would then add the update twice).
+
+    Raises:
+        TargetError: a target is a ``modules_to_save`` module, or one lies inside the other.
+    """
+    for t in targets:
+        for s in saved:
+            if t == s or t.startswith(s + ".") or s.startswith(t + "."):
+                raise TargetError(f"target module {t!r} overlaps modules_to_save module {s!r}; a module is either "
+                                  "adapted (target_modules) or trained in full (modules_to_save), not both")

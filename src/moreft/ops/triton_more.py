@@ -51,6 +51,8 @@ import os
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
+
 try:  # optional dependency
     import triton
     import triton.language as tl
@@ -61,6 +63,7 @@ except ImportError:  # pragma: no cover - exercised only without triton
 __all__ = [
     "SUPPORTED_DTYPES",
     "TRITON_MODES",
+    "check_triton_env",
     "more_triton",
     "set_triton_mode",
     "triton_available",
@@ -99,38 +102,69 @@ _MODE_ENV = "MOREFT_TRITON"
 
 
 def _mode_from_env() -> str:
+    """The mode ``$MOREFT_TRITON`` asks for (``auto`` when unset).
+
+    Raises:
+        ConfigError: (a ``ValueError``) the variable holds something else.
+    """
     value = os.environ.get(_MODE_ENV, "auto").strip().lower()
     aliases = {"0": "off", "false": "off", "no": "off", "1": "on", "true": "on", "yes": "on"}
     value = aliases.get(value, value)
     if value not in TRITON_MODES:
-        raise ValueError(f"{_MODE_ENV}={value!r} must be one of {TRITON_MODES} (or 0/1)")
+        raise ConfigError(f"{_MODE_ENV}={value[:40]!r} must be one of {TRITON_MODES} (or 0/1)")
     return value
 
 
-_mode = _mode_from_env()
+# A bad $MOREFT_TRITON must not break importing moreft (or `moreft --version`): it is reported where
+# the mode is used, by check_triton_env / triton_mode / a MoRe forward.
+try:
+    _mode: str | None = _mode_from_env()
+    _mode_error: ConfigError | None = None
+except ConfigError as _exc:
+    _mode, _mode_error = None, _exc
+
+
+def check_triton_env() -> None:
+    """Raise the error of a bad ``$MOREFT_TRITON`` (unless :func:`set_triton_mode` replaced it since).
+
+    Raises:
+        ConfigError: the variable held something other than a mode.
+    """
+    if _mode is None and _mode_error is not None:
+        raise ConfigError(str(_mode_error))
 
 
 def triton_mode() -> str:
-    """The current dispatch mode (one of :data:`TRITON_MODES`; initial value from ``$MOREFT_TRITON``)."""
-    return _mode
+    """The current dispatch mode (one of :data:`TRITON_MODES`; initial value from ``$MOREFT_TRITON``).
+
+    Raises:
+        ConfigError: ``$MOREFT_TRITON`` held something other than a mode and no mode was set since.
+    """
+    check_triton_env()
+    return str(_mode)
 
 
 def set_triton_mode(mode: str) -> str:
     """Set the dispatch mode of MoRe layers and return the previous one.
 
     Raises:
-        ValueError: ``mode`` is not one of :data:`TRITON_MODES`.
+        ConfigError: (a ``ValueError``) ``mode`` is not one of :data:`TRITON_MODES`.
     """
     global _mode
     if mode not in TRITON_MODES:
-        raise ValueError(f"triton mode {mode!r} must be one of {TRITON_MODES}")
+        raise ConfigError(f"triton mode {mode!r} must be one of {TRITON_MODES}")
     previous, _mode = _mode, mode
-    return previous
+    return previous if previous is not None else "auto"
 
 
 def use_triton(x: Tensor) -> bool:
-    """Whether a MoRe layer should run its adapter branch on ``x`` through :func:`more_triton`."""
-    if _mode == "off" or (_mode == "auto" and not x.is_cuda):
+    """Whether a MoRe layer should run its adapter branch on ``x`` through :func:`more_triton`.
+
+    Raises:
+        ConfigError: see :func:`triton_mode`.
+    """
+    mode = triton_mode()
+    if mode == "off" or (mode == "auto" and not x.is_cuda):
         return False
     return triton_available(x)
 

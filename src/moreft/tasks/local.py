@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import re
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -38,6 +39,7 @@ from moreft.tasks.records import FORMATS, data_path, field, read_records
 MATCHES = ("exact", "number", "last_word")
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "matthews")
 _WORD = re.compile(r"[\w.\-]+")
+_FIELD_NAME = re.compile(r"[^.\[\]{}!:]+")
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,29 @@ class FileClassificationTask(_FileSplits, ClassificationTask):
         return tuple(out)
 
 
+def _check_template(template: str, task: str) -> None:
+    """A prompt template may only name record fields: ``{field}``; no index, attribute or format spec.
+
+    A spec such as ``{text:>1000000000}`` would build a gigabyte string per record, and
+    ``{text.__class__}`` reads attributes; neither is needed to build a prompt.
+
+    Raises:
+        ConfigError: A malformed template (unmatched brace), or a replacement field that is not a plain name.
+    """
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"task {task!r} prompt_template={template[:80]!r} is not a valid format string: {exc} "
+                          "(write a literal brace as {{ or }})") from None
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if not name or not _FIELD_NAME.fullmatch(name) or name.isdigit() or spec or conversion:
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ConfigError(f"task {task!r} prompt_template field {shown[:80]!r} must be a plain record field "
+                              "name like {question}: no position, index, attribute, conversion or format spec")
+
+
 @dataclass(frozen=True)
 class FileGenerationTask(_FileSplits, Task):
     """Prompt -> answer generation from local files, scored by matching the generated answer.
@@ -255,6 +280,7 @@ class FileGenerationTask(_FileSplits, Task):
             raise ConfigError(f"task {self.name!r} match={self.match!r} is not one of {list(MATCHES)}")
         if not isinstance(self.prompt_template, str) or not self.prompt_template:
             raise ConfigError(f"task {self.name!r} prompt_template must be a non-empty format string")
+        _check_template(self.prompt_template, self.name)
 
     def examples(self) -> tuple[PromptExample, ...]:
         """Records of train, eval and test files in order, as prompt/answer/reference examples.

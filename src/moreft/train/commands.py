@@ -185,11 +185,13 @@ def parse_seeds(text: str) -> int | list[int]:
         ConfigError: Not a count or a comma list of integers.
     """
     try:
+        if len(text) > 10_000:
+            raise ValueError(text)
         if "," in text:
             return [int(s) for s in text.split(",") if s.strip()]
         return int(text)
     except ValueError:
-        raise ConfigError(f"--seeds {text!r} must be a count (e.g. 3) or a comma list (e.g. 0,1,2)") from None
+        raise ConfigError(f"--seeds {text[:80]!r} must be a count (e.g. 3) or a comma list (e.g. 0,1,2)") from None
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -18,16 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from moreft.errors import ConfigError
 from moreft.files import atomic_write_text
+from moreft.train.bounded import load_yaml
 from moreft.train.config import METHODS, TrainConfig, field_names
+from moreft.train.fields import MAX_SEED, check_folder_name
 from moreft.train.loop import RunResult, train
 from moreft.train.plots import plot_compare
 from moreft.train.rundir import RunDir, read_run_config
 
 #: Fields a method spec may not set (the comparison owns them).
+#: Seeds one comparison may train (each trains every method once).
+MAX_SEEDS = 1000
 _RESERVED = ("task", "task_options", "model", "seed", "run_name", "output_dir", "resume", "overwrite")
 
 
@@ -50,7 +52,7 @@ def parse_method_spec(spec: str) -> dict[str, Any]:
             allowed = [k for k in field_names() if k not in _RESERVED and k != "method"]
             raise ConfigError(f"method spec {spec!r}: {key!r} is not a setting a method may change; "
                               f"valid keys are {allowed}")
-        out[key] = yaml.safe_load(raw)
+        out[key] = load_yaml(raw, f"method spec {spec!r}")
     return out
 
 
@@ -118,12 +120,17 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int | Sequence[int
     """
     if not methods:
         raise ConfigError("compare needs at least one method spec, e.g. lora:rank=8 more:block_rank=4")
+    if isinstance(seeds, int) and not isinstance(seeds, bool) and not 1 <= seeds <= MAX_SEEDS:
+        raise ConfigError(f"seeds={seeds} must be a count in [1, {MAX_SEEDS}]")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    if not seed_list or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seed_list):
-        raise ConfigError(f"seeds={seeds!r} must be a count >= 1 or a list of integers >= 0")
+    if not seed_list or len(seed_list) > MAX_SEEDS or any(
+            isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED for s in seed_list):
+        raise ConfigError(f"seeds={seeds!r} must be a count in [1, {MAX_SEEDS}] or a list of at most {MAX_SEEDS} "
+                          f"integers in [0, {MAX_SEED}]")
     specs = [parse_method_spec(m) for m in methods]
     model_name = Path(base.model).name.removesuffix(".gguf")
-    path = Path(output_dir if output_dir is not None else base.output_dir) / (name or f"compare-{base.task}-{model_name}")
+    folder = check_folder_name("name", name) if name is not None else f"compare-{base.task}-{model_name}"
+    path = Path(output_dir if output_dir is not None else base.output_dir) / folder
     configs = [[base.replace(**spec, seed=s, run_name=f"{_slug(spec)}-seed{s}", output_dir=str(path / "runs"),
                              resume=False, overwrite=True) for s in seed_list] for spec in specs]
     run = run or train

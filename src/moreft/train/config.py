@@ -15,7 +15,7 @@ from typing import Any
 
 from moreft.config import AdapterConfig, LoRAConfig, Method, MoRAConfig, MoReConfig, coerce_enum
 from moreft.errors import ConfigError
-from moreft.train.fields import coerce_field
+from moreft.train.fields import check_folder_name, coerce_field
 
 METHODS = tuple(m.value for m in Method)
 PRECISIONS = ("fp32", "bf16")
@@ -181,8 +181,7 @@ class TrainConfig:
         if self.run_name is None:
             model = Path(self.model).name.removesuffix(".gguf") or "model"
             object.__setattr__(self, "run_name", f"{self.task}-{model}-{self.method}-seed{self.seed}")
-        if not self.run_name or "/" in self.run_name or self.run_name in (".", ".."):
-            raise ConfigError(f"run_name={self.run_name!r} must be a non-empty folder name without '/'")
+        check_folder_name("run_name", self.run_name)
         self.adapter_config()  # validates the method's hyperparameters now, not after model loading
 
     @property

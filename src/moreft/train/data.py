@@ -11,6 +11,7 @@ left first, so the answer is kept.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,15 +37,41 @@ class ListDataset(Dataset):
         return self.items[index]
 
 
+#: Cap on the characters one token may stand for when clipping text (a vocabulary's longest entry, at most this).
+MAX_TOKEN_CHARS = 1024
+_TOKEN_CHARS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def char_budget(tokenizer: Any, max_length: int) -> int:
+    """Characters of text that can hold ``max_length`` tokens: ``max_length`` x the longest vocabulary entry.
+
+    Text is clipped to this before tokenising, so a 5 MB line costs a few KB, not a tokenisation of
+    all of it; the first ``max_length`` tokens are those of the whole text (a word longer than the
+    clip, which a WordPiece tokenizer reads as one ``[UNK]``, is the exception).
+    """
+    try:
+        longest = _TOKEN_CHARS[tokenizer]
+    except (KeyError, TypeError):
+        vocab = tokenizer.get_vocab() if callable(getattr(tokenizer, "get_vocab", None)) else {}
+        longest = min(max((len(t) for t in vocab), default=MAX_TOKEN_CHARS), MAX_TOKEN_CHARS)
+        try:
+            _TOKEN_CHARS[tokenizer] = longest
+        except TypeError:  # not weak-referenceable: recomputed next time
+            pass
+    return max_length * max(longest, 1) + 16
+
+
 def encode_classification(examples: Sequence[TextExample], tokenizer: Any, max_length: int) -> ListDataset:
     """Tokenize classification examples (no padding; the collator pads per batch).
 
     Sentence pairs (:class:`moreft.tasks.PairExample`) are encoded as the tokenizer's two segments,
-    truncating the longer one first.
+    truncating the longer one first. Each text is first clipped to :func:`char_budget` characters.
     """
-    texts = [ex.text for ex in examples]
+    budget = char_budget(tokenizer, max_length)
+    texts = [ex.text[:budget] for ex in examples]
     if examples and all(isinstance(ex, PairExample) for ex in examples):
-        enc = tokenizer(texts, [ex.text_pair for ex in examples], truncation="longest_first", max_length=max_length)
+        enc = tokenizer(texts, [ex.text_pair[:budget] for ex in examples], truncation="longest_first",
+                        max_length=max_length)
     else:
         enc = tokenizer(texts, truncation=True, max_length=max_length)
     items = [{"input_ids": ids, "labels": ex.label} for ids, ex in zip(enc["input_ids"], examples)]
@@ -64,12 +91,13 @@ def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
 
 
 def encode_generation(examples: Sequence[PromptExample], tokenizer: Any, max_length: int) -> ListDataset:
-    """Tokenize prompt + answer + eos with prompt labels masked to -100."""
+    """Tokenize prompt + answer + eos with prompt labels masked to -100 (texts clipped to :func:`char_budget`)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    budget = char_budget(tokenizer, max_length)
     items = []
     for ex in examples:
-        prompt = prompt_ids(tokenizer, ex.prompt)
-        answer = list(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + eos
+        prompt = prompt_ids(tokenizer, ex.prompt[-budget:])  # the prompt's end is what is kept
+        answer = list(tokenizer(ex.answer[:budget], add_special_tokens=False)["input_ids"]) + eos
         answer = answer[:max_length - 1]
         prompt = prompt[-(max_length - len(answer)):]
         items.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer})

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from moreft.tasks import Example, PromptExample, ReferencedExample, Task, TaskKind, TextExample
-from moreft.train.data import PadCollator, encode_classification, prompt_ids
+from moreft.train.data import PadCollator, char_budget, encode_classification, prompt_ids
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -74,7 +74,8 @@ def generate_answers(model: nn.Module, tokenizer: Any, examples: Sequence[Prompt
     collate = PadCollator(tokenizer.pad_token_id, left=True)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    prompts = [prompt_ids(tokenizer, ex.prompt)[-max_length:] for ex in examples]
+    budget = char_budget(tokenizer, max_length)
+    prompts = [prompt_ids(tokenizer, ex.prompt[-budget:])[-max_length:] for ex in examples]
     order = _by_length([len(p) for p in prompts])
     out: list[str] = []
     try:

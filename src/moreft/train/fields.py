@@ -35,6 +35,11 @@ _SPEC: dict[str, tuple[str, float | None]] = {
     "cap_r_hat": ("bool", None), "sharing_output_layout": ("opt_str", None), "block_rule": ("str", None),
 }
 _UPPER = {"dropout": 1.0, "warmup_ratio": 1.0}  # exclusive upper bounds
+#: Seeds go to ``random``, numpy and torch; numpy takes at most 32 bits.
+MAX_SEED = 2**32 - 1
+#: Inclusive upper bounds of integer fields; every other integer stays below 2**62 (C code takes int64).
+_INT_UPPER = {"seed": MAX_SEED}
+_INT_MAX = 2**62
 _POSITIVE = {"alpha", "lr", "epochs"}  # strictly > 0
 
 
@@ -70,6 +75,9 @@ def coerce_field(name: str, value: Any) -> Any:
             raise ConfigError(f"{name}={value!r} must be an integer")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{name}={value} must be >= {int(minimum)}")
+        upper = _INT_UPPER.get(name, _INT_MAX)
+        if value > upper:
+            raise ConfigError(f"{name}={value} must be <= {upper}")
         return value
     if isinstance(value, str):
         try:
@@ -101,3 +109,24 @@ def _targets(value: Any) -> tuple[str, ...] | str | None:
         return tuple(value)
     raise ConfigError(f"target_modules={value!r} must be module names (a list or 'query,value'), a regex, "
                       "'all-linear', or null for the model's default")
+
+
+#: Longest folder name accepted (bytes of UTF-8), leaving room under NAME_MAX (255) for temp-file prefixes.
+MAX_NAME_BYTES = 200
+
+
+def check_folder_name(name: str, value: Any) -> str:
+    """A run or comparison folder name: one path component we can create and find again.
+
+    Raises:
+        ConfigError: Empty, ``.`` / ``..``, a path separator, a control character, a leading ``.``
+            (moreft's temp files are hidden siblings), or longer than :data:`MAX_NAME_BYTES`.
+    """
+    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value \
+            or value.startswith(".") or any(ord(c) < 32 or ord(c) == 127 for c in value) \
+            or len(value.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        shown = repr(value) if not isinstance(value, str) or len(value) <= 80 else repr(value[:80]) + "..."
+        raise ConfigError(f"{name}={shown} must be a non-empty folder name without '/' (nor '\\', control "
+                          f"characters or a leading '.'), at most {MAX_NAME_BYTES} bytes")
+    return value
+

@@ -27,12 +27,15 @@ from moreft.train.recipes import dump_config
 from moreft.train.reinit import merge_callbacks
 from moreft.train.rundir import (
     RunDir,
+    check_max_length,
     check_run_owned,
+    check_split,
     clear_run,
     is_main_process,
     load_base,
     model_defaults,
     precision_dtype,
+    split_record,
 )
 from moreft.train.trainer import (
     CHECKPOINTS_DIR,
@@ -171,10 +174,12 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
     _say(f"# run config ({run.config})\n" + dump_config(config), quiet)
     task = get_task(config.task, **config.task_options)
     splits = task.load(config.seed, config.max_examples)
+    keep_split = config.resume and check_split(run.path, config, splits)  # resume on the same data, or stop
     from transformers import set_seed
 
     set_seed(config.seed)  # the new head and the adapter are initialised from this seed
     model, tokenizer = load_base(config, task)
+    check_max_length(config, model, task.kind)
     targets, heads = model_defaults(config.model, model, task.kind)
     adapter = config.adapter_config(targets, heads)
     check_adapter_size(model, adapter, moreft.resolve_targets(model, adapter))  # before allocating it
@@ -203,8 +208,8 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
             clear_run(run.path)
         run.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.config, dump_config(config))
-        split = {"task": config.task, "seed": config.seed, "sizes": splits.sizes, "ids": splits.split_ids}
-        atomic_write_text(run.split, json.dumps(split) + "\n")
+        if not keep_split:
+            atomic_write_text(run.split, json.dumps(split_record(config, splits)) + "\n")
     trainer = AdapterTrainer(model=model, args=arguments, train_dataset=train_dataset,
                              data_collator=PadCollator(tokenizer.pad_token_id), score=score, eval_sets=eval_sets)
     printers = [] if quiet else [ProgressBar(config.progress)]

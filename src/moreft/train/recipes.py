@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from moreft.errors import ConfigError
+from moreft.train.bounded import load_yaml, read_text_file
 from moreft.train.config import TrainConfig, field_names
 
 RECIPE_ONLY_KEYS = ("description", "requires")
@@ -34,7 +35,8 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
         The recipe mapping, including ``description`` / ``requires`` if present.
 
     Raises:
-        ConfigError: The file is missing, is not YAML, is not a mapping, or has unknown keys (the
+        ConfigError: The file is missing, too large, not UTF-8, not YAML (or YAML whose aliases expand
+            past :data:`moreft.train.bounded.MAX_YAML_NODES`), not a mapping, or has unknown keys (the
             message names them and lists the valid keys).
     """
     path = Path(path)
@@ -42,10 +44,7 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
         near = sorted(p.name for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
         hint = f"; recipes in {path.parent}: {near}" if near else ""
         raise ConfigError(f"recipe {str(path)!r} does not exist{hint}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
+    data = load_yaml(read_text_file(path, "recipe"), f"recipe {str(path)!r}")
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -156,8 +155,8 @@ def parse_task_options(items: list[str] | None) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"task option {item!r} must look like key=value (e.g. source=tweets)")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            out[key.strip()] = load_yaml(raw, f"task option {item!r}") if raw.strip() else ""
+        except ConfigError:
             out[key.strip()] = raw
     return out
 

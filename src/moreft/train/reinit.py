@@ -138,10 +138,15 @@ def apply_merged_base(model: torch.nn.Module, path: Path) -> int:
         The number of layers written.
 
     Raises:
-        moreft.AdapterFileError: The file names a layer the model lacks, or a shape differs.
+        moreft.AdapterFileError: The file is not readable safetensors, names a layer the model lacks, a
+            shape differs, or a tensor is not floating point or holds NaN/Inf. Nothing is written then.
     """
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
+        raise moreft.AdapterFileError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
     modules = dict(model.named_modules())
+    targets = []
     for key, value in tensors.items():
         name = key.removesuffix(".weight")
         module = modules.get(name)
@@ -154,6 +159,11 @@ def apply_merged_base(model: torch.nn.Module, path: Path) -> int:
                 f"{str(path)!r}: {key} of shape {tuple(value.shape)} does not fit "
                 f"the model ({got}); it belongs to another base model"
             )
+        if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+            raise moreft.AdapterFileError(f"{str(path)!r}: {key} is {value.dtype} or holds NaN/Inf values; merged "
+                                          "base weights must be finite floating-point numbers")
+        targets.append((weight, value))
+    for weight, value in targets:  # all checked first: a bad file leaves the model as it was
         weight.copy_(value.to(dtype=weight.dtype))
     return len(tensors)
 

@@ -21,6 +21,8 @@ may sit beside them. These names, temp siblings of them that an atomic write lef
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -30,13 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 import moreft
 from moreft.errors import ConfigError, OutputError
 from moreft.files import foreign_entries
 from moreft.lock import LOCK_NAME
 from moreft.tasks import Splits, Task, TaskKind, get_task
+from moreft.train.bounded import load_yaml, read_json_file, read_text_file
+from moreft.train.checkpoints import checkpoint_complete, step_of
 from moreft.train.config import TrainConfig
 
 
@@ -139,23 +142,8 @@ def clear_run(path: Path) -> None:
 
 def newest_complete_checkpoint(checkpoints: Path) -> Path | None:
     """The ``checkpoint-<step>`` under ``checkpoints`` with the highest step that is complete, or None."""
-    done = [p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and checkpoint_complete(p)]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
-def checkpoint_complete(path: Path) -> bool:
-    """True when a Trainer checkpoint was written to the end, so a run killed mid-save resumes from the one before.
-
-    The Trainer writes the adapter, optimizer, scheduler and RNG state, then ``trainer_state.json``
-    last; that file parsing as JSON (a torn write does not) means the rest is complete.
-    """
-    needed = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
-    if not all((path / name).is_file() for name in needed):
-        return False
-    try:
-        return isinstance(json.loads((path / "trainer_state.json").read_text(encoding="utf-8")), dict)
-    except (OSError, ValueError):
-        return False
+    done = [p for p in checkpoints.glob("checkpoint-*") if step_of(p) is not None and checkpoint_complete(p)]
+    return max(done, key=lambda p: step_of(p) or 0, default=None)
 
 
 def is_main_process() -> bool:
@@ -172,16 +160,16 @@ def read_run_config(run_dir: str | os.PathLike) -> TrainConfig:
     """The :class:`TrainConfig` saved in a run directory.
 
     Raises:
-        ConfigError: ``run_dir`` has no ``config.yaml`` or it is not a valid run config.
+        ConfigError: ``run_dir`` has no ``config.yaml``, or it is too large, not UTF-8, not YAML or
+            not a valid run config.
     """
     run = RunDir(Path(run_dir))
     if not run.config.is_file():
         raise ConfigError(f"{str(run.path)!r} is not a moreft run directory: it has no config.yaml "
                           "(run `moreft train` first, or point at runs/<name>)")
-    try:
-        data = yaml.safe_load(run.config.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{str(run.config)!r} is not valid YAML: {exc}") from None
+    data = load_yaml(read_text_file(run.config, "run config"), f"run config {str(run.config)!r}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"run config {str(run.config)!r} must be a mapping of field: value, got {type(data).__name__}")
     return TrainConfig.from_dict(data)
 
 
@@ -213,6 +201,71 @@ def load_base(config: TrainConfig, task: Task) -> tuple[torch.nn.Module, Any]:
                       dtype=precision_dtype(config.precision))
 
 
+def position_limit(model: torch.nn.Module) -> int | None:
+    """How many token positions ``model`` can embed: the rows of its absolute position table (less
+    RoBERTa's padding offset); None for rotary or relative positions, which index no table (a longer
+    sequence runs, beyond the length the model was trained at)."""
+    for name, module in model.named_modules():
+        if name.endswith(("position_embeddings", "wpe")) and isinstance(module, torch.nn.Embedding):
+            pad = module.padding_idx
+            return module.num_embeddings - (pad + 1 if pad is not None else 0)
+    return None
+
+
+def check_max_length(config: TrainConfig, model: torch.nn.Module, kind: TaskKind) -> None:
+    """Refuse a ``max_length`` (plus ``max_new_tokens`` when generating) beyond the model's positions.
+
+    Raises:
+        ConfigError: The run would index past the position table mid-training or mid-evaluation.
+    """
+    limit = position_limit(model)
+    need = config.max_length + (config.max_new_tokens if kind is TaskKind.GENERATION else 0)
+    if limit is not None and need > limit:
+        what = (f"max_length={config.max_length} + max_new_tokens={config.max_new_tokens}"
+                if kind is TaskKind.GENERATION else f"max_length={config.max_length}")
+        raise ConfigError(f"{what} is more than model {config.model!r} takes ({limit} positions); lower "
+                          f"--max-length{' / --max-new-tokens' if kind is TaskKind.GENERATION else ''} to fit")
+
+
+def data_digest(splits: Splits) -> str:
+    """SHA-256 of every example of every split, in order: it changes when the data does, even at equal ids."""
+    digest = hashlib.sha256()
+    for name in ("train", "validation", "test"):
+        for example in getattr(splits, name):
+            fields = getattr(example, "__dict__", None) or dataclasses.asdict(example)
+            row = json.dumps(fields, sort_keys=True, default=str, ensure_ascii=False)
+            digest.update(f"{name}\t{row}\n".encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+def split_record(config: TrainConfig, splits: Splits) -> dict[str, Any]:
+    """What ``split.json`` holds: task, seed, sizes, source ids per split and :func:`data_digest`."""
+    return {"task": config.task, "seed": config.seed, "sizes": splits.sizes, "ids": splits.split_ids,
+            "data_sha256": data_digest(splits)}
+
+
+def check_split(run_dir: str | os.PathLike, config: TrainConfig, splits: Splits) -> bool:
+    """Check ``splits`` against the run's saved ``split.json``; False when the run has none yet.
+
+    Raises:
+        ConfigError: ``split.json`` is unreadable, or the data now gives other ids or other examples.
+    """
+    run = RunDir(Path(run_dir))
+    if not run.split.is_file():
+        return False
+    saved = read_json_file(run.split, "split file")
+    ids = saved.get("ids") if isinstance(saved, dict) else None
+    if not isinstance(ids, dict):
+        raise ConfigError(f"{str(run.split)!r} is not a moreft split file (a JSON object with 'ids')")
+    digest = saved.get("data_sha256")
+    if ids != splits.split_ids or (digest is not None and digest != data_digest(splits)):
+        what = "splits differently" if ids != splits.split_ids else "holds other examples"
+        raise ConfigError(f"the {config.task!r} data now {what} than when {str(run.split)!r} was saved (the data file "
+                          "or package changed); restore that data, or start a new run (--overwrite / another "
+                          "--run-name)")
+    return True
+
+
 def load_splits(run_dir: str | os.PathLike, config: TrainConfig, task: Task) -> Splits:
     """Re-create the run's split and check it against ``split.json``.
 
@@ -220,12 +273,7 @@ def load_splits(run_dir: str | os.PathLike, config: TrainConfig, task: Task) -> 
         ConfigError: The data gives a different split than the one saved (the data changed).
     """
     splits = task.load(config.seed, config.max_examples)
-    run = RunDir(Path(run_dir))
-    if run.split.is_file():
-        saved = json.loads(run.split.read_text())
-        if saved.get("ids", saved) != splits.split_ids:
-            raise ConfigError(f"the {config.task!r} data now splits differently from {str(run.split)!r}; "
-                              "the data package changed since the run was trained")
+    check_split(run_dir, config, splits)
     return splits
 
 

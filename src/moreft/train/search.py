@@ -35,6 +35,7 @@ import moreft
 from moreft.config import coerce_enum
 from moreft.errors import ConfigError, MoreftError
 from moreft.train.config import TrainConfig
+from moreft.train.fields import check_folder_name
 from moreft.train.search_space import SQUARE, SearchSpace
 
 STUDY_FILE = "study.db"
@@ -271,9 +272,9 @@ class SearchResult:
 
 def search_dir(base: TrainConfig, settings: SearchSettings) -> Path:
     """``<base.output_dir>/<settings.name or search-<task>-<model>>``."""
-    return Path(base.output_dir) / (
-        settings.name or f"search-{base.task}-{Path(base.model).name.removesuffix('.gguf')}"
-    )
+    if settings.name is not None:
+        return Path(base.output_dir) / check_folder_name("name", settings.name)
+    return Path(base.output_dir) / f"search-{base.task}-{Path(base.model).name.removesuffix('.gguf')}"
 
 
 def check_base(base: TrainConfig, settings: SearchSettings) -> None:

@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from moreft.errors import ConfigError
+from moreft.train.bounded import load_yaml, read_text_file
 
 #: Train fields a search samples (so ``moreft search`` has no flag for them).
 SEARCHED_FIELDS = (
@@ -99,10 +98,7 @@ def read_search_file(path: str | None) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"search file {path!r} does not exist")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"search file {path!r} is not valid YAML: {exc}") from None
+    data = load_yaml(read_text_file(file, "search file"), f"search file {path!r}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"search file {path!r} must be a mapping with `space:` and `search:`")
     unknown = sorted(set(data) - set(SEARCH_FILE_KEYS))

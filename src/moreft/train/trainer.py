@@ -24,7 +24,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import moreft
+from moreft.errors import CheckpointError
 from moreft.files import atomic_write_text
+from moreft.train.checkpoints import check_optimizer_files
 
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
@@ -99,6 +101,31 @@ class AdapterTrainer(Trainer):
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         moreft.load_adapter(model, Path(resume_from_checkpoint) / ADAPTER_DIR, check_base=False)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Check the checkpoint's optimizer and scheduler state against this run's parameters, then load them.
+
+        Raises:
+            moreft.errors.CheckpointError: The state is unreadable or made for other parameters.
+        """
+        if checkpoint is not None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            groups = [list(group["params"]) for group in self.optimizer.param_groups]
+            scheduler = getattr(self, "lr_scheduler", None)
+            check_optimizer_files(Path(checkpoint), groups, scheduler.state_dict() if scheduler is not None else None)
+        super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """Restore the random generators' state; a malformed ``rng_state*.pth`` is a clear error.
+
+        Raises:
+            moreft.errors.CheckpointError: The file is not an RNG state the Trainer can restore.
+        """
+        try:
+            super()._load_rng_state(checkpoint)
+        except Exception as exc:  # noqa: BLE001 - torch.load / set_state raise many types for a bad file
+            raise CheckpointError(f"the random-generator state in checkpoint {checkpoint!r} is unreadable "
+                                  f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})"
+                                  ) from None
+
 
 def loss_uses_item_count(model: Any) -> bool:
     """True when the model's loss divides by the Trainer's ``num_items_in_batch`` (causal-LM token losses).
@@ -119,21 +146,24 @@ def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every complete JSON line of ``path`` (a torn last line from a crash is skipped)."""
+    """Every complete JSON object line of ``path``; anything else (a torn last line from a crash, a
+    line that is not UTF-8 or not an object) is skipped."""
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for raw in path.read_bytes().splitlines():
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError, JSONDecodeError, 5000-digit numbers
             continue
+        if isinstance(record, dict):
+            out.append(record)
     return out
 
 
 def truncate_jsonl(path: Path, max_step: int) -> None:
     """Keep only records with ``step <= max_step`` (a resumed run re-logs the later steps)."""
-    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= max_step]
+    kept = [r for r in read_jsonl(path) if isinstance(r.get("step", 0), (int, float)) and r.get("step", 0) <= max_step]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 

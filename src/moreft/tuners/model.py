@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import ALL_LINEAR, CONFIG_CLASSES, AdapterConfig
 from ..errors import AdapterFileError, TargetError
-from ..targets import DEFAULT_TARGETS, resolve_targets
+from ..targets import DEFAULT_TARGETS, check_disjoint, modules_to_save_names, resolve_targets
 from ..layers import AdapterLayer, LoRALinear, MoRALinear, MoReLinear, linear_shape
 from ..limits import adapter_shapes
 
@@ -40,13 +40,15 @@ class MoreftTuner(BaseTuner):
         """Resolve ``target_modules`` by moreft's rules and check every layer fits, before any swap.
 
         Raises:
-            TargetError: nothing or a non-linear module matches, or a layer carries another method.
+            TargetError: nothing or a non-linear module matches, a target overlaps ``modules_to_save``,
+                or a layer carries another method.
             ConfigError: a hyperparameter does not fit a layer's shape.
         """
         expected = CONFIG_CLASSES[self.tuner_layer_cls.method]
         if not isinstance(peft_config, expected):
             raise TargetError(f"{type(self).__name__} takes a {expected.__name__}, not a {type(peft_config).__name__}")
         names = resolve_targets(model, peft_config)
+        check_disjoint(names, modules_to_save_names(model, peft_config))
         for name in names:
             module = model.get_submodule(name)
             if isinstance(module, AdapterLayer) and not isinstance(module, self.tuner_layer_cls):
