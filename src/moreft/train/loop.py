@@ -40,6 +40,7 @@ from moreft.train.rundir import (
 from moreft.train.trainer import (
     CHECKPOINTS_DIR,
     AdapterTrainer,
+    AtTrainBegin,
     MetricsLogger,
     ProgressBar,
     read_jsonl,
@@ -203,24 +204,33 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
     train_dataset, arguments = encode(splits.train, tokenizer, config.max_length), training_arguments(config)
     # Every check has passed: only now is an old run (--overwrite) removed and the new one written, so a
     # run that cannot start (bad data, model or sizes) leaves the folder as it was.
-    if is_main_process():
-        if config.overwrite and not config.resume:
-            clear_run(run.path)
+    # A resumed run's own files change only once the Trainer has loaded and checked the checkpoint's
+    # optimizer and scheduler state (on_train_begin comes after that), so a resume refused there
+    # leaves the run as it was.
+    def write_run_files() -> None:
         run.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.config, dump_config(config))
         if not keep_split:
             atomic_write_text(run.split, json.dumps(split_record(config, splits)) + "\n")
-    trainer = AdapterTrainer(model=model, args=arguments, train_dataset=train_dataset,
-                             data_collator=PadCollator(tokenizer.pad_token_id), score=score, eval_sets=eval_sets)
-    printers = [] if quiet else [ProgressBar(config.progress)]
-    guard = NonFiniteGuard(config.nonfinite)  # before MetricsLogger: it adds nonfinite_skipped to the logs
-    use_callbacks(trainer, [guard, *merge_callbacks(config, run.path), MetricsLogger(run.metrics_log), *printers,
-                            *callbacks])
-    if is_main_process():
         if checkpoint is not None:
             truncate_jsonl(run.metrics_log, int(checkpoint.name.split("-")[-1]))
         elif run.metrics_log.exists():
             run.metrics_log.unlink()
+
+    at_start = []
+    if is_main_process():
+        if config.overwrite and not config.resume:
+            clear_run(run.path)
+        if checkpoint is None:
+            write_run_files()
+        else:
+            at_start = [AtTrainBegin(write_run_files)]
+    trainer = AdapterTrainer(model=model, args=arguments, train_dataset=train_dataset,
+                             data_collator=PadCollator(tokenizer.pad_token_id), score=score, eval_sets=eval_sets)
+    printers = [] if quiet else [ProgressBar(config.progress)]
+    guard = NonFiniteGuard(config.nonfinite)  # before MetricsLogger: it adds nonfinite_skipped to the logs
+    use_callbacks(trainer, [*at_start, guard, *merge_callbacks(config, run.path), MetricsLogger(run.metrics_log),
+                            *printers, *callbacks])
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - start

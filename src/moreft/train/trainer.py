@@ -167,6 +167,17 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
+class AtTrainBegin(TrainerCallback):
+    """Runs ``action()`` once training begins: after the Trainer has loaded (and moreft has checked) a
+    checkpoint's optimizer and scheduler state, before the first step."""
+
+    def __init__(self, action: Callable[[], None]) -> None:
+        self.action = action
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.action()
+
+
 class MetricsLogger(TrainerCallback):
     """Append every Trainer log (loss, learning rate, eval metrics) to ``metrics.jsonl``."""
 
