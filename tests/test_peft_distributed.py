@@ -3,9 +3,9 @@
 ``transformers.Trainer`` under ``accelerate launch --multi_gpu`` (DDP) and torch's FSDP2 ``fully_shard`` under
 torchrun, 2 processes each with half the per-process batch, against the same worker in one process
 (``peft_accelerate_worker.py``): the saved MoRe and MoRA adapters (with the saved classifier) agree to float
-rounding and load with ``PeftModel.from_pretrained``. ``accelerate launch --use_fsdp`` cannot be tested here:
-on CPU accelerate keeps ``DistributedType.MULTI_CPU`` (its FSDP branch is for accelerators only), so that run
-would be DDP again.
+rounding and load with ``PeftModel.from_pretrained``. ``accelerate launch --use_fsdp --fsdp_version 2`` cannot
+shard on CPU: accelerate keeps ``DistributedType.MULTI_CPU`` (its FSDP branch in ``AcceleratorState`` is for
+accelerators only) and runs DDP; the last test pins that, so that a release that shards on CPU is noticed.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ def runs(tmp_path_factory) -> Path:
         "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                        WORKER, "trainer", str(out / "accelerate")],
+        "accelerate_fsdp": [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+                            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                            "--dynamo_backend", "no", WORKER, "trainer", str(out / "accelerate_fsdp")],
         "loop": [sys.executable, WORKER, "fully_shard", str(out / "loop")],
         "fully_shard": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         WORKER, "fully_shard", str(out / "fully_shard")],
@@ -49,7 +52,8 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(CONFIGS))
-@pytest.mark.parametrize(("distributed", "single"), [("accelerate", "trainer"), ("fully_shard", "loop")])
+@pytest.mark.parametrize(("distributed", "single"), [("accelerate", "trainer"), ("accelerate_fsdp", "trainer"),
+                                                         ("fully_shard", "loop")])
 def test_two_processes_save_the_adapter_of_one(runs, method, distributed, single):
     reference, sharded = _adapter(runs / single, method), _adapter(runs / distributed, method)
     assert {k for k in reference if "classifier" in k} == {"base_model.model.classifier.weight",
@@ -66,10 +70,12 @@ def test_two_processes_save_the_adapter_of_one(runs, method, distributed, single
 
 
 @pytest.mark.slow
-def test_trainer_under_accelerate_is_data_parallel_with_the_same_losses(runs):
+@pytest.mark.parametrize("launch", ["accelerate", "accelerate_fsdp"])
+def test_trainer_under_accelerate_is_data_parallel_with_the_same_losses(runs, launch):
     for method in CONFIGS:
-        single, ddp = (json.loads((runs / r / f"{method}.run.json").read_text()) for r in ("trainer", "accelerate"))
+        single, ddp = (json.loads((runs / r / f"{method}.run.json").read_text()) for r in ("trainer", launch))
         assert (single["distributed_type"], single["world"]) == ("DistributedType.NO", 1)
+        # --use_fsdp on CPU: still MULTI_CPU (DDP), not DistributedType.FSDP
         assert (ddp["distributed_type"], ddp["world"]) == ("DistributedType.MULTI_CPU", 2)
         # the mean over both processes' halves; a loss scaled by the process count would be twice as large
         assert ddp["losses"] == pytest.approx(single["losses"], abs=1e-6)
