@@ -231,7 +231,7 @@ def test_a_5_mb_line_is_clipped_before_tokenising(tmp_path):
 def test_a_backtracking_regex_is_stopped_in_the_library(monkeypatch):
     import sys
 
-    monkeypatch.setattr(sys.modules["moreft.inject"], "MATCH_SECONDS", 0.2)
+    monkeypatch.setattr(sys.modules["moreft.targets"], "MATCH_SECONDS", 0.2)
     net = torch.nn.Sequential()
     net.add_module("a" * 40, torch.nn.Linear(4, 4))
     began = time.perf_counter()

@@ -137,3 +137,13 @@ def test_moreft_load_adapter_ignores_init_weights_and_peft_bookkeeping(tmp_path)
     other = moreft.inject(make_net((24, 24)), moreft.MoReConfig(target_modules=["lin"], nblocks=4, block_rank=1))
     with pytest.raises(moreft.AdapterFileError, match=r"with block_rank=1; the file was saved with block_rank=2"):
         moreft.load_adapter(other, tmp_path / "ad")
+
+
+@pytest.mark.parametrize("key,value", [("peft_type", []), ("task_type", 5), ("peft_version", ["0.21"]),
+                                       ("inference_mode", "yes"), ("auto_mapping", [1]), ("revision", 3)])
+def test_a_saved_config_with_malformed_peft_fields_is_a_config_error(key, value):
+    """peft's bookkeeping fields in an adapter_config.json are checked like ours (found by hypothesis)."""
+    data = moreft.MoRAConfig(target_modules=["lin"], rank=2).to_dict()
+    data[key] = value
+    with pytest.raises(moreft.ConfigError, match=rf"^{key}=.* must be "):
+        moreft.config_from_dict(data)

@@ -335,8 +335,11 @@ def config_from_dict(data: Mapping[str, Any]) -> AdapterConfig:
     data = dict(data)
     method_value = data.pop("method", None)
     by_peft_type = {v.value: k for k, v in PEFT_TYPES.items()}
-    if method_value is None and data.get("peft_type") in by_peft_type:
-        method_value = by_peft_type[data["peft_type"]]
+    if method_value is None and "peft_type" in data:
+        peft_type = data["peft_type"]
+        if not isinstance(peft_type, str) or peft_type not in by_peft_type:
+            raise ConfigError(f"peft_type={peft_type!r} must be one of {sorted(by_peft_type)} (moreft's peft types)")
+        method_value = by_peft_type[peft_type]
     method = coerce_enum(Method, method_value, "method")
     cls = CONFIG_CLASSES[method]
     if data.get("peft_type", PEFT_TYPES[method].value) != PEFT_TYPES[method].value:
@@ -346,7 +349,21 @@ def config_from_dict(data: Mapping[str, Any]) -> AdapterConfig:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown keys {unknown} for method {method.value!r}; valid keys: {sorted(known)}")
+    for key, kinds in _BOOKKEEPING_TYPES.items():
+        if key in data and not isinstance(data[key], kinds):
+            raise ConfigError(f"{key}={data[key]!r} must be {' or '.join(_KIND_NAMES[k] for k in kinds)}")
     try:
         return cls(**data)
-    except TypeError as exc:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad {method.value} config: {exc}") from None
+
+
+#: Types of peft's bookkeeping fields in a saved config (peft itself does not check them).
+_BOOKKEEPING_TYPES: dict[str, tuple[type, ...]] = {
+    "peft_type": (str, type(None)), "task_type": (str, type(None)), "peft_version": (str, type(None)),
+    "base_model_name_or_path": (str, type(None)), "revision": (str, type(None)),
+    "inference_mode": (bool,), "auto_mapping": (dict, type(None)),
+}
+_KIND_NAMES = {str: "a string", type(None): "null", bool: "true or false", dict: "a mapping"}
