@@ -60,16 +60,8 @@ except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
     tl = None
 
-__all__ = [
-    "SUPPORTED_DTYPES",
-    "TRITON_MODES",
-    "check_triton_env",
-    "more_triton",
-    "set_triton_mode",
-    "triton_available",
-    "triton_mode",
-    "use_triton",
-]
+__all__ = ["SUPPORTED_DTYPES", "TRITON_MODES", "check_triton_env", "more_triton", "set_triton_mode",
+           "triton_available", "triton_mode", "use_triton"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -116,22 +108,20 @@ def _mode_from_env() -> str:
 
 
 # A bad $MOREFT_TRITON must not break importing moreft (or `moreft --version`): it is reported where
-# the mode is used, by check_triton_env / triton_mode / a MoRe forward.
+# the mode is used, by check_triton_env / triton_mode / a MoRe forward (None: not known yet).
 try:
     _mode: str | None = _mode_from_env()
-    _mode_error: ConfigError | None = None
-except ConfigError as _exc:
-    _mode, _mode_error = None, _exc
+except ConfigError:
+    _mode = None
 
 
 def check_triton_env() -> None:
     """Raise the error of a bad ``$MOREFT_TRITON`` (unless :func:`set_triton_mode` replaced it since).
 
     Raises:
-        ConfigError: the variable held something other than a mode.
+        ConfigError: the variable holds something other than a mode.
     """
-    if _mode is None and _mode_error is not None:
-        raise ConfigError(str(_mode_error))
+    triton_mode()
 
 
 def triton_mode() -> str:
@@ -140,8 +130,7 @@ def triton_mode() -> str:
     Raises:
         ConfigError: ``$MOREFT_TRITON`` held something other than a mode and no mode was set since.
     """
-    check_triton_env()
-    return str(_mode)
+    return _mode if _mode is not None else _mode_from_env()
 
 
 def set_triton_mode(mode: str) -> str:
