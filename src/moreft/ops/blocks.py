@@ -169,7 +169,7 @@ def _blocks_backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | None
     spans = spans_of(x2.shape[1], weight.shape[0], blocks.shape[-1], bool(ints[0]))
     need_x, need_w, need_bias, need_blocks, _ = needs
     r = blocks.shape[-1]
-    dx = dw = dbias = dblocks = None
+    dx = dblocks = None
     if need_x and merged_pays(x2.shape[0], x2.shape[1]):
         dx = g2 @ _merged(weight, blocks, spans)  # (T, in)
     elif need_x:
@@ -180,10 +180,7 @@ def _blocks_backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | None
         dblocks = torch.zeros_like(blocks)  # (c, r, r)
         for s in spans:
             _sub(dblocks, s).baddbmm_(_rows(g2, s, r).transpose(1, 2), _cols(x2, s, r))
-    if need_w:
-        dw = g2.T @ x2  # (out, in)
-    if need_bias:
-        dbias = g2.sum(0)
+    dw, dbias = dispatch.base_grads(g2, x2, need_w, need_bias)
     return dx, dw, dbias, dblocks, None
 
 

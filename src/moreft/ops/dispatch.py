@@ -95,6 +95,16 @@ class _Fused(torch.autograd.Function):
         return (None, *grads, None, None)
 
 
+def base_grads(g2: Tensor, x2: Tensor, need_w: bool, need_bias: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The frozen layer's own ``(∂W (out, in), ∂bias (out,))`` from ``g2 (T, out)`` and ``x2 (T, in)``.
+
+    Every fused backward returns them (None where not needed: both are usually frozen).
+    """
+    dw = g2.T @ x2 if need_w else None  # (out, in)
+    dbias = g2.sum(0) if need_bias else None  # (out,)
+    return dw, dbias
+
+
 def _grad_or_empty(gy: Tensor, grad: Tensor | None) -> Tensor:
     """A custom op returns no None: an empty tensor (``gy``'s dtype and device) stands for a gradient not asked for."""
     return gy.new_empty(0) if grad is None else grad.contiguous()

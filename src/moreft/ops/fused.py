@@ -189,7 +189,7 @@ def _lowrank_backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | Non
         a_dense = None if spec.blocked else fold_more_a(a, x2.shape[1])  # (N·r, in)
     else:
         b_full, a_dense = b * spec.scale, a  # (out, r), (r, in)
-    dx = dw = dbias = da = db = None
+    dx = da = db = None
     gb_t = _gb_t(g2, b_full) if (need_x or need_a) else None  # (k, T)
     if need_x:
         dx = g2 @ weight  # (T, in): what the frozen layer computes anyway
@@ -214,10 +214,7 @@ def _lowrank_backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | Non
             db = more_b_grad(db_pad, b)
         else:
             db = (h_t @ g2).T.mul_(spec.scale)  # (out, r)
-    if need_w:
-        dw = g2.T @ x2  # (out, in)
-    if need_bias:
-        dbias = g2.sum(0)
+    dw, dbias = dispatch.base_grads(g2, x2, need_w, need_bias)
     return dx, dw, dbias, da, db
 
 

@@ -150,16 +150,13 @@ def _backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | None, matri
     r = matrix.shape[0]
     segs_in, segs_out = _segs(x2.shape[1], weight.shape[0], r, ints)
     need_x, need_w, need_bias, need_m, _ = needs
-    dx = dw = dbias = dm = None
+    dx = dm = None
     gz = compress(g2, segs_out, r) if (need_m or need_x) else None  # (T, r)
     if need_x:
         dx = expand_add_(g2 @ weight, gz @ matrix, segs_in)  # (T, in) += Cᵀ(gz M)
     if need_m:
         dm = gz.T @ h  # (r, r)
-    if need_w:
-        dw = g2.T @ x2  # (out, in)
-    if need_bias:
-        dbias = g2.sum(0)
+    dw, dbias = dispatch.base_grads(g2, x2, need_w, need_bias)
     return dx, dw, dbias, dm, None
 
 
