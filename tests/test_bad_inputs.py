@@ -25,7 +25,7 @@ import moreft
 from moreft.cli import main
 from moreft.config import LoRAConfig, MoRAConfig, MoReConfig
 from moreft.errors import AdapterFileError, ConfigError, MoreftError, TargetError
-from moreft.state import CONFIG_NAME, MAX_CONFIG_BYTES, WEIGHTS_NAME
+from moreft.adapter_files import CONFIG_NAME, MAX_CONFIG_BYTES, WEIGHTS_NAME
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 T = ["lin"]

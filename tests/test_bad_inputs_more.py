@@ -25,7 +25,7 @@ from tiny import SUBPROCESS_ENV, make_tiny_bert
 import moreft
 from moreft.config import MoRAConfig
 from moreft.errors import AdapterFileError, ConfigError
-from moreft.state import WEIGHTS_NAME
+from moreft.adapter_files import WEIGHTS_NAME
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 T = ["lin"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from moreft.bench import main
+from moreft.cli.bench import main
 from moreft.bench.measure import paired_ratio, peak_step_memory
 from moreft.bench.report import goals
 from moreft.bench.variants import LAYER_METHODS
@@ -118,7 +118,7 @@ def test_e2e_minilm_runs_in_a_subprocess(tmp_path):
 
 
 def test_peak_rss_is_this_process_and_can_restart():
-    from moreft.sysinfo import peak_rss_mib, reset_peak_rss
+    from moreft.train.peak_memory import peak_rss_mib, reset_peak_rss
 
     before = peak_rss_mib()
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched

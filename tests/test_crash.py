@@ -21,8 +21,8 @@ from transformers import TrainerCallback
 
 import moreft
 from moreft.errors import TrainingError
-from moreft.files import atomic_dir_write, atomic_write_text
-from moreft.state import WEIGHTS_NAME
+from moreft.safe_write import atomic_dir_write, atomic_write_text
+from moreft.adapter_files import WEIGHTS_NAME
 from moreft.train import resolve_config, train
 from moreft.train.rundir import RunDir, checkpoint_complete
 
@@ -129,7 +129,7 @@ def test_an_exception_while_saving_keeps_the_previous_adapter(tmp_path, monkeypa
         Path(filename).write_bytes(b"\x00" * 100)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("moreft.state.save_file", half_then_fail)
+    monkeypatch.setattr("moreft.adapter_files.save_file", half_then_fail)
     with pytest.raises(OSError, match="No space left"):
         moreft.save_adapter(new, path)
     _assert_holds(path, old)
@@ -140,25 +140,25 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     sys.path[:0] = [{src!r}, {tests!r}]
-    import moreft, moreft.files, moreft.state
+    import moreft, moreft.safe_write, moreft.adapter_files
     from conftest import make_net
     where = {where!r}
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     if where == "weights":
-        real = moreft.state.save_file
+        real = moreft.adapter_files.save_file
         def save_file(tensors, filename, metadata=None):
             real(tensors, filename, metadata=metadata)
             Path(filename).write_bytes(Path(filename).read_bytes()[:50])
             die()
-        moreft.state.save_file = save_file
+        moreft.adapter_files.save_file = save_file
     elif where == "rename":
-        moreft.files.exchange = die
+        moreft.safe_write.exchange = die
     elif where == "text":
         os.fsync = die
     model = moreft.inject(make_net((24, 24)), moreft.MoReConfig(target_modules=["lin"], block_rank=2))
     if where == "text":
-        moreft.files.atomic_write_text(Path({path!r}), "new contents")
+        moreft.safe_write.atomic_write_text(Path({path!r}), "new contents")
     else:
         moreft.save_adapter(model, {path!r})
     print("not killed")
@@ -195,7 +195,7 @@ def test_a_kill_while_writing_text_keeps_the_previous_file(tmp_path):
 def test_without_rename_exchange_an_old_copy_is_put_back(tmp_path, monkeypatch):
     atomic_dir_write(tmp_path / "d", {"f": lambda p: p.write_text("v1")})
     (tmp_path / "d").rename(tmp_path / ".d.old-999999999")  # a writer killed between its two renames
-    monkeypatch.setattr("moreft.files.exchange", lambda a, b: False)
+    monkeypatch.setattr("moreft.safe_write.exchange", lambda a, b: False)
     atomic_dir_write(tmp_path / "e", {"f": lambda p: p.write_text("other")})
     assert not (tmp_path / "d").exists()
     atomic_dir_write(tmp_path / "d", {"f": lambda p: p.write_text("v2")})

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import SUBPROCESS_ENV, make_tiny_bert, moreft_command, train_flags
 
-from moreft.state import WEIGHTS_NAME
+from moreft.adapter_files import WEIGHTS_NAME
 from moreft.train import resolve_config, train
 
 #: Observed max |difference| is ~3e-8 (float32 sums in another order); anything real is far larger.

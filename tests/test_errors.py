@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import moreft
 from moreft import ConfigError, LoRAConfig, MoRAConfig, MoReConfig, TargetError
-from moreft.state import CONFIG_NAME, WEIGHTS_NAME
+from moreft.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from moreft import models
+from moreft.models import packaged as models
 from moreft.errors import ConfigError
 from moreft.models import MODELS, load_model, minilm_dir, model_dir, smollm2_gguf
 from moreft.tasks import DataPackageError, TaskKind

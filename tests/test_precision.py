@@ -14,7 +14,7 @@ from torch import nn
 import moreft
 from moreft.config import LoRAConfig, MoRAConfig, MoReConfig
 from moreft.errors import MergeError
-from moreft.state import WEIGHTS_NAME
+from moreft.adapter_files import WEIGHTS_NAME
 from moreft.train import resolve_config, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

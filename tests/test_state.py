@@ -14,7 +14,7 @@ from safetensors import safe_open
 import moreft
 from moreft import Method, SharingLayout
 from moreft.layers import LAYER_CLASSES
-from moreft.state import CONFIG_NAME, WEIGHTS_NAME
+from moreft.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,7 +21,7 @@ from test_writes import adapted, bert, cli, copy_run, trained_run, tree  # noqa:
 
 import moreft
 from moreft.errors import MoreftError
-from moreft.state import CONFIG_NAME, WEIGHTS_NAME
+from moreft.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -26,9 +26,9 @@ from tiny import SUBPROCESS_ENV, make_tiny_bert, train_flags
 import moreft
 from moreft.cli import main
 from moreft.errors import OutputError
-from moreft.files import atomic_write_text
+from moreft.safe_write import atomic_write_text
 from moreft.lock import LOCK_NAME, FolderLock
-from moreft.state import CONFIG_NAME, WEIGHTS_NAME
+from moreft.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -38,8 +38,9 @@ from .inject import (
     trainable_parameters,
 )
 from .layers import AdapterLayer, AdapterModule, LoRALinear, MoRALinear, MoReLinear
+from . import quant
 from .peft_files import convert_to_peft
-from .state import load_adapter, read_adapter_config, save_adapter
+from .adapter_files import load_adapter, read_adapter_config, save_adapter
 from .tuners import LoRAModel, MoRAModel, MoReModel
 from .tuners.registration import register as _register_peft_types
 from .version import __version__

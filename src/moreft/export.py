@@ -20,11 +20,11 @@ from torch import Tensor, nn
 
 from .config import LoRAConfig, Method, MoRAConfig, MoReConfig
 from .errors import AdapterFileError, ConfigError
-from .files import FolderKind, atomic_dir_write
+from .safe_write import FolderKind, atomic_dir_write
 from .inject import adapter_config, adapter_layers, modules_to_save_names
 from .layers import AdapterLayer, LoRALinear, MoReLinear, is_conv1d, linear_shape
 from .ops.monarch import fold_factors
-from .state import CONFIG_NAME, WEIGHTS_NAME, base_model_name
+from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, base_model_name
 from .version import __version__
 
 #: safetensors metadata key that marks an export as moreft's (peft ignores it).

@@ -17,10 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import AdapterFileError, ConfigError
-from .files import atomic_dir_write
+from .safe_write import atomic_dir_write
 from .layers import LAYER_CLASSES
-from .limits import adapter_shapes
-from .state import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
+from .shapes import adapter_shapes
+from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 
 PEFT_PREFIX = "base_model.model."
 

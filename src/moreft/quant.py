@@ -19,28 +19,11 @@ import torch
 from torch import nn
 
 from .errors import MergeError
+from .inject import adapter_layers, merge
+from .layers import is_conv1d
+from .layers.quantized import quantized_kind, refuse_quantized
 
-_QUANT_PACKAGES = ("torchao", "bitsandbytes")
-
-
-def quantized_kind(weight: Any) -> str | None:
-    """The class name of a quantised weight (a torchao tensor subclass or bitsandbytes parameter), else None."""
-    cls = type(weight)
-    return cls.__name__ if cls.__module__.split(".")[0] in _QUANT_PACKAGES else None
-
-
-def refuse_quantized(layer: Any) -> None:
-    """Raise if ``layer``'s base weight is quantised (called by merge before it touches anything).
-
-    Raises:
-        MergeError: the base weight is a quantised tensor.
-    """
-    kind = quantized_kind(layer.base_layer.weight)
-    if kind is not None:
-        raise MergeError(f"adapter layer {layer.name!r} sits on a quantised base weight ({kind}); ΔW cannot be "
-                         "added into it in place. Use moreft.quant.merge_quantized(model, requantize=<torchao "
-                         "config>) to dequantise, add and requantise (it reports the rounding error), or merge "
-                         "into a bf16/fp32 copy of the base model; nothing was merged")
+__all__ = ["QuantizedMerge", "merge_quantized", "quantized_kind", "refuse_quantized"]
 
 
 @dataclass(frozen=True)
@@ -92,9 +75,6 @@ def merge_quantized(model: nn.Module, requantize: Any) -> list[QuantizedMerge]:
         MergeError: a base weight is not a torchao quantised tensor, or ``W + ΔW`` is not finite.
     """
     from torchao.quantization import quantize_
-
-    from .inject import adapter_layers, merge
-    from .layers import is_conv1d
 
     plans = {}
     for name, layer in adapter_layers(model).items():

@@ -12,10 +12,7 @@ The layer benchmark times ``layer(x).backward(g)`` (x requires grad, base frozen
 frozen base alone, moreft's LoRA / MoRe / MoRA (every operator) and HF peft's LoRA and BOFT, interleaved in one
 process (see :mod:`moreft.bench.measure` for the statistics and the memory method). Results are
 printed as tables and, with ``--out``, written as JSON.
+
+The flags and the driver are :mod:`moreft.cli.bench`; the modules here measure: :mod:`.variants`
+(what is timed), :mod:`.measure` (how), :mod:`.layer`, :mod:`.e2e`, :mod:`.llm`, :mod:`.report`.
 """
-
-from __future__ import annotations
-
-from .cli import add_arguments, main, run
-
-__all__ = ["add_arguments", "main", "run"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from moreft.bench import main
+from moreft.cli.bench import main
 
 sys.exit(main())

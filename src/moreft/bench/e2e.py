@@ -71,7 +71,7 @@ def e2e_child(method: str, batch: int, seq: int, steps: int, warmup: int) -> dic
         ValueError: an unknown method.
     """
     from ..models import MODELS, load_model
-    from ..sysinfo import peak_rss_mib, reset_peak_rss
+    from ..train.peak_memory import peak_rss_mib, reset_peak_rss
 
     if method not in E2E_METHODS:
         raise ValueError(f"unknown end-to-end method {method!r}; choose from {', '.join(E2E_METHODS)}")

@@ -95,7 +95,7 @@ def llm_child(spec: str, model_name: str, batch: int, seq: int, steps: int) -> d
     """
     from .. import merge
     from ..models import load_model
-    from ..sysinfo import peak_rss_mib, reset_peak_rss
+    from ..train.peak_memory import peak_rss_mib, reset_peak_rss
 
     method, precision = spec.split(":")
     if method not in LLM_METHODS or precision not in PRECISIONS:

@@ -14,8 +14,8 @@ from ..config import AdapterConfig
 from ..errors import AdapterFileError, ConfigError
 from ..inject import adapter_layers, eject, inject
 from ..layers import is_linear, linear_shape
-from ..limits import adapter_shapes
-from ..state import adapter_state_dict, save_adapter
+from ..shapes import adapter_shapes
+from ..adapter_files import adapter_state_dict, save_adapter
 from .common import Imported
 
 

@@ -26,8 +26,8 @@ from torch.nn.modules import module as registry  # the global hook registries
 from ..config import AdapterConfig, Method
 from ..errors import MergeError, TargetError
 from ..ops import fused as _fused
-from ..quant import refuse_quantized
 from .linear import adapter_dtype, conv1d_type, is_conv1d, is_linear, linear_shape
+from .quantized import refuse_quantized
 from .merging import DeltaAdder, accumulate_dtype, add_delta_, count_nonfinite, dense_adder
 
 _PLAIN_TENSORS = (nn.Parameter, torch.Tensor)

@@ -8,18 +8,16 @@
 The submodule that holds ``compare`` is named ``comparison`` so that ``moreft.train.compare`` is
 always the function (a submodule of the same name would shadow it once imported).
 
-Everything runs offline: models and data come from installed packages or local paths. Names are
-imported on first use, so ``import moreft.train`` (and ``moreft --help``) stays fast.
+Everything runs offline: models and data come from installed packages or local paths, loaded with
+``local_files_only``; the ``moreft`` command also sets ``HF_HUB_OFFLINE`` for its own process. Names
+are imported on first use, so ``import moreft.train`` (and ``moreft --help``) stays fast. The search
+over runs is :mod:`moreft.search`.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never reach the hub
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 _EXPORTS = {
     "CompareResult": "comparison", "compare": "comparison", "parse_method_spec": "comparison",
@@ -29,8 +27,6 @@ _EXPORTS = {
     "dump_config": "recipes", "parse_task_options": "recipes", "read_recipe": "recipes",
     "resolve_config": "recipes",
     "RunDir": "rundir", "load_trained": "rundir", "read_run_config": "rundir",
-    "SearchResult": "search", "SearchSettings": "search", "count_adapter_params": "search", "run_search": "search",
-    "SearchSpace": "search_space",
 }
 
 __all__ = sorted(_EXPORTS)

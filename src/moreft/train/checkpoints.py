@@ -62,7 +62,7 @@ def checkpoint_complete(path: Path) -> bool:
     if not _valid_trainer_state(state, step):
         return False
     from moreft.errors import AdapterFileError
-    from moreft.state import read_adapter_config
+    from moreft.adapter_files import read_adapter_config
 
     try:
         read_adapter_config(path / "adapter")

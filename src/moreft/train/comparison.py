@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from moreft.errors import ConfigError
-from moreft.files import atomic_write_text
+from moreft.safe_write import atomic_write_text
 from moreft.train.bounded import load_yaml
 from moreft.train.config import METHODS, TrainConfig, field_names
 from moreft.train.fields import MAX_SEED, check_folder_name

@@ -79,7 +79,7 @@ class TrainConfig:
         overwrite: Delete an existing run directory and start over.
         progress: Show a progress bar.
         nonfinite: A NaN/Inf loss or gradient ``stop``s the run (keeping the last good checkpoint) or
-            ``skip``s that optimizer step (:mod:`moreft.train.guards`).
+            ``skip``s that optimizer step (:mod:`moreft.train.nonfinite`).
         merge_every: Every N optimizer steps merge each adapter into its base weight and re-initialise it
             (ReLoRA / ReMoRA, :mod:`moreft.train.reinit`); None: never.
         merge_warmup: Learning-rate warmup steps after each merge (None: ``min(50, merge_every // 10)``,

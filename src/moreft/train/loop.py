@@ -13,15 +13,15 @@ import torch
 
 import moreft
 from moreft.errors import ConfigError
-from moreft.files import atomic_write_text
-from moreft.limits import check_adapter_size
+from moreft.safe_write import atomic_write_text
+from moreft.shapes import check_adapter_size
 from moreft.lock import LOCK_NAME, folder_lock
-from moreft.sysinfo import peak_rss_mib, reset_peak_rss
+from moreft.train.peak_memory import peak_rss_mib, reset_peak_rss
 from moreft.tasks import TaskKind, get_task
 from moreft.train.config import RESUMABLE_CHANGES, TrainConfig
 from moreft.train.data import PadCollator, encode_classification, encode_generation
 from moreft.train.evaluate import evaluate
-from moreft.train.guards import NonFiniteGuard
+from moreft.train.nonfinite import NonFiniteGuard
 from moreft.train.plots import plot_run
 from moreft.train.recipes import dump_config
 from moreft.train.reinit import merge_callbacks

@@ -1,4 +1,9 @@
-"""PNG figures of runs (matplotlib, Agg backend, written atomically)."""
+"""PNG figures of runs, written atomically.
+
+Figures are plain :class:`matplotlib.figure.Figure` objects rendered straight to PNG, never through
+``pyplot``: no backend is chosen, no global figure state is kept, and importing this module leaves
+matplotlib as the caller set it up.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure
 
-from moreft.files import atomic_write_file
+from moreft.safe_write import atomic_write_file
 
 #: The PNG text chunk every figure moreft writes carries, so a later write knows the file is its own.
 SOFTWARE = "moreft"
@@ -27,17 +29,21 @@ def is_moreft_png(path: Path) -> bool:
     return head.startswith(b"\x89PNG") and b"tEXtSoftware\x00" + SOFTWARE.encode() in head
 
 
-def _save(fig: Any, path: Path) -> Path:
-    """Save ``fig`` as PNG through a temp file and an atomic rename; closes the figure.
+def subplots(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
+    """A new figure and its axes, like ``pyplot.subplots`` but owned by the caller (nothing global)."""
+    figsize = kwargs.pop("figsize", None)
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def save_png(fig: Figure, path: Path) -> Path:
+    """Save ``fig`` as PNG through a temp file and an atomic rename.
 
     Raises:
         moreft.OutputError: ``path`` is a folder.
     """
-    try:
-        atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight",
-                                                                metadata={"Software": SOFTWARE}))
-    finally:
-        plt.close(fig)
+    atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight",
+                                                    metadata={"Software": SOFTWARE}))
     return path
 
 
@@ -53,7 +59,7 @@ def plot_run(records: Sequence[Mapping[str, Any]], metric: str, path: Path, titl
     loss = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
     key = f"eval_{metric}"
     evals = sorted({r["step"]: r[key] for r in records if isinstance(r.get(key), (int, float))}.items())
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = subplots(figsize=(7, 4))
     if loss:
         ax.plot(*zip(*loss), color="tab:blue", marker="." if len(loss) < 30 else None, label="train loss")
     ax.set_xlabel("optimizer step")
@@ -67,7 +73,7 @@ def plot_run(records: Sequence[Mapping[str, Any]], metric: str, path: Path, titl
         ax.text(0.5, 0.5, "no logged steps", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(title or "training")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_compare(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, title: str = "") -> Path:
@@ -79,7 +85,7 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, tit
         path: Where to write the PNG.
         title: Figure title.
     """
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = subplots(figsize=(7, 4.5))
     for row in rows:
         ax.errorbar([row["params"]], [row["mean"]], yerr=[row["std"]], fmt="o", capsize=4, label=row["label"])
         ax.annotate(row["label"], (row["params"], row["mean"]), textcoords="offset points", xytext=(6, 6),
@@ -91,7 +97,7 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, tit
     ax.grid(alpha=0.3, which="both")
     if rows:
         ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_heatmap(delta: torch.Tensor, path: Path, title: str = "", max_side: int = 384,
@@ -106,7 +112,7 @@ def plot_heatmap(delta: torch.Tensor, path: Path, title: str = "", max_side: int
     panels = [("as stored", data)]
     if row_order is not None:
         panels.append((order_label or "rows reordered", data[torch.as_tensor(list(row_order))]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.5), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(6 * len(panels), 5.5), squeeze=False)
     for ax, (label, matrix) in zip(axes[0], panels):
         shown = matrix[:max_side, :max_side]
         im = ax.imshow(shown.numpy(), cmap="magma", aspect="auto", interpolation="nearest")
@@ -117,4 +123,4 @@ def plot_heatmap(delta: torch.Tensor, path: Path, title: str = "", max_side: int
         ax.set_xlabel("input feature")
         ax.set_ylabel("output feature")
     fig.suptitle(title or "|ΔW|", fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 
 import moreft
 from moreft.errors import ConfigError
-from moreft.files import atomic_write_bytes
+from moreft.safe_write import atomic_write_bytes
 from moreft.layers import AdapterLayer
 from moreft.remora import RemoraCycle, merge_and_reinit, reset_optimizer_state
 

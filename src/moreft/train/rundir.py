@@ -35,7 +35,7 @@ import torch
 
 import moreft
 from moreft.errors import ConfigError, OutputError
-from moreft.files import foreign_entries
+from moreft.safe_write import foreign_entries
 from moreft.lock import LOCK_NAME
 from moreft.tasks import Splits, Task, TaskKind, get_task
 from moreft.train.bounded import load_yaml, read_json_file, read_text_file
@@ -87,7 +87,7 @@ _CHECKPOINT = re.compile(r"(?:tmp-)?checkpoint-\d+")
 
 def foreign_run_entries(path: Path) -> list[str]:
     """Entries of run folder ``path`` that moreft did not write there (see the module docstring)."""
-    from moreft.state import ADAPTER_KIND
+    from moreft.adapter_files import ADAPTER_KIND
     from moreft.train.reinit import MERGED_BASE_FILE
 
     files = ("config.yaml", "split.json", "metrics.jsonl", "metrics.json", "loss.png", MERGED_BASE_FILE,

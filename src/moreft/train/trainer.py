@@ -25,7 +25,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import moreft
 from moreft.errors import CheckpointError
-from moreft.files import atomic_write_text
+from moreft.safe_write import atomic_write_text
 from moreft.train.checkpoints import check_optimizer_files
 
 ADAPTER_DIR = "adapter"

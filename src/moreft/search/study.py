@@ -17,21 +17,21 @@ import torch
 from transformers import TrainerCallback
 
 from moreft.errors import MoreftError
-from moreft.files import atomic_write_text
+from moreft.safe_write import atomic_write_text
 from moreft.train.config import TrainConfig
-from moreft.train.search import (
+from moreft.search.settings import (
     GRACE_SECONDS,
     HEARTBEAT_SECONDS,
+    INTERRUPTED,
+    RETRY_OF,
+    TRIALS_DIR,
     Candidate,
     Pruner,
     Sampler,
     SearchSettings,
 )
-from moreft.train.search_space import SearchSpace
+from moreft.search.space import SearchSpace
 
-#: Trial user attributes (what the report reads).
-INTERRUPTED, RETRY_OF = "interrupted", "retry_of"
-TRIALS_DIR = "trials"
 
 
 def make_pruner(settings: SearchSettings, base: TrainConfig) -> optuna.pruners.BasePruner:
@@ -273,7 +273,7 @@ def work(
 
 
 def run_workers(job: dict[str, Any], jobs: int, file: Path) -> None:
-    """Run ``jobs`` worker processes (``python -m moreft.train.search_run FILE I``) on one study and wait.
+    """Run ``jobs`` worker processes (``python -m moreft.search.study FILE I``) on one study and wait.
 
     The CPU threads are split between them. A worker that fails leaves its trial to the others.
 
@@ -284,7 +284,7 @@ def run_workers(job: dict[str, Any], jobs: int, file: Path) -> None:
     threads = max(1, torch.get_num_threads() // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "moreft.train.search_run", str(file), str(i)], env=env)
+        subprocess.Popen([sys.executable, "-m", "moreft.search.study", str(file), str(i)], env=env)
         for i in range(jobs)
     ]
     try:

@@ -22,10 +22,10 @@ from torch import nn
 
 from .config import PEFT_CONFIG_FIELDS, AdapterConfig, Method, SharingLayout, config_from_dict
 from .errors import AdapterFileError, ConfigError
-from .files import FolderKind, atomic_dir_write
+from .safe_write import FolderKind, atomic_dir_write
 from .inject import adapter_config, adapter_layers, eject, inject, modules_to_save_names
 from .layers import MoRALinear, is_linear, linear_shape
-from .limits import adapter_shapes
+from .shapes import adapter_shapes
 from .version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -286,7 +286,7 @@ def _read_header(file: Path) -> dict[str, tuple[list[int], str]]:
 def _check_header(file: Path, meta: dict[str, Any], config: AdapterConfig) -> None:
     """Check the file's adapter tensors against the shapes the config implies, before anything is allocated.
 
-    The shapes come from :func:`moreft.limits.adapter_shapes` (layers built on the meta device), so
+    The shapes come from :func:`moreft.shapes.adapter_shapes` (layers built on the meta device), so
     a crafted config (``rank: 1000000000``) is refused here rather than by running out of memory.
     """
     try:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from moreft.errors import ConfigError, OutputError
-from moreft.modelfolder import check_model_dir, check_size_fits_weights, model_dir_errors
+from moreft.models.folder import check_model_dir, check_size_fits_weights, model_dir_errors
 from moreft.tasks._data import DataPackageError, package_dir
 from moreft.tasks.base import TaskKind
 

@@ -4,8 +4,8 @@
     moreft search --task sentiment --max-steps 60 --eval-every 15 --methods more lora --max-params 100000
 
 ``--config`` is a train recipe (the settings every trial shares; train flags override it);
-``--space`` is a search file with ``space:`` (what to sample, :mod:`moreft.train.search_space`)
-and ``search:`` (how, :class:`moreft.train.search.SearchSettings`); search flags override it.
+``--space`` is a search file with ``space:`` (what to sample, :mod:`moreft.search.space`)
+and ``search:`` (how, :class:`moreft.search.driver.SearchSettings`); search flags override it.
 """
 
 from __future__ import annotations
@@ -112,10 +112,10 @@ def read_search_file(path: str | None) -> dict[str, Any]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """``moreft search``: resolve base config, space and settings, run (or resume) the search."""
-    from moreft.train.commands import _overrides
+    from moreft.cli.commands import _overrides
     from moreft.train.recipes import resolve_config
-    from moreft.train.search import SearchSettings, run_search
-    from moreft.train.search_space import SearchSpace
+    from moreft.search.driver import SearchSettings, run_search
+    from moreft.search.space import SearchSpace
 
     data = read_search_file(args.space)
     space_data = dict(data.get("space") or {})

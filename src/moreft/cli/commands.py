@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moreft.errors import ConfigError, OutputError
-from moreft.files import FolderKind, writable_folder, write_folder
+from moreft.safe_write import FolderKind, writable_folder, write_folder
 
 #: The file that marks a ``moreft merge`` output and lists every file in it.
 MERGED_MARK = "moreft_merged.json"

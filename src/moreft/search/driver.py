@@ -1,6 +1,7 @@
 """``moreft search``: adapter architecture + hyperparameter search on Optuna, with ASHA pruning.
 
-    from moreft.train import SearchSettings, SearchSpace, resolve_config, run_search
+    from moreft.search import SearchSettings, SearchSpace, run_search
+    from moreft.train import resolve_config
     base = resolve_config("recipes/demo.yaml", {"max_steps": 60, "eval_every": 15})
     space = SearchSpace(methods=("more", "lora"), lr=(3e-4, 3e-3))
     result = run_search(base, space, SearchSettings(trials=8, max_params=100_000))
@@ -20,123 +21,21 @@ is never used to choose: it is only reported.
 from __future__ import annotations
 
 import copy
-import enum
 import functools
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import moreft
-from moreft.config import coerce_enum
 from moreft.errors import ConfigError, MoreftError
+from moreft.search.settings import STUDY_FILE, WORKERS_FILE, Candidate, Pruner, SearchSettings
+from moreft.search.space import SQUARE, SearchSpace
 from moreft.train.config import TrainConfig
 from moreft.train.fields import check_folder_name
-from moreft.train.search_space import SQUARE, SearchSpace
-
-STUDY_FILE = "study.db"
-WORKERS_FILE = "workers.json"
-#: A trial whose process has not written a heartbeat for this long is failed and retried once.
-HEARTBEAT_SECONDS, GRACE_SECONDS = 30, 90
-
-
-class Pruner(str, enum.Enum):
-    """Early stopping of trials: ``asha`` (successive halving), ``hyperband``, or ``none``."""
-
-    ASHA = "asha"
-    HYPERBAND = "hyperband"
-    NONE = "none"
-
-
-class Sampler(str, enum.Enum):
-    """How trials are drawn: ``tpe`` (Optuna's default Bayesian sampler) or ``random``."""
-
-    TPE = "tpe"
-    RANDOM = "random"
-
-
-@dataclass(frozen=True, kw_only=True)
-class SearchSettings:
-    """How a search runs (the ``search:`` mapping of a search file; ``moreft search`` flags override it).
-
-    Attributes:
-        trials: Trials to finish (complete or pruned); failed ones do not count.
-        jobs: Worker processes sharing the study on this machine (the CPU threads are split among them).
-        pruner: ``asha``, ``hyperband`` or ``none``.
-        reduction_factor: Keep the best ``1 / reduction_factor`` of the trials at each rung.
-        min_steps: Steps of the first rung (None: the run's ``eval_every``).
-        max_params: Reject configurations with more trainable adapter parameters (None: no budget).
-        storage: An Optuna storage URL (e.g. ``postgresql://...``); None: SQLite in the search directory.
-        sampler: ``tpe`` or ``random``.
-        seed: Sampler seed (worker ``i`` uses ``seed + i``).
-        name: Search directory and study name (None: ``search-<task>-<model>``).
-        timeout: Stop starting new trials after this many seconds (None: no limit).
-    """
-
-    trials: int = 8
-    jobs: int = 1
-    pruner: Pruner = Pruner.ASHA
-    reduction_factor: int = 3
-    min_steps: int | None = None
-    max_params: int | None = None
-    storage: str | None = None
-    sampler: Sampler = Sampler.TPE
-    seed: int = 0
-    name: str | None = None
-    timeout: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("trials", "jobs", "reduction_factor", "min_steps", "max_params"):
-            value = getattr(self, name)
-            if value is None and name in ("min_steps", "max_params"):
-                continue
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or value < (2 if name == "reduction_factor" else 1)
-            ):
-                raise ConfigError(
-                    f"search {name}={value!r} must be an integer >= {2 if name == 'reduction_factor' else 1}"
-                )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"search seed={self.seed!r} must be an integer >= 0")
-        object.__setattr__(self, "pruner", coerce_enum(Pruner, self.pruner, "search pruner"))
-        object.__setattr__(self, "sampler", coerce_enum(Sampler, self.sampler, "search sampler"))
-        if self.name is not None and (not isinstance(self.name, str) or not self.name or "/" in self.name):
-            raise ConfigError(f"search name={self.name!r} must be a non-empty folder name without '/'")
-        if self.storage is not None and (not isinstance(self.storage, str) or "://" not in self.storage):
-            raise ConfigError(
-                f"search storage={self.storage!r} must be a database URL such as "
-                "sqlite:///search.db or postgresql://user@host/db"
-            )
-        if self.timeout is not None and (
-            isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or self.timeout <= 0
-        ):
-            raise ConfigError(f"search timeout={self.timeout!r} must be a number of seconds > 0")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> SearchSettings:
-        """Settings from a mapping (the ``search:`` entry of a search file).
-
-        Raises:
-            ConfigError: Unknown keys or invalid values.
-        """
-        data = dict(data or {})
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(f"search settings have unknown key(s) {unknown}; valid keys are {known}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            f.name: (v.value if isinstance(v := getattr(self, f.name), enum.Enum) else v)
-            for f in fields(self)
-        }
 
 
 # -- counting parameters without training -------------------------------------------------------------
@@ -198,23 +97,6 @@ def square_block_rank(config: TrainConfig, nblocks: int, target_modules: Any) ->
     return min(min(math.ceil(o / nblocks), math.ceil(i / nblocks)) for o, i in shapes)
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One architecture of the space, checked against the model and the budget before any training.
-
-    Attributes:
-        key: The architecture's key (see :meth:`SearchSpace.architectures`).
-        changes: Its :class:`TrainConfig` changes (square ``block_rank`` resolved).
-        params: Trainable adapter parameters (None if it does not fit the model).
-        excluded: Why it is not tried (over the budget, or invalid for the model); None if it is.
-    """
-
-    key: str
-    changes: dict[str, Any]
-    params: int | None
-    excluded: str | None
-
-
 def candidates(base: TrainConfig, space: SearchSpace, max_params: int | None) -> list[Candidate]:
     """Count the parameters of every architecture of ``space`` on ``base``'s model (meta device).
 
@@ -259,7 +141,7 @@ class SearchResult:
         path: The search directory (``search.md``, ``.png``, ``.json``, ``best.yaml``, ``trials/``).
         study: The Optuna study.
         best_config: The best trial's run config (None if no trial completed).
-        rows: One summary dict per trial (see :func:`moreft.train.search_report.trial_rows`).
+        rows: One summary dict per trial (see :func:`moreft.search.report.trial_rows`).
         candidates: Every architecture with its parameter count, and why it was excluded if it was.
     """
 
@@ -313,8 +195,8 @@ def run_search(
     Raises:
         ConfigError: Invalid settings or base config.
     """
-    from moreft.train import search_run
-    from moreft.train.search_report import write_report
+    from moreft.search import study as search_run
+    from moreft.search.report import write_report
 
     space = space or SearchSpace()
     settings = settings or SearchSettings()

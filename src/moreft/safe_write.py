@@ -35,17 +35,28 @@ from typing import Any
 
 from .errors import OutputError
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux ``/proc``); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _public(path: Path, mode: int) -> None:
     """Give a temp file/dir the mode a plain ``open``/``mkdir`` would (temp files start private)."""
-    os.chmod(path, mode & ~_UMASK)
+    os.chmod(path, mode & ~current_umask())
 
 
 def _fsync(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Flags and driver of ``moreft bench`` (registered by ``moreft.cli`` through this package's exports)."""
+"""Flags and driver of ``moreft bench``; the measurements themselves live in :mod:`moreft.bench`."""
 
 from __future__ import annotations
 
@@ -10,17 +10,15 @@ import platform
 import sys
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bench never downloads
-
 import torch
 
-from ..errors import ConfigError
-from ..files import atomic_write_text
-from . import report
-from .e2e import E2E_METHODS, bench_e2e, e2e_child
-from .layer import INFERENCE_METHODS, bench_inference, bench_merge, bench_shape
-from .llm import LLM_METHODS, PRECISIONS, bench_llm, llm_child
-from .variants import COMPILED_METHODS, LAYER_METHODS
+from moreft.bench import report
+from moreft.bench.e2e import E2E_METHODS, bench_e2e, e2e_child
+from moreft.bench.layer import INFERENCE_METHODS, bench_inference, bench_merge, bench_shape
+from moreft.bench.llm import LLM_METHODS, PRECISIONS, bench_llm, llm_child
+from moreft.bench.variants import COMPILED_METHODS, LAYER_METHODS
+from moreft.errors import ConfigError
+from moreft.safe_write import atomic_write_text
 
 FULL_SHAPES = ((1024, 1024, 4096), (4096, 4096, 1024), (1024, 4096, 4096))  # (in, out, tokens)
 QUICK_SHAPES = ((1024, 1024, 4096),)
@@ -119,7 +117,7 @@ def _header(args: argparse.Namespace) -> dict[str, Any]:
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["moreft", "bench", *sys.argv[2 if sys.argv[1:2] == ["bench"] else 1:]]),
+        "command": " ".join(["moreft", "bench", *getattr(args, "argv", ())[1:]]),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "threads": args.threads, "load_avg_start": os.getloadavg()},
         "versions": {"torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__},
@@ -202,12 +200,17 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m moreft.bench``: parse ``argv`` and :func:`run`; a bad flag value exits with 2."""
-    package_doc = sys.modules[__package__].__doc__ or ""
-    parser = argparse.ArgumentParser(prog="moreft bench", description=package_doc,
+    import moreft.bench
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bench never downloads
+    parser = argparse.ArgumentParser(prog="moreft bench", description=moreft.bench.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return run(parser.parse_args(argv))
+        args = parser.parse_args(argv)
+        args.argv = ["bench", *argv]
+        return run(args)
     except ConfigError as exc:
         print(f"moreft bench: error: {exc}", file=sys.stderr)
         return 2

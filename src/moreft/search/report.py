@@ -10,13 +10,12 @@ from typing import Any
 import optuna
 import yaml
 
-from moreft.files import atomic_write_text
+from moreft.safe_write import atomic_write_text
 from moreft.train.config import TrainConfig
-from moreft.train.plots import _save, plt
+from moreft.train.plots import save_png, subplots
 from moreft.train.recipes import dump_config
-from moreft.train.search import Candidate, SearchSettings
-from moreft.train.search_run import INTERRUPTED, RETRY_OF
-from moreft.train.search_space import ON, SearchSpace
+from moreft.search.settings import INTERRUPTED, RETRY_OF, Candidate, SearchSettings
+from moreft.search.space import ON, SearchSpace
 
 BEST_TRIALS_SHOWN = 5
 _METHOD_COLOURS = {"more": "tab:blue", "lora": "tab:orange", "mora": "tab:green"}
@@ -100,7 +99,7 @@ def plot_search(
 ) -> Path:
     """Every trained trial as a point (metric vs adapter params, log x); pruned trials grey at their
     last reported value; the Pareto front as a red step line."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = subplots(figsize=(7, 4.5))
     for r in rows:
         if r["state"] == "pruned" and r["value"] is not None:
             ax.scatter(r["params"], r["value"], marker="x", color="0.65", zorder=2)
@@ -145,7 +144,7 @@ def plot_search(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def write_best_recipe(path: Path, config: TrainConfig, row: dict[str, Any], metric: str) -> Path:

@@ -23,11 +23,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from moreft.errors import MoreftError
-from moreft.train.commands import (
+from moreft.cli.commands import (
     cmd_compare,
     cmd_eval,
     cmd_export,
@@ -36,7 +32,8 @@ from moreft.train.commands import (
     cmd_train,
     train_flag_help,
 )
-from moreft.train.search_cli import SEARCHED_FIELDS, add_search_flags, cmd_search
+from moreft.cli.search import SEARCHED_FIELDS, add_search_flags, cmd_search
+from moreft.errors import MoreftError
 
 EXIT_USER_ERROR = 2
 #: Commands that run adapter layers forward, and so read ``$MOREFT_TRITON``.
@@ -174,24 +171,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: Any) -> None:
-    """Register ``bench`` if ``moreft.bench`` exists with ``add_arguments(parser)`` and ``run(args)``.
+    """Register ``bench`` (:mod:`moreft.cli.bench`: ``add_arguments(parser)`` and ``run(args)``).
 
-    A ``moreft.bench`` that fails to import does not break the other commands: ``bench`` then
+    A benchmark module that fails to import does not break the other commands: ``bench`` then
     reports the import error when it is run.
     """
     try:
-        bench = importlib.import_module("moreft.bench")
-    except ModuleNotFoundError as exc:
-        if exc.name == "moreft.bench":
-            return
-        bench, error = None, exc
+        bench = importlib.import_module("moreft.cli.bench")
     except Exception as exc:  # noqa: BLE001 - reported when `moreft bench` is run
         bench, error = None, exc
     if bench is None:
-        p = sub.add_parser("bench", help="benchmarks (unavailable: moreft.bench failed to import)")
+        p = sub.add_parser("bench", help="benchmarks (unavailable: moreft.cli.bench failed to import)")
 
         def broken(args: argparse.Namespace) -> int:
-            raise MoreftError(f"moreft.bench failed to import: {type(error).__name__}: {error}")
+            raise MoreftError(f"moreft.cli.bench failed to import: {type(error).__name__}: {error}")
 
         p.set_defaults(func=broken)
         return
@@ -203,7 +196,14 @@ def _add_bench(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted).
+
+    The command, not the library, decides how its own process behaves: it never reaches the
+    Hugging Face hub (``HF_HUB_OFFLINE``, set before transformers is imported) and its figures use
+    matplotlib's non-interactive Agg backend.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
