@@ -51,7 +51,7 @@ def test_inject_wraps_targets_freezes_base_and_counts(case):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     # the adapter's parameters live in per-adapter dicts: lin.more_blkdiag1.default, ...
     assert trainable == {f"lin.{model.lin.prefix}{n}.default" for n in model.lin.adapter_params()}
-    counts = moreft.trainable_parameters(model)
+    counts = moreft.count_parameters(model)
     assert counts == moreft.ParameterCounts(adapter=expected_params(case), other_trainable=0,
                                             trainable=expected_params(case),
                                             total=base_total + expected_params(case))
@@ -65,7 +65,7 @@ def test_modules_to_save_stay_trainable(case):
     assert all(p.requires_grad for p in model.head.parameters())
     assert not any(p.requires_grad for p in model.norm.parameters())
     assert not any(p.requires_grad for p in model.lin.base_layer.parameters())
-    counts = moreft.trainable_parameters(model)
+    counts = moreft.count_parameters(model)
     assert counts.other_trainable == sum(p.numel() for p in model.head.parameters())
     assert counts.adapter == expected_params(case)
 
@@ -171,7 +171,7 @@ def test_trainable_parameters_count_tied_weights_once():
                                       out=nn.Linear(8, 8, bias=False)))
     model.out.weight = model.emb.weight
     moreft.inject(model, moreft.LoRAConfig(target_modules=["lin"], rank=2, modules_to_save=["out"]))
-    counts = moreft.trainable_parameters(model)
+    counts = moreft.count_parameters(model)
     assert counts.total == 64 + 72 + 2 * 16
     assert counts.adapter == 32 and counts.other_trainable == 64 and counts.trainable == 96
 
@@ -186,3 +186,10 @@ def test_injected_model_trains_only_adapter(net24):
         opt.step()
     changed = {k for k, v in net24.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"lin.mora_matrix.default"}
+
+
+def test_trainable_parameters_is_a_deprecated_name_of_count_parameters():
+    model = TinyNet(8, 8)
+    moreft.inject(model, moreft.LoRAConfig(target_modules=["lin"], rank=2))
+    with pytest.warns(DeprecationWarning, match="count_parameters"):
+        assert moreft.trainable_parameters(model) == moreft.count_parameters(model)

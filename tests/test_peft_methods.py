@@ -226,7 +226,7 @@ def test_print_trainable_parameters_counts_adapter_and_saved_modules(case: PeftC
     with contextlib.redirect_stdout(out):
         pm.print_trainable_parameters()
     assert f"trainable params: {adapter + saved:,}" in out.getvalue()
-    counts = moreft.trainable_parameters(pm)
+    counts = moreft.count_parameters(pm)
     assert counts.adapter == adapter and counts.other_trainable == saved
 
 

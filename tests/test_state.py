@@ -62,7 +62,7 @@ def test_save_load_with_modules_to_save_gives_equal_outputs(case, tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
     assert all(p.requires_grad for p in fresh.head.parameters())
-    assert moreft.trainable_parameters(fresh) == moreft.trainable_parameters(model)
+    assert moreft.count_parameters(fresh) == moreft.count_parameters(model)
 
 
 @pytest.mark.parametrize("case", cases())
@@ -149,5 +149,5 @@ def test_loaded_adapter_is_trainable(tmp_path):
     moreft.save_adapter(trained(case), tmp_path)
     fresh = make_net(case)
     moreft.load_adapter(fresh, tmp_path)
-    counts = moreft.trainable_parameters(fresh)
+    counts = moreft.count_parameters(fresh)
     assert counts.trainable == counts.adapter > 0

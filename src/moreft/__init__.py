@@ -35,6 +35,7 @@ from .inject import (
     inject,
     merge,
     resolve_targets,
+    count_parameters,
     trainable_parameters,
 )
 from .layers import AdapterLayer, AdapterModule, LoRALinear, MoRALinear, MoReLinear
@@ -53,5 +54,5 @@ __all__ = [
     "MoRAModel", "MoReConfig", "MoReLinear", "MoReModel", "LoRAModel", "MoreftError", "OutputError", "ParameterCounts", "SharingLayout", "TargetError",
     "__version__", "adapter_config", "adapter_layers", "config_from_dict", "convert_to_peft", "eject", "export_lora",
     "inject", "load_adapter", "merge", "read_adapter_config", "resolve_targets", "save_adapter",
-    "trainable_parameters",
+    "count_parameters", "trainable_parameters",
 ]

@@ -10,6 +10,7 @@ trained in place (peft's ``PeftModel`` instead trains a copy of them, ``ModulesT
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -108,7 +109,7 @@ def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-def trainable_parameters(model: nn.Module) -> ParameterCounts:
+def count_parameters(model: nn.Module) -> ParameterCounts:
     """Count adapter, other trainable, and all parameters (shared tensors counted once)."""
     adapter_ids = {id(p) for layer in adapter_layers(model).values()
                    for p in layer.adapter_params().values() if p.requires_grad}
@@ -116,6 +117,13 @@ def trainable_parameters(model: nn.Module) -> ParameterCounts:
     adapter = sum(p.numel() for p in params if id(p) in adapter_ids)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return ParameterCounts(adapter, trainable - adapter, trainable, sum(p.numel() for p in params))
+
+
+def trainable_parameters(model: nn.Module) -> ParameterCounts:
+    """Deprecated name of :func:`count_parameters` (it returns counts, not parameters)."""
+    warnings.warn("moreft.trainable_parameters is deprecated: use moreft.count_parameters (same result)",
+                  DeprecationWarning, stacklevel=2)
+    return count_parameters(model)
 
 
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:

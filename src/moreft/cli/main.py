@@ -163,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_convert(args: argparse.Namespace) -> int:
     """``moreft convert SRC OUT --from ...``: write the moreft adapter and print what was done."""
     from moreft.interop import convert
+    from moreft.models import model_dir
 
     report = convert(args.source, args.src, args.out, base=args.base, allow_bin=args.allow_bin,
-                     modules_to_save=tuple(args.modules_to_save))
+                     modules_to_save=tuple(args.modules_to_save), resolve=model_dir)
     print("\n".join(report.lines()))
     return 0
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 from torch import nn
 
@@ -78,15 +80,18 @@ def convert(
     base: str | os.PathLike | None = None,
     allow_bin: bool = False,
     modules_to_save: tuple[str, ...] = (),
+    resolve: Callable[[str], Path] | None = None,
 ) -> ImportReport:
     """Write a foreign adapter as a moreft adapter directory (``moreft.load_adapter`` reads it).
 
     Only the base model's ``config.json`` is read (its layers are built on the ``meta`` device).
+    ``base`` (default: the base the file names) is a local model directory, or anything ``resolve``
+    maps to one (``moreft convert`` passes :func:`moreft.models.model_dir`).
 
     Raises:
         ConfigError, AdapterFileError: see :func:`read` and :func:`moreft.interop.apply.convert_imported`.
     """
-    return convert_imported(read(source, path, allow_bin, modules_to_save), out, base)
+    return convert_imported(read(source, path, allow_bin, modules_to_save), out, base, resolve)
 
 
 __all__ = ["ImportReport", "Imported", "Source", "convert", "load_official", "read"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,17 +169,22 @@ def _compare_base(model: nn.Module, imported: Imported) -> list[str]:
     ]
 
 
-def skeleton(base: str | os.PathLike) -> nn.Module:
+def skeleton(base: str | os.PathLike, resolve: Callable[[str], Path] | None = None) -> nn.Module:
     """The base model's module tree on the ``meta`` device (no weights read), from its ``config.json``.
 
+    Args:
+        base: A local model directory.
+        resolve: Maps ``base`` to a local model directory first (the command line passes
+            :func:`moreft.models.model_dir`, which also knows the packaged model names).
+
     Raises:
-        ConfigError: not a local model directory (nothing is downloaded) or a known model name.
+        ConfigError: not a local model directory with ``config.json`` (nothing is downloaded).
     """
     import transformers
 
-    from ..models import model_dir
-
-    path = model_dir(base)
+    path = resolve(str(base)) if resolve is not None else Path(base)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"base model {str(base)!r} is not a local model directory with config.json")
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
@@ -189,7 +195,10 @@ def skeleton(base: str | os.PathLike) -> nn.Module:
 
 
 def convert_imported(
-    imported: Imported, out: str | os.PathLike, base: str | os.PathLike | None = None
+    imported: Imported,
+    out: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    resolve: Callable[[str], Path] | None = None,
 ) -> ImportReport:
     """Write ``imported`` as a moreft adapter directory ``out``, sized on ``base`` (or the base the file names).
 
@@ -203,7 +212,7 @@ def convert_imported(
             f"{imported.path!r} does not name its base model; give one with --base (a local model "
             "directory): the layer shapes decide the config"
         )
-    model = skeleton(base)
+    model = skeleton(base, resolve)
     report = load_imported(model, imported)
     report.written = str(save_adapter(model, Path(out)))
     return report

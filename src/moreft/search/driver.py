@@ -73,7 +73,7 @@ def count_adapter_params(config: TrainConfig) -> int:
     """
     model, targets, heads = _meta_model(config)
     moreft.inject(model, config.adapter_config(targets, heads))
-    return moreft.trainable_parameters(model).adapter
+    return moreft.count_parameters(model).adapter
 
 
 def square_block_rank(config: TrainConfig, nblocks: int, target_modules: Any) -> int:

@@ -188,7 +188,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
     for p in model.parameters():  # optimizer state and updates in fp32 even on a bf16 base
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    counts = moreft.trainable_parameters(model)
+    counts = moreft.count_parameters(model)
     _say(f"{config.method_label()} on {len(moreft.adapter_layers(model))} layers: {counts}", quiet)
     _say(f"{config.task}: {splits.sizes}", quiet)
 
