@@ -119,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-lora", help="export the adapter as a peft LoRA directory")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("out", metavar="OUT")
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank for MoRA (SVD); MoRe/LoRA are exact")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank for MoRA (SVD; accepts its loss); MoRe/LoRA "
+                   "are exact")
+    p.add_argument("--tolerance", type=float, default=None, metavar="ERR", help="largest relative Frobenius error "
+                   "accepted per layer; a lossy MoRA export needs --rank or --tolerance")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="per-layer params, rank and norm of ΔW, and a |ΔW| heat map")
