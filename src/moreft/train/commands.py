@@ -202,6 +202,12 @@ def parse_seeds(text: str) -> int | list[int]:
         raise ConfigError(f"--seeds {text[:80]!r} must be a count (e.g. 3) or a comma list (e.g. 0,1,2)") from None
 
 
+def command_line(args: argparse.Namespace) -> str | None:
+    """``moreft ARGS...`` as run (the argv :func:`moreft.cli.main` was given, quoted), or None without one."""
+    argv = getattr(args, "argv", None)
+    return "moreft " + shlex.join(argv) if argv else None
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """``moreft compare``: every method spec x seed, then ``compare.md`` / ``compare.png``."""
     from moreft.train.comparison import compare, parse_method_spec
@@ -211,8 +217,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for spec in args.methods:  # fail on a bad spec before anything trains
         parse_method_spec(spec)
     base = resolve_config(args.config, _overrides(args))
-    command = "moreft " + shlex.join(args.argv) if getattr(args, "argv", None) else None
-    result = compare(base, args.methods, seeds, name=args.name, command=command)
+    result = compare(base, args.methods, seeds, name=args.name, command=command_line(args))
     print((result.path / "compare.md").read_text(), end="")
     print(f"wrote {result.path / 'compare.md'} and {result.path / 'compare.png'}")
     return 0
