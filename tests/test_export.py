@@ -86,7 +86,7 @@ def test_mora_low_rank_export_reports_the_svd_tail(case, tmp_path):
 @pytest.mark.parametrize("case", cases(Method.MORA))
 def test_mora_export_at_r_hat_is_exact_only_when_delta_has_rank_r_hat(case, tmp_path):
     model = trained(case)
-    r_hat = expected_r_hat(case.config, case.in_features, case.out_features)
+    r_hat = expected_r_hat(case)
     report = moreft.export_lora(model, tmp_path, rank=r_hat)
     if case.config.operator in (MoRAOperator.TRUNCATION, MoRAOperator.SHARING):
         assert report.max_relative_error < 1e-6

@@ -97,7 +97,7 @@ def test_more_nblocks_1_is_plain_low_rank_product():
 @pytest.mark.parametrize("case", cases(Method.MORA))
 def test_mora_reference_equals_x_times_delta_weight(case, dtype, batch):
     cfg, n_in, n_out = case.config, case.in_features, case.out_features
-    matrix = mora_matrix(dtype, expected_r_hat(cfg, n_in, n_out))
+    matrix = mora_matrix(dtype, expected_r_hat(case))
     x = torch.randn(*batch, n_in, generator=torch.Generator().manual_seed(1), dtype=dtype)
     delta = mora_delta_weight(matrix, n_in, n_out, cfg.operator, cfg.sharing_layout)
     assert delta.shape == (n_out, n_in)
