@@ -18,7 +18,7 @@ from moreft import MergeError, Method, MoRAConfig, MoRAOperator
 from moreft.layers import AdapterLayer, MoRALinear
 from moreft.ops import blocks as blocks_ops
 from moreft.ops import fused as fused_ops
-from moreft.ops import mora_fused
+from moreft.ops import monarch, mora_fused
 from moreft.ops import sharing as sharing_ops
 from moreft.ops.monarch import fold_factors, more_reference
 from moreft.ops.mora import mora_reference
@@ -366,9 +366,25 @@ def test_safe_merge_checks_after_the_cast_to_the_base_dtype():
 
 
 @pytest.mark.parametrize("case", cases(Method.MORE))
-def test_strided_folds_equal_fold_factors(case):
+def test_fold_equals_its_reference_and_the_grads_are_its_adjoints(case):
     layer = make_layer(case, dtype=torch.float64)
     randomize_adapters(layer)
-    a, b = fold_factors(layer.blkdiag1, layer.blkdiag2, case.in_features, case.out_features)
-    assert torch.equal(fused_ops.fold_more_a(layer.blkdiag1, case.in_features), a)
-    assert torch.equal(fused_ops.fold_more_b(layer.blkdiag2, case.out_features), b)
+    b1, b2 = layer.blkdiag1.detach().requires_grad_(), layer.blkdiag2.detach().requires_grad_()
+    a, b = fold_factors(b1, b2, case.in_features, case.out_features)
+    a_ref, b_ref = monarch.fold_factors_reference(b1, b2, case.in_features, case.out_features)
+    assert torch.equal(a, a_ref) and torch.equal(b, b_ref)
+    gen = torch.Generator().manual_seed(5)
+    ga, gb = torch.randn(a.shape, generator=gen, dtype=a.dtype), torch.randn(b.shape, generator=gen, dtype=b.dtype)
+    da, db = torch.autograd.grad((a * ga).sum() + (b * gb).sum(), (b1, b2))
+    ga_pad = F.pad(ga, (0, b1.shape[0] * b1.shape[2] - case.in_features))  # (N·r, N·I)
+    gb_pad = F.pad(gb.T, (0, b2.shape[0] * b2.shape[1] - case.out_features))  # (N·r, N·O)
+    assert torch.equal(monarch.more_a_grad(ga_pad, b1), da) and torch.equal(monarch.more_b_grad(gb_pad, b2), db)
+
+
+def test_more_is_folded_by_one_op_everywhere():
+    """The fused Function, the layer's merge and the reference path share monarch's fold (no second copy)."""
+    from moreft.layers import more as more_layer
+
+    for name in ("fold_more_a", "fold_more_b", "more_a_grad", "more_b_grad"):
+        assert getattr(fused_ops, name) is getattr(monarch, name), name
+    assert more_layer.fold_more_a is monarch.fold_more_a and more_layer.fold_more_b is monarch.fold_more_b
