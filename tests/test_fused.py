@@ -388,3 +388,23 @@ def test_more_is_folded_by_one_op_everywhere():
     for name in ("fold_more_a", "fold_more_b", "more_a_grad", "more_b_grad"):
         assert getattr(fused_ops, name) is getattr(monarch, name), name
     assert more_layer.fold_more_a is monarch.fold_more_a and more_layer.fold_more_b is monarch.fold_more_b
+
+
+@pytest.mark.parametrize("case", cases(Method.MORA))
+def test_mora_blocks_are_one_op_for_the_dense_delta_and_the_fused_layer(case):
+    """ops.mora.mora_blocks is the only block rule: the closed-form ΔW and the in-place merge place the same blocks."""
+    from moreft.ops import mora as mora_ops
+
+    assert mora_fused.mora_blocks is mora_ops.mora_blocks
+    layer = make_layer(case, dtype=torch.float64)
+    randomize_adapters(layer)
+    matrix, operator = layer.matrix.detach(), case.config.operator
+    blocks = mora_ops.mora_blocks(matrix, case.in_features, operator)
+    if operator is MoRAOperator.SHARING:
+        assert blocks is None
+        return
+    cached = mora_ops.mora_blocks(matrix, case.in_features, operator, mora_fused.cached_rotation_tables)
+    assert torch.equal(blocks, cached)
+    spans = mora_fused.mora_spans(case.in_features, case.out_features, layer.r_hat, operator)
+    placed = blocks_ops.add_blocks_(matrix.new_zeros(case.out_features, case.in_features), blocks, spans, 1.0)
+    assert torch.equal(placed, layer.delta_weight().detach())
