@@ -11,7 +11,8 @@ from cases import cases, expected_r_hat
 from conftest import assert_close
 
 from moreft import Method, MoRAOperator, SharingLayout
-from moreft.ops.monarch import block_sizes, fold_factors, more_delta_weight, more_forward, more_reference
+from moreft.ops import ceil_div
+from moreft.ops.monarch import block_shapes, block_sizes, fold_factors, more_delta_weight, more_forward, more_reference
 from moreft.ops.mora import mora_delta_weight, mora_reference, rotation_tables
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,6 +78,15 @@ def test_more_delta_weight_equals_loop_oracle_and_identity_forward(case):
     assert_close(delta, identity, case.tol)
     fa, fb = fold_factors(b1, b2, n_in, n_out)
     assert fa.shape == (n * r, n_in) and fb.shape == (n_out, n * r)
+
+
+def test_block_and_chunk_counts_are_exact_integer_ceilings():
+    """One helper, ops.ceil_div, for every ceil(in / N) and ceil(in / r): integer maths, no float rounding."""
+    big = 2**55 + 1  # through a float, big / 2 rounds to 2**54 exactly; the true ceiling is 2**54 + 1
+    assert math.ceil(big / 2) == 2**54 and ceil_div(big, 2) == 2**54 + 1
+    assert block_sizes(big, big, 2) == (2**54 + 1, 2**54 + 1)
+    assert block_shapes(big, 4, 2) == (2, 2**54 + 1, 2)
+    assert [ceil_div(n, 4) for n in range(9)] == [0, 1, 1, 1, 1, 2, 2, 2, 2]
 
 
 def test_more_block_sizes_round_up():

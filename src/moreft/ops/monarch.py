@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import BlockRule
+from . import ceil_div
 
 
 def block_sizes(in_features: int, out_features: int, nblocks: int) -> tuple[int, int]:
     """Return ``(in_block, out_block) = (ceil(in / N), ceil(out / N))``."""
-    return math.ceil(in_features / nblocks), math.ceil(out_features / nblocks)
+    return ceil_div(in_features, nblocks), ceil_div(out_features, nblocks)
 
 
 def block_shapes(in_features: int, out_features: int, nblocks: int,
@@ -48,11 +49,11 @@ def block_shapes(in_features: int, out_features: int, nblocks: int,
     ``in_block * ceil(out / in)``. Every rule gives ``blocks * in_block >= in`` and
     ``blocks * out_block >= out``.
     """
-    in_block = math.ceil(in_features / nblocks)
+    in_block = ceil_div(in_features, nblocks)
     if rule is BlockRule.MOREFT:
-        return nblocks, in_block, math.ceil(out_features / nblocks)
-    blocks = (in_features + in_block - 1) // in_block
-    if rule is BlockRule.OFFICIAL:
+        return nblocks, in_block, ceil_div(out_features, nblocks)
+    blocks = ceil_div(in_features, in_block)
+    if rule is BlockRule.OFFICIAL:  # the authors' float expressions, kept as they wrote them
         return blocks, in_block, math.ceil(in_block * (out_features / in_features))
     return blocks, in_block, in_block * math.ceil(out_features / in_features)
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..config import MoRAOperator, RHatRounding, SharingLayout
+from . import ceil_div
 
 
 def square_size(in_features: int, out_features: int, rank: int,
@@ -51,7 +52,7 @@ def input_groups(in_features: int, r: int, layout: SharingLayout,
     """
     if layout is SharingLayout.ADJACENT:
         return _adjacent_groups(in_features, r, device), torch.arange(in_features, device=device)
-    padded = math.ceil(in_features / r) * r
+    padded = ceil_div(in_features, r) * r
     t = torch.arange(padded, device=device)
     return t % r, t % in_features
 
@@ -93,15 +94,11 @@ def mora_blocks(matrix: Tensor, in_features: int, operator: MoRAOperator,
         return matrix.unsqueeze(0)  # (1, r, r)
     if operator is MoRAOperator.SHARING:
         return None
-    c = _n_chunks(in_features, r)
+    c = ceil_div(in_features, r)
     if operator is MoRAOperator.ROTATION:
         cos, sin = tables(c, r, matrix.device, matrix.dtype)  # (c, r) each
         return rotate(matrix.unsqueeze(0), cos.unsqueeze(1), -sin.unsqueeze(1))  # (c, r, r): M·R_j
     return matrix.unsqueeze(0).expand(c, r, r)  # (c, r, r)
-
-
-def _n_chunks(in_features: int, r: int) -> int:
-    return math.ceil(in_features / r)
 
 
 def _decouple_rows(out_features: int, n_chunks: int, r: int, device: torch.device) -> Tensor:
@@ -127,7 +124,7 @@ def mora_reference(x: Tensor, matrix: Tensor, in_features: int, out_features: in
         compressed = x.new_zeros(*x.shape[:-1], r).index_add_(-1, group, x[..., source])  # (..., r)
         y = compressed @ matrix.T  # (..., r)
         return y[..., output_groups(out_features, r, output_layout or layout, dev)]  # (..., out)
-    c = _n_chunks(in_features, r)
+    c = ceil_div(in_features, r)
     xp = x[..., torch.arange(c * r, device=dev) % in_features]  # (..., c*r) cyclic pad
     chunks = xp.reshape(*x.shape[:-1], c, r)  # (..., c, r)
     if operator is MoRAOperator.ROTATION:
