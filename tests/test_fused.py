@@ -18,9 +18,9 @@ from moreft import MergeError, Method, MoRAConfig, MoRAOperator
 from moreft.layers import AdapterLayer, MoRALinear
 from moreft.ops import blocks as blocks_ops
 from moreft.ops import fused as fused_ops
-from moreft.ops import monarch, mora_fused
+from moreft.ops import mora_fused
 from moreft.ops import sharing as sharing_ops
-from moreft.ops.monarch import fold_factors, more_reference
+from moreft.ops.monarch import more_reference
 from moreft.ops.mora import mora_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -363,48 +363,3 @@ def test_safe_merge_checks_after_the_cast_to_the_base_dtype():
     with pytest.raises(MergeError, match="torch.float16 weight"):
         layer.merge(safe=True)
     assert torch.equal(layer.base_layer.weight, before)
-
-
-@pytest.mark.parametrize("case", cases(Method.MORE))
-def test_fold_equals_its_reference_and_the_grads_are_its_adjoints(case):
-    layer = make_layer(case, dtype=torch.float64)
-    randomize_adapters(layer)
-    b1, b2 = layer.blkdiag1.detach().requires_grad_(), layer.blkdiag2.detach().requires_grad_()
-    a, b = fold_factors(b1, b2, case.in_features, case.out_features)
-    a_ref, b_ref = monarch.fold_factors_reference(b1, b2, case.in_features, case.out_features)
-    assert torch.equal(a, a_ref) and torch.equal(b, b_ref)
-    gen = torch.Generator().manual_seed(5)
-    ga, gb = torch.randn(a.shape, generator=gen, dtype=a.dtype), torch.randn(b.shape, generator=gen, dtype=b.dtype)
-    da, db = torch.autograd.grad((a * ga).sum() + (b * gb).sum(), (b1, b2))
-    ga_pad = F.pad(ga, (0, b1.shape[0] * b1.shape[2] - case.in_features))  # (N·r, N·I)
-    gb_pad = F.pad(gb.T, (0, b2.shape[0] * b2.shape[1] - case.out_features))  # (N·r, N·O)
-    assert torch.equal(monarch.more_a_grad(ga_pad, b1), da) and torch.equal(monarch.more_b_grad(gb_pad, b2), db)
-
-
-def test_more_is_folded_by_one_op_everywhere():
-    """The fused Function, the layer's merge and the reference path share monarch's fold (no second copy)."""
-    from moreft.layers import more as more_layer
-
-    for name in ("fold_more_a", "fold_more_b", "more_a_grad", "more_b_grad"):
-        assert getattr(fused_ops, name) is getattr(monarch, name), name
-    assert more_layer.fold_more_a is monarch.fold_more_a and more_layer.fold_more_b is monarch.fold_more_b
-
-
-@pytest.mark.parametrize("case", cases(Method.MORA))
-def test_mora_blocks_are_one_op_for_the_dense_delta_and_the_fused_layer(case):
-    """ops.mora.mora_blocks is the only block rule: the closed-form ΔW and the in-place merge place the same blocks."""
-    from moreft.ops import mora as mora_ops
-
-    assert mora_fused.mora_blocks is mora_ops.mora_blocks
-    layer = make_layer(case, dtype=torch.float64)
-    randomize_adapters(layer)
-    matrix, operator = layer.matrix.detach(), case.config.operator
-    blocks = mora_ops.mora_blocks(matrix, case.in_features, operator)
-    if operator is MoRAOperator.SHARING:
-        assert blocks is None
-        return
-    cached = mora_ops.mora_blocks(matrix, case.in_features, operator, mora_fused.cached_rotation_tables)
-    assert torch.equal(blocks, cached)
-    spans = mora_fused.mora_spans(case.in_features, case.out_features, layer.r_hat, operator)
-    placed = blocks_ops.add_blocks_(matrix.new_zeros(case.out_features, case.in_features), blocks, spans, 1.0)
-    assert torch.equal(placed, layer.delta_weight().detach())
