@@ -26,6 +26,19 @@ def test_python_dash_m_help_lists_every_command():
         assert f"    {command}" in out.stdout
 
 
+def test_module_docstring_names_and_shows_every_subcommand():
+    import argparse
+
+    import moreft.cli
+
+    parser = moreft.cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    summary, examples = moreft.cli.__doc__.split("\n\n")[:2]
+    for command in sub.choices:  # every command the parser has, bench and convert included
+        assert f"``{command}``" in summary, command
+        assert f"    moreft {command} " in examples, command
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_subcommand_has_help(command, capsys):
     assert main([command, "--help"]) == 0

@@ -11,6 +11,7 @@ import torch
 from cases import cases, expected_r_hat, expected_rank
 from conftest import assert_close, make_net, randomize_adapters
 from peft import PeftModel
+from tiny import make_tiny_bert, train_flags
 
 import moreft
 from moreft import Method, MoRAOperator
@@ -85,7 +86,7 @@ def test_mora_low_rank_export_reports_the_svd_tail(case, tmp_path):
 @pytest.mark.parametrize("case", cases(Method.MORA))
 def test_mora_export_at_r_hat_is_exact_only_when_delta_has_rank_r_hat(case, tmp_path):
     model = trained(case)
-    r_hat = expected_r_hat(case.config, case.in_features, case.out_features)
+    r_hat = expected_r_hat(case)
     report = moreft.export_lora(model, tmp_path, rank=r_hat)
     if case.config.operator in (MoRAOperator.TRUNCATION, MoRAOperator.SHARING):
         assert report.max_relative_error < 1e-6
@@ -126,3 +127,76 @@ def test_export_refuses_merged_layers_and_bad_ranks(tmp_path):
     with pytest.raises(moreft.AdapterFileError, match="no moreft adapter to export"):
         moreft.export_lora(make_net(case), tmp_path / "d")
     assert not any(tmp_path.iterdir())
+
+
+# -- a lossy export needs the caller's consent: a rank or a tolerance --------------------------------
+def _lossy_mora():
+    """``Linear(24, 16)`` with MoRA rank 2 and a random ΔW: at rank 2 the SVD drops most of it."""
+    model = moreft.inject(torch.nn.Sequential(torch.nn.Linear(24, 16)),
+                          moreft.MoRAConfig(target_modules=["0"], rank=2))
+    randomize_adapters(model)
+    return model
+
+
+def test_lossy_mora_export_is_refused_without_a_rank_or_tolerance(tmp_path):
+    model = _lossy_mora()
+    with pytest.raises(moreft.ExportError, match=r"^LoRA export of 1 layers at rank 2: lossy, relative Frobenius "
+                                                 r"error \|\|ΔW - B·A\|\| / \|\|ΔW\|\| per layer: max 0\.\d+ \(0\), "
+                                                 r".*pass rank=R .*\(rank=16 is exact\) .*nothing was written$"):
+        moreft.export_lora(model, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
+def test_lossy_mora_export_is_written_when_a_rank_or_tolerance_accepts_it(tmp_path):
+    model = _lossy_mora()
+    asked = moreft.export_lora(model, tmp_path / "ranked", rank=2)  # a rank accepts its loss
+    assert not asked.exact and asked.max_relative_error > 0.1
+    assert asked.summary().startswith(f"LoRA export of 1 layers at rank 2: lossy, relative Frobenius error "
+                                      f"||ΔW - B·A|| / ||ΔW|| per layer: max {asked.max_relative_error:.3g} (0)")
+    loose = moreft.export_lora(model, tmp_path / "loose", tolerance=asked.max_relative_error + 1e-9)
+    assert loose.relative_errors == asked.relative_errors
+    with pytest.raises(moreft.ExportError, match=r"more than tolerance=0\.1\. Export at a higher rank \(rank=16 "
+                                                 r"is exact; CLI --rank\) .*nothing was written$"):
+        moreft.export_lora(model, tmp_path / "tight", tolerance=0.1)
+    with pytest.raises(moreft.ExportError, match="more than tolerance=0.1"):  # checked with a rank too
+        moreft.export_lora(model, tmp_path / "tight", rank=2, tolerance=0.1)
+    exact = moreft.export_lora(model, tmp_path / "full", rank=16, tolerance=0)
+    assert exact.exact and exact.summary() == ("LoRA export of 1 layers at rank 16: exact (relative Frobenius "
+                                               "error <= 1e-06 on every layer)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "loose", "ranked"]
+
+
+def test_export_tolerance_must_be_a_finite_number_at_least_zero(tmp_path):
+    for bad in (-0.1, float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(moreft.ConfigError, match=r"tolerance=.* must be a finite number >= 0"):
+            moreft.export_lora(_lossy_mora(), tmp_path / "x", tolerance=bad)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("case", cases(Method.MORE) + cases(Method.LORA))
+def test_exact_methods_export_without_a_rank_or_tolerance(case, tmp_path):
+    report = moreft.export_lora(trained(case), tmp_path / "lora", tolerance=None)
+    assert report.exact and report.summary().endswith(": exact (relative Frobenius error <= 1e-06 on every layer)")
+
+
+def test_cli_refuses_a_lossy_mora_export_and_says_the_error_in_words(tmp_path, capsys):
+    from moreft.cli import main
+
+    bert = make_tiny_bert(tmp_path / "bert")
+    assert main(train_flags(bert, tmp_path, method="mora", rank=2, block_rank=None, max_steps=2, run_name="r")) == 0
+    run = str(tmp_path / "r")
+    capsys.readouterr()
+    assert main(["export-lora", run, str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moreft: error: LoRA export of 6 layers at rank 2: lossy, relative Frobenius error")
+    assert "(CLI: --rank / --tolerance); nothing was written" in err and not (tmp_path / "refused").exists()
+    assert main(["export-lora", run, str(tmp_path / "ranked"), "--rank", "2"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["exact"] is False and result["lora_rank"] == 2 and result["max_relative_error"] > 0.1
+    assert err.startswith("moreft: LoRA export of 6 layers at rank 2: lossy, relative Frobenius error ||ΔW - B·A|| "
+                          f"/ ||ΔW|| per layer: max {result['max_relative_error']:.3g} (bert.encoder.layer.")
+    assert main(["export-lora", run, str(tmp_path / "tight"), "--tolerance", "0.01"]) == 2
+    assert "more than tolerance=0.01" in capsys.readouterr().err and not (tmp_path / "tight").exists()
+    assert main(["export-lora", run, str(tmp_path / "loose"), "--tolerance", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_relative_error"] == result["max_relative_error"]

@@ -20,7 +20,7 @@ from moreft.ops import blocks as blocks_ops
 from moreft.ops import fused as fused_ops
 from moreft.ops import mora_fused
 from moreft.ops import sharing as sharing_ops
-from moreft.ops.monarch import fold_factors, more_reference
+from moreft.ops.monarch import more_reference
 from moreft.ops.mora import mora_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -363,12 +363,3 @@ def test_safe_merge_checks_after_the_cast_to_the_base_dtype():
     with pytest.raises(MergeError, match="torch.float16 weight"):
         layer.merge(safe=True)
     assert torch.equal(layer.base_layer.weight, before)
-
-
-@pytest.mark.parametrize("case", cases(Method.MORE))
-def test_strided_folds_equal_fold_factors(case):
-    layer = make_layer(case, dtype=torch.float64)
-    randomize_adapters(layer)
-    a, b = fold_factors(layer.blkdiag1, layer.blkdiag2, case.in_features, case.out_features)
-    assert torch.equal(fused_ops.fold_more_a(layer.blkdiag1, case.in_features), a)
-    assert torch.equal(fused_ops.fold_more_b(layer.blkdiag2, case.out_features), b)

@@ -130,7 +130,7 @@ def test_parameter_count_matches_formula(case):
     base_ids = {id(p) for p in layer.base_layer.parameters()}
     assert sum(p.numel() for p in layer.parameters() if id(p) not in base_ids) == n
     if case.method is Method.MORA:
-        assert layer.r_hat == expected_r_hat(case.config, case.in_features, case.out_features)
+        assert layer.r_hat == expected_r_hat(case)
         assert layer.matrix.shape == (layer.r_hat, layer.r_hat)
 
 

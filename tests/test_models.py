@@ -37,12 +37,33 @@ def test_minilm_classification_logits(minilm_classifier):
     assert isinstance(head, nn.Linear) and head.out_features == 3
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert set(spec.target_modules) <= names
+    assert model.config.model_type == spec.family
 
 
 def test_local_directory_and_dtype():
     model, tokenizer = load_model(str(minilm_dir()), "classification", num_labels=2, dtype=torch.bfloat16)
     assert model.classifier.out_features == 2 and model.dtype == torch.bfloat16
     assert tokenizer.pad_token is not None
+    from moreft.train.rundir import model_defaults
+
+    assert models.head_modules(str(minilm_dir()), model, TaskKind.CLASSIFICATION) == ("classifier",)
+    assert model_defaults(str(minilm_dir()), model, TaskKind.CLASSIFICATION) == (None, ("classifier",))
+    assert models.head_modules(str(minilm_dir()), model, TaskKind.GENERATION) == ()
+
+
+def test_targets_and_heads_have_one_source_each(monkeypatch):
+    """targets.DEFAULT_TARGETS holds the per-family targets, models.head_modules the head guess; the rest follow."""
+    from moreft import targets
+    from moreft.train import rundir
+
+    for spec in MODELS.values():
+        assert spec.target_modules == targets.DEFAULT_TARGETS[spec.family]
+    monkeypatch.setitem(targets.DEFAULT_TARGETS, "bert", ("query",))
+    assert MODELS["minilm"].target_modules == ("query",)
+    import moreft.models
+
+    monkeypatch.setattr(moreft.models, "head_modules", lambda name, model, kind: ("the-head",))
+    assert rundir.model_defaults("minilm", nn.Module(), TaskKind.CLASSIFICATION) == (("query",), ("the-head",))
 
 
 def test_bad_arguments_raise_clear_errors(tmp_path):

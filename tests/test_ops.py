@@ -7,11 +7,22 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from cases import cases, expected_r_hat
-from conftest import assert_close
+from conftest import assert_close, make_layer, randomize_adapters
 
 from moreft import Method, MoRAOperator, SharingLayout
-from moreft.ops.monarch import block_sizes, fold_factors, more_delta_weight, more_forward, more_reference
+from moreft.ops import blocks as blocks_ops
+from moreft.ops import ceil_div, monarch, mora_fused
+from moreft.ops import fused as fused_ops
+from moreft.ops.monarch import (
+    block_shapes,
+    block_sizes,
+    fold_factors,
+    more_delta_weight,
+    more_forward,
+    more_reference,
+)
 from moreft.ops.mora import mora_delta_weight, mora_reference, rotation_tables
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,6 +90,15 @@ def test_more_delta_weight_equals_loop_oracle_and_identity_forward(case):
     assert fa.shape == (n * r, n_in) and fb.shape == (n_out, n * r)
 
 
+def test_block_and_chunk_counts_are_exact_integer_ceilings():
+    """One helper, ops.ceil_div, for every ceil(in / N) and ceil(in / r): integer maths, no float rounding."""
+    big = 2**55 + 1  # through a float, big / 2 rounds to 2**54 exactly; the true ceiling is 2**54 + 1
+    assert math.ceil(big / 2) == 2**54 and ceil_div(big, 2) == 2**54 + 1
+    assert block_sizes(big, big, 2) == (2**54 + 1, 2**54 + 1)
+    assert block_shapes(big, 4, 2) == (2, 2**54 + 1, 2)
+    assert [ceil_div(n, 4) for n in range(9)] == [0, 1, 1, 1, 1, 2, 2, 2, 2]
+
+
 def test_more_block_sizes_round_up():
     assert block_sizes(24, 24, 4) == (6, 6)
     assert block_sizes(23, 37, 3) == (8, 13)
@@ -97,7 +117,7 @@ def test_more_nblocks_1_is_plain_low_rank_product():
 @pytest.mark.parametrize("case", cases(Method.MORA))
 def test_mora_reference_equals_x_times_delta_weight(case, dtype, batch):
     cfg, n_in, n_out = case.config, case.in_features, case.out_features
-    matrix = mora_matrix(dtype, expected_r_hat(cfg, n_in, n_out))
+    matrix = mora_matrix(dtype, expected_r_hat(case))
     x = torch.randn(*batch, n_in, generator=torch.Generator().manual_seed(1), dtype=dtype)
     delta = mora_delta_weight(matrix, n_in, n_out, cfg.operator, cfg.sharing_layout)
     assert delta.shape == (n_out, n_in)
@@ -206,3 +226,49 @@ def test_mora_reference_gradcheck(operator, layout):
         lambda x, m: mora_reference(x, m, n_in, n_out, operator, layout), (x, m))
     assert torch.autograd.gradcheck(
         lambda m: mora_delta_weight(m, n_in, n_out, operator, layout), (m,))
+
+
+# -- one copy of each fold / block rule, shared by the reference path, the fused layer and merging ------
+@pytest.mark.parametrize("case", cases(Method.MORE))
+def test_fold_equals_its_reference_and_the_grads_are_its_adjoints(case):
+    layer = make_layer(case, dtype=torch.float64)
+    randomize_adapters(layer)
+    b1, b2 = layer.blkdiag1.detach().requires_grad_(), layer.blkdiag2.detach().requires_grad_()
+    a, b = fold_factors(b1, b2, case.in_features, case.out_features)
+    a_ref, b_ref = monarch.fold_factors_reference(b1, b2, case.in_features, case.out_features)
+    assert torch.equal(a, a_ref) and torch.equal(b, b_ref)
+    gen = torch.Generator().manual_seed(5)
+    ga, gb = torch.randn(a.shape, generator=gen, dtype=a.dtype), torch.randn(b.shape, generator=gen, dtype=b.dtype)
+    da, db = torch.autograd.grad((a * ga).sum() + (b * gb).sum(), (b1, b2))
+    ga_pad = F.pad(ga, (0, b1.shape[0] * b1.shape[2] - case.in_features))  # (N·r, N·I)
+    gb_pad = F.pad(gb.T, (0, b2.shape[0] * b2.shape[1] - case.out_features))  # (N·r, N·O)
+    assert torch.equal(monarch.more_a_grad(ga_pad, b1), da) and torch.equal(monarch.more_b_grad(gb_pad, b2), db)
+
+
+def test_more_is_folded_by_one_op_everywhere():
+    """The fused Function, the layer's merge and the reference path share monarch's fold (no second copy)."""
+    from moreft.layers import more as more_layer
+
+    for name in ("fold_more_a", "fold_more_b", "more_a_grad", "more_b_grad"):
+        assert getattr(fused_ops, name) is getattr(monarch, name), name
+    assert more_layer.fold_more_a is monarch.fold_more_a and more_layer.fold_more_b is monarch.fold_more_b
+
+
+@pytest.mark.parametrize("case", cases(Method.MORA))
+def test_mora_blocks_are_one_op_for_the_dense_delta_and_the_fused_layer(case):
+    """ops.mora.mora_blocks is the only block rule: the closed-form ΔW and the in-place merge place the same blocks."""
+    from moreft.ops import mora as mora_ops
+
+    assert mora_fused.mora_blocks is mora_ops.mora_blocks
+    layer = make_layer(case, dtype=torch.float64)
+    randomize_adapters(layer)
+    matrix, operator = layer.matrix.detach(), case.config.operator
+    blocks = mora_ops.mora_blocks(matrix, case.in_features, operator)
+    if operator is MoRAOperator.SHARING:
+        assert blocks is None
+        return
+    cached = mora_ops.mora_blocks(matrix, case.in_features, operator, mora_fused.cached_rotation_tables)
+    assert torch.equal(blocks, cached)
+    spans = mora_fused.mora_spans(case.in_features, case.out_features, layer.r_hat, operator)
+    placed = blocks_ops.add_blocks_(matrix.new_zeros(case.out_features, case.in_features), blocks, spans, 1.0)
+    assert torch.equal(placed, layer.delta_weight().detach())

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import randomize_adapters, snapshot
+from conftest import assert_unchanged, randomize_adapters, snapshot
 from safetensors.torch import load_file
 from tiny import make_tiny_bert
 from torch import nn
@@ -158,3 +158,65 @@ def test_merge_quantized_refuses_a_float_base():
     model = moreft.inject(stack(), dataclasses.replace(CONFIGS[0]))
     with pytest.raises(MergeError, match=r"cannot dequantise a Parameter weight here; only torchao"):
         moreft.quant.merge_quantized(model, object())
+
+
+# -- some bases quantised: merging is all or nothing (a stand-in type, no torchao needed) ----------
+class FakeInt8Tensor(nn.Parameter):
+    """A plain float weight that :func:`moreft.quant.quantized_kind` takes for a torchao tensor."""
+
+
+FakeInt8Tensor.__module__ = "torchao.fake"  # quantized_kind goes by the class's package
+
+
+def _partly_quantised(config, quantised: tuple[str, ...]) -> nn.Sequential:
+    """``stack()`` with adapters on layers 0 and 1 (randomised) and the ``quantised`` bases faked."""
+    model = moreft.inject(stack(), dataclasses.replace(config, target_modules=["0", "1"]))
+    randomize_adapters(model, std=0.05)
+    for name in quantised:
+        base = model.get_submodule(name).base_layer
+        base.weight = FakeInt8Tensor(base.weight.detach(), requires_grad=False)
+    return model
+
+
+def test_the_fake_quantised_type_is_taken_for_torchao():
+    model = _partly_quantised(CONFIGS[1], ("1",))
+    assert moreft.quant.quantized_kind(model[1].base_layer.weight) == "FakeInt8Tensor"
+    assert moreft.quant.quantized_kind(model[0].base_layer.weight) is None
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("safe", [False, True], ids=["plain", "safe"])
+def test_merge_with_one_quantised_base_changes_nothing(config, safe):
+    model = _partly_quantised(config, ("1",))
+    before = snapshot(model)
+    with pytest.raises(MergeError, match=r"^adapter layer '1' sits on a quantised base weight \(FakeInt8Tensor\); "
+                                         r"ΔW cannot be added .* nothing was merged$"):
+        moreft.merge(model, safe=safe)
+    assert_unchanged(model, before)  # layer '0' (a float base) was not merged either
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_merge_names_every_quantised_base(config):
+    model = _partly_quantised(config, ("0", "1"))
+    before = snapshot(model)
+    with pytest.raises(MergeError, match=r"^2 adapter layers sit on quantised base weights: '0' \(FakeInt8Tensor\), "
+                                         r"'1' \(FakeInt8Tensor\); .* nothing was merged$"):
+        moreft.merge(model)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("safe_merge", [False, True], ids=["plain", "safe"])
+def test_peft_merge_and_unload_with_one_quantised_base_changes_nothing(safe_merge):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(stack(), dataclasses.replace(CONFIGS[1], target_modules=["0", "1"]))
+    randomize_adapters(model, std=0.05)
+    base = model.base_model.model[1].base_layer
+    base.weight = FakeInt8Tensor(base.weight.detach(), requires_grad=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for merge in (lambda: model.merge_and_unload(safe_merge=safe_merge),
+                  lambda: model.merge_adapter(safe_merge=safe_merge)):
+        with pytest.raises(MergeError, match=r"^adapter layer '1' sits on a quantised base weight"):
+            merge()
+    assert not any(layer.merged for layer in moreft.adapter_layers(model).values())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -282,9 +283,12 @@ def test_cli_search(tiny_bert, tmp_path, monkeypatch, capsys):
         str(tmp_path),
         "--no-progress",
     ]
-    assert main(["search", *flags, "--space", str(spec), "--trials", "2", "--name", "s"]) == 0
+    argv = ["search", *flags, "--space", str(spec), "--trials", "2", "--name", "s"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "# Search: sentiment" in out and "## Best trials" in out
+    # the command recorded is the argv main() was given (not sys.argv, which is pytest's here)
+    assert f"```\nmoreft {shlex.join(argv)}\n```" in (tmp_path / "s" / "search.md").read_text()
     assert len(calls) == 2 and all(1e-3 <= c.lr <= 1e-2 for c in calls)
     spec.write_text("space: {}\nsearch_space: {}\n")
     assert main(["search", *flags, "--space", str(spec)]) == 2

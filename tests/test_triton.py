@@ -106,8 +106,11 @@ if not _CHILD:
         assert proc.returncode == 0, f"interpreter suite failed (rc={proc.returncode}):\n{out[-12000:]}"
         assert " passed" in out
 
-    def _compile_all(arch: int, dtype: str, bt: int, rank_tile: int, f_tile: int):
-        """Compile every kernel for ``sm_<arch>`` with launch-like constexprs; returns their count."""
+    def _compile_all(arch: int, dtype: str, bt: int, rank_tile: int, f_tile: int) -> set[tuple]:
+        """Compile every kernel for ``sm_<arch>`` with launch-like constexprs.
+
+        Returns ``{(kernel name, COMPUTE_DX, COMPUTE_DW1)}`` of what compiled (None where a kernel has no such flag).
+        """
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -124,7 +127,10 @@ if not _CHILD:
                                       "COMPUTE_DW1": True}),
             (tm._more_dx_dw1_kernel, {"BT": bt, "BI": 64, "BR": rank_tile, "COMPUTE_DX": True,
                                       "COMPUTE_DW1": False}),
+            (tm._more_dx_dw1_kernel, {"BT": bt, "BI": 64, "BR": rank_tile, "COMPUTE_DX": False,
+                                      "COMPUTE_DW1": True}),
         ]
+        built = set()
         for fn, const in kernels:
             const = dict(const, PRECISION=prec, UPCAST=False)
             sig, attrs = {}, {}
@@ -140,7 +146,8 @@ if not _CHILD:
             assert compiled.asm["cubin"], fn.__name__
             if dtype != "fp32" and arch >= 80:
                 assert "mma" in compiled.asm["ptx"], f"{fn.__name__}: no tensor-core instruction"
-        return len(kernels)
+            built.add((fn.__name__, const.get("COMPUTE_DX"), const.get("COMPUTE_DW1")))
+        return built
 
     @needs_triton
     @pytest.mark.skipif(_INTERPRET_ENV, reason="TRITON_INTERPRET=1: kernels are interpreted, not compiled")
@@ -151,8 +158,22 @@ if not _CHILD:
         (80, "fp16", 64, 16, 32),   # A100, N*r=32
     ])
     def test_kernels_compile_to_cubin(arch, dtype, bt, rank_tile, f_tile):
-        """No GPU needed: Triton lowers to PTX and runs its bundled ptxas for the target."""
-        assert _compile_all(arch, dtype, bt, rank_tile, f_tile) == 6
+        """No GPU needed: Triton lowers to PTX and runs its bundled ptxas for the target.
+
+        What must compile is read from the code, not listed here: every ``@triton.jit`` kernel that
+        :mod:`moreft.ops.triton_kernels` defines, and the dx/dw1 kernel in each variant the
+        backward launches (dx and dw1, dx only with frozen factors, dw1 only with a frozen input).
+        """
+        import triton
+
+        from moreft.ops import triton_kernels
+
+        defined = {name for name, obj in vars(triton_kernels).items()
+                   if name.endswith("_kernel") and isinstance(obj, triton.runtime.JITFunction)}
+        assert "_more_dx_dw1_kernel" in defined
+        expected = {(name, None, None) for name in defined - {"_more_dx_dw1_kernel"}}
+        expected |= {("_more_dx_dw1_kernel", dx, dw1) for dx, dw1 in ((True, True), (True, False), (False, True))}
+        assert _compile_all(arch, dtype, bt, rank_tile, f_tile) == expected
 
 
 # ----------------------------------------------------------------------------------------------

@@ -296,10 +296,41 @@ def test_a_gguf_conversion_never_replaces_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "cache" / "smollm2").mkdir(parents=True)
     (tmp_path / "cache" / "smollm2" / "my-weights.safetensors").write_bytes(b"mine")
     before = tree(tmp_path)
-    for target in (tmp_path / "cache" / "smollm2", tmp_path / "model.gguf"):
-        with pytest.raises(OutputError, match="is not an earlier GGUF conversion by moreft"):
+    refusals = {tmp_path / "cache" / "smollm2": r"holds files moreft did not write there as a GGUF conversion "
+                                                r"\(my-weights\.safetensors\)",
+                tmp_path / "model.gguf": "is a file, not a folder; moreft does not replace a file with the GGUF"}
+    for target, message in refusals.items():
+        with pytest.raises(OutputError, match=message):
             convert_gguf(tmp_path / "model.gguf", target)
     assert tree(tmp_path) == before
+
+
+def test_a_gguf_conversion_is_written_by_files_write_folder(tmp_path, monkeypatch):
+    """convert_gguf shares files.py's one mechanism: a killed writer's temp sibling is swept, a link written through."""
+    from moreft import models
+
+    monkeypatch.setattr(models, "_dequantize_gguf", lambda p: _tiny_llama_and_tokenizer())
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF not really")
+    cache = tmp_path / "cache"
+    (cache / ".tiny.tmp-999999999-abcd_f12").mkdir(parents=True)  # what a killed writer (pid gone) leaves
+    models.convert_gguf(gguf, cache / "tiny")
+    assert sorted(p.name for p in cache.iterdir()) == ["tiny"] and (cache / "tiny" / models.MARKER).is_file()
+    (tmp_path / "real").mkdir()
+    (cache / "link").symlink_to(tmp_path / "real")
+    models.convert_gguf(gguf, cache / "link")
+    assert (cache / "link").is_symlink() and (tmp_path / "real" / models.MARKER).is_file()
+
+
+def _tiny_llama_and_tokenizer():
+    """Stand-in for the slow dequantisation: a 1-layer random Llama with the MiniLM tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from moreft.models import minilm_dir
+
+    config = LlamaConfig(vocab_size=30522, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)
+    return LlamaForCausalLM(config), AutoTokenizer.from_pretrained(minilm_dir())
 
 
 def test_inspect_replaces_only_its_own_heat_map_and_not_in_a_run_being_written(trained_run, tmp_path):

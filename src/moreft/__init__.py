@@ -25,7 +25,7 @@ from .config import (
     SharingLayout,
     config_from_dict,
 )
-from .errors import AdapterFileError, ConfigError, MergeError, MoreftError, OutputError, TargetError
+from .errors import AdapterFileError, ConfigError, ExportError, MergeError, MoreftError, OutputError, TargetError
 from .export import ExportReport, export_lora
 from .inject import (
     ParameterCounts,
@@ -49,7 +49,7 @@ from .version import __version__
 _register_peft_types()
 
 __all__ = [
-    "AdapterConfig", "AdapterFileError", "BlockRule", "RHatRounding", "AdapterLayer", "AdapterModule", "ConfigError", "ExportReport",
+    "AdapterConfig", "AdapterFileError", "BlockRule", "RHatRounding", "AdapterLayer", "AdapterModule", "ConfigError", "ExportError", "ExportReport",
     "LoRAConfig", "LoRALinear", "MergeError", "Method", "MoRAConfig", "MoRALinear", "MoRAOperator",
     "MoRAModel", "MoReConfig", "MoReLinear", "MoReModel", "LoRAModel", "MoreftError", "OutputError", "ParameterCounts", "SharingLayout", "TargetError",
     "__version__", "adapter_config", "adapter_layers", "config_from_dict", "convert_to_peft", "eject", "export_lora",

@@ -28,6 +28,14 @@ class MergeError(MoreftError, RuntimeError):
     """A merge would write NaN/Inf into a base weight, or the base cannot be merged into."""
 
 
+class ExportError(MoreftError, ValueError):
+    """A LoRA export would lose part of the adapter's update and the caller accepted no loss.
+
+    Raised before anything is written: a MoRA export (truncated SVD) whose relative error is above
+    the ``tolerance`` given, or not exact when neither a ``rank`` nor a ``tolerance`` was given.
+    """
+
+
 class TrainingError(MoreftError, RuntimeError):
     """A training run cannot go on (e.g. a NaN/Inf loss); the last good checkpoint is kept."""
 

@@ -19,6 +19,7 @@ from torch import nn
 from .config import AdapterConfig
 from .errors import TargetError
 from .layers import AdapterLayer
+from .layers.quantized import refuse_quantized_layers
 from .targets import DEFAULT_TARGETS, HEAD_NAMES, check_disjoint, modules_to_save_names, resolve_targets
 from .tuners.registration import TUNERS
 
@@ -135,10 +136,16 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     Returns:
         The same ``model`` object.
 
+    Every layer's base is checked for a quantised weight before any weight is written, so the
+    merge is all or nothing.
+
     Raises:
-        MergeError: with ``safe=True``, a layer would get NaN/Inf (the model is left unchanged).
+        MergeError: some base weights are quantised (every such layer is named; use
+            :func:`moreft.quant.merge_quantized`), or with ``safe=True``, a layer would get NaN/Inf.
+            Either way the model is left unchanged.
     """
     layers = adapter_layers(model)
+    refuse_quantized_layers({n: layer for n, layer in layers.items() if not layer.merged})
     if safe:
         for layer in layers.values():
             if not layer.merged:

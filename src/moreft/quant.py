@@ -5,7 +5,7 @@ bitsandbytes ``Linear4bit`` / ``Linear8bitLt``) and keeps its own factors in flo
 training, saving and loading are unchanged. Merging is not: ΔW cannot be added into an integer
 weight in place, and requantising ``W + ΔW`` rounds away part of ΔW (often most of it: a
 fine-tuning update is small next to one quantisation step). So :func:`moreft.merge` refuses a
-quantised base with a message saying what to do, and :func:`merge_quantized` does the
+model with any quantised base (checking every layer before it writes one) with a message saying what to do, and :func:`merge_quantized` does the
 dequantise → add (float32) → requantise round trip on request, reporting per layer how much of ΔW
 the rounding lost.
 """
@@ -21,9 +21,9 @@ from torch import nn
 from .errors import MergeError
 from .inject import adapter_layers, merge
 from .layers import is_conv1d
-from .layers.quantized import quantized_kind, refuse_quantized
+from .layers.quantized import quantized_kind, refuse_quantized, refuse_quantized_layers
 
-__all__ = ["QuantizedMerge", "merge_quantized", "quantized_kind", "refuse_quantized"]
+__all__ = ["QuantizedMerge", "merge_quantized", "quantized_kind", "refuse_quantized", "refuse_quantized_layers"]
 
 
 @dataclass(frozen=True)

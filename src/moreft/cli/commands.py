@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,13 @@ def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
-    """``moreft export-lora RUN_DIR OUT [--rank R]``: a peft LoRA directory."""
+    """``moreft export-lora RUN_DIR OUT [--rank R] [--tolerance ERR]``: a peft LoRA directory.
+
+    The export's error is printed in words on stderr (the JSON result goes to stdout).
+
+    Raises:
+        ExportError: a lossy MoRA export with neither ``--rank`` nor ``--tolerance``, or above the tolerance.
+    """
     import moreft
     from moreft.export import EXPORT_KIND
     from moreft.train.reinit import MERGED_BASE_FILE
@@ -161,9 +168,10 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     _outside_run(Path(args.out), Path(args.run_dir))
     writable_folder(Path(args.out), EXPORT_KIND)  # refuse before the slow model load
     config, _, model, _ = load_trained(args.run_dir)
-    report = moreft.export_lora(model, args.out, rank=args.rank)
+    report = moreft.export_lora(model, args.out, rank=args.rank, tolerance=args.tolerance)
+    print(f"moreft: {report.summary()}", file=sys.stderr)
     return {"exported": str(report.path), "method": config.method_label(), "lora_rank": report.rank,
-            "max_relative_error": report.max_relative_error}
+            "exact": report.exact, "max_relative_error": report.max_relative_error}
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -194,6 +202,12 @@ def parse_seeds(text: str) -> int | list[int]:
         raise ConfigError(f"--seeds {text[:80]!r} must be a count (e.g. 3) or a comma list (e.g. 0,1,2)") from None
 
 
+def command_line(args: argparse.Namespace) -> str | None:
+    """``moreft ARGS...`` as run (the argv :func:`moreft.cli.main` was given, quoted), or None without one."""
+    argv = getattr(args, "argv", None)
+    return "moreft " + shlex.join(argv) if argv else None
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """``moreft compare``: every method spec x seed, then ``compare.md`` / ``compare.png``."""
     from moreft.train.comparison import compare, parse_method_spec
@@ -203,8 +217,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for spec in args.methods:  # fail on a bad spec before anything trains
         parse_method_spec(spec)
     base = resolve_config(args.config, _overrides(args))
-    command = "moreft " + shlex.join(args.argv) if getattr(args, "argv", None) else None
-    result = compare(base, args.methods, seeds, name=args.name, command=command)
+    result = compare(base, args.methods, seeds, name=args.name, command=command_line(args))
     print((result.path / "compare.md").read_text(), end="")
     print(f"wrote {result.path / 'compare.md'} and {result.path / 'compare.png'}")
     return 0

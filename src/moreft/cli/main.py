@@ -1,17 +1,4 @@
-"""The ``moreft`` command line: ``train``, ``eval``, ``merge``, ``export-lora``, ``inspect``, ``compare``.
-
-    moreft train --config recipes/demo.yaml               # a recipe; any flag overrides it
-    moreft train --task sentiment --method lora --rank 8 --max-steps 200
-    moreft eval runs/NAME                                   # re-score the saved adapter
-    moreft merge runs/NAME merged/                          # a plain transformers model
-    moreft export-lora runs/NAME lora/ [--rank 64]          # a peft LoRA directory
-    moreft inspect runs/NAME                                # per-layer rank / norm, |ΔW| heat map
-    moreft compare --task sentiment --methods lora:rank=8 more:block_rank=4 --seeds 3
-    moreft search --config recipes/demo.yaml --space recipes/search-sentiment-cpu.yaml  # Optuna + ASHA
-
-User errors (bad flags, unknown task or method, missing packages, bad recipes) print one line
-``moreft: error: ...`` and exit with status 2; no traceback.
-"""
+"""The ``moreft`` parser and :func:`main`: parse, run one command, turn user errors into exit status 2."""
 
 from __future__ import annotations
 
@@ -116,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-lora", help="export the adapter as a peft LoRA directory")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("out", metavar="OUT")
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank for MoRA (SVD); MoRe/LoRA are exact")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank for MoRA (SVD; accepts its loss); MoRe/LoRA "
+                   "are exact")
+    p.add_argument("--tolerance", type=float, default=None, metavar="ERR", help="largest relative Frobenius error "
+                   "accepted per layer; a lossy MoRA export needs --rank or --tolerance")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="per-layer params, rank and norm of ΔW, and a |ΔW| heat map")

@@ -11,7 +11,6 @@ and ``search:`` (how, :class:`moreft.search.driver.SearchSettings`); search flag
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -112,9 +111,9 @@ def read_search_file(path: str | None) -> dict[str, Any]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """``moreft search``: resolve base config, space and settings, run (or resume) the search."""
-    from moreft.cli.commands import _overrides
+    from moreft.cli.commands import _overrides, command_line
     from moreft.train.recipes import resolve_config
-    from moreft.search.driver import SearchSettings, run_search
+    from moreft.search import SearchSettings, run_search
     from moreft.search.space import SearchSpace
 
     data = read_search_file(args.space)
@@ -128,11 +127,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             settings_data["seed" if name == "sampler_seed" else name] = getattr(args, f"search_{name}")
     settings = SearchSettings.from_dict(settings_data)
     base = resolve_config(args.config, _overrides(args))
-    command = (
-        "moreft " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["search"] else None
-    )
     try:
-        result = run_search(base, space, settings, command=command)
+        result = run_search(base, space, settings, command=command_line(args))  # the argv main() was given
     except KeyboardInterrupt:
         print("moreft: search interrupted; run the same command again to resume it", file=sys.stderr)
         return 130

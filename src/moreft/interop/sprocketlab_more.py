@@ -17,6 +17,7 @@ import torch
 
 from ..config import BlockRule, MoReConfig
 from ..errors import AdapterFileError, ConfigError
+from ..ops import ceil_div
 from ..ops.monarch import block_shapes
 from .common import Imported, Shapes
 from .tensors import find_weights, read_tensors, strip_prefix
@@ -32,8 +33,8 @@ RULES = (BlockRule.MOREFT, BlockRule.OFFICIAL, BlockRule.OFFICIAL_INT)
 
 def _nblocks_range(in_f: int, in_block: int) -> tuple[int, float]:
     """The ``N`` with ``ceil(in / N) == in_block``: ``[ceil(in / I), ceil(in / (I - 1)) - 1]``."""
-    low = math.ceil(in_f / in_block)
-    return low, math.inf if in_block == 1 else math.ceil(in_f / (in_block - 1)) - 1
+    low = ceil_div(in_f, in_block)
+    return low, math.inf if in_block == 1 else ceil_div(in_f, in_block - 1) - 1
 
 
 def _fit(rule: BlockRule, found: dict[str, tuple[int, int, int]], shapes: Shapes, rank: int) -> int | None:

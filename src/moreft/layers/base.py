@@ -6,8 +6,8 @@ some of them active. ``y = base(x) + Σ_active x · ΔW_aᵀ``; merged adapters 
 
 A concrete layer declares ``adapter_param_names`` (the short names, ``blkdiag1``; the dicts are
 ``prefix + name``) and implements, per adapter name, ``_new_params`` (shapes, checked),
-``_init_params``, ``_delta_weight`` (dense ``ΔW (out, in)``: the definition that save, export and
-the tests rely on) and ``_adapter_forward`` (``x · ΔWᵀ`` plus dropout). For speed it may also
+``_init_params``, ``_delta_weight`` (dense ``ΔW (out, in)``: the definition that export,
+inspect, the quantised merge, the default merge and the tests rely on) and ``_adapter_forward`` (``x · ΔWᵀ`` plus dropout). For speed it may also
 implement ``_fused_forward`` (base and adapter as one autograd Function, ``moreft.ops.fused``,
 ``moreft.ops.blocks``; used for the first active adapter where it applies) and ``_delta_adder``
 (its ΔW added into a weight in place from its factors; ``moreft.layers.merging``). With one active
@@ -44,7 +44,12 @@ def _has_hooks(module: nn.Module) -> bool:
 
 @runtime_checkable
 class AdapterModule(Protocol):
-    """The interface the rest of moreft relies on (a Protocol, as in torchtune)."""
+    """What an adapter layer offers code outside moreft: a runtime-checkable Protocol, as in torchtune.
+
+    Every :class:`AdapterLayer` satisfies it. moreft itself works with :class:`AdapterLayer`
+    (``moreft.adapter_layers``, merging, saving); this Protocol is public API so that user code
+    can annotate or ``isinstance``-check the interface without depending on that class.
+    """
 
     base_layer: nn.Module
     merged: bool

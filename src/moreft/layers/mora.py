@@ -10,8 +10,8 @@ from torch import Tensor, nn
 from ..config import Method, MoRAConfig, MoRAOperator, SharingLayout
 from ..errors import ConfigError
 from ..ops.blocks import Span
-from ..ops.mora import mora_delta_weight, mora_reference, square_size
-from ..ops.mora_fused import mora_blocks, mora_delta_add_, mora_linear, mora_spans
+from ..ops.mora import mora_blocks, mora_delta_weight, mora_reference, square_size
+from ..ops.mora_fused import cached_rotation_tables, mora_delta_add_, mora_linear, mora_spans
 from .base import AdapterLayer, DeltaAdder
 from .linear import adapter_dtype
 
@@ -116,7 +116,7 @@ class MoRALinear(AdapterLayer):
         """``(blocks (c, r, r), spans)`` with ΔW their placement (``moreft.ops.blocks``); None for SHARING."""
         name = self._one(adapter_name)
         operator = self.adapter_configs[name].operator
-        blocks = mora_blocks(self.mora_matrix[name], self.in_features, operator)
+        blocks = mora_blocks(self.mora_matrix[name], self.in_features, operator, cached_rotation_tables)
         if blocks is None:
             return None
         return blocks, mora_spans(self.in_features, self.out_features, self.mora_r_hat[name], operator)

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from ..config import BlockRule, Method, MoReConfig
 from ..errors import ConfigError
-from ..ops.fused import fold_more_a, fold_more_b, more_linear
-from ..ops.monarch import block_shapes, more_delta_weight, more_forward
+from ..ops.fused import more_linear
+from ..ops.monarch import block_shapes, fold_more_a, fold_more_b, more_delta_weight, more_forward
 from ..ops.triton_more import more_triton, use_triton
 from .base import AdapterLayer
 from .linear import adapter_dtype

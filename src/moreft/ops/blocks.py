@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch
+from . import ceil_div, dispatch
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def cyclic_spans(in_features: int, out_features: int, r: int) -> tuple[Span, ...
     Whole blocks that sit on the diagonal of one tile are grouped into one span; a chunk cut by
     ``out`` (fewer rows) or by the cyclic wrap (its columns in two or more runs) gets its own.
     """
-    c = -(-in_features // r)
+    c = ceil_div(in_features, r)
     period = c * r
     spans: list[Span] = []
     for tile0 in range(0, out_features, period):

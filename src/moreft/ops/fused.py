@@ -12,7 +12,7 @@ frozen layer needs anyway, and the parameter-sized folding happens inside (no au
 * MoRe: ``A = blkdiag(blkdiag1)`` (block ``n`` is rows ``n·r ...``), kept as its blocks so the
   ``A`` products run as one strided ``bmm`` (``1/N`` of the dense work); ``B`` is ``blkdiag2``
   with both permutations of the paper folded in, ``B[p·N + b, a·N + b] = blkdiag2[b, p, a]``,
-  written by one strided copy (:func:`fold_more_b`), ``k = N·r`` (:func:`more_linear`).
+  written by one strided copy (:func:`moreft.ops.monarch.fold_more_b`), ``k = N·r`` (:func:`more_linear`).
 
 Forward: ``y = x Wᵀ + bias`` (the frozen layer's own GEMM), ``hᵀ = A xᵀ`` (``k × T``, kept for the
 backward pass), then ``y += h Bᵀ`` in place. Backward, with ``g = ∂L/∂y``: ``gBᵀ = (g B)ᵀ``,
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
+from .monarch import fold_more_a, fold_more_b, more_a_grad, more_b_grad
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 _enabled = True
@@ -84,38 +85,6 @@ def fusable(x: Tensor, weight: Tensor, *others: Tensor) -> bool:
     if any(t.device != weight.device for t in (x, *others)):
         return False
     return not torch.is_autocast_enabled(x.device.type) and not _functorch_active()
-
-
-# -- MoRe's factors, folded by strided copies ------------------------------------------------------
-
-def fold_more_b(blkdiag2: Tensor, out_features: int) -> Tensor:
-    """``B (out, N·r)`` with ``B[p·N + b, a·N + b] = blkdiag2[b, p, a]`` (``moreft.ops.monarch.fold_factors``)."""
-    nblocks, out_block, rank = blkdiag2.shape
-    b = blkdiag2.new_zeros(out_block * nblocks, rank * nblocks)
-    b.view(out_block, nblocks, rank, nblocks).diagonal(dim1=1, dim2=3).copy_(blkdiag2.permute(1, 2, 0))  # (O, r, N)
-    return b[:out_features]
-
-
-def more_b_grad(db_t: Tensor, blkdiag2: Tensor) -> Tensor:
-    """``∂blkdiag2 (N, O, r)`` from ``∂Bᵀ (N·r, N·O)`` (columns past ``out`` zero)."""
-    nblocks, out_block, rank = blkdiag2.shape
-    diag = db_t.view(rank, nblocks, out_block, nblocks).diagonal(dim1=1, dim2=3)  # (r, O, N)
-    return diag.permute(2, 1, 0).contiguous()  # (N, O, r)
-
-
-def fold_more_a(blkdiag1: Tensor, in_features: int) -> Tensor:
-    """Dense ``A = blkdiag(blkdiag1)[:, :in]`` of shape ``(N·r, in)``."""
-    nblocks, rank, in_block = blkdiag1.shape
-    a = blkdiag1.new_zeros(nblocks * rank, nblocks * in_block)
-    a.view(nblocks, rank, nblocks, in_block).diagonal(dim1=0, dim2=2).copy_(blkdiag1.permute(1, 2, 0))  # (r, I, N)
-    return a[:, :in_features]
-
-
-def more_a_grad(da_padded: Tensor, blkdiag1: Tensor) -> Tensor:
-    """``∂blkdiag1 (N, r, I)`` from a dense ``∂A (N·r, N·I)`` (columns past ``in`` zero)."""
-    nblocks, rank, in_block = blkdiag1.shape
-    diag = da_padded.view(nblocks, rank, nblocks, in_block).diagonal(dim1=0, dim2=2)  # (r, I, N)
-    return diag.permute(2, 0, 1).contiguous()  # (N, r, I)
 
 
 # -- the Function -----------------------------------------------------------------------------------

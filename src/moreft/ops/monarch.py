@@ -15,7 +15,9 @@ Two equal formulations live here:
 * :func:`fold_factors` folds both permutations into the factors once per call, giving a dense
   ``A (N*r, in)`` and ``B (out, N*r)`` with ``ΔW = B @ A``; :func:`more_forward` then needs two
   GEMMs and no permutation copy of any ``T``-sized tensor, forward or backward. ``(A, B)`` is also
-  exactly a rank ``N*r`` LoRA, which is what :func:`moreft.export_lora` writes.
+  exactly a rank ``N*r`` LoRA, which is what :func:`moreft.export_lora` writes. The fold is one
+  strided copy per factor (:func:`fold_more_a`, :func:`fold_more_b`, with their adjoints for the
+  fused backward), used by every caller; :func:`fold_factors_reference` is its literal form.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import BlockRule
+from . import ceil_div
 
 
 def block_sizes(in_features: int, out_features: int, nblocks: int) -> tuple[int, int]:
     """Return ``(in_block, out_block) = (ceil(in / N), ceil(out / N))``."""
-    return math.ceil(in_features / nblocks), math.ceil(out_features / nblocks)
+    return ceil_div(in_features, nblocks), ceil_div(out_features, nblocks)
 
 
 def block_shapes(in_features: int, out_features: int, nblocks: int,
@@ -46,11 +49,11 @@ def block_shapes(in_features: int, out_features: int, nblocks: int,
     ``in_block * ceil(out / in)``. Every rule gives ``blocks * in_block >= in`` and
     ``blocks * out_block >= out``.
     """
-    in_block = math.ceil(in_features / nblocks)
+    in_block = ceil_div(in_features, nblocks)
     if rule is BlockRule.MOREFT:
-        return nblocks, in_block, math.ceil(out_features / nblocks)
-    blocks = (in_features + in_block - 1) // in_block
-    if rule is BlockRule.OFFICIAL:
+        return nblocks, in_block, ceil_div(out_features, nblocks)
+    blocks = ceil_div(in_features, in_block)
+    if rule is BlockRule.OFFICIAL:  # the authors' float expressions, kept as they wrote them
         return blocks, in_block, math.ceil(in_block * (out_features / in_features))
     return blocks, in_block, in_block * math.ceil(out_features / in_features)
 
@@ -81,17 +84,65 @@ def more_reference(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor, out_features: 
     return out2[..., :out_features]
 
 
+def fold_more_a(blkdiag1: Tensor, in_features: int) -> Tensor:
+    """Dense ``A = blkdiag(blkdiag1)[:, :in]`` of shape ``(N·r, in)``, by one strided copy.
+
+    Row ``k*r + j`` is rank ``j`` of block ``k``; the padded input columns are dropped.
+    Differentiable (and fine under ``torch.func``); the copy is of parameter size.
+    """
+    nblocks, rank, in_block = blkdiag1.shape
+    a = blkdiag1.new_zeros(nblocks * rank, nblocks * in_block)  # (N·r, N·I)
+    a.view(nblocks, rank, nblocks, in_block).diagonal(dim1=0, dim2=2).copy_(blkdiag1.permute(1, 2, 0))  # (r, I, N)
+    return a[:, :in_features]
+
+
+def fold_more_b(blkdiag2: Tensor, out_features: int) -> Tensor:
+    """``B (out, N·r)`` with ``B[p·N + b, a·N + b] = blkdiag2[b, p, a]``, by one strided copy.
+
+    The output interleave picks the row, the stride permutation picks the column; rows past
+    ``out`` are dropped. Differentiable; the copy is of parameter size.
+    """
+    nblocks, out_block, rank = blkdiag2.shape
+    b = blkdiag2.new_zeros(out_block * nblocks, rank * nblocks)  # (N·O, N·r)
+    b.view(out_block, nblocks, rank, nblocks).diagonal(dim1=1, dim2=3).copy_(blkdiag2.permute(1, 2, 0))  # (O, r, N)
+    return b[:out_features]
+
+
+def more_a_grad(da_padded: Tensor, blkdiag1: Tensor) -> Tensor:
+    """``∂blkdiag1 (N, r, I)`` from a dense ``∂A (N·r, N·I)`` (columns past ``in`` zero): :func:`fold_more_a`'s adjoint."""
+    nblocks, rank, in_block = blkdiag1.shape
+    diag = da_padded.view(nblocks, rank, nblocks, in_block).diagonal(dim1=0, dim2=2)  # (r, I, N)
+    return diag.permute(2, 0, 1).contiguous()  # (N, r, I)
+
+
+def more_b_grad(db_t: Tensor, blkdiag2: Tensor) -> Tensor:
+    """``∂blkdiag2 (N, O, r)`` from ``∂Bᵀ (N·r, N·O)`` (columns past ``out`` zero): :func:`fold_more_b`'s adjoint."""
+    nblocks, out_block, rank = blkdiag2.shape
+    diag = db_t.view(rank, nblocks, out_block, nblocks).diagonal(dim1=1, dim2=3)  # (r, O, N)
+    return diag.permute(2, 1, 0).contiguous()  # (N, O, r)
+
+
 def fold_factors(blkdiag1: Tensor, blkdiag2: Tensor, in_features: int,
                  out_features: int) -> tuple[Tensor, Tensor]:
     """Fold the permutations into dense factors ``A (N*r, in)`` and ``B (out, N*r)``.
 
-    ``A`` is ``blkdiag(blkdiag1)`` with the padded input columns dropped (row ``k*r + j`` is rank
-    ``j`` of block ``k``). ``B[p*N + b, a*N + b] = blkdiag2[b, p, a]``: the output interleave
-    picks the row, the stride permutation picks the column. Differentiable; the copies are of
-    parameter size, never of token size.
+    The one fold every caller uses (:func:`more_forward`, :func:`more_delta_weight`, the fused
+    Function in :mod:`moreft.ops.fused`, merging and :func:`moreft.export_lora`), through
+    :func:`fold_more_a` and :func:`fold_more_b`; :func:`fold_factors_reference` is its literal form.
 
     Returns:
         ``(A, B)`` with ``B @ A == ΔW`` of shape ``(out, in)``.
+    """
+    return fold_more_a(blkdiag1, in_features), fold_more_b(blkdiag2, out_features)
+
+
+def fold_factors_reference(blkdiag1: Tensor, blkdiag2: Tensor, in_features: int,
+                           out_features: int) -> tuple[Tensor, Tensor]:
+    """:func:`fold_factors` written from its definition (slow; for the tests).
+
+    ``A`` is ``blkdiag(blkdiag1)`` with the padded input columns dropped (row ``k*r + j`` is rank
+    ``j`` of block ``k``). ``B[p*N + b, a*N + b] = blkdiag2[b, p, a]``: the output interleave
+    picks the row, the stride permutation picks the column.
     """
     nblocks, blk_r, _ = blkdiag1.shape
     out_blk = blkdiag2.shape[1]

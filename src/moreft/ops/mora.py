@@ -13,11 +13,13 @@ identity-matrix forward pass.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ..config import MoRAOperator, RHatRounding, SharingLayout
+from . import ceil_div
 
 
 def square_size(in_features: int, out_features: int, rank: int,
@@ -50,7 +52,7 @@ def input_groups(in_features: int, r: int, layout: SharingLayout,
     """
     if layout is SharingLayout.ADJACENT:
         return _adjacent_groups(in_features, r, device), torch.arange(in_features, device=device)
-    padded = math.ceil(in_features / r) * r
+    padded = ceil_div(in_features, r) * r
     t = torch.arange(padded, device=device)
     return t % r, t % in_features
 
@@ -77,8 +79,26 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _n_chunks(in_features: int, r: int) -> int:
-    return math.ceil(in_features / r)
+def mora_blocks(matrix: Tensor, in_features: int, operator: MoRAOperator,
+                tables: Callable[[int, int, torch.device, torch.dtype], tuple[Tensor, Tensor]] = rotation_tables,
+                ) -> Tensor | None:
+    """The blocks ``(c, r, r)`` whose placement is ΔW, or None for SHARING (differentiable in ``matrix``).
+
+    TRUNCATION: ``M`` once (``c = 1``); DECOUPLE: ``M`` for each of ``c = ceil(in / r)`` chunks;
+    ROTATION: ``M·R_j`` for chunk ``j`` (Eq. 11). The one copy of this rule: :func:`mora_delta_weight`
+    places the blocks densely, :mod:`moreft.ops.mora_fused` in place and in the fused layer (with
+    ``tables`` its cached :func:`rotation_tables`).
+    """
+    r = matrix.shape[0]
+    if operator is MoRAOperator.TRUNCATION:
+        return matrix.unsqueeze(0)  # (1, r, r)
+    if operator is MoRAOperator.SHARING:
+        return None
+    c = ceil_div(in_features, r)
+    if operator is MoRAOperator.ROTATION:
+        cos, sin = tables(c, r, matrix.device, matrix.dtype)  # (c, r) each
+        return rotate(matrix.unsqueeze(0), cos.unsqueeze(1), -sin.unsqueeze(1))  # (c, r, r): M·R_j
+    return matrix.unsqueeze(0).expand(c, r, r)  # (c, r, r)
 
 
 def _decouple_rows(out_features: int, n_chunks: int, r: int, device: torch.device) -> Tensor:
@@ -104,7 +124,7 @@ def mora_reference(x: Tensor, matrix: Tensor, in_features: int, out_features: in
         compressed = x.new_zeros(*x.shape[:-1], r).index_add_(-1, group, x[..., source])  # (..., r)
         y = compressed @ matrix.T  # (..., r)
         return y[..., output_groups(out_features, r, output_layout or layout, dev)]  # (..., out)
-    c = _n_chunks(in_features, r)
+    c = ceil_div(in_features, r)
     xp = x[..., torch.arange(c * r, device=dev) % in_features]  # (..., c*r) cyclic pad
     chunks = xp.reshape(*x.shape[:-1], c, r)  # (..., c, r)
     if operator is MoRAOperator.ROTATION:
@@ -128,12 +148,8 @@ def mora_delta_weight(matrix: Tensor, in_features: int, out_features: int,
         group, source = input_groups(in_features, r, layout, dev)
         mc = matrix.new_zeros(r, in_features).index_add_(1, source, matrix[:, group])  # (r, in)
         return mc[output_groups(out_features, r, output_layout or layout, dev)]  # (out, in)
-    c = _n_chunks(in_features, r)
-    if operator is MoRAOperator.ROTATION:
-        cos, sin = rotation_tables(c, r, dev, matrix.dtype)
-        blocks = rotate(matrix.unsqueeze(0), cos.unsqueeze(1), -sin.unsqueeze(1))  # (c, r, r): M·R_i
-    else:
-        blocks = matrix.unsqueeze(0).expand(c, r, r)  # (c, r, r)
+    blocks = mora_blocks(matrix, in_features, operator)  # (c, r, r): M, or M·R_i for ROTATION
+    c = blocks.shape[0]
     rows = _decouple_rows(out_features, c, r, dev)  # (out,) flat position read by each output
     row_chunk, row_in_chunk = rows // r, rows % r
     delta = matrix.new_zeros(out_features, in_features)

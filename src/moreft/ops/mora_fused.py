@@ -10,14 +10,13 @@ ROTATION) and run through :func:`moreft.ops.blocks.blocks_linear`; SHARING runs 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import Tensor
 
 from ..config import MoRAOperator, SharingLayout
 from .blocks import Span, add_blocks_, blocks_linear, spans_of
-from .mora import rotate, rotation_tables
+from .mora import mora_blocks, rotation_tables
 from .sharing import sharing_delta_add_, sharing_linear
 
 _TABLES_CACHED = 64
@@ -45,26 +44,8 @@ def clear_rotation_tables() -> None:
     _tables.cache_clear()
 
 
-def mora_blocks(matrix: Tensor, in_features: int, operator: MoRAOperator) -> Tensor | None:
-    """The blocks ``(c, r, r)`` whose placement is ΔW, or None for SHARING (differentiable in ``matrix``).
-
-    TRUNCATION: ``M`` once (``c = 1``); DECOUPLE: ``M`` for each of ``c = ceil(in / r)`` chunks;
-    ROTATION: ``M·R_j`` for chunk ``j`` (Eq. 11).
-    """
-    r = matrix.shape[0]
-    if operator is MoRAOperator.TRUNCATION:
-        return matrix.unsqueeze(0)  # (1, r, r)
-    if operator is MoRAOperator.SHARING:
-        return None
-    c = math.ceil(in_features / r)
-    if operator is MoRAOperator.ROTATION:
-        cos, sin = cached_rotation_tables(c, r, matrix.device, matrix.dtype)  # (c, r) each
-        return rotate(matrix.unsqueeze(0), cos.unsqueeze(1), -sin.unsqueeze(1))  # (c, r, r): M·R_j
-    return matrix.unsqueeze(0).expand(c, r, r)  # (c, r, r)
-
-
 def mora_spans(in_features: int, out_features: int, r: int, operator: MoRAOperator) -> tuple[Span, ...] | None:
-    """Where :func:`mora_blocks` go in ΔW (``moreft.ops.blocks``); None for SHARING."""
+    """Where :func:`moreft.ops.mora.mora_blocks` go in ΔW (``moreft.ops.blocks``); None for SHARING."""
     if operator is MoRAOperator.SHARING:
         return None
     return spans_of(in_features, out_features, r, operator is not MoRAOperator.TRUNCATION)
@@ -88,7 +69,7 @@ def mora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, 
     """
     if operator is MoRAOperator.SHARING:
         return sharing_linear(x, weight, bias, matrix, layout, output_layout)
-    blocks = mora_blocks(matrix, weight.shape[1], operator)
+    blocks = mora_blocks(matrix, weight.shape[1], operator, cached_rotation_tables)
     return blocks_linear(x, weight, bias, blocks, operator is not MoRAOperator.TRUNCATION)
 
 
@@ -98,5 +79,5 @@ def mora_delta_add_(weight: Tensor, matrix: Tensor, operator: MoRAOperator, layo
     if operator is MoRAOperator.SHARING:
         return sharing_delta_add_(weight, matrix, layout, alpha, output_layout)
     out_f, in_f = weight.shape
-    blocks = mora_blocks(matrix, in_f, operator)
+    blocks = mora_blocks(matrix, in_f, operator, cached_rotation_tables)
     return add_blocks_(weight, blocks, mora_spans(in_f, out_f, matrix.shape[0], operator), alpha)

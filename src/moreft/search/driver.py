@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +83,7 @@ def square_block_rank(config: TrainConfig, nblocks: int, target_modules: Any) ->
     """
     from moreft.inject import resolve_targets
     from moreft.layers import linear_shape
+    from moreft.ops.monarch import block_sizes
 
     model, targets, heads = _meta_model(config)
     adapter = config.replace(target_modules=target_modules) if target_modules is not None else config
@@ -94,7 +94,7 @@ def square_block_rank(config: TrainConfig, nblocks: int, target_modules: Any) ->
             f"square MoRe blocks: nblocks={nblocks} exceeds the width of a targeted layer "
             f"(smallest is {min(min(s) for s in shapes)})"
         )
-    return min(min(math.ceil(o / nblocks), math.ceil(i / nblocks)) for o, i in shapes)
+    return min(min(block_sizes(i, o, nblocks)) for o, i in shapes)  # (in_block, out_block) per layer
 
 
 def candidates(base: TrainConfig, space: SearchSpace, max_params: int | None) -> list[Candidate]:

@@ -176,21 +176,15 @@ def read_run_config(run_dir: str | os.PathLike) -> TrainConfig:
 def model_defaults(model_name: str, model: torch.nn.Module, kind: TaskKind) -> tuple[Any, tuple[str, ...]]:
     """``(default target_modules, head modules to train in full)`` for a loaded model.
 
-    Named models take both from :data:`moreft.models.MODELS`; for a local directory the targets
-    default to moreft's per-family defaults (None) and the head is every top-level child with
-    parameters other than the backbone (``classifier`` for BERT/RoBERTa, ``score`` for Llama).
+    Both come from :mod:`moreft.models`: a packaged model's targets are its family's
+    (:attr:`moreft.models.ModelSpec.target_modules`); a local directory's are None (moreft's
+    per-family defaults, :data:`moreft.targets.DEFAULT_TARGETS`). The heads are the modules
+    :func:`moreft.models.head_modules` says loading created new.
     """
-    from moreft.models import MODELS
+    from moreft.models import MODELS, head_modules
 
-    if kind is not TaskKind.CLASSIFICATION:
-        heads: tuple[str, ...] = ()
-    elif model_name in MODELS:
-        heads = (MODELS[model_name].head_module,)
-    else:
-        prefix = getattr(model, "base_model_prefix", None)
-        heads = tuple(n for n, m in model.named_children() if n != prefix and any(True for _ in m.parameters()))
     targets = MODELS[model_name].target_modules if model_name in MODELS else None
-    return targets, heads
+    return targets, head_modules(model_name, model, kind)
 
 
 def load_base(config: TrainConfig, task: Task) -> tuple[torch.nn.Module, Any]:

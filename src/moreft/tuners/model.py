@@ -22,6 +22,7 @@ from ..config import ALL_LINEAR, CONFIG_CLASSES, AdapterConfig
 from ..errors import AdapterFileError, TargetError
 from ..targets import DEFAULT_TARGETS, check_disjoint, modules_to_save_names, resolve_targets
 from ..layers import AdapterLayer, LoRALinear, MoRALinear, MoReLinear, linear_shape
+from ..layers.quantized import refuse_quantized_layers
 from ..shapes import adapter_shapes
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -90,17 +91,25 @@ class MoreftTuner(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _check_mergeable(self, adapter_names: list[str] | None, safe_merge: bool) -> None:
+        """Raise before any weight is written if some layer cannot be merged (quantised base; NaN/Inf if safe)."""
+        layers = {n: m for n, m in self.model.named_modules()
+                  if isinstance(m, AdapterLayer) and m._to_merge(adapter_names)}
+        refuse_quantized_layers(layers)
+        if safe_merge:
+            for layer in layers.values():
+                layer.check_mergeable(adapter_names)
+
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False,
                                      safe_merge: bool = False, adapter_names: list[str] | None = None):
-        """peft's unload, but a safe merge checks every layer before it writes any (all or nothing).
+        """peft's unload, but a merge checks every layer before it writes any (all or nothing).
 
         Raises:
-            MergeError: with ``safe_merge``, a merged weight would hold NaN/Inf (nothing changes).
+            MergeError: a base weight is quantised, or with ``safe_merge``, a merged weight would
+                hold NaN/Inf (nothing changes).
         """
-        if merge and safe_merge:
-            for module in self.model.modules():
-                if isinstance(module, AdapterLayer):
-                    module.check_mergeable(adapter_names)
+        if merge:
+            self._check_mergeable(adapter_names, safe_merge)
         return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=False,
                                                     adapter_names=adapter_names)
 
@@ -108,12 +117,10 @@ class MoreftTuner(BaseTuner):
         """peft's ``merge_adapter``; with ``safe_merge`` every layer is checked before any is written.
 
         Raises:
-            MergeError: with ``safe_merge``, a merged weight would hold NaN/Inf (nothing changes).
+            MergeError: a base weight is quantised, or with ``safe_merge``, a merged weight would
+                hold NaN/Inf (nothing changes).
         """
-        if safe_merge:
-            for module in self.model.modules():
-                if isinstance(module, AdapterLayer):
-                    module.check_mergeable(adapter_names)
+        self._check_mergeable(adapter_names, safe_merge)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=False)
 
     @classmethod
