@@ -16,6 +16,8 @@ so that peft, transformers and TRL can build, save and load these adapters.
 from .config import (
     AdapterConfig,
     BlockRule,
+    Composition,
+    InitMode,
     LoRAConfig,
     Method,
     MoRAConfig,
@@ -47,7 +49,7 @@ from .version import __version__
 _register_peft_types()
 
 __all__ = [
-    "AdapterConfig", "AdapterFileError", "BlockRule", "RHatRounding", "AdapterLayer", "AdapterModule", "ConfigError", "ExportReport",
+    "AdapterConfig", "AdapterFileError", "BlockRule", "Composition", "InitMode", "RHatRounding", "AdapterLayer", "AdapterModule", "ConfigError", "ExportReport",
     "LoRAConfig", "LoRALinear", "MergeError", "Method", "MoRAConfig", "MoRALinear", "MoRAOperator",
     "MoRAModel", "MoReConfig", "MoReLinear", "MoReModel", "LoRAModel", "MoreftError", "OutputError", "ParameterCounts", "SharingLayout", "TargetError",
     "__version__", "adapter_config", "adapter_layers", "config_from_dict", "convert_to_peft", "eject", "export_lora",
