@@ -8,6 +8,7 @@ init, and what merging a W-dependent ΔW keeps.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -78,7 +79,7 @@ def test_projection_error_decreases_with_block_rank_and_padding_stays_zero():
     w = _w(37, 23, seed=5)
     errors = [float(torch.linalg.matrix_norm(w - more_delta_weight(*monarch_project(w, 4, r), 23, 37)))
               for r in range(1, 7)]
-    assert all(a >= b - 1e-12 for a, b in zip(errors, errors[1:], strict=False)) and errors[0] > errors[-1]
+    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(errors)) and errors[0] > errors[-1]
     p1, p2 = monarch_project(w, 4, 3)  # in 23 = 4 blocks of 6 (one padded column), out 37 = 4 x 10 (3 padded rows)
     assert not p1[3, :, 5].any()
     assert not p2[1:, 9, :].any() and p2[0, 9, :].any()  # rows 9*4 + b >= 37 for b >= 1
@@ -242,7 +243,7 @@ def test_principal_init_holds_the_projection_and_leaves_the_model_unchanged():
     for dtype in (torch.float32, torch.bfloat16):
         layer = _layer(config, dtype=dtype)
         w = layer.base_layer.weight.detach().clone()
-        p1, p2 = monarch_project(w, 4, 2)
+        p1, _ = monarch_project(w, 4, 2)
         torch.testing.assert_close(layer.blkdiag1, p1.float())
         torch.testing.assert_close(layer.more_init_blkdiag1["default"], p1.float())
         x = torch.randn(6, 20, dtype=dtype)
