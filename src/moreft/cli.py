@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=None, help="LoRA rank for MoRA (SVD); MoRe/LoRA are exact")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("inspect", help="per-layer params, rank, norm, spectrum and φ of ΔW, weight fits, a |ΔW| heat map")
+    p = sub.add_parser("inspect",
+                       help="per-layer params, rank, norm, spectrum and φ of ΔW, weight fits, a |ΔW| heat map")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--layer", default=None, help="layer for the heat map (default: the first)")
     p.add_argument("--heatmap", default=None, metavar="PNG", help="heat map path (default RUN_DIR/delta_<layer>.png)")
