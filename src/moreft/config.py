@@ -18,6 +18,7 @@ import regex
 from peft.config import PeftConfig
 
 from .errors import ConfigError
+from .more_options import Composition, InitMode, check_variant
 
 ALL_LINEAR = "all-linear"
 #: A ``target_modules`` regex longer than this is refused (names are better listed).
@@ -79,34 +80,6 @@ class BlockRule(str, enum.Enum):
     MOREFT = "moreft"
     OFFICIAL = "official"
     OFFICIAL_INT = "official-int"
-
-
-class Composition(str, enum.Enum):
-    """How MoRe's Monarch product ``M = P1·blkdiag2·P2·blkdiag1`` changes the frozen weight ``W``.
-
-    ADDITIVE is the paper's Eq. 2: ``W' = W + c·M`` with ``M (out, in)``. MULTIPLICATIVE is the
-    Appendix C ablation "monarch as a multiplicative factor instead of an additive factor as in
-    BOFT": ``W' = (I + c·M)·W`` with a square ``M (out, out)``, so ``ΔW = c·M·W`` (identity at the
-    start, as BOFT's factor). ``c`` is the output scale (``alpha``, times the learnable scalar).
-    """
-
-    ADDITIVE = "additive"
-    MULTIPLICATIVE = "multiplicative"
-
-
-class InitMode(str, enum.Enum):
-    """How MoRe's factors start; ΔW = 0 at step 0 either way.
-
-    ZERO: ``blkdiag1`` Kaiming-uniform per block, ``blkdiag2`` zero (the paper's); with a learnable
-    scale initialised to 0 both factors are Kaiming-uniform and the scale is the zero (the authors'
-    ``Scaler``). PRINCIPAL (Appendix E, Future Work 3): the factors start at the best MoRe
-    approximation of ``W`` (block-wise SVD, :func:`moreft.ops.monarch_project.monarch_project`) and
-    that same product is subtracted through a frozen copy of the starting factors saved with the
-    adapter, the PiSSA idea without rewriting the base weight.
-    """
-
-    ZERO = "zero"
-    PRINCIPAL = "principal"
 
 
 E = TypeVar("E", bound=enum.Enum)
@@ -261,10 +234,8 @@ class MoReConfig(AdapterConfig):
     docs/more-variants.md states each formula.
 
     Raises:
-        ConfigError: ``nblocks`` or ``block_rank`` not an integer >= 1; ``alpha`` not a finite
-            number > 0; ``scale_init`` not finite, or set without ``learnable_scale``; an unknown
-            composition or init mode; ``init_mode="principal"`` with the multiplicative composition
-            or with a learnable scale starting at 0.
+        ConfigError: ``nblocks`` or ``block_rank`` not an integer >= 1, an unknown composition or
+            init mode, or options that do not go together (:func:`moreft.more_options.check_variant`).
     """
 
     method: ClassVar[Method] = Method.MORE
@@ -274,7 +245,6 @@ class MoReConfig(AdapterConfig):
     block_rule: BlockRule = field(default=BlockRule.MOREFT, metadata={
         "help": "Block shapes: 'moreft' (default), or the MoRe authors' 'official' / 'official-int' rules "
                 "(docs/interop.md)."})
-
     composition: Composition = field(default=Composition.ADDITIVE, metadata={
         "help": "'additive' (W + c·M, the paper's) or 'multiplicative' ((I + c·M)·W, Appendix C; M is out x out)."})
     alpha: float = field(default=1.0, metadata={
@@ -295,24 +265,8 @@ class MoReConfig(AdapterConfig):
         self.block_rule = coerce_enum(BlockRule, self.block_rule, "block_rule")
         self.composition = coerce_enum(Composition, self.composition, "composition")
         self.init_mode = coerce_enum(InitMode, self.init_mode, "init_mode")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
-            raise ConfigError(f"alpha={self.alpha!r} must be a number > 0 and finite")
-        self.alpha = float(self.alpha)
-        if not isinstance(self.learnable_scale, bool):
-            raise ConfigError(f"learnable_scale={self.learnable_scale!r} must be true or false")
-        if (isinstance(self.scale_init, bool) or not isinstance(self.scale_init, (int, float))
-                or not math.isfinite(self.scale_init)):
-            raise ConfigError(f"scale_init={self.scale_init!r} must be a finite number")
-        self.scale_init = float(self.scale_init)
-        if self.scale_init != 0.0 and not self.learnable_scale:
-            raise ConfigError(f"scale_init={self.scale_init!r} needs learnable_scale=True (it is the start value "
-                              "of the learnable scalar)")
-        if self.init_mode is InitMode.PRINCIPAL and self.composition is Composition.MULTIPLICATIVE:
-            raise ConfigError("init_mode='principal' needs composition='additive': the multiplicative factor "
-                              "M (out x out) has no principal part of W to start from")
-        if self.init_mode is InitMode.PRINCIPAL and self.learnable_scale and self.scale_init == 0.0:
-            raise ConfigError("init_mode='principal' with learnable_scale needs scale_init != 0: a scale of 0 "
-                              "would multiply the principal components away")
+        self.alpha, self.scale_init = check_variant(self.composition, self.alpha, self.learnable_scale,
+                                                    self.scale_init, self.init_mode)
 
     @property
     def is_default_variant(self) -> bool:
