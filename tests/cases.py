@@ -18,7 +18,17 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from moreft import AdapterConfig, LoRAConfig, Method, MoRAConfig, MoRAOperator, MoReConfig, SharingLayout
+from moreft import (
+    AdapterConfig,
+    Composition,
+    InitMode,
+    LoRAConfig,
+    Method,
+    MoRAConfig,
+    MoRAOperator,
+    MoReConfig,
+    SharingLayout,
+)
 
 TARGET = ("lin",)  # the adapted layer of conftest.TinyNet
 SHAPES = ((24, 24), (20, 36), (36, 20), (23, 37))
@@ -62,6 +72,18 @@ TEST_CASES: tuple[Entry, ...] = (
     Entry("more-N4r1", MoReConfig(target_modules=TARGET, nblocks=4, block_rank=1), SHAPES, MORE_TOL),
     Entry("more-N3r3", MoReConfig(target_modules=TARGET, nblocks=3, block_rank=3), SHAPES, MORE_TOL),
     Entry("more-N1r4", MoReConfig(target_modules=TARGET, nblocks=1, block_rank=4), SHAPES, MORE_TOL),
+    # Appendix C / E variants (docs/more-variants.md): the reference path, never the fused one
+    Entry("more-alpha2", MoReConfig(target_modules=TARGET, nblocks=4, block_rank=2, alpha=2.0), SHAPES, MORE_TOL),
+    Entry("more-scale", MoReConfig(target_modules=TARGET, nblocks=4, block_rank=2, learnable_scale=True),
+          SHAPES, MORE_TOL),
+    Entry("more-scale-init-alpha", MoReConfig(target_modules=TARGET, nblocks=3, block_rank=2, learnable_scale=True,
+                                              scale_init=0.5, alpha=3.0), SHAPES, MORE_TOL),
+    Entry("more-mult", MoReConfig(target_modules=TARGET, nblocks=4, block_rank=2, composition="multiplicative"),
+          SHAPES, MORE_TOL),
+    Entry("more-principal", MoReConfig(target_modules=TARGET, nblocks=4, block_rank=2, init_mode="principal"),
+          SHAPES, MORE_TOL),
+    Entry("more-principal-scale", MoReConfig(target_modules=TARGET, nblocks=3, block_rank=1, init_mode="principal",
+                                             learnable_scale=True, scale_init=0.5, alpha=2.0), SHAPES, MORE_TOL),
     Entry("mora-truncation", _mora(MoRAOperator.TRUNCATION, rank=2), SHAPES, MORA_TOL),
     Entry("mora-sharing-strided", _mora(MoRAOperator.SHARING, rank=2), SHAPES, MORA_TOL),
     Entry("mora-sharing-adjacent", _mora(MoRAOperator.SHARING, SharingLayout.ADJACENT, rank=2),
@@ -137,7 +159,9 @@ def expected_r_hat(case: Case) -> int:
 def expected_params(case: Case) -> int:
     c, i, o = case.config, case.in_features, case.out_features
     if c.method is Method.MORE:
-        return c.nblocks * c.block_rank * (math.ceil(i / c.nblocks) + math.ceil(o / c.nblocks))
+        i = o if c.composition is Composition.MULTIPLICATIVE else i  # M is (out, out)
+        scale = 1 if c.learnable_scale else 0
+        return c.nblocks * c.block_rank * (math.ceil(i / c.nblocks) + math.ceil(o / c.nblocks)) + scale
     if c.method is Method.LORA:
         return c.rank * (i + o)
     return expected_r_hat(case) ** 2
@@ -155,6 +179,10 @@ def more_structural_rank(in_features: int, out_features: int, nblocks: int, bloc
 def expected_rank(case: Case) -> int:
     """Rank of ΔW for random (generic) adapter parameters, checked empirically on the table."""
     c, i, o = case.config, case.in_features, case.out_features
+    if c.method is Method.MORE and c.composition is Composition.MULTIPLICATIVE:
+        return min(more_structural_rank(o, o, c.nblocks, c.block_rank), i)  # rank(M·W), W generic
+    if c.method is Method.MORE and c.init_mode is InitMode.PRINCIPAL:
+        return more_structural_rank(i, o, c.nblocks, 2 * c.block_rank)  # M - M0: 2r per block and side
     if c.method is Method.MORE:
         return more_structural_rank(i, o, c.nblocks, c.block_rank)
     if c.method is Method.LORA:

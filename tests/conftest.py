@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 import moreft
-from moreft.layers import LAYER_CLASSES, AdapterLayer
+from moreft.layers import LAYER_CLASSES, AdapterLayer, is_conv1d
 
 
 class TinyNet(nn.Module):
@@ -66,6 +66,23 @@ def randomize_adapters(model_or_layer: nn.Module, std: float = 0.1, seed: int = 
     for layer in adapter_layer_list(model_or_layer):
         for p in layer.adapter_params().values():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * std)
+
+
+def more_literal(layer: AdapterLayer, x: Tensor) -> Tensor:
+    """``x · ΔWᵀ`` of a MoRe layer's active adapter from the config's formula and the paper-literal
+    product (``moreft.ops.more_variants.variant_reference``), with the layer's own tensors."""
+    from moreft.ops.more_variants import variant_reference
+
+    c, name = layer.config, layer._one()
+    coeff = c.alpha * layer.more_scale[name] if c.learnable_scale else c.alpha
+    weight = layer.base_layer.weight.T if is_conv1d(layer.base_layer) else layer.base_layer.weight  # (out, in)
+    kw = {}
+    if c.composition is moreft.Composition.MULTIPLICATIVE:
+        kw["weight"] = weight.to(x.dtype)
+    if c.init_mode is moreft.InitMode.PRINCIPAL:
+        coeff0 = c.alpha * torch.full_like(layer.more_scale[name], c.scale_init) if c.learnable_scale else c.alpha
+        kw["init"] = (layer.more_init_blkdiag1[name], layer.more_init_blkdiag2[name], coeff0)
+    return variant_reference(x, layer.blkdiag1, layer.blkdiag2, layer.out_features, coeff, **kw)
 
 
 def assert_close(actual: Tensor, expected: Tensor, tol=None, *, rtol: float | None = None,

@@ -81,6 +81,11 @@ CONFIGS: dict[str, Callable[..., moreft.AdapterConfig]] = {
     "more-N4r2": lambda **kw: moreft.MoReConfig(nblocks=4, block_rank=2, **kw),
     "more-N3r1": lambda **kw: moreft.MoReConfig(nblocks=3, block_rank=1, **kw),
     "more-N1r4": lambda **kw: moreft.MoReConfig(nblocks=1, block_rank=4, **kw),
+    # Appendix C / E variants (docs/more-variants.md)
+    "more-alpha2-scale": lambda **kw: moreft.MoReConfig(nblocks=4, block_rank=2, alpha=2.0, learnable_scale=True,
+                                                        **kw),
+    "more-mult": lambda **kw: moreft.MoReConfig(nblocks=4, block_rank=2, composition="multiplicative", **kw),
+    "more-principal": lambda **kw: moreft.MoReConfig(nblocks=4, block_rank=2, init_mode="principal", **kw),
     **{f"mora-{op.value}": (lambda op: lambda **kw: moreft.MoRAConfig(rank=2, operator=op, **kw))(op)
        for op in moreft.MoRAOperator},
     "mora-sharing-adjacent": lambda **kw: moreft.MoRAConfig(rank=2, operator="sharing",

@@ -47,8 +47,9 @@ def test_export_loads_in_peft_with_equal_outputs(case, tmp_path):
     peft_config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert peft_config["peft_type"] == "LORA" and peft_config["r"] == peft_config["lora_alpha"] == report.rank
     assert peft_config["target_modules"] == ["lin"] and peft_config["fan_in_fan_out"] is False
-    if case.method is Method.MORE:
-        assert report.rank == case.config.nblocks * case.config.block_rank
+    if case.method is Method.MORE:  # the principal init's frozen product is a second term of the same rank
+        doubled = case.config.init_mode is moreft.InitMode.PRINCIPAL
+        assert report.rank == case.config.nblocks * case.config.block_rank * (2 if doubled else 1)
     elif case.method is Method.LORA:
         assert report.rank == case.config.rank
     x = _x(case)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cases import CASES, cases
-from conftest import assert_close, make_layer, randomize_adapters
+from conftest import assert_close, make_layer, more_literal, randomize_adapters
 from torch import nn
 
 from moreft import MergeError, Method, MoRAConfig, MoRAOperator
@@ -20,7 +20,6 @@ from moreft.ops import blocks as blocks_ops
 from moreft.ops import fused as fused_ops
 from moreft.ops import mora_fused
 from moreft.ops import sharing as sharing_ops
-from moreft.ops.monarch import more_reference
 from moreft.ops.mora import mora_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +33,7 @@ def literal(layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
     weight = base.weight.T if type(base) is not nn.Linear else base.weight  # Conv1D stores (in, out)
     y = F.linear(x, weight, base.bias)
     if layer.method is Method.MORE:
-        return y + more_reference(x, layer.blkdiag1, layer.blkdiag2, layer.out_features)
+        return y + more_literal(layer, x)  # more_reference, scaled / composed as the config says
     if layer.method is Method.MORA:
         return y + mora_reference(x, layer.matrix, layer.in_features, layer.out_features,
                                   layer.operator, layer.sharing_layout)
@@ -42,7 +41,8 @@ def literal(layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
 
 
 def expect_fused(layer: AdapterLayer) -> bool:
-    return True  # every method and every MoRA operator has a fused path
+    # every method and every MoRA operator has a fused path; MoRe's Appendix C / E variants do not
+    return layer.method is not Method.MORE or layer.config.is_default_variant
 
 
 class Spy:
@@ -274,8 +274,8 @@ def test_hooked_subclassed_or_transformed_base_runs_the_reference(monkeypatch):
     for p in layer.parameters():
         p.grad = None
     literal(layer, x).square().sum().backward()
-    for name in layer.adapter_param_names:
-        assert_close(grads[f"{layer.prefix}{name}.default"], getattr(layer, name).grad, case.tol)
+    for name, param in layer.adapter_params().items():  # the optional ones (e.g. a learnable scale) if present
+        assert_close(grads[f"{layer.prefix}{name}.default"], param.grad, case.tol)
     assert spy.calls == 1
 
 

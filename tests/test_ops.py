@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from cases import cases, expected_r_hat
 from conftest import assert_close, make_layer, randomize_adapters
 
-from moreft import Method, MoRAOperator, SharingLayout
+from moreft import Composition, Method, MoRAOperator, SharingLayout
 from moreft.ops import blocks as blocks_ops
 from moreft.ops import ceil_div, monarch, mora_fused
 from moreft.ops import fused as fused_ops
@@ -234,13 +234,15 @@ def test_fold_equals_its_reference_and_the_grads_are_its_adjoints(case):
     layer = make_layer(case, dtype=torch.float64)
     randomize_adapters(layer)
     b1, b2 = layer.blkdiag1.detach().requires_grad_(), layer.blkdiag2.detach().requires_grad_()
-    a, b = fold_factors(b1, b2, case.in_features, case.out_features)
-    a_ref, b_ref = monarch.fold_factors_reference(b1, b2, case.in_features, case.out_features)
+    multiplicative = layer.adapter_configs["default"].composition is Composition.MULTIPLICATIVE
+    width = case.out_features if multiplicative else case.in_features  # M is (out, out) for M·W
+    a, b = fold_factors(b1, b2, width, case.out_features)
+    a_ref, b_ref = monarch.fold_factors_reference(b1, b2, width, case.out_features)
     assert torch.equal(a, a_ref) and torch.equal(b, b_ref)
     gen = torch.Generator().manual_seed(5)
     ga, gb = torch.randn(a.shape, generator=gen, dtype=a.dtype), torch.randn(b.shape, generator=gen, dtype=b.dtype)
     da, db = torch.autograd.grad((a * ga).sum() + (b * gb).sum(), (b1, b2))
-    ga_pad = F.pad(ga, (0, b1.shape[0] * b1.shape[2] - case.in_features))  # (N·r, N·I)
+    ga_pad = F.pad(ga, (0, b1.shape[0] * b1.shape[2] - width))  # (N·r, N·I)
     gb_pad = F.pad(gb.T, (0, b2.shape[0] * b2.shape[1] - case.out_features))  # (N·r, N·O)
     assert torch.equal(monarch.more_a_grad(ga_pad, b1), da) and torch.equal(monarch.more_b_grad(gb_pad, b2), db)
 

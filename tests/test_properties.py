@@ -1,7 +1,8 @@
 """Property-based tests over random shapes and configs (hypothesis).
 
-For any valid layer shape and method config: forward == base + x·ΔWᵀ, merge/unmerge round trip,
-save/load round trip, and MoRe's peft LoRA export reproduces ΔW exactly.
+For any valid layer shape and method config (MoRe's Appendix C / E variants included): forward ==
+base + x·ΔWᵀ, merge/unmerge round trip, save/load round trip, and MoRe's peft LoRA export
+reproduces ΔW exactly.
 """
 
 import tempfile
@@ -12,10 +13,28 @@ from hypothesis import strategies as st
 from torch import nn
 
 import moreft
-from moreft.export import lora_factors
+from moreft.export import export_rank, lora_factors
 from moreft.ops.monarch import block_sizes
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+#: MoRe variants drawn beside the default (docs/more-variants.md).
+MORE_VARIANTS = (
+    {}, {"alpha": 2.5}, {"learnable_scale": True}, {"learnable_scale": True, "scale_init": 0.5, "alpha": 0.5},
+    {"composition": "multiplicative"}, {"composition": "multiplicative", "learnable_scale": True},
+    {"init_mode": "principal"}, {"init_mode": "principal", "learnable_scale": True, "scale_init": 2.0},
+)
+
+
+def draw_more(draw, in_f: int, out_f: int) -> moreft.MoReConfig:
+    """A MoRe config (default or a variant) that fits an ``(in, out)`` layer."""
+    variant = draw(st.sampled_from(MORE_VARIANTS))
+    width = out_f if variant.get("composition") == "multiplicative" else in_f  # M is (out, out) then
+    nblocks = draw(st.integers(1, min(width, 6)))
+    in_b, out_b = block_sizes(width, out_f, nblocks)
+    return moreft.MoReConfig(target_modules=["lin"], nblocks=nblocks,
+                             block_rank=draw(st.integers(1, min(in_b, out_b))), **variant)
 
 
 @st.composite
@@ -24,10 +43,7 @@ def layer_and_config(draw):
     out_f = draw(st.integers(2, 40))
     method = draw(st.sampled_from(list(moreft.Method)))
     if method is moreft.Method.MORE:
-        nblocks = draw(st.integers(1, min(in_f, 6)))
-        in_b, out_b = block_sizes(in_f, out_f, nblocks)
-        config = moreft.MoReConfig(target_modules=["lin"], nblocks=nblocks,
-                                   block_rank=draw(st.integers(1, min(in_b, out_b))))
+        config = draw_more(draw, in_f, out_f)
     elif method is moreft.Method.MORA:
         operator = draw(st.sampled_from(list(moreft.MoRAOperator)))
         config = moreft.MoRAConfig(target_modules=["lin"], rank=draw(st.integers(1, 8)), operator=operator,
@@ -107,8 +123,9 @@ def test_more_lora_export_is_exact(case):
     if config.method is not moreft.Method.MORE:
         return
     _, layer = _adapted(in_f, out_f, bias, config)
-    a, b, err = lora_factors(layer, config.nblocks * config.block_rank)
-    assert err == 0.0 and a.shape == (config.nblocks * config.block_rank, in_f)
+    rank = export_rank(config, None)
+    a, b, err = lora_factors(layer, rank)
+    assert err == 0.0 and a.shape == (rank, in_f)
     torch.testing.assert_close(b @ a, layer.delta_weight(), rtol=1e-12, atol=1e-12)
 
 
@@ -116,10 +133,7 @@ def test_more_lora_export_is_exact(case):
 def more_layer(draw):
     """A MoRe config that fits a random ``(in, out)`` layer (every draw is a MoRe case)."""
     in_f, out_f = draw(st.integers(2, 40)), draw(st.integers(2, 40))
-    nblocks = draw(st.integers(1, min(in_f, 6)))
-    in_b, out_b = block_sizes(in_f, out_f, nblocks)
-    config = moreft.MoReConfig(target_modules=["lin"], nblocks=nblocks, block_rank=draw(st.integers(1, min(in_b, out_b))))
-    return in_f, out_f, draw(st.booleans()), config
+    return in_f, out_f, draw(st.booleans()), draw_more(draw, in_f, out_f)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -133,7 +147,7 @@ def test_more_export_lora_loads_in_peft_with_equal_outputs(case):
     x = torch.randn(4, in_f, dtype=torch.float64)
     with tempfile.TemporaryDirectory() as d:
         report = moreft.export_lora(net, d + "/lora")
-        assert report.rank == config.nblocks * config.block_rank and report.max_relative_error < 1e-12
+        assert report.rank == export_rank(config, None) and report.max_relative_error < 1e-12
         peft_model = PeftModel.from_pretrained(fresh, d + "/lora").eval()
         with torch.no_grad():
             torch.testing.assert_close(peft_model(x), net(x), rtol=1e-10, atol=1e-10)

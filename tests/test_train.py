@@ -252,6 +252,19 @@ def test_eval_merge_export_inspect(tiny_bert, tmp_path, capsys):
     ranks = [int(line.split("|")[4].split("/")[0]) for line in out.splitlines() if line.startswith("| bert.")]
     assert len(ranks) == 6 and all(0 < r <= 4 * 2 for r in ranks)  # MoRe: rank(ΔW) <= nblocks * block_rank
 
+    flags = ["--json", "--plots", "--sv-threshold", "1e-3", "--subspace-rank", "4"]
+    assert main(["inspect", str(run.run_dir), *flags]) == 0
+    report = json.loads(capsys.readouterr().out)
+    _, _, model, _ = load_trained(run.run_dir)
+    for entry in report["layers"]:  # the JSON's numbers are the definitions' (tests/test_analysis.py has more)
+        delta = model.get_submodule(entry["name"]).delta_weight().detach().double()
+        assert entry["sv_above"] == int((torch.linalg.svdvals(delta) > 1e-3).sum()) > 0
+        assert 1 <= entry["subspace"]["rank"] <= 4 and 0 <= entry["subspace"]["output"] <= 1
+    assert set(report["weights"]) == {"blkdiag1", "blkdiag2"} and report["sv_threshold"] == 1e-3
+    from moreft.train.plots import is_moreft_png
+
+    assert report["weights_plot"] == str(run.run_dir / "weights.png") and is_moreft_png(run.run_dir / "weights.png")
+
 
 def test_compare_writes_table_and_plot(tiny_bert, tmp_path, monkeypatch):
     base = tiny_config(tiny_bert, tmp_path, max_steps=2, eval_examples=4)

@@ -16,6 +16,8 @@ so that peft, transformers and TRL can build, save and load these adapters.
 from .config import (
     AdapterConfig,
     BlockRule,
+    Composition,
+    InitMode,
     LoRAConfig,
     Method,
     MoRAConfig,
@@ -39,7 +41,7 @@ from .inject import (
     trainable_parameters,
 )
 from .layers import AdapterLayer, AdapterModule, LoRALinear, MoRALinear, MoReLinear
-from . import quant
+from . import quant  # noqa: F401 - moreft.quant.merge_quantized is public
 from .peft_files import convert_to_peft
 from .adapter_files import load_adapter, read_adapter_config, save_adapter
 from .tuners import LoRAModel, MoRAModel, MoReModel
@@ -49,7 +51,7 @@ from .version import __version__
 _register_peft_types()
 
 __all__ = [
-    "AdapterConfig", "AdapterFileError", "BlockRule", "RHatRounding", "AdapterLayer", "AdapterModule", "ConfigError", "ExportError", "ExportReport",
+    "AdapterConfig", "AdapterFileError", "BlockRule", "Composition", "InitMode", "RHatRounding", "AdapterLayer", "AdapterModule", "ConfigError", "ExportError", "ExportReport",
     "LoRAConfig", "LoRALinear", "MergeError", "Method", "MoRAConfig", "MoRALinear", "MoRAOperator",
     "MoRAModel", "MoReConfig", "MoReLinear", "MoReModel", "LoRAModel", "MoreftError", "OutputError", "ParameterCounts", "SharingLayout", "TargetError",
     "__version__", "adapter_config", "adapter_layers", "config_from_dict", "convert_to_peft", "eject", "export_lora",

@@ -18,6 +18,7 @@ import regex
 from peft.config import PeftConfig
 
 from .errors import ConfigError
+from .more_options import Composition, InitMode, check_variant
 
 ALL_LINEAR = "all-linear"
 #: A ``target_modules`` regex longer than this is refused (names are better listed).
@@ -226,8 +227,15 @@ class MoReConfig(AdapterConfig):
 
     About ``block_rank * (in + out)`` parameters per layer, rank up to ``nblocks * block_rank``.
 
+    The paper's Appendix C / E variants are options, all off by default (the default adapter is
+    unchanged): ``composition`` (additive, or ``W' = (I + c·M)·W``), ``alpha`` (a fixed output
+    scale), ``learnable_scale`` / ``scale_init`` (a trained scalar ``s`` on the adapter output, so
+    ``c = alpha·s``) and ``init_mode`` (``"principal"``: start from W's best MoRe approximation).
+    docs/more-variants.md states each formula.
+
     Raises:
-        ConfigError: ``nblocks`` or ``block_rank`` not an integer >= 1.
+        ConfigError: ``nblocks`` or ``block_rank`` not an integer >= 1, an unknown composition or
+            init mode, or options that do not go together (:func:`moreft.more_options.check_variant`).
     """
 
     method: ClassVar[Method] = Method.MORE
@@ -237,12 +245,34 @@ class MoReConfig(AdapterConfig):
     block_rule: BlockRule = field(default=BlockRule.MOREFT, metadata={
         "help": "Block shapes: 'moreft' (default), or the MoRe authors' 'official' / 'official-int' rules "
                 "(docs/interop.md)."})
+    composition: Composition = field(default=Composition.ADDITIVE, metadata={
+        "help": "'additive' (W + c·M, the paper's) or 'multiplicative' ((I + c·M)·W, Appendix C; M is out x out)."})
+    alpha: float = field(default=1.0, metadata={
+        "help": "Fixed scale on the adapter output (ΔW·alpha; Appendix C's 'scaler α'); a number > 0, 1 = none."})
+    learnable_scale: bool = field(default=False, metadata={
+        "help": "Multiply the adapter output by a trained scalar s (Appendix C's 'scaler parameter')."})
+    scale_init: float = field(default=0.0, metadata={
+        "help": "Start value of the learnable scalar (the authors' code: 0, with both factors random); "
+                "only with learnable_scale."})
+    init_mode: InitMode = field(default=InitMode.ZERO, metadata={
+        "help": "'zero' (the paper's init) or 'principal' (start from W's best MoRe approximation, "
+                "Appendix E; the same product is subtracted, so the model is unchanged at step 0)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive_int("nblocks", self.nblocks)
         positive_int("block_rank", self.block_rank)
         self.block_rule = coerce_enum(BlockRule, self.block_rule, "block_rule")
+        self.composition = coerce_enum(Composition, self.composition, "composition")
+        self.init_mode = coerce_enum(InitMode, self.init_mode, "init_mode")
+        self.alpha, self.scale_init = check_variant(self.composition, self.alpha, self.learnable_scale,
+                                                    self.scale_init, self.init_mode)
+
+    @property
+    def is_default_variant(self) -> bool:
+        """True for the paper's adapter (additive, no scale, zero init): the fused and Triton paths apply."""
+        return (self.composition is Composition.ADDITIVE and self.alpha == 1.0 and not self.learnable_scale
+                and self.init_mode is InitMode.ZERO)
 
 
 @dataclass(kw_only=True)

@@ -2,7 +2,10 @@
 
 MoRe is exactly a LoRA of rank ``nblocks * block_rank``: ``A`` is the block-diagonal
 ``blkdiag1`` and ``B = P1·blkdiag2·P2`` (:func:`moreft.ops.monarch.fold_factors`), so the export is
-lossless. LoRA exports itself. MoRA is high rank, so it is exported by truncated SVD of its
+lossless. Its variants are exact LoRAs too (:meth:`moreft.MoReLinear.lora_factors`): the output
+scale goes into ``B``, the principal init's frozen product is a second term (rank ``2 * nblocks *
+block_rank``), and the multiplicative ``c·M·W`` is ``(c·B) @ (A·W)``, relative to the base weight
+it was exported from. LoRA exports itself. MoRA is high rank, so it is exported by truncated SVD of its
 ``ΔW`` at a chosen rank, and the relative Frobenius error of each layer is reported
 (:class:`ExportReport`). A lossy export is refused unless the caller asked for it: a ``rank``
 (accept the loss at that rank) or a ``tolerance`` (accept a relative error up to it).
@@ -21,12 +24,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .config import LoRAConfig, Method, MoRAConfig, MoReConfig
+from .config import InitMode, LoRAConfig, Method, MoRAConfig, MoReConfig
 from .errors import AdapterFileError, ConfigError, ExportError
 from .safe_write import FolderKind, atomic_dir_write
 from .inject import adapter_config, adapter_layers, modules_to_save_names
 from .layers import AdapterLayer, LoRALinear, MoReLinear, is_conv1d, linear_shape
-from .ops.monarch import fold_factors
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, base_model_name
 from .version import __version__
 
@@ -95,7 +97,8 @@ def export_rank(config: LoRAConfig | MoReConfig | MoRAConfig, rank: int | None) 
     Raises:
         ConfigError: a ``rank`` for a lossless method that differs from its exact rank.
     """
-    exact = {Method.MORE: lambda c: c.nblocks * c.block_rank, Method.LORA: lambda c: c.rank}
+    exact = {Method.MORE: lambda c: c.nblocks * c.block_rank * (2 if c.init_mode is InitMode.PRINCIPAL else 1),
+             Method.LORA: lambda c: c.rank}
     if config.method in exact:
         natural = exact[config.method](config)
         if rank not in (None, natural):
@@ -153,7 +156,7 @@ def lora_factors(layer: AdapterLayer, rank: int) -> tuple[Tensor, Tensor, float]
     """``(A (rank, in), B (out, rank), relative error)`` with ``B @ A`` approximating ``ΔW``."""
     with torch.no_grad():
         if isinstance(layer, MoReLinear):
-            a, b = fold_factors(layer.blkdiag1, layer.blkdiag2, layer.in_features, layer.out_features)
+            a, b = layer.lora_factors()
             if a.shape[0] < rank:  # block_rule "official" dropped fully padded blocks: zero rank-1 terms
                 a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
                 b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)

@@ -37,7 +37,7 @@ def adapter_shapes(config: AdapterConfig, modules: Mapping[str, Sequence[int]]) 
         except (RuntimeError, OverflowError, MemoryError, TypeError, ValueError) as exc:  # beyond int64
             raise ConfigError(f"{config.method.value} config implies impossible sizes on {name!r} "
                               f"({in_features}->{out_features}): {str(exc).splitlines()[0]}") from None
-        shapes.update({f"{name}.{p}": tuple(t.shape) for p, t in layer.adapter_params().items()})
+        shapes.update({f"{name}.{p}": tuple(t.shape) for p, t in layer.adapter_state().items()})
     return shapes
 
 

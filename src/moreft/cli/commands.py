@@ -175,14 +175,23 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """``moreft inspect RUN_DIR``: per-layer table and a |ΔW| heat map."""
+    """``moreft inspect RUN_DIR``: per-layer table, weight fits, a |ΔW| heat map (and the weights plot)."""
     from moreft.train.inspect import inspect_run
 
-    report = inspect_run(args.run_dir, layer=args.layer, heatmap=args.heatmap)
+    report = inspect_run(args.run_dir, layer=args.layer, heatmap=args.heatmap, sv_threshold=args.sv_threshold,
+                         subspace_rank=args.subspace_rank, plots=args.plots, weights_plot=args.weights_plot)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
     settings = {k: v for k, v in report.method.items() if k != "target_modules"}
     print(f"adapter: {settings} on {len(report.layers)} layers")
     print(report.to_markdown())
+    print(f"φ: subspace similarity of the top-r singular vectors of ΔW and W (1 = inside W's top directions; "
+          f"random subspaces give about r / width), r = min({report.subspace_rank}, rank of ΔW)")
+    print(report.weights_markdown())
     print(f"heat map of |ΔW| for {report.heatmap_layer}: {report.heatmap}")
+    if report.weights_plot is not None:
+        print(f"adapter weights against fitted Gaussians: {report.weights_plot}")
     return 0
 
 

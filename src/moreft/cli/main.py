@@ -109,10 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "accepted per layer; a lossy MoRA export needs --rank or --tolerance")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("inspect", help="per-layer params, rank and norm of ΔW, and a |ΔW| heat map")
+    p = sub.add_parser("inspect",
+                       help="per-layer params, rank, norm, spectrum and φ of ΔW, weight fits, a |ΔW| heat map")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--layer", default=None, help="layer for the heat map (default: the first)")
     p.add_argument("--heatmap", default=None, metavar="PNG", help="heat map path (default RUN_DIR/delta_<layer>.png)")
+    p.add_argument("--sv-threshold", type=float, default=0.1, metavar="T",
+                   help="count singular values of ΔW above T per layer (default 0.1, as MoRA Figure 5)")
+    p.add_argument("--subspace-rank", type=int, default=8, metavar="R",
+                   help="top-R singular vectors of ΔW and W compared by φ (LoRA Section 7; default 8, capped at "
+                        "rank(ΔW))")
+    p.add_argument("--plots", action="store_true",
+                   help="also plot the adapter weights against fitted Gaussians (RUN_DIR/weights.png)")
+    p.add_argument("--weights-plot", default=None, metavar="PNG", help="that plot's path (implies --plots)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("compare", help="train several methods x seeds; writes compare.md and compare.png",

@@ -11,7 +11,9 @@ inspect, the quantised merge, the default merge and the tests rely on) and ``_ad
 implement ``_fused_forward`` (base and adapter as one autograd Function, ``moreft.ops.fused``,
 ``moreft.ops.blocks``; used for the first active adapter where it applies) and ``_delta_adder``
 (its ΔW added into a weight in place from its factors; ``moreft.layers.merging``). With one active
-adapter, ``layer.blkdiag1`` etc. are that adapter's parameters.
+adapter, ``layer.blkdiag1`` etc. are that adapter's parameters. An adapter may lack an optional
+parameter (e.g. MoRe's learnable scale), and may hold frozen tensors (``adapter_buffer_names``,
+persistent ``BufferDict`` s saved with it, never trained).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 from torch.nn.modules import module as registry  # the global hook registries
@@ -74,6 +77,8 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
     method: ClassVar[Method]
     prefix: ClassVar[str]
     adapter_param_names: ClassVar[tuple[str, ...]]
+    #: Frozen per-adapter tensors (short names; ``BufferDict`` s ``prefix + name``, in ``other_param_names``).
+    adapter_buffer_names: ClassVar[tuple[str, ...]] = ()
     other_param_names: ClassVar[tuple[str, ...]] = ("adapter_configs", "adapter_dropout")
     #: Fused forward/backward (``moreft.ops.fused``) where it applies; ``None`` follows the
     #: module-wide switch ``moreft.ops.fused.set_fused_enabled``, ``False`` forces the reference.
@@ -103,6 +108,8 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         self.adapter_dropout = nn.ModuleDict()
         for dict_name in self.adapter_layer_names:
             setattr(self, dict_name, nn.ParameterDict())
+        for short in self.adapter_buffer_names:
+            setattr(self, self.prefix + short, BufferDict(persistent=True))
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
@@ -157,8 +164,12 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         params = self._new_params(config, adapter_name)
         self.adapter_configs[adapter_name] = config
         self.adapter_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        for short in (*self.adapter_param_names, *self.adapter_buffer_names):  # a replaced adapter's old tensors
+            if adapter_name in getattr(self, self.prefix + short):
+                del getattr(self, self.prefix + short)[adapter_name]
         for short, tensor in params.items():
-            getattr(self, self.prefix + short)[adapter_name] = nn.Parameter(tensor)
+            frozen = short in self.adapter_buffer_names
+            getattr(self, self.prefix + short)[adapter_name] = tensor if frozen else nn.Parameter(tensor)
         self._init_params(adapter_name, config.init_weights)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -197,7 +208,15 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
     def adapter_params(self, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
         """One adapter's trainable parameters by short name (``blkdiag1``, ...); default: the active one."""
         name = self._one(adapter_name)
-        return {n: getattr(self, self.prefix + n)[name] for n in self.adapter_param_names}
+        return {n: getattr(self, self.prefix + n)[name] for n in self.adapter_param_names
+                if name in getattr(self, self.prefix + n)}
+
+    def adapter_state(self, adapter_name: str | None = None) -> dict[str, Tensor]:
+        """What an adapter file holds of one adapter: its parameters and frozen buffers, by short name."""
+        name = self._one(adapter_name)
+        buffers = {n: getattr(self, self.prefix + n)[name] for n in self.adapter_buffer_names
+                   if name in getattr(self, self.prefix + n)}
+        return {**self.adapter_params(name), **buffers}
 
     def delta_weight(self, adapter_name: str | None = None) -> Tensor:
         """Dense ``ΔW (out_features, in_features)`` of one adapter, or the sum over the active ones."""
@@ -221,7 +240,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         """Move an adapter to the base layer's device; it stays fp32 on bf16/fp16 bases (peft would cast it)."""
         weight = self.base_layer.weight
-        for dict_name in self.adapter_layer_names:
+        for dict_name in (*self.adapter_layer_names, *(self.prefix + n for n in self.adapter_buffer_names)):
             params = getattr(self, dict_name)
             if adapter_name in params and params[adapter_name].device != torch.device("meta"):
                 params[adapter_name] = params[adapter_name].to(device or weight.device, dtype=adapter_dtype(weight))
@@ -348,9 +367,9 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract ΔW of every merged adapter from the base weight again (idempotent); exact up to rounding."""
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            add_delta_(self._oriented_weight(), self._adder([name]), -1.0)
+        while self.merged_adapters:  # popped after: a ΔW may depend on being merged (MoRe multiplicative)
+            add_delta_(self._oriented_weight(), self._adder([self.merged_adapters[-1]]), -1.0)
+            self.merged_adapters.pop()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

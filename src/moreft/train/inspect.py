@@ -1,22 +1,40 @@
-"""Looking inside a trained adapter: per-layer size, rank and norm of ΔW, and a |ΔW| heat map."""
+"""Looking inside a trained adapter: per-layer size, rank and norm of ΔW, a |ΔW| heat map, and
+(:mod:`moreft.analysis`) the count of ΔW's singular values above a threshold (MoRA Figure 5), the
+subspace similarity φ between ΔW and the top singular vectors of W (LoRA Section 7), and the
+distribution of the learned adapter weights against a fitted Gaussian (MoRe Appendix D)."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import moreft
+from moreft.analysis import (
+    DEFAULT_SUBSPACE_RANK,
+    DEFAULT_SV_THRESHOLD,
+    RANK_RTOL,
+    GaussianFit,
+    SubspaceSimilarity,
+    gaussian_fit,
+    numerical_rank,
+    subspace_similarity,
+)
 from moreft.errors import ConfigError, OutputError
 from moreft.lock import folder_lock
-from moreft.train.plots import is_moreft_png, plot_heatmap
+from moreft.train.plots import is_moreft_png, plot_heatmap, plot_weight_distributions
 from moreft.train.rundir import RunDir, load_trained
 
-#: Singular values below ``RANK_RTOL * sigma_max`` count as zero (ΔW is built in fp32).
-RANK_RTOL = 1e-4
+__all__ = ["RANK_RTOL", "WEIGHTS_PLOT", "InspectReport", "LayerStats", "inspect_model", "inspect_run", "layer_stats",
+           "monarch_row_order"]
+
+#: The weight-distribution figure ``moreft inspect --plots`` writes into the run directory.
+WEIGHTS_PLOT = "weights.png"
 
 
 @dataclass(frozen=True)
@@ -30,6 +48,8 @@ class LayerStats:
         rank: Numerical rank of ΔW (singular values above ``RANK_RTOL * sigma_max``).
         max_rank: ``min(out, in)``.
         fro_norm: Frobenius norm of ΔW.
+        sv_above: Singular values of ΔW above the report's ``sv_threshold`` (absolute).
+        subspace: φ between ΔW's and W's top singular subspaces; None when ΔW = 0.
     """
 
     name: str
@@ -38,6 +58,13 @@ class LayerStats:
     rank: int
     max_rank: int
     fro_norm: float
+    sv_above: int = 0
+    subspace: SubspaceSimilarity | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "params": self.params, "rank": self.rank,
+                "max_rank": self.max_rank, "fro_norm": self.fro_norm, "sv_above": self.sv_above,
+                "subspace": self.subspace.to_dict() if self.subspace else None}
 
 
 @dataclass(frozen=True)
@@ -50,6 +77,11 @@ class InspectReport:
         layers: Per-layer statistics, in module order.
         heatmap: The |ΔW| PNG written (None if not requested).
         heatmap_layer: The layer shown in it.
+        sv_threshold: The threshold of ``LayerStats.sv_above``.
+        subspace_rank: The ``r`` asked for φ (each layer caps it at the rank of its ΔW).
+        weights: A Gaussian fit per adapter parameter (``blkdiag1``, ``matrix``, ``lora_A`` ...),
+            pooled over every adapted layer.
+        weights_plot: The weight-distribution PNG written (None if not requested).
     """
 
     run_dir: Path
@@ -57,16 +89,41 @@ class InspectReport:
     layers: list[LayerStats] = field(default_factory=list)
     heatmap: Path | None = None
     heatmap_layer: str | None = None
+    sv_threshold: float = DEFAULT_SV_THRESHOLD
+    subspace_rank: int = DEFAULT_SUBSPACE_RANK
+    weights: dict[str, GaussianFit] = field(default_factory=dict)
+    weights_plot: Path | None = None
 
     def to_markdown(self) -> str:
         """The per-layer table as Markdown."""
-        lines = ["| layer | shape (out, in) | params | rank of ΔW | ‖ΔW‖_F |", "|---|---|---:|---:|---:|"]
+        header = (f"| layer | shape (out, in) | params | rank of ΔW | ‖ΔW‖_F | σ(ΔW) > {self.sv_threshold:g} | "
+                  "φ out / in (r) |")
+        lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
         for s in self.layers:
+            phi = f"{s.subspace.output:.3f} / {s.subspace.input:.3f} ({s.subspace.rank})" if s.subspace else "-"
             lines.append(f"| {s.name} | {s.shape[0]}×{s.shape[1]} | {s.params:,} | {s.rank} / {s.max_rank} | "
-                         f"{s.fro_norm:.4g} |")
+                         f"{s.fro_norm:.4g} | {s.sv_above} | {phi} |")
         total = sum(s.params for s in self.layers)
-        lines.append(f"| **total ({len(self.layers)} layers)** | | **{total:,}** | | |")
+        lines.append(f"| **total ({len(self.layers)} layers)** | | **{total:,}** | | | "
+                     f"{sum(s.sv_above for s in self.layers)} | |")
         return "\n".join(lines)
+
+    def weights_markdown(self) -> str:
+        """The Gaussian fit of each adapter parameter as Markdown."""
+        lines = ["| adapter weights | values | mean | std | skewness | excess kurtosis | KS to the fit |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, f in self.weights.items():
+            lines.append(f"| {name} | {f.count:,} | {f.mean:.3g} | {f.std:.3g} | {f.skewness:.3f} | "
+                         f"{f.excess_kurtosis:.3f} | {f.ks:.4f} |")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as JSON-ready data (``moreft inspect --json``)."""
+        return {"run_dir": str(self.run_dir), "method": self.method, "sv_threshold": self.sv_threshold,
+                "subspace_rank": self.subspace_rank, "layers": [s.to_dict() for s in self.layers],
+                "weights": {n: f.to_dict() for n, f in self.weights.items()},
+                "heatmap": str(self.heatmap) if self.heatmap else None, "heatmap_layer": self.heatmap_layer,
+                "weights_plot": str(self.weights_plot) if self.weights_plot else None}
 
 
 def monarch_row_order(out_features: int, nblocks: int) -> list[int]:
@@ -74,43 +131,96 @@ def monarch_row_order(out_features: int, nblocks: int) -> list[int]:
     return [row for b in range(nblocks) for row in range(b, out_features, nblocks)]
 
 
-def layer_stats(name: str, layer: moreft.AdapterLayer) -> LayerStats:
-    """Size, numerical rank and Frobenius norm of one layer's ΔW."""
+def layer_stats(name: str, layer: moreft.AdapterLayer, sv_threshold: float = DEFAULT_SV_THRESHOLD,
+                subspace_rank: int = DEFAULT_SUBSPACE_RANK) -> LayerStats:
+    """Size, numerical rank, Frobenius norm, singular values above ``sv_threshold`` and φ of one layer's ΔW.
+
+    φ compares ΔW with the base weight the adapter sits on (unmerged, oriented ``(out, in)``).
+    """
     with torch.no_grad():
         delta = layer.delta_weight().detach().double().cpu()
         sv = torch.linalg.svdvals(delta)
-        top = float(sv[0]) if sv.numel() else 0.0
-        rank = int((sv > RANK_RTOL * top).sum()) if top > 0 else 0
+        base = layer.base_layer.weight
+        weight = (base.T if moreft.layers.is_conv1d(layer.base_layer) else base).detach().double().cpu()
+        subspace = subspace_similarity(delta, weight, subspace_rank)
     params = sum(p.numel() for p in layer.adapter_params().values())
-    return LayerStats(name, (layer.out_features, layer.in_features), params, rank, min(delta.shape),
-                      float(torch.linalg.matrix_norm(delta)))
+    return LayerStats(name, (layer.out_features, layer.in_features), params, numerical_rank(sv), min(delta.shape),
+                      float(torch.linalg.matrix_norm(delta)), int((sv > sv_threshold).sum()), subspace)
+
+
+def adapter_weights(layers: dict[str, moreft.AdapterLayer]) -> dict[str, torch.Tensor]:
+    """Every adapter matrix's entries, pooled over the layers by parameter name (scalars left out)."""
+    pooled: dict[str, list[torch.Tensor]] = {}
+    for layer in layers.values():
+        for short, p in layer.adapter_params().items():
+            if p.numel() > 1:
+                pooled.setdefault(short, []).append(p.detach().flatten().double().cpu())
+    return {short: torch.cat(parts) for short, parts in pooled.items()}
+
+
+def inspect_model(model: torch.nn.Module, sv_threshold: float = DEFAULT_SV_THRESHOLD,
+                  subspace_rank: int = DEFAULT_SUBSPACE_RANK) -> tuple[list[LayerStats], dict[str, GaussianFit]]:
+    """Per-layer statistics and the per-parameter Gaussian fits of a model carrying an adapter.
+
+    Raises:
+        ConfigError: a bad ``sv_threshold`` (not finite, or < 0) or ``subspace_rank`` (not an integer >= 1).
+    """
+    _check_options(sv_threshold, subspace_rank)
+    layers = moreft.adapter_layers(model)
+    stats = [layer_stats(n, lay, sv_threshold, subspace_rank) for n, lay in layers.items()]
+    return stats, {n: gaussian_fit(v) for n, v in adapter_weights(layers).items()}
+
+
+def _check_options(sv_threshold: float, subspace_rank: int) -> None:
+    if isinstance(sv_threshold, bool) or not isinstance(sv_threshold, (int, float)) \
+            or not 0 <= sv_threshold < math.inf:
+        raise ConfigError(f"--sv-threshold {sv_threshold!r} must be a finite number >= 0")
+    if isinstance(subspace_rank, bool) or not isinstance(subspace_rank, int) or subspace_rank < 1:
+        raise ConfigError(f"--subspace-rank {subspace_rank!r} must be an integer >= 1")
+
+
+def _refuse_foreign_png(path: str | os.PathLike | None, what: str, flag: str) -> None:
+    if path is not None and os.path.lexists(path) and not is_moreft_png(Path(path)):
+        raise OutputError(f"{what} path {str(path)!r} exists and is not a PNG moreft wrote; moreft "
+                          f"will not replace it. Choose another {flag} path")
 
 
 def inspect_run(run_dir: str | os.PathLike, layer: str | None = None, heatmap: str | os.PathLike | None = None,
-                ) -> InspectReport:
-    """Per-layer statistics of a run's adapter and a heat map of one layer's |ΔW|.
+                sv_threshold: float = DEFAULT_SV_THRESHOLD, subspace_rank: int = DEFAULT_SUBSPACE_RANK,
+                plots: bool = False, weights_plot: str | os.PathLike | None = None) -> InspectReport:
+    """Per-layer statistics of a run's adapter, a heat map of one layer's |ΔW| and the weight distributions.
 
     Args:
         run_dir: A finished run directory.
         layer: Layer to draw (a qualified name or a unique suffix); default the first adapted layer.
         heatmap: PNG path; default ``<run_dir>/delta_<layer>.png``. An existing file there is
             replaced only if it is a PNG moreft wrote.
+        sv_threshold: Count the singular values of ΔW above this (MoRA Figure 5: 0.1).
+        subspace_rank: ``r`` of the subspace similarity φ (capped per layer at the rank of ΔW).
+        plots: Also draw the adapter weights against their fitted Gaussians (MoRe Appendix D).
+        weights_plot: That PNG's path (implies ``plots``); default ``<run_dir>/weights.png``,
+            replaced only if moreft wrote it.
 
     Returns:
         An :class:`InspectReport`.
 
     Raises:
-        ConfigError: ``layer`` matches no adapted layer or more than one.
+        ConfigError: ``layer`` matches no adapted layer or more than one; a bad ``sv_threshold`` or
+            ``subspace_rank``.
         moreft.AdapterFileError: The run has no adapter.
-        OutputError: ``heatmap`` names a file moreft did not write, or the heat map goes into a
-            run that another process is writing.
+        OutputError: ``heatmap`` or ``weights_plot`` names a file moreft did not write, or a PNG goes
+            into a run that another process is writing.
     """
-    if heatmap is not None and os.path.lexists(heatmap) and not is_moreft_png(Path(heatmap)):
-        raise OutputError(f"heat map path {str(heatmap)!r} exists and is not a PNG moreft wrote; moreft "
-                          "will not replace it. Choose another --heatmap path")
+    _check_options(sv_threshold, subspace_rank)
+    plots = plots or weights_plot is not None
+    weights_out = None
+    if plots:
+        weights_out = Path(weights_plot) if weights_plot is not None else RunDir(Path(run_dir)).path / WEIGHTS_PLOT
+    _refuse_foreign_png(heatmap, "heat map", "--heatmap")
+    _refuse_foreign_png(weights_out, "weights plot", "--weights-plot")
     _, _, model, _ = load_trained(run_dir)
     layers = moreft.adapter_layers(model)
-    stats = [layer_stats(n, lay) for n, lay in layers.items()]
+    stats, fits = inspect_model(model, sv_threshold, subspace_rank)
     if layer is None:
         chosen = next(iter(layers))
     else:
@@ -129,8 +239,13 @@ def inspect_run(run_dir: str | os.PathLike, layer: str | None = None, heatmap: s
         order = monarch_row_order(delta.shape[0], config.nblocks)
         label = f"rows grouped by Monarch output block (N={config.nblocks})"
     run = Path(os.path.realpath(run_dir))
-    into_run = run == Path(os.path.realpath(out.parent)) or run in Path(os.path.realpath(out.parent)).parents
+    into_run = any(run == Path(os.path.realpath(p.parent)) or run in Path(os.path.realpath(p.parent)).parents
+                   for p in (out, weights_out) if p is not None)
+    method = config.method.value if config else "?"
     with folder_lock(run, "run directory") if into_run else contextlib.nullcontext():
-        plot_heatmap(delta, out, title=f"|ΔW| of {chosen} ({config.method.value if config else '?'})",
-                     row_order=order, order_label=label)
-    return InspectReport(Path(run_dir), config.to_dict() if config else {}, stats, out, chosen)
+        plot_heatmap(delta, out, title=f"|ΔW| of {chosen} ({method})", row_order=order, order_label=label)
+        if weights_out is not None:
+            plot_weight_distributions(adapter_weights(layers), fits, weights_out,
+                                      title=f"{method} adapter weights over {len(layers)} layers vs fitted Gaussians")
+    return InspectReport(Path(run_dir), config.to_dict() if config else {}, stats, out, chosen, sv_threshold,
+                         subspace_rank, fits, weights_out)

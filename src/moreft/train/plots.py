@@ -124,3 +124,35 @@ def plot_heatmap(delta: torch.Tensor, path: Path, title: str = "", max_side: int
         ax.set_ylabel("output feature")
     fig.suptitle(title or "|ΔW|", fontsize=10)
     return save_png(fig, path)
+
+
+def plot_weight_distributions(samples: Mapping[str, torch.Tensor], fits: Mapping[str, Any], path: Path,
+                              title: str = "", bins: int = 80) -> Path:
+    """Histogram (density) of each group of adapter weights against its fitted Gaussian (MoRe Appendix D).
+
+    Args:
+        samples: Values per group (e.g. ``blkdiag1`` pooled over every adapted layer).
+        fits: A :class:`moreft.analysis.GaussianFit` per group (``mean``, ``std``, ``excess_kurtosis``, ``ks``).
+        path: Where to write the PNG.
+        title: Figure title.
+        bins: Histogram bins.
+    """
+    names = list(samples)
+    fig, axes = subplots(1, max(1, len(names)), figsize=(5 * max(1, len(names)), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        values = samples[name].detach().double().flatten().cpu()
+        fit = fits[name]
+        ax.hist(values.numpy(), bins=bins, density=True, color="tab:blue", alpha=0.6, label="weights")
+        if fit.std > 0:
+            grid = torch.linspace(float(values.min()), float(values.max()), 400, dtype=torch.float64)
+            pdf = torch.exp(-0.5 * ((grid - fit.mean) / fit.std) ** 2) / (fit.std * (2 * torch.pi) ** 0.5)
+            ax.plot(grid.numpy(), pdf.numpy(), color="tab:orange", label=f"N({fit.mean:.2g}, {fit.std:.2g}²)")
+        ax.set_title(f"{name}: {fit.count:,} values\nexcess kurtosis {fit.excess_kurtosis:.2f}, KS {fit.ks:.3f}",
+                     fontsize=9)
+        ax.set_xlabel("weight")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+    if not names:
+        axes[0][0].text(0.5, 0.5, "no adapter weights", ha="center", va="center", transform=axes[0][0].transAxes)
+    fig.suptitle(title or "adapter weight distributions", fontsize=10)
+    return save_png(fig, path)

@@ -12,8 +12,8 @@
 ``.moreft.lock``    held (``flock``) by the process writing the run; removed when it ends
 ==================  ===========================================================================
 
-``merged_base.safetensors`` (``merge_every`` runs) and ``delta_<layer>.png`` (``moreft inspect``)
-may sit beside them. These names, temp siblings of them that an atomic write left
+``merged_base.safetensors`` (``merge_every`` runs), ``delta_<layer>.png`` and ``weights.png``
+(``moreft inspect``) may sit beside them. These names, temp siblings of them that an atomic write left
 (``.<name>.tmp-<pid>-*``, ``.<name>.old-<pid>``), a moreft adapter in ``adapter/`` and
 ``checkpoint-<step>`` folders in ``checkpoints/`` are what moreft owns in a run folder;
 ``--overwrite`` deletes only those, and refuses a folder holding anything else.
@@ -91,7 +91,7 @@ def foreign_run_entries(path: Path) -> list[str]:
     from moreft.train.reinit import MERGED_BASE_FILE
 
     files = ("config.yaml", "split.json", "metrics.jsonl", "metrics.json", "loss.png", MERGED_BASE_FILE,
-             LOCK_NAME)
+             LOCK_NAME, "weights.png")
     names = "|".join(map(re.escape, (*files, "adapter")))
     temp = re.compile(rf"\.(?:{names})\.(?:tmp-\d+-[a-z0-9_]{{8}}|old-\d+)")
     out = []
