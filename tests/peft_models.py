@@ -7,6 +7,7 @@ a random non-zero ΔW, so a check that an adapter is (not) applied can fail.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -81,8 +82,7 @@ CONFIGS: dict[str, Callable[..., moreft.AdapterConfig]] = {
     "more-N4r2": lambda **kw: moreft.MoReConfig(nblocks=4, block_rank=2, **kw),
     "more-N3r1": lambda **kw: moreft.MoReConfig(nblocks=3, block_rank=1, **kw),
     "more-N1r4": lambda **kw: moreft.MoReConfig(nblocks=1, block_rank=4, **kw),
-    **{f"mora-{op.value}": (lambda op: lambda **kw: moreft.MoRAConfig(rank=2, operator=op, **kw))(op)
-       for op in moreft.MoRAOperator},
+    **{f"mora-{op.value}": functools.partial(moreft.MoRAConfig, rank=2, operator=op) for op in moreft.MoRAOperator},
     "mora-sharing-adjacent": lambda **kw: moreft.MoRAConfig(rank=2, operator="sharing",
                                                             sharing_layout="adjacent", **kw),
 }

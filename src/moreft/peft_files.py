@@ -53,7 +53,7 @@ def convert_to_peft(source: str | os.PathLike, target: str | os.PathLike) -> Pat
     prefix = LAYER_CLASSES[config.method].prefix
     try:
         with safe_open(str(source / WEIGHTS_NAME), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has keys() but is not iterable
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
         raise AdapterFileError(f"{str(source / WEIGHTS_NAME)!r} is not a readable safetensors file: {exc}") from None
     missing = sorted(set(implied) - set(tensors))

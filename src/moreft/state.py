@@ -278,7 +278,7 @@ def _read_header(file: Path) -> dict[str, tuple[list[int], str]]:
     """``{key: (shape, dtype)}`` from a safetensors header, reading no tensor data."""
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            return {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118 - safe_open has keys() but is not iterable
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
         raise AdapterFileError(f"{str(file)!r} is not a readable safetensors file: {exc}") from None
 
@@ -294,7 +294,7 @@ def _check_header(file: Path, meta: dict[str, Any], config: AdapterConfig) -> No
     except ConfigError as exc:
         raise AdapterFileError(f"config in {str(file.parent / CONFIG_NAME)!r} does not fit its modules: {exc}") from None
     header = _read_header(file)
-    for key, (shape, dtype) in sorted(header.items()):
+    for key, (_shape, dtype) in sorted(header.items()):
         if dtype not in FLOAT_DTYPES:
             raise AdapterFileError(f"tensor {key!r} in {str(file)!r} has dtype {dtype}; adapter tensors must be "
                                    f"floating point ({', '.join(FLOAT_DTYPES)})")

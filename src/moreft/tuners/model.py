@@ -20,9 +20,9 @@ from torch import nn
 
 from ..config import ALL_LINEAR, CONFIG_CLASSES, AdapterConfig
 from ..errors import AdapterFileError, TargetError
-from ..targets import DEFAULT_TARGETS, check_disjoint, modules_to_save_names, resolve_targets
 from ..layers import AdapterLayer, LoRALinear, MoRALinear, MoReLinear, linear_shape
 from ..limits import adapter_shapes
+from ..targets import DEFAULT_TARGETS, check_disjoint, modules_to_save_names, resolve_targets
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from peft import mapping
 
 from ..config import CONFIG_CLASSES, PEFT_TYPES, Method
-from .model import LoRAModel, MoRAModel, MoReModel, MoreftTuner
+from .model import LoRAModel, MoRAModel, MoreftTuner, MoReModel
 
 TUNERS: dict[Method, type[MoreftTuner]] = {Method.MORE: MoReModel, Method.MORA: MoRAModel, Method.LORA: LoRAModel}
 
