@@ -322,8 +322,10 @@ CONFIG_CLASSES: dict[Method, type[AdapterConfig]] = {
     Method.MORE: MoReConfig, Method.MORA: MoRAConfig, Method.LORA: LoRAConfig}
 
 
-def config_from_dict(data: Mapping[str, Any]) -> AdapterConfig:
+def config_from_dict(data: object) -> AdapterConfig:
     """Build a config from :meth:`AdapterConfig.to_dict` output or a saved adapter's JSON.
+
+    ``data`` is checked, not trusted: anything but a mapping of known fields raises ConfigError.
 
     The method comes from ``method`` (moreft's own files) or ``peft_type`` (peft's layout).
 

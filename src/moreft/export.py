@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .config import LoRAConfig, Method, MoRAConfig, MoReConfig
+from .config import AdapterConfig, LoRAConfig, Method, MoRAConfig, MoReConfig
 from .errors import AdapterFileError, ConfigError
 from .files import FolderKind, atomic_dir_write
 from .inject import adapter_config, adapter_layers, modules_to_save_names
@@ -67,22 +67,26 @@ class ExportReport:
         return max(self.relative_errors.values(), default=0.0)
 
 
-def export_rank(config: LoRAConfig | MoReConfig | MoRAConfig, rank: int | None) -> int:
+def export_rank(config: AdapterConfig, rank: int | None) -> int:
     """The LoRA rank an export of ``config`` uses (exact for MoRe/LoRA, chosen for MoRA).
 
     Raises:
         ConfigError: a ``rank`` for a lossless method that differs from its exact rank.
     """
-    exact = {Method.MORE: lambda c: c.nblocks * c.block_rank, Method.LORA: lambda c: c.rank}
-    if config.method in exact:
-        natural = exact[config.method](config)
-        if rank not in (None, natural):
-            raise ConfigError(f"rank={rank} cannot be used to export {config.method.value}: its exact "
-                              f"LoRA rank is {natural}")
-        return natural
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ConfigError(f"rank={rank!r} must be an integer >= 1")
-    return rank if rank is not None else config.rank
+    if isinstance(config, MoRAConfig):
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ConfigError(f"rank={rank!r} must be an integer >= 1")
+        return rank if rank is not None else config.rank
+    if isinstance(config, MoReConfig):
+        natural = config.nblocks * config.block_rank
+    elif isinstance(config, LoRAConfig):
+        natural = config.rank
+    else:
+        raise TypeError(f"{type(config).__name__} is not a moreft adapter config")
+    if rank not in (None, natural):
+        raise ConfigError(f"rank={rank} cannot be used to export {config.method.value}: its exact "
+                          f"LoRA rank is {natural}")
+    return natural
 
 
 def lora_factors(layer: AdapterLayer, rank: int) -> tuple[Tensor, Tensor, float]:

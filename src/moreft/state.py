@@ -72,7 +72,7 @@ def fingerprint(shapes: dict[str, list[int]]) -> str:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter parameters and ``modules_to_save`` parameters, by qualified name."""
     config = adapter_config(model)
-    state = {f"{n}.{p}": t for n, layer in adapter_layers(model).items()
+    state: dict[str, torch.Tensor] = {f"{n}.{p}": t for n, layer in adapter_layers(model).items()
              for p, t in layer.adapter_params().items()}
     for n in modules_to_save_names(model, config) if config else ():
         state.update({f"{n}.{p}": t for p, t in model.get_submodule(n).named_parameters()})

@@ -91,6 +91,7 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         module_name, _, leaf = key.rpartition(".")
         container, slot = slots.get(key) or (model.get_submodule(module_name)._parameters, leaf)
         old = container[slot]
+        assert old is not None  # every key is one of the model's parameters (checked by the caller)
         device = "cpu" if old.is_meta else old.device
         targets.append((container, slot, old, value.to(device=device, dtype=old.dtype).clone()))
     for container, slot, old, value in targets:
@@ -152,7 +153,7 @@ def _compare_base(model: nn.Module, imported: Imported) -> list[str]:
     layers = adapter_layers(model)
     diffs = []
     for name, dense in imported.base_weights.items():
-        weight = layers[name].base_layer.weight
+        weight = layers[name]._base_weight()
         if weight.is_meta:
             return []
         weight = weight.T if weight.shape != dense.shape else weight
@@ -178,7 +179,7 @@ def skeleton(base: str | os.PathLike) -> nn.Module:
 
     from ..models import model_dir
 
-    path = model_dir(base)
+    path = model_dir(os.fspath(base))
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None

@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import BlockRule, Method, MoReConfig
 from ..errors import ConfigError
@@ -18,7 +18,7 @@ from .linear import adapter_dtype
 from .merging import DeltaAdder, blocked_lowrank_adder, lowrank_adder
 
 
-class MoReLinear(AdapterLayer):
+class MoReLinear(AdapterLayer[MoReConfig]):
     """``y = base(x) + dropout(x · ΔWᵀ)`` with ``ΔW = P1·blkdiag2·P2·blkdiag1``; no alpha.
 
     Parameters (named as in the paper's pseudocode, per adapter in ``more_blkdiag1`` /
@@ -37,6 +37,8 @@ class MoReLinear(AdapterLayer):
     method = Method.MORE
     prefix = "more_"
     adapter_param_names = ("blkdiag1", "blkdiag2")
+    more_blkdiag1: nn.ParameterDict
+    more_blkdiag2: nn.ParameterDict
 
     blkdiag1 = property(lambda self: self.more_blkdiag1[self._one()], doc="The active adapter's blkdiag1.")
     blkdiag2 = property(lambda self: self.more_blkdiag2[self._one()], doc="The active adapter's blkdiag2.")
@@ -51,9 +53,10 @@ class MoReLinear(AdapterLayer):
             raise ConfigError(f"block_rank={r} must be <= min(in_block, out_block)="
                               f"{min(in_block, out_block)} for {name!r} "
                               f"({self.in_features}->{self.out_features} in {n} blocks)")
-        weight = self.base_layer.weight
-        kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
-        return {"blkdiag1": torch.empty(n, r, in_block, **kw), "blkdiag2": torch.empty(n, out_block, r, **kw)}
+        weight = self._base_weight()
+        device, dtype = weight.device, adapter_dtype(weight)
+        return {"blkdiag1": torch.empty(n, r, in_block, device=device, dtype=dtype),
+                "blkdiag2": torch.empty(n, out_block, r, device=device, dtype=dtype)}
 
     @torch.no_grad()
     def _init_params(self, adapter_name: str, init_weights: bool) -> None:
@@ -78,9 +81,9 @@ class MoReLinear(AdapterLayer):
         return dropout(more_forward(x, b1, b2, self.out_features))
 
     def _delta_adder(self, dtype: torch.dtype, adapter_name: str) -> DeltaAdder:
-        kw = {"device": self.base_layer.weight.device, "dtype": dtype}
-        b1 = self.more_blkdiag1[adapter_name].detach().to(**kw)
-        b2 = self.more_blkdiag2[adapter_name].detach().to(**kw)
+        device = self._base_weight().device
+        b1 = self.more_blkdiag1[adapter_name].detach().to(device=device, dtype=dtype)
+        b2 = self.more_blkdiag2[adapter_name].detach().to(device=device, dtype=dtype)
         b = fold_more_b(b2, self.out_features)  # (out, N·r)
         if b1.shape[0] * b1.shape[2] == self.in_features:
             return blocked_lowrank_adder(b, b1)
