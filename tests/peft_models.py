@@ -7,6 +7,7 @@ a random non-zero ΔW, so a check that an adapter is (not) applied can fail.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -86,8 +87,7 @@ CONFIGS: dict[str, Callable[..., moreft.AdapterConfig]] = {
                                                         **kw),
     "more-mult": lambda **kw: moreft.MoReConfig(nblocks=4, block_rank=2, composition="multiplicative", **kw),
     "more-principal": lambda **kw: moreft.MoReConfig(nblocks=4, block_rank=2, init_mode="principal", **kw),
-    **{f"mora-{op.value}": (lambda op: lambda **kw: moreft.MoRAConfig(rank=2, operator=op, **kw))(op)
-       for op in moreft.MoRAOperator},
+    **{f"mora-{op.value}": functools.partial(moreft.MoRAConfig, rank=2, operator=op) for op in moreft.MoRAOperator},
     "mora-sharing-adjacent": lambda **kw: moreft.MoRAConfig(rank=2, operator="sharing",
                                                             sharing_layout="adjacent", **kw),
 }

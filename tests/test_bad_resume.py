@@ -49,7 +49,7 @@ def _flags(bert: str, out: Path, name: str, **kw) -> list[str]:
 
 
 def _file_flags(bert: str, out: Path, data: Path, **kw) -> list[str]:
-    return _flags(bert, out, "f", task="file-classification", **kw) + ["--task-option", f"train_path={data}"]
+    return [*_flags(bert, out, "f", task="file-classification", **kw), "--task-option", f"train_path={data}"]
 
 
 @pytest.fixture(scope="module")

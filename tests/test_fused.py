@@ -360,6 +360,6 @@ def test_safe_merge_checks_after_the_cast_to_the_base_dtype():
         layer.lora_A.fill_(1e2)
         layer.lora_B.fill_(1e2)
     before = layer.base_layer.weight.detach().clone()
-    with pytest.raises(MergeError, match="torch.float16 weight"):
+    with pytest.raises(MergeError, match=r"torch\.float16 weight"):
         layer.merge(safe=True)
     assert torch.equal(layer.base_layer.weight, before)

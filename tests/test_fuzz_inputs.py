@@ -303,7 +303,7 @@ def test_fuzzed_checkpoints_resume_or_give_a_clear_error(world, data, target):
             field = data.draw(st.sampled_from(["exp_avg", "exp_avg_sq", "step", "other"]))
             state["state"][key] = {**state["state"][key], field: leaf}
         else:
-            state[data.draw(st.sampled_from(sorted(state) + ["other"]))] = leaf
+            state[data.draw(st.sampled_from([*sorted(state), "other"]))] = leaf
         torch.save(state, path)
     elif target.endswith(".json"):
         path.write_bytes(data.draw(mutated_json(path.read_text())))

@@ -227,7 +227,7 @@ def test_kongds_lora_b_must_repeat_lora_a(llama_dir, tmp_path):
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
     tensors[key] = tensors[key] + 1
     save_file(tensors, str(tmp_path / "ad" / "adapter_model.safetensors"))
-    with pytest.raises(AdapterFileError, match="lora_B.weight differs from lora_A.weight"):
+    with pytest.raises(AdapterFileError, match=r"lora_B\.weight differs from lora_A\.weight"):
         load_official(base, "kongds-mora", tmp_path / "ad")
 
 

@@ -200,7 +200,7 @@ def test_mora_sharing_layout_switch_changes_delta(case):
     assert isinstance(layer, MoRALinear)
     randomize_adapters(layer)
     before = layer.delta_weight().detach()
-    other = [lay for lay in moreft.SharingLayout if lay is not layer.sharing_layout][0]
+    other = next(lay for lay in moreft.SharingLayout if lay is not layer.sharing_layout)
     layer.sharing_layout = other
     after = layer.delta_weight().detach()
     assert not torch.allclose(before, after)

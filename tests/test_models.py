@@ -70,7 +70,7 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown model 'bert-base' \(is not an existing path\); use one of "
                                          r"\['minilm', 'smollm2'\], or a local model directory"):
         load_model("bert-base", "classification", num_labels=2)
-    with pytest.raises(ValueError, match="is a directory without config.json"):
+    with pytest.raises(ValueError, match=r"is a directory without config\.json"):
         load_model(str(tmp_path), "classification", num_labels=2)
     with pytest.raises(ValueError, match=r"classification needs num_labels as an int >= 2, got None"):
         load_model("minilm", "classification")
@@ -80,7 +80,7 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
         load_model("smollm2", "generation", num_labels=2)
     with pytest.raises(ValueError, match=r"kind must be one of \['classification', 'generation'\], got 'regression'"):
         load_model("minilm", "regression", num_labels=2)
-    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+    with pytest.raises(ValueError, match=r"dtype must be a floating torch\.dtype"):
         load_model("minilm", "classification", num_labels=2, dtype=torch.int64)
     with pytest.raises(ConfigError, match=r"model 'minilm' supports \['classification'\], not 'generation'"):
         load_model("minilm", "generation")
@@ -117,7 +117,7 @@ def test_gguf_cache_converts_once_atomically_and_refreshes_when_stale(tmp_path, 
     gguf.write_bytes(b"GGUF" * 5)  # a different source file: the cache is stale
     model_dir(gguf, cache_dir=cache)
     assert len(calls) == 2 and [p.name for p in cache.iterdir()] == ["tiny-model"]
-    model, tokenizer = load_model(gguf, "generation", cache_dir=cache)
+    model, _tokenizer = load_model(gguf, "generation", cache_dir=cache)
     assert type(model).__name__ == "LlamaForCausalLM" and len(calls) == 2
     assert getattr(model.config, "quantization_config", None) is None
 

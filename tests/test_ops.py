@@ -61,7 +61,7 @@ def test_more_fast_path_equals_reference_outputs_and_grads(case, dtype, batch):
     (fast, *fast_grads), (ref, *ref_grads) = results
     assert fast.shape == (*batch, n_out)
     assert_close(fast, ref, case.tol)
-    for got, want in zip(fast_grads, ref_grads):
+    for got, want in zip(fast_grads, ref_grads, strict=True):
         assert got.shape == want.shape
         assert_close(got, want, case.tol)
 
@@ -184,7 +184,7 @@ def _valid(n_in, n_out, r, operator):
 
 MORA_SMALL = [(8, 8, 4), (7, 11, 3), (7, 11, 4), (11, 7, 4), (10, 5, 4), (5, 9, 2), (4, 13, 6)]
 PAPER_CASES = [pytest.param(n_in, n_out, r, op, lay, id=f"{op_id}-in{n_in}-out{n_out}-r{r}")
-               for n_in, n_out, r in MORA_SMALL for (op, lay), op_id in zip(MORA_OPS, MORA_OP_IDS)
+               for n_in, n_out, r in MORA_SMALL for (op, lay), op_id in zip(MORA_OPS, MORA_OP_IDS, strict=True)
                if _valid(n_in, n_out, r, op)]
 
 

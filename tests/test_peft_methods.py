@@ -271,7 +271,7 @@ def test_a_file_that_does_not_fit_is_refused_and_the_model_kept(case: PeftCase, 
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
     head = f"base_model.model.{case.model.modules_to_save[0]}.bias"  # a saved module that does not fit
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    tensors[key] = torch.zeros(tensors[key].shape[:-1] + (tensors[key].shape[-1] - 1,))
+    tensors[key] = torch.zeros(*tensors[key].shape[:-1], tensors[key].shape[-1] - 1)
     save_file({**tensors, head: torch.zeros(99)}, tmp_path / "adapter_model.safetensors")
     with pytest.raises(moreft.AdapterFileError, match=r"bias' has shape \[99\] in the file"):
         PeftModel.from_pretrained(base, tmp_path)
@@ -279,7 +279,11 @@ def test_a_file_that_does_not_fit_is_refused_and_the_model_kept(case: PeftCase, 
 
 
 def test_peft_types_are_registered_on_import():
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.mapping import (
+        PEFT_TYPE_TO_CONFIG_MAPPING,
+        PEFT_TYPE_TO_PREFIX_MAPPING,
+        PEFT_TYPE_TO_TUNER_MAPPING,
+    )
 
     assert moreft.tuners.registered()
     assert PEFT_TYPE_TO_CONFIG_MAPPING["MORE"] is moreft.MoReConfig

@@ -94,8 +94,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(config_id):
 def test_trl_sft_trainer_trains_and_saves_an_adapter(tmp_path):
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<eos>": 1, **{chr(97 + i): 2 + i for i in range(26)}}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from types import SimpleNamespace
 
@@ -96,7 +97,7 @@ def test_remora_sharing_rank_grows_with_merges_and_loss_keeps_falling(tmp_path):
     # One layout caps the update at rank r_hat = 4; strided + adjacent reach 2 r_hat - 1 = 7 (the all-ones
     # vector lies in both layouts' row and column spaces); a third cycle (strided again) adds no new space.
     assert ranks == [4, 7, 7]
-    assert all(b < a for a, b in zip(losses, losses[1:], strict=False))  # every cycle still improves the fit
+    assert all(b < a for a, b in itertools.pairwise(losses))  # every cycle still improves the fit
 
 
 @pytest.mark.parametrize(
@@ -110,7 +111,7 @@ def test_remora_sharing_rank_grows_with_merges_and_loss_keeps_falling(tmp_path):
 def test_rank_grows_by_each_cycle(tmp_path, config, per_cycle):
     ranks, losses = _train_with_merges(config, merges=3, tmp_path=tmp_path)
     assert ranks == [per_cycle, 2 * per_cycle, 3 * per_cycle]
-    assert all(b < a for a, b in zip(losses, losses[1:], strict=False))
+    assert all(b < a for a, b in itertools.pairwise(losses))
 
 
 def test_without_layout_switch_sharing_rank_stays_capped(tmp_path):

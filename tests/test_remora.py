@@ -57,7 +57,7 @@ def test_merge_and_reinit_refuses_nan_and_changes_nothing():
         layers[1].blkdiag2.fill_(float("nan"))
     with pytest.raises(moreft.MergeError, match="'2'"):
         merge_and_reinit(model)
-    for layer, w in zip(layers, weights):
+    for layer, w in zip(layers, weights, strict=True):
         assert torch.equal(layer.base_layer.weight, w) and not layer.merged
 
 

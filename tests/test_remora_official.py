@@ -86,7 +86,7 @@ def test_cycle_steps_through_their_mora_types_and_merges_their_delta(cycle, type
     moreft.inject(net, config)
     layer = moreft.adapter_layers(net)["lin"]
     seen = []
-    for step in range(len(types)):
+    for _ in range(len(types)):
         kind = TYPE_OF[layer.sharing_layout, layer.sharing_output_layout]
         seen.append(kind)
         with torch.no_grad():

@@ -122,7 +122,7 @@ def test_saving_again_replaces_the_directory(tmp_path):
 @pytest.mark.parametrize("case", cases(Method.MORA, operators=(moreft.MoRAOperator.SHARING,)))
 def test_mora_sharing_layout_is_restored(case, tmp_path):
     model = trained(case).eval()
-    flipped = [lay for lay in SharingLayout if lay is not case.config.sharing_layout][0]
+    flipped = next(lay for lay in SharingLayout if lay is not case.config.sharing_layout)
     model.lin.sharing_layout = flipped  # as ReMoRA does between merges
     moreft.save_adapter(model, tmp_path)
     fresh = make_net(case)

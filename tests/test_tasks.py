@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -125,10 +126,10 @@ def test_split_does_not_depend_on_hash_seed():
 def test_math_problems_fixed_by_data_seed_not_split_seed():
     task = get_task("math", size=40)
     a, b = task.load(0), task.load(1)
-    assert sorted(sum(a.split_ids.values(), [])) == sorted(sum(b.split_ids.values(), []))
+    assert sorted(itertools.chain(*a.split_ids.values())) == sorted(itertools.chain(*b.split_ids.values()))
     assert get_task("math", size=40, data_seed=1).examples() != task.examples()
     cot = get_task("math", size=40, cot=True).examples()
-    assert all(extract_answer(c.answer) == extract_answer(p.answer) for c, p in zip(cot, task.examples()))
+    assert all(extract_answer(c.answer) == extract_answer(p.answer) for c, p in zip(cot, task.examples(), strict=True))
     assert all("####" in c.answer for c in cot)
 
 

@@ -114,7 +114,7 @@ def test_placeholders_need_their_variables(tmp_path):
     recipe = tmp_path / "gpu.yaml"
     recipe.write_text("requires: {MODEL_PATH: local directory of roberta-large}\n"
                       "task: sentiment\nmodel: ${MODEL_PATH}\n")
-    with pytest.raises(ConfigError, match="needs MODEL_PATH: local directory of roberta-large.*--model"):
+    with pytest.raises(ConfigError, match=r"needs MODEL_PATH: local directory of roberta-large.*--model"):
         resolve_config(recipe, env={})
     assert resolve_config(recipe, env={"MODEL_PATH": "/models/rl"}).model == "/models/rl"
     assert resolve_config(recipe, {"model": "minilm"}, env={}).model == "minilm"

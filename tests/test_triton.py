@@ -60,7 +60,7 @@ def _compare(fn, x, w1, w2, n_out, tol, ref_fn=more_reference):
     y_ref = ref_fn(*refs, n_out)
     grads_ref = torch.autograd.grad(y_ref, refs, dy.double())
     for name, got, ref, inp in zip(("y", "dx", "dblkdiag1", "dblkdiag2"), (y, *grads), (y_ref, *grads_ref),
-                                   (y, x, w1, w2)):
+                                   (y, x, w1, w2), strict=True):
         assert got.shape == ref.shape and got.dtype == inp.dtype, name
         err = _rel_err(got, ref)
         assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
@@ -241,13 +241,13 @@ if _CHILD:
         with torch.no_grad():
             assert torch.allclose(more_triton(x, w1, w2, 45), ref, atol=1e-5)
         for wanted in ((True, False, False), (False, True, False), (False, False, True), (False, True, True)):
-            inputs = [t.clone().requires_grad_(w) for t, w in zip((x, w1, w2), wanted)]
+            inputs = [t.clone().requires_grad_(w) for t, w in zip((x, w1, w2), wanted, strict=True)]
             got = torch.autograd.grad(more_triton(*inputs, 45).square().sum(),
                                       [t for t in inputs if t.requires_grad])
-            refs = [t.clone().requires_grad_(w) for t, w in zip((x, w1, w2), wanted)]
+            refs = [t.clone().requires_grad_(w) for t, w in zip((x, w1, w2), wanted, strict=True)]
             exp = torch.autograd.grad(more_reference(*refs, 45).square().sum(),
                                       [t for t in refs if t.requires_grad])
-            for g, e in zip(got, exp):
+            for g, e in zip(got, exp, strict=True):
                 assert torch.allclose(g, e, rtol=1e-4, atol=1e-5), wanted
 
     def test_noncontiguous_input_and_module_use():
@@ -339,7 +339,7 @@ if _CHILD:
                 layer.zero_grad()
             finally:
                 triton_more.set_triton_mode(previous)
-        for name, got, ref in zip(("y", "dx", "dblkdiag1", "dblkdiag2"), results["on"], results["off"]):
+        for name, got, ref in zip(("y", "dx", "dblkdiag1", "dblkdiag2"), results["on"], results["off"], strict=True):
             assert _rel_err(got, ref) <= _TOL[torch.float32], name
 
 

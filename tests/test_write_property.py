@@ -78,7 +78,7 @@ SITUATIONS = ["missing", "missing-parents", "empty", "ours", "other-kind", "fore
        extra=st.from_regex(r"[A-Za-z][A-Za-z0-9_.-]{0,15}", fullmatch=True).filter(
            lambda n: n not in (CONFIG_NAME, WEIGHTS_NAME, "moreft_merged.json")),
        data=st.binary(min_size=1, max_size=64))
-def test_any_output_path_changes_only_our_files_or_nothing(trained_run, writer, situation, extra, data):
+def test_any_output_path_changes_only_our_files_or_nothing(trained_run, writer, situation, extra, data):  # noqa: F811 - the fixture
     model = adapted()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

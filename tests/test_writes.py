@@ -128,7 +128,7 @@ def test_a_link_to_a_file_or_nowhere_is_refused(tmp_path):
     (tmp_path / "dangling").symlink_to("missing")
     before = tree(tmp_path)
     for name in ("to-file", "dangling"):
-        with pytest.raises(OutputError, match="is a symbolic link to .* which is not a folder"):
+        with pytest.raises(OutputError, match=r"is a symbolic link to .* which is not a folder"):
             moreft.save_adapter(adapted(), tmp_path / name)
     assert tree(tmp_path) == before
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from moreft.cli import main
+from moreft._entry import main
 
 sys.exit(main())

@@ -72,8 +72,9 @@ def fingerprint(shapes: dict[str, list[int]]) -> str:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter parameters (with frozen adapter buffers) and ``modules_to_save`` parameters, by qualified name."""
     config = adapter_config(model)
-    state = {f"{n}.{p}": t for n, layer in adapter_layers(model).items()
-             for p, t in layer.adapter_state().items()}
+    state: dict[str, torch.Tensor] = {
+        f"{n}.{p}": t for n, layer in adapter_layers(model).items() for p, t in layer.adapter_state().items()
+    }
     for n in modules_to_save_names(model, config) if config else ():
         state.update({f"{n}.{p}": t for p, t in model.get_submodule(n).named_parameters()})
     return state
@@ -278,7 +279,7 @@ def _read_header(file: Path) -> dict[str, tuple[list[int], str]]:
     """``{key: (shape, dtype)}`` from a safetensors header, reading no tensor data."""
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            return {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118 - safe_open has keys() but is not iterable
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
         raise AdapterFileError(f"{str(file)!r} is not a readable safetensors file: {exc}") from None
 
@@ -294,7 +295,7 @@ def _check_header(file: Path, meta: dict[str, Any], config: AdapterConfig) -> No
     except ConfigError as exc:
         raise AdapterFileError(f"config in {str(file.parent / CONFIG_NAME)!r} does not fit its modules: {exc}") from None
     header = _read_header(file)
-    for key, (shape, dtype) in sorted(header.items()):
+    for key, (_shape, dtype) in sorted(header.items()):
         if dtype not in FLOAT_DTYPES:
             raise AdapterFileError(f"tensor {key!r} in {str(file)!r} has dtype {dtype}; adapter tensors must be "
                                    f"floating point ({', '.join(FLOAT_DTYPES)})")

@@ -18,68 +18,11 @@ import regex
 from peft.config import PeftConfig
 
 from .errors import ConfigError
-from .more_options import Composition, InitMode, check_variant
+from .options import BlockRule, Composition, InitMode, Method, MoRAOperator, RHatRounding, SharingLayout, check_variant
 
 ALL_LINEAR = "all-linear"
 #: A ``target_modules`` regex longer than this is refused (names are better listed).
 MAX_PATTERN_CHARS = 1000
-
-
-class Method(str, enum.Enum):
-    """The adapter families moreft implements."""
-
-    MORE = "more"
-    MORA = "mora"
-    LORA = "lora"
-
-
-class MoRAOperator(str, enum.Enum):
-    """MoRA's parameter-free compress/decompress pairs (MoRA paper, Section 4)."""
-
-    TRUNCATION = "truncation"  # Eq. 4-5: keep the first r_hat inputs, write the first r_hat outputs
-    SHARING = "sharing"  # Eq. 6-7: groups of inputs summed, groups of outputs share a row of M
-    DECOUPLE = "decouple"  # Eq. 8: input cut into r_hat-chunks, each multiplied by M
-    ROTATION = "rotation"  # Eq. 9-11: DECOUPLE with a RoPE-style rotation of chunk i
-
-
-class SharingLayout(str, enum.Enum):
-    """How SHARING groups inputs and outputs; ReMoRA alternates between the two.
-
-    STRIDED groups ``{i, i + r_hat, i + 2 r_hat, ...}`` (the authors' fine-tuning default, their
-    ``mora_type=1``: tile on decompress). ADJACENT groups runs of neighbours (their ``mora_type=2``:
-    ``repeat_interleave`` on decompress; uneven sizes when ``r_hat`` does not divide the width).
-    """
-
-    STRIDED = "strided"
-    ADJACENT = "adjacent"
-
-
-class RHatRounding(str, enum.Enum):
-    """How MoRA's default square size ``sqrt((in + out) * rank)`` becomes an integer.
-
-    FLOOR is the paper's rule (moreft's default). ROUND is the authors' code,
-    ``int(math.sqrt((in + out) * r) + 0.5)`` (kongds/MoRA, peft-mora ``LoraLayer.update_layer``),
-    e.g. 64->64 at rank 4: 23 instead of 22.
-    """
-
-    FLOOR = "floor"
-    ROUND = "round"
-
-
-class BlockRule(str, enum.Enum):
-    """How MoRe's block shapes follow from ``(in, out, nblocks)`` (``moreft.ops.monarch.block_shapes``).
-
-    MOREFT: ``ceil(in / N)`` and ``ceil(out / N)``, all ``N`` blocks kept. OFFICIAL: the MoRe
-    repository's ``MonarchLinear`` (SprocketLab/sparse_matrix_fine_tuning, src/layers/monarch_linear.py
-    @89094ed): fully padded input blocks dropped, ``out_block = ceil(in_block * (out / in))`` in
-    floating point, ``block_rank`` not bounded by the block sizes (theirs is checked by an ``assert``
-    only, skipped under ``python -O``). OFFICIAL_INT: its earlier
-    ``out_block = in_block * ceil(out / in)`` (src/models/layers/monarch_linear.py @8b2dbc5).
-    """
-
-    MOREFT = "moreft"
-    OFFICIAL = "official"
-    OFFICIAL_INT = "official-int"
 
 
 E = TypeVar("E", bound=enum.Enum)
@@ -235,7 +178,7 @@ class MoReConfig(AdapterConfig):
 
     Raises:
         ConfigError: ``nblocks`` or ``block_rank`` not an integer >= 1, an unknown composition or
-            init mode, or options that do not go together (:func:`moreft.more_options.check_variant`).
+            init mode, or options that do not go together (:func:`moreft.options.check_variant`).
     """
 
     method: ClassVar[Method] = Method.MORE
@@ -352,8 +295,10 @@ CONFIG_CLASSES: dict[Method, type[AdapterConfig]] = {
     Method.MORE: MoReConfig, Method.MORA: MoRAConfig, Method.LORA: LoRAConfig}
 
 
-def config_from_dict(data: Mapping[str, Any]) -> AdapterConfig:
+def config_from_dict(data: object) -> AdapterConfig:
     """Build a config from :meth:`AdapterConfig.to_dict` output or a saved adapter's JSON.
+
+    ``data`` is checked, not trusted: anything but a mapping of known fields raises ConfigError.
 
     The method comes from ``method`` (moreft's own files) or ``peft_type`` (peft's layout).
 

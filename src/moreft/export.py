@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .config import InitMode, LoRAConfig, Method, MoRAConfig, MoReConfig
+from .config import AdapterConfig, InitMode, LoRAConfig, Method, MoRAConfig, MoReConfig
 from .errors import AdapterFileError, ConfigError, ExportError
 from .safe_write import FolderKind, atomic_dir_write
 from .inject import adapter_config, adapter_layers, modules_to_save_names
@@ -91,23 +91,26 @@ class ExportReport:
                 f"({high}), median {median:.3g}, min {lo:.3g} ({low})")
 
 
-def export_rank(config: LoRAConfig | MoReConfig | MoRAConfig, rank: int | None) -> int:
+def export_rank(config: AdapterConfig, rank: int | None) -> int:
     """The LoRA rank an export of ``config`` uses (exact for MoRe/LoRA, chosen for MoRA).
 
     Raises:
         ConfigError: a ``rank`` for a lossless method that differs from its exact rank.
     """
-    exact = {Method.MORE: lambda c: c.nblocks * c.block_rank * (2 if c.init_mode is InitMode.PRINCIPAL else 1),
-             Method.LORA: lambda c: c.rank}
-    if config.method in exact:
-        natural = exact[config.method](config)
-        if rank not in (None, natural):
-            raise ConfigError(f"rank={rank} cannot be used to export {config.method.value}: its exact "
-                              f"LoRA rank is {natural}")
-        return natural
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ConfigError(f"rank={rank!r} must be an integer >= 1")
-    return rank if rank is not None else config.rank
+    if isinstance(config, MoRAConfig):
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ConfigError(f"rank={rank!r} must be an integer >= 1")
+        return rank if rank is not None else config.rank
+    if isinstance(config, MoReConfig):
+        natural = config.nblocks * config.block_rank * (2 if config.init_mode is InitMode.PRINCIPAL else 1)
+    elif isinstance(config, LoRAConfig):
+        natural = config.rank
+    else:
+        raise TypeError(f"{type(config).__name__} is not a moreft adapter config")
+    if rank not in (None, natural):
+        raise ConfigError(f"rank={rank} cannot be used to export {config.method.value}: its exact "
+                          f"LoRA rank is {natural}")
+    return natural
 
 
 def check_tolerance(tolerance: float | None) -> None:

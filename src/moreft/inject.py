@@ -62,7 +62,8 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         raise TargetError(f"modules_to_save {missing} match no module of the model")
     check_disjoint(names, save_names)
     tuner_config = copy.copy(config)  # peft writes into its config; the caller's stays as given
-    tuner_config.target_modules, tuner_config.modules_to_save = tuple(names), None
+    # moreft trains modules_to_save itself (below); peft is given none to wrap ([] and None alike to peft).
+    tuner_config.target_modules, tuner_config.modules_to_save = tuple(names), []
     TUNERS[config.method](model, tuner_config, ADAPTER_NAME)
     for n in save_names:
         for p in model.get_submodule(n).parameters():

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -42,7 +43,7 @@ def convert_to_peft(source: str | os.PathLike, target: str | os.PathLike) -> Pat
     if len(layouts) > 1:
         raise AdapterFileError(f"{str(source)!r} holds MoRA layers with different sharing layouts {sorted(layouts)}; "
                                "a peft config has one sharing_layout, so it cannot be converted")
-    changes = {"target_modules": tuple(meta["modules"]), "base_model_name_or_path": meta.get("base_model")}
+    changes: dict[str, Any] = {"target_modules": tuple(meta["modules"]), "base_model_name_or_path": meta.get("base_model")}
     if layouts:
         changes["sharing_layout"] = layouts.pop()
     config = dataclasses.replace(config, **changes)
@@ -53,7 +54,7 @@ def convert_to_peft(source: str | os.PathLike, target: str | os.PathLike) -> Pat
     prefix = LAYER_CLASSES[config.method].prefix
     try:
         with safe_open(str(source / WEIGHTS_NAME), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has keys() but is not iterable
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
         raise AdapterFileError(f"{str(source / WEIGHTS_NAME)!r} is not a readable safetensors file: {exc}") from None
     missing = sorted(set(implied) - set(tensors))

@@ -92,6 +92,7 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         module_name, _, leaf = key.rpartition(".")
         container, slot = slots.get(key) or (model.get_submodule(module_name)._parameters, leaf)
         old = container[slot]
+        assert old is not None  # every key is one of the model's parameters (checked by the caller)
         device = "cpu" if old.is_meta else old.device
         targets.append((container, slot, old, value.to(device=device, dtype=old.dtype).clone()))
     for container, slot, old, value in targets:
@@ -153,7 +154,7 @@ def _compare_base(model: nn.Module, imported: Imported) -> list[str]:
     layers = adapter_layers(model)
     diffs = []
     for name, dense in imported.base_weights.items():
-        weight = layers[name].base_layer.weight
+        weight = layers[name]._base_weight()
         if weight.is_meta:
             return []
         weight = weight.T if weight.shape != dense.shape else weight

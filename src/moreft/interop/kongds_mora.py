@@ -13,6 +13,7 @@ strided out, 4: strided in / adjacent out, 6: ROTATION; with ``r_hat_rounding="r
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def _modules_to_save(config: dict, where: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def read(path: str | Path, allow_bin: bool = False) -> Imported:
+def read(path: str | os.PathLike, allow_bin: bool = False) -> Imported:
     """Read an adapter directory written by the MoRA fork.
 
     Raises:
@@ -116,7 +117,7 @@ def read(path: str | Path, allow_bin: bool = False) -> Imported:
             f"a tensor of modules_to_save {list(saved)}"
         )
     for module, ab in sorted(pairs.items()):
-        a = ab.get("A", ab.get("B"))
+        a = ab["A"] if "A" in ab else ab["B"]  # a pair holds A, B or both
         if a.dim() != 2 or a.shape[0] != a.shape[1]:
             raise AdapterFileError(
                 f"{str(weights)!r}: {module}.lora_A.weight has shape {list(a.shape)}; a MoRA "
@@ -151,7 +152,7 @@ def read(path: str | Path, allow_bin: bool = False) -> Imported:
         try:
             ours = MoRAConfig(
                 target_modules=tuple(sorted(layers)),
-                modules_to_save=saved,
+                modules_to_save=list(saved),
                 dropout=dropout,
                 rank=r,
                 operator=operator,

@@ -11,6 +11,7 @@ reader finds the ``nblocks`` and block rule (``moreft.config.BlockRule``) that r
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ def _nblocks_range(in_f: int, in_block: int) -> tuple[int, float]:
 
 def _fit(rule: BlockRule, found: dict[str, tuple[int, int, int]], shapes: Shapes, rank: int) -> int | None:
     """The ``nblocks`` that makes ``rule`` rebuild every layer's ``(N, I, O)`` exactly, or None."""
+    high: float  # math.inf: no upper bound
     if rule is BlockRule.MOREFT:  # all N blocks kept: N is the file's, the same on every layer
         counts = {n for n, _, _ in found.values()}
         if len(counts) != 1:
@@ -60,7 +62,7 @@ def _fit(rule: BlockRule, found: dict[str, tuple[int, int, int]], shapes: Shapes
     return low
 
 
-def read(path: str | Path, allow_bin: bool = False, modules_to_save: tuple[str, ...] = ()) -> Imported:
+def read(path: str | os.PathLike, allow_bin: bool = False, modules_to_save: tuple[str, ...] = ()) -> Imported:
     """Read a checkpoint (a state-dict file, or a directory holding one) of the MoRe repository.
 
     Args:
@@ -132,7 +134,7 @@ def read(path: str | Path, allow_bin: bool = False, modules_to_save: tuple[str, 
             try:
                 config = MoReConfig(
                     target_modules=tuple(sorted(layers)),
-                    modules_to_save=saved_names,
+                    modules_to_save=list(saved_names),
                     nblocks=nblocks,
                     block_rank=rank,
                     block_rule=rule,

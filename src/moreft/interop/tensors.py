@@ -91,7 +91,7 @@ def read_tensors(path: Path, allow_bin: bool = False) -> dict[str, Tensor]:
     else:
         try:
             with safe_open(str(path), framework="pt") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has keys() but is not iterable
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
             raise AdapterFileError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
     for key, value in tensors.items():

@@ -18,7 +18,7 @@ persistent ``BufferDict`` s saved with it, never trained).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -34,6 +34,8 @@ from .quantized import refuse_quantized
 from .merging import DeltaAdder, accumulate_dtype, add_delta_, count_nonfinite, dense_adder
 
 _PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
+#: The config class of a concrete layer (``MoReLinear`` holds ``MoReConfig`` s).
+ConfigT = TypeVar("ConfigT", bound=AdapterConfig)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -66,7 +68,7 @@ class AdapterModule(Protocol):
     def unmerge(self) -> None: ...
 
 
-class AdapterLayer(nn.Module, BaseTunerLayer):
+class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
     """Base of the concrete layers: owns ``base_layer``, the named adapters and the merge mechanics.
 
     Raises:
@@ -79,7 +81,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
     adapter_param_names: ClassVar[tuple[str, ...]]
     #: Frozen per-adapter tensors (short names; ``BufferDict`` s ``prefix + name``, in ``other_param_names``).
     adapter_buffer_names: ClassVar[tuple[str, ...]] = ()
-    other_param_names: ClassVar[tuple[str, ...]] = ("adapter_configs", "adapter_dropout")
+    other_param_names: tuple[str, ...] = ("adapter_configs", "adapter_dropout")  # peft: an instance attribute
     #: Fused forward/backward (``moreft.ops.fused``) where it applies; ``None`` follows the
     #: module-wide switch ``moreft.ops.fused.set_fused_enabled``, ``False`` forces the reference.
     fused: bool | None = None
@@ -92,7 +94,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         cls._setters = frozenset(n for k in cls.__mro__ for n, v in vars(k).items()
                                  if isinstance(v, property) and v.fset is not None)
 
-    def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str = "",
+    def __init__(self, base_layer: nn.Module, config: ConfigT, name: str = "",
                  adapter_name: str = "default") -> None:
         if isinstance(base_layer, AdapterLayer):
             raise TargetError(f"module {name!r} already has a {base_layer.method.value} adapter; "
@@ -104,7 +106,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         self.name = name
         self.out_features, self.in_features = linear_shape(base_layer)
-        self.adapter_configs: dict[str, AdapterConfig] = {}
+        self.adapter_configs: dict[str, ConfigT] = {}
         self.adapter_dropout = nn.ModuleDict()
         for dict_name in self.adapter_layer_names:
             setattr(self, dict_name, nn.ParameterDict())
@@ -122,7 +124,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         super().__setattr__(name, value)
 
     # -- defined by each method -------------------------------------------------------------
-    def _new_params(self, config: AdapterConfig, adapter_name: str) -> dict[str, Tensor]:
+    def _new_params(self, config: ConfigT, adapter_name: str) -> dict[str, Tensor]:
         """Uninitialised tensors of a new adapter, by short name; raises ConfigError if it does not fit."""
         raise NotImplementedError
 
@@ -151,11 +153,11 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
 
         The default builds the dense ΔW once; layers with a cheaper structure override it.
         """
-        weight = self.base_layer.weight
+        weight = self._base_weight()
         return dense_adder(self._delta_weight(adapter_name).detach().to(device=weight.device, dtype=dtype))
 
     # -- named adapters ---------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, config: AdapterConfig, inference_mode: bool = False) -> None:
+    def update_layer(self, adapter_name: str, config: ConfigT, inference_mode: bool = False) -> None:
         """Add (or replace) adapter ``adapter_name`` built from ``config``; active adapters stay as they were.
 
         Raises:
@@ -194,8 +196,12 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         return active[0]
 
     @property
-    def config(self) -> AdapterConfig:
+    def config(self) -> ConfigT:
         return self.adapter_configs[self._one()]
+
+    def _base_weight(self) -> Tensor:
+        """The base layer's weight as stored: ``(out, in)``, or ``(in, out)`` for Conv1D."""
+        return cast(Tensor, self.base_layer.weight)
 
     @property
     def dropout(self) -> nn.Module:
@@ -224,7 +230,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
             return self._delta_weight(self._one(adapter_name))
         names = self._active_here()
         if not names:
-            return self.base_layer.weight.new_zeros(self.out_features, self.in_features)
+            return self._base_weight().new_zeros(self.out_features, self.in_features)
         return sum(self._delta_weight(a) for a in names[1:]) + self._delta_weight(names[0])
 
     def adapter_forward(self, x: Tensor, adapter_name: str | None = None) -> Tensor:
@@ -239,7 +245,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         """Move an adapter to the base layer's device; it stays fp32 on bf16/fp16 bases (peft would cast it)."""
-        weight = self.base_layer.weight
+        weight = self._base_weight()
         for dict_name in (*self.adapter_layer_names, *(self.prefix + n for n in self.adapter_buffer_names)):
             params = getattr(self, dict_name)
             if adapter_name in params and params[adapter_name].device != torch.device("meta"):
@@ -269,8 +275,8 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
             return None
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             return None
-        weight = base.weight.T if is_conv1d(base) else base.weight  # (out, in)
-        bias = base.bias
+        stored, bias = cast(Tensor, base.weight), cast("Tensor | None", base.bias)
+        weight = stored.T if is_conv1d(base) else stored  # (out, in)
         params = self.adapter_params(adapter_name).values()
         if not _fused.fusable(x, weight, *params, *(() if bias is None else (bias,))):
             return None
@@ -305,12 +311,12 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
 
     def _oriented_weight(self) -> Tensor:
         """The base weight as ``(out, in)``: itself, or a transposed view for Conv1D."""
-        weight = self.base_layer.weight
+        weight = self._base_weight()
         return weight.T if is_conv1d(self.base_layer) else weight
 
     def _adder(self, names: list[str]) -> DeltaAdder:
         """The adder of ``Σ ΔW`` over ``names``."""
-        dtype = accumulate_dtype(self.base_layer.weight)
+        dtype = accumulate_dtype(self._base_weight())
         adders = [self._delta_adder(dtype, name) for name in names]
 
         def add(out: Tensor, row0: int, alpha: float) -> None:
@@ -340,7 +346,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         bad = count_nonfinite(self._oriented_weight(), self._adder(names), +1.0)
         if bad:
             raise MergeError(f"merging adapter layer {self.name!r} would write {bad} NaN/Inf values "
-                             f"into its {self.base_layer.weight.dtype} weight; nothing was merged")
+                             f"into its {self._base_weight().dtype} weight; nothing was merged")
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, *,

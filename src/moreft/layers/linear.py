@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
-_CONV1D: list[type | None] = []  # looked up once; a plain list, not functools.cache, for torch.compile
+_CONV1D: list[type[nn.Module] | None] = []  # looked up once; a plain list, not functools.cache, for torch.compile
 
 
-def conv1d_type() -> type | None:
+def conv1d_type() -> type[nn.Module] | None:
     """transformers' ``Conv1D`` class, or None without transformers."""
     if not _CONV1D:
+        conv1d: type[nn.Module] | None
         try:
-            from transformers.pytorch_utils import Conv1D
+            from transformers.pytorch_utils import Conv1D as conv1d
         except ImportError:  # transformers is a dependency, but the layers work without it
-            Conv1D = None
-        _CONV1D.append(Conv1D)
+            conv1d = None
+        _CONV1D.append(conv1d)
     return _CONV1D[0]
 
 
@@ -33,9 +36,10 @@ def is_linear(module: nn.Module) -> bool:
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of a wrappable layer."""
     if is_conv1d(module):
-        in_features, out_features = module.weight.shape
+        in_features, out_features = cast(Tensor, module.weight).shape
         return out_features, in_features
-    return module.out_features, module.in_features
+    linear = cast(nn.Linear, module)
+    return linear.out_features, linear.in_features
 
 
 def adapter_dtype(weight: Tensor) -> torch.dtype:

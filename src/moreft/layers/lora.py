@@ -15,7 +15,7 @@ from .linear import adapter_dtype
 from .merging import DeltaAdder, lowrank_adder
 
 
-class LoRALinear(AdapterLayer):
+class LoRALinear(AdapterLayer[LoRAConfig]):
     """``y = base(x) + (alpha / rank) · dropout(x) · Aᵀ · Bᵀ``.
 
     ``lora_A (rank, in)`` Kaiming-uniform, ``lora_B (out, rank)`` zero; input dropout. Per adapter in
@@ -25,6 +25,8 @@ class LoRALinear(AdapterLayer):
     method = Method.LORA
     prefix = "moreft_lora_"
     adapter_param_names = ("lora_A", "lora_B")
+    moreft_lora_lora_A: nn.ParameterDict
+    moreft_lora_lora_B: nn.ParameterDict
 
     lora_A = property(lambda self: self.moreft_lora_lora_A[self._one()], doc="The active adapter's A.")
     lora_B = property(lambda self: self.moreft_lora_lora_B[self._one()], doc="The active adapter's B.")
@@ -35,10 +37,10 @@ class LoRALinear(AdapterLayer):
         return config.alpha / config.rank
 
     def _new_params(self, config: LoRAConfig, adapter_name: str) -> dict[str, Tensor]:
-        weight = self.base_layer.weight
-        kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
-        return {"lora_A": torch.empty(config.rank, self.in_features, **kw),
-                "lora_B": torch.empty(self.out_features, config.rank, **kw)}
+        weight = self._base_weight()
+        device, dtype = weight.device, adapter_dtype(weight)
+        return {"lora_A": torch.empty(config.rank, self.in_features, device=device, dtype=dtype),
+                "lora_B": torch.empty(self.out_features, config.rank, device=device, dtype=dtype)}
 
     @torch.no_grad()
     def _init_params(self, adapter_name: str, init_weights: bool) -> None:
@@ -58,9 +60,9 @@ class LoRALinear(AdapterLayer):
         return F.linear(F.linear(self.adapter_dropout[adapter_name](x), a), b) * self._scaling(adapter_name)
 
     def _delta_adder(self, dtype: torch.dtype, adapter_name: str) -> DeltaAdder:
-        kw = {"device": self.base_layer.weight.device, "dtype": dtype}
-        a = self.moreft_lora_lora_A[adapter_name].detach().to(**kw)
-        b = self.moreft_lora_lora_B[adapter_name].detach().to(**kw)
+        device = self._base_weight().device
+        a = self.moreft_lora_lora_A[adapter_name].detach().to(device=device, dtype=dtype)
+        b = self.moreft_lora_lora_B[adapter_name].detach().to(device=device, dtype=dtype)
         return lowrank_adder(b, a, self._scaling(adapter_name))
 
     def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, adapter_name: str) -> Tensor:

@@ -44,7 +44,7 @@ def resolve_r_hat(config: MoRAConfig, in_features: int, out_features: int, name:
     return r_hat
 
 
-class MoRALinear(AdapterLayer):
+class MoRALinear(AdapterLayer[MoRAConfig]):
     """``y = base(x) + f_decomp(M · f_comp(dropout(x)))`` with a zero-initialised ``matrix`` M.
 
     Per adapter: ``mora_matrix`` (the parameter), ``mora_r_hat``, and the SHARING groupings
@@ -55,6 +55,7 @@ class MoRALinear(AdapterLayer):
     method = Method.MORA
     prefix = "mora_"
     adapter_param_names = ("matrix",)
+    mora_matrix: nn.ParameterDict
     other_param_names = (*AdapterLayer.other_param_names, "mora_r_hat", "mora_sharing_layout",
                          "mora_sharing_output_layout")
 
@@ -87,7 +88,7 @@ class MoRALinear(AdapterLayer):
         self.mora_r_hat[adapter_name] = r_hat
         self.mora_sharing_layout[adapter_name] = config.sharing_layout
         self.mora_sharing_output_layout[adapter_name] = config.sharing_output_layout or config.sharing_layout
-        weight = self.base_layer.weight
+        weight = self._base_weight()
         return {"matrix": torch.empty(r_hat, r_hat, device=weight.device, dtype=adapter_dtype(weight))}
 
     @torch.no_grad()
@@ -117,9 +118,10 @@ class MoRALinear(AdapterLayer):
         name = self._one(adapter_name)
         operator = self.adapter_configs[name].operator
         blocks = mora_blocks(self.mora_matrix[name], self.in_features, operator, cached_rotation_tables)
-        if blocks is None:
+        spans = mora_spans(self.in_features, self.out_features, self.mora_r_hat[name], operator)
+        if blocks is None or spans is None:
             return None
-        return blocks, mora_spans(self.in_features, self.out_features, self.mora_r_hat[name], operator)
+        return blocks, spans
 
     def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, adapter_name: str) -> Tensor | None:
         if not self._fusable(adapter_name):

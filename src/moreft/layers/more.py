@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import BlockRule, Composition, InitMode, Method, MoReConfig
 from ..errors import ConfigError, MergeError
@@ -28,7 +28,7 @@ from .linear import adapter_dtype
 from .merging import DeltaAdder, blocked_lowrank_adder, lowrank_adder
 
 
-class MoReLinear(AdapterLayer):
+class MoReLinear(AdapterLayer[MoReConfig]):
     """``y = base(x) + dropout(x · ΔWᵀ)`` with ``ΔW = P1·blkdiag2·P2·blkdiag1``; no alpha.
 
     Parameters (named as in the paper's pseudocode, per adapter in ``more_blkdiag1`` /
@@ -72,6 +72,8 @@ class MoReLinear(AdapterLayer):
     adapter_param_names = ("blkdiag1", "blkdiag2", "scale")
     adapter_buffer_names = ("init_blkdiag1", "init_blkdiag2")
     other_param_names = (*AdapterLayer.other_param_names, "more_init_blkdiag1", "more_init_blkdiag2")
+    more_blkdiag1: nn.ParameterDict
+    more_blkdiag2: nn.ParameterDict
 
     blkdiag1 = property(lambda self: self.more_blkdiag1[self._one()], doc="The active adapter's blkdiag1.")
     blkdiag2 = property(lambda self: self.more_blkdiag2[self._one()], doc="The active adapter's blkdiag2.")
@@ -89,7 +91,7 @@ class MoReLinear(AdapterLayer):
             raise ConfigError(f"block_rank={r} must be <= min(in_block, out_block)="
                               f"{min(in_block, out_block)} for {name!r} "
                               f"({in_f}->{self.out_features} in {n} blocks)")
-        weight = self.base_layer.weight
+        weight = self._base_weight()
         kind = quantized_kind(weight)
         if kind is not None and (multiplicative or config.init_mode is InitMode.PRINCIPAL):
             raise ConfigError(f"composition={config.composition.value!r} with init_mode={config.init_mode.value!r} "
@@ -231,9 +233,9 @@ class MoReLinear(AdapterLayer):
     def _delta_adder(self, dtype: torch.dtype, adapter_name: str) -> DeltaAdder:
         if not self.adapter_configs[adapter_name].is_default_variant:
             return super()._delta_adder(dtype, adapter_name)  # the dense ΔW, exactly what delta_weight() gives
-        kw = {"device": self.base_layer.weight.device, "dtype": dtype}
-        b1 = self.more_blkdiag1[adapter_name].detach().to(**kw)
-        b2 = self.more_blkdiag2[adapter_name].detach().to(**kw)
+        device = self._base_weight().device
+        b1 = self.more_blkdiag1[adapter_name].detach().to(device=device, dtype=dtype)
+        b2 = self.more_blkdiag2[adapter_name].detach().to(device=device, dtype=dtype)
         b = fold_more_b(b2, self.out_features)  # (out, N·r)
         if b1.shape[0] * b1.shape[2] == self.in_features:
             return blocked_lowrank_adder(b, b1)

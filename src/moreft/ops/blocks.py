@@ -164,10 +164,10 @@ def _blocks_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, blocks: Ten
 
 def _blocks_backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | None, blocks: Tensor, _: None,
                      saved: Tensor, ints: Sequence[int], floats: Sequence[float],
-                     needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+                     needs: tuple[bool, ...]) -> dispatch.Grads:
     """Gradients of ``(x2, weight, bias, blocks)``."""
     spans = spans_of(x2.shape[1], weight.shape[0], blocks.shape[-1], bool(ints[0]))
-    need_x, need_w, need_bias, need_blocks, _ = needs
+    need_x, need_w, need_bias, need_blocks = needs[:4]
     r = blocks.shape[-1]
     dx = dblocks = None
     if need_x and merged_pays(x2.shape[0], x2.shape[1]):

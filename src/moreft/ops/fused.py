@@ -113,6 +113,7 @@ def _h_t(x2: Tensor, a: Tensor, a_dense: Tensor | None, spec: _Factors) -> Tenso
     if spec.blocked:
         h_t = torch.bmm(a, _x_blocks(x2, a.shape[0]).transpose(1, 2))  # (N, r, T)
         return h_t.view(a.shape[0] * a.shape[1], x2.shape[0])
+    assert a_dense is not None  # dense whenever not blocked
     return torch.mm(a_dense, x2.T)  # (k, T)
 
 
@@ -124,7 +125,7 @@ def _gb_t(g2: Tensor, b: Tensor) -> Tensor:
 
 
 def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
-             spec: _Factors) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+             spec: _Factors) -> tuple[Tensor, tuple[Tensor, Tensor | None, Tensor]]:
     """``y (T, out)`` and what the backward pass needs: ``(B, dense A or None, hᵀ)``."""
     if spec.more:
         b_full = fold_more_b(b, weight.shape[0])  # (out, N·r)
@@ -141,7 +142,7 @@ def _spec(ints: Sequence[int], floats: Sequence[float]) -> _Factors:
     return _Factors(more=bool(ints[0]), scale=float(floats[0]), blocked=bool(ints[1]))
 
 
-def _lowrank_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor | None,
+def _lowrank_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
                      ints: Sequence[int], floats: Sequence[float]) -> tuple[Tensor, Tensor]:
     y, (_, _, h_t) = _forward(x2, weight, bias, a, b, _spec(ints, floats))
     return y, h_t  # (T, out), (k, T)
@@ -149,7 +150,7 @@ def _lowrank_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor,
 
 def _lowrank_backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
                       h_t: Tensor, ints: Sequence[int], floats: Sequence[float],
-                      needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+                      needs: tuple[bool, ...]) -> dispatch.Grads:
     """Gradients of ``(x2, weight, bias, a, b)``; nothing token-sized is allocated but ``∂x``."""
     spec = _spec(ints, floats)
     need_x, need_w, need_bias, need_a, need_b = needs
@@ -159,23 +160,25 @@ def _lowrank_backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | Non
     else:
         b_full, a_dense = b * spec.scale, a  # (out, r), (r, in)
     dx = da = db = None
-    gb_t = _gb_t(g2, b_full) if (need_x or need_a) else None  # (k, T)
-    if need_x:
-        dx = g2 @ weight  # (T, in): what the frozen layer computes anyway
-        if spec.blocked:  # gB viewed (N, T, r)
-            _x_blocks(dx, a.shape[0]).baddbmm_(gb_t.view(a.shape[0], a.shape[1], x2.shape[0]).transpose(1, 2), a)
-        else:
-            dx.addmm_(gb_t.T, a_dense)
-    if need_a:
-        if spec.blocked:
-            da = torch.bmm(gb_t.view(a.shape[0], a.shape[1], x2.shape[0]), _x_blocks(x2, a.shape[0]))  # (N, r, I)
-        elif spec.more:
-            da_pad = x2.new_zeros(a.shape[0] * a.shape[1], a.shape[0] * a.shape[2])  # (N·r, N·I)
-            da_pad[:, :x2.shape[1]].addmm_(gb_t, x2)
-            da = more_a_grad(da_pad, a)
-        else:
-            da = gb_t @ x2  # (r, in)
-    del gb_t  # freed before ∂B's buffer is made: one fewer (k, T) buffer at the peak
+    if need_x or need_a:
+        gb_t = _gb_t(g2, b_full)  # (k, T)
+        if need_x:
+            dx = g2 @ weight  # (T, in): what the frozen layer computes anyway
+            if spec.blocked:  # gB viewed (N, T, r)
+                _x_blocks(dx, a.shape[0]).baddbmm_(gb_t.view(a.shape[0], a.shape[1], x2.shape[0]).transpose(1, 2), a)
+            else:
+                assert a_dense is not None  # dense whenever not blocked
+                dx.addmm_(gb_t.T, a_dense)
+        if need_a:
+            if spec.blocked:
+                da = torch.bmm(gb_t.view(a.shape[0], a.shape[1], x2.shape[0]), _x_blocks(x2, a.shape[0]))  # (N, r, I)
+            elif spec.more:
+                da_pad = x2.new_zeros(a.shape[0] * a.shape[1], a.shape[0] * a.shape[2])  # (N·r, N·I)
+                da_pad[:, :x2.shape[1]].addmm_(gb_t, x2)
+                da = more_a_grad(da_pad, a)
+            else:
+                da = gb_t @ x2  # (r, in)
+        del gb_t  # freed before ∂B's buffer is made: one fewer (k, T) buffer at the peak
     if need_b:
         if spec.more:
             db_pad = x2.new_zeros(h_t.shape[0], b.shape[0] * b.shape[1])  # (N·r, N·O)

@@ -70,6 +70,7 @@ def mora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, 
     if operator is MoRAOperator.SHARING:
         return sharing_linear(x, weight, bias, matrix, layout, output_layout)
     blocks = mora_blocks(matrix, weight.shape[1], operator, cached_rotation_tables)
+    assert blocks is not None  # None only for SHARING, handled above
     return blocks_linear(x, weight, bias, blocks, operator is not MoRAOperator.TRUNCATION)
 
 
@@ -80,4 +81,6 @@ def mora_delta_add_(weight: Tensor, matrix: Tensor, operator: MoRAOperator, layo
         return sharing_delta_add_(weight, matrix, layout, alpha, output_layout)
     out_f, in_f = weight.shape
     blocks = mora_blocks(matrix, in_f, operator, cached_rotation_tables)
-    return add_blocks_(weight, blocks, mora_spans(in_f, out_f, matrix.shape[0], operator), alpha)
+    spans = mora_spans(in_f, out_f, matrix.shape[0], operator)
+    assert blocks is not None and spans is not None  # None only for SHARING, handled above
+    return add_blocks_(weight, blocks, spans, alpha)

@@ -83,7 +83,7 @@ def _group_sums(view: Tensor, repeat: bool) -> Tensor:
 
 def compress(wide: Tensor, segs: tuple[Segment, ...], r: int) -> Tensor:
     """``narrow (T, r)``: the sum of each group's columns of ``wide (T, width)``."""
-    narrow = None
+    narrow: Tensor | None = None
     for s in segs:
         part = _group_sums(_view(wide, s), s.repeat)  # (T, count) or (T, width)
         if narrow is None and part.shape[1] == r:  # the first segment covers every group: no zeros
@@ -92,7 +92,7 @@ def compress(wide: Tensor, segs: tuple[Segment, ...], r: int) -> Tensor:
         if narrow is None:
             narrow = wide.new_zeros(wide.shape[0], r)  # (T, r)
         narrow[:, s.group:s.group + part.shape[1]] += part
-    return narrow
+    return narrow if narrow is not None else wide.new_zeros(wide.shape[0], r)  # no segments: no sums
 
 
 def expand_add_(wide: Tensor, narrow: Tensor, segs: tuple[Segment, ...]) -> Tensor:
@@ -145,17 +145,18 @@ def _sharing_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, matrix: Te
 
 def _backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, _: None,
               h: Tensor, ints: Sequence[int], floats: Sequence[float],
-              needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+              needs: tuple[bool, ...]) -> dispatch.Grads:
     """Gradients of ``(x2, weight, bias, matrix)``: ``gz = Dᵀ g``, ``∂x = g W + Cᵀ(gz M)``, ``∂M = gzᵀ h``."""
     r = matrix.shape[0]
     segs_in, segs_out = _segs(x2.shape[1], weight.shape[0], r, ints)
-    need_x, need_w, need_bias, need_m, _ = needs
+    need_x, need_w, need_bias, need_m = needs[:4]
     dx = dm = None
-    gz = compress(g2, segs_out, r) if (need_m or need_x) else None  # (T, r)
-    if need_x:
-        dx = expand_add_(g2 @ weight, gz @ matrix, segs_in)  # (T, in) += Cᵀ(gz M)
-    if need_m:
-        dm = gz.T @ h  # (r, r)
+    if need_m or need_x:
+        gz = compress(g2, segs_out, r)  # (T, r)
+        if need_x:
+            dx = expand_add_(g2 @ weight, gz @ matrix, segs_in)  # (T, in) += Cᵀ(gz M)
+        if need_m:
+            dm = gz.T @ h  # (r, r)
     dw, dbias = dispatch.base_grads(g2, x2, need_w, need_bias)
     return dx, dw, dbias, dm, None
 

@@ -276,7 +276,9 @@ def _backward(dy2: Tensor, x2: Tensor, w1: Tensor, w2: Tensor, h: Tensor, need_d
     bo = min(cfg["BO"], _pow2(out_features))
     bf = min(cfg["BF_MAX"], _pow2(r_tot))
     o_tiles, f_tiles = triton.cdiv(out_features, bo), triton.cdiv(r_tot, bf)
-    dx = dw1 = dw2 = None
+    dx: Tensor | None = None
+    dw1: Tensor | None = None
+    dw2: Tensor | None = None
 
     if need_dw2:  # d blkdiag2 = the f % N == o % N entries of dyᵀ @ h, T split into fp32 partials
         bt = cfg["BT"]
@@ -306,14 +308,14 @@ def _backward(dy2: Tensor, x2: Tensor, w1: Tensor, w2: Tensor, h: Tensor, need_d
         t_tiles = triton.cdiv(t, bt)
         splits, per = _splits(t_tiles, nb * i_tiles, target) if need_dw1 else (t_tiles, 1)
         dx = torch.empty(t, n, device=x2.device, dtype=x2.dtype) if need_dx else None
-        part = (torch.empty(splits, nb, rank, in_blk, device=x2.device, dtype=torch.float32)
-                if need_dw1 else None)
+        part_w1 = (torch.empty(splits, nb, rank, in_blk, device=x2.device, dtype=torch.float32)
+                   if need_dw1 else None)
         _more_dx_dw1_kernel[(nb * i_tiles, splits)](
-            dh, w1, x2, dx if need_dx else dh, part if need_dw1 else dh, t, n, in_blk, rank, r_tot,
-            x2.stride(0), dx.stride(0) if need_dx else 0, i_tiles, per,
+            dh, w1, x2, dx if dx is not None else dh, part_w1 if part_w1 is not None else dh, t, n, in_blk,
+            rank, r_tot, x2.stride(0), dx.stride(0) if dx is not None else 0, i_tiles, per,
             BT=bt, BI=bi, BR=_pow2(rank), COMPUTE_DX=need_dx, COMPUTE_DW1=need_dw1, **kw)
-        if need_dw1:
-            dw1 = part.sum(0)
+        if part_w1 is not None:
+            dw1 = part_w1.sum(0)
     return dx, dw1, dw2
 
 

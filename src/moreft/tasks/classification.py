@@ -71,12 +71,12 @@ def classification_metrics(
     preds, refs = check_pairs(predictions, references)
     preds = _label_ids(preds, "predictions", num_labels)
     refs = _label_ids(refs, "references", num_labels)
-    accuracy = sum(p == r for p, r in zip(preds, refs)) / len(refs)
+    accuracy = sum(p == r for p, r in zip(preds, refs, strict=True)) / len(refs)
     f1s = []
     for c in sorted(set(preds) | set(refs)):
-        tp = sum(p == c and r == c for p, r in zip(preds, refs))
-        fp = sum(p == c and r != c for p, r in zip(preds, refs))
-        fn = sum(p != c and r == c for p, r in zip(preds, refs))
+        tp = sum(p == c and r == c for p, r in zip(preds, refs, strict=True))
+        fp = sum(p == c and r != c for p, r in zip(preds, refs, strict=True))
+        fn = sum(p != c and r == c for p, r in zip(preds, refs, strict=True))
         f1s.append(2 * tp / (2 * tp + fp + fn))
     return {"accuracy": float(accuracy), "macro_f1": float(sum(f1s) / len(f1s))}
 

@@ -138,6 +138,6 @@ class MathTask(Task):
             gold.append(number)
         got = [extract_answer(p) for p in preds]
         return {
-            "accuracy": sum(g == p for g, p in zip(gold, got)) / len(gold),
+            "accuracy": sum(g == p for g, p in zip(gold, got, strict=True)) / len(gold),
             "answered": sum(p is not None for p in got) / len(got),
         }

@@ -330,7 +330,7 @@ class FileGenerationTask(_FileSplits, Task):
         """
         preds, refs = check_pairs(predictions, references)
         hits = answered = 0
-        for i, (pred, ref) in enumerate(zip(preds, refs)):
+        for i, (pred, ref) in enumerate(zip(preds, refs, strict=True)):
             if not isinstance(pred, str) or not isinstance(ref, str):
                 raise TypeError(f"predictions[{i}] and references[{i}] must be str, got {pred!r}, {ref!r}")
             gold = self.normalize(ref)

@@ -110,13 +110,13 @@ class UUIDTask(Task):
         """
         preds, refs = check_pairs(predictions, references)
         char_scores, exact = [], 0
-        for i, (pred, ref) in enumerate(zip(preds, refs)):
+        for i, (pred, ref) in enumerate(zip(preds, refs, strict=True)):
             if not isinstance(pred, str) or not isinstance(ref, str):
                 raise TypeError(f"predictions[{i}] and references[{i}] must be str, got {pred!r}, {ref!r}")
             ref = ref.strip()
             if not ref:
                 raise ValueError(f"references[{i}] is empty; expected a {UUID_LENGTH}-character UUID")
             value = first_token(pred)
-            char_scores.append(sum(a == b for a, b in zip(value, ref)) / len(ref))
+            char_scores.append(sum(a == b for a, b in zip(value, ref, strict=False)) / len(ref))
             exact += value == ref
         return {"char_accuracy": sum(char_scores) / len(refs), "exact_match": exact / len(refs)}

@@ -94,7 +94,7 @@ def _valid_trainer_state(state: Any, step: int) -> bool:
         types, optional = _STATE_TYPES[key]
         if value is None and optional:
             continue
-        if isinstance(value, bool) and types is not _BOOL or not isinstance(value, types):
+        if (isinstance(value, bool) and types is not _BOOL) or not isinstance(value, types):
             return False
         if isinstance(value, float) and not math.isfinite(value):
             return False
@@ -159,7 +159,7 @@ def check_optimizer_state(state: Any, groups: Sequence[Sequence[torch.Tensor]], 
         raise CheckpointError(f"{where} has {len(saved)} parameter groups (or malformed ones); this run's optimizer "
                               f"has {len(groups)}: the checkpoint belongs to another run")
     params: dict[Any, torch.Tensor] = {}
-    for number, (group, live) in enumerate(zip(saved, groups)):
+    for number, (group, live) in enumerate(zip(saved, groups, strict=True)):
         if len(group["params"]) != len(live):
             raise CheckpointError(f"{where}: parameter group {number} holds {len(group['params'])} parameters; this "
                                   f"run trains {len(live)} there: the checkpoint belongs to another run")
@@ -167,7 +167,7 @@ def check_optimizer_state(state: Any, groups: Sequence[Sequence[torch.Tensor]], 
         if bad:
             raise CheckpointError(f"{where}: parameter group {number} has non-finite or malformed "
                                   f"hyperparameters {bad}")
-        params.update(zip(group["params"], live))
+        params.update(zip(group["params"], live, strict=True))
     for key, moments in state["state"].items():
         if key not in params or not isinstance(moments, dict):
             raise CheckpointError(f"{where}: state entry {key!r} names no parameter of its groups")
@@ -198,7 +198,7 @@ def _same_kind(saved: Any, live: Any) -> bool:
         return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
     if isinstance(live, list):
         return isinstance(saved, list) and len(saved) == len(live) and all(
-            _same_kind(s, v) for s, v in zip(saved, live))
+            _same_kind(s, v) for s, v in zip(saved, live, strict=True))
     if isinstance(live, dict) or live is None:  # LambdaLR keeps {} (or None) per group for its lambdas
         return saved is None or (isinstance(saved, dict) and all(
             isinstance(k, str) and _finite_number(v) for k, v in saved.items()))

@@ -135,7 +135,7 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int | Sequence[int
                              resume=False, overwrite=True) for s in seed_list] for spec in specs]
     run = run or train
     rows, metric = [], ""
-    for spec_text, spec, group in zip(methods, specs, configs):
+    for spec_text, spec, group in zip(methods, specs, configs, strict=True):
         results = []
         for config in group:
             done = _finished(config)

@@ -11,6 +11,7 @@ left first, so the answer is kept.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,10 +55,8 @@ def char_budget(tokenizer: Any, max_length: int) -> int:
     except (KeyError, TypeError):
         vocab = tokenizer.get_vocab() if callable(getattr(tokenizer, "get_vocab", None)) else {}
         longest = min(max((len(t) for t in vocab), default=MAX_TOKEN_CHARS), MAX_TOKEN_CHARS)
-        try:
+        with contextlib.suppress(TypeError):  # not weak-referenceable: recomputed next time
             _TOKEN_CHARS[tokenizer] = longest
-        except TypeError:  # not weak-referenceable: recomputed next time
-            pass
     return max_length * max(longest, 1) + 16
 
 
@@ -74,9 +73,9 @@ def encode_classification(examples: Sequence[TextExample], tokenizer: Any, max_l
                         max_length=max_length)
     else:
         enc = tokenizer(texts, truncation=True, max_length=max_length)
-    items = [{"input_ids": ids, "labels": ex.label} for ids, ex in zip(enc["input_ids"], examples)]
+    items = [{"input_ids": ids, "labels": ex.label} for ids, ex in zip(enc["input_ids"], examples, strict=True)]
     if examples and isinstance(examples[0], PairExample) and "token_type_ids" in enc:  # BERT's segment ids
-        for item, types in zip(items, enc["token_type_ids"]):
+        for item, types in zip(items, enc["token_type_ids"], strict=True):
             item["token_type_ids"] = types
     return ListDataset(items)
 

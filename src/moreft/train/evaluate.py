@@ -36,7 +36,7 @@ def _by_length(lengths: Sequence[int]) -> list[int]:
 def _unsort(values: Sequence[Any], order: Sequence[int]) -> list[Any]:
     """Put ``values`` (computed in ``order``) back in the original order."""
     out: list[Any] = [None] * len(values)
-    for value, index in zip(values, order):
+    for value, index in zip(values, order, strict=True):
         out[index] = value
     return out
 

@@ -61,12 +61,12 @@ def plot_run(records: Sequence[Mapping[str, Any]], metric: str, path: Path, titl
     evals = sorted({r["step"]: r[key] for r in records if isinstance(r.get(key), (int, float))}.items())
     fig, ax = subplots(figsize=(7, 4))
     if loss:
-        ax.plot(*zip(*loss), color="tab:blue", marker="." if len(loss) < 30 else None, label="train loss")
+        ax.plot(*zip(*loss, strict=True), color="tab:blue", marker="." if len(loss) < 30 else None, label="train loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss", color="tab:blue")
     if evals:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*evals), color="tab:orange", marker="o", label=key)
+        ax2.plot(*zip(*evals, strict=True), color="tab:orange", marker="o", label=key)
         ax2.set_ylabel(key, color="tab:orange")
         ax2.set_ylim(0, 1.02)
     if not loss and not evals:
@@ -113,7 +113,7 @@ def plot_heatmap(delta: torch.Tensor, path: Path, title: str = "", max_side: int
     if row_order is not None:
         panels.append((order_label or "rows reordered", data[torch.as_tensor(list(row_order))]))
     fig, axes = subplots(1, len(panels), figsize=(6 * len(panels), 5.5), squeeze=False)
-    for ax, (label, matrix) in zip(axes[0], panels):
+    for ax, (label, matrix) in zip(axes[0], panels, strict=True):
         shown = matrix[:max_side, :max_side]
         im = ax.imshow(shown.numpy(), cmap="magma", aspect="auto", interpolation="nearest")
         fig.colorbar(im, ax=ax, label="|ΔW|")

@@ -8,9 +8,10 @@ its config before any is swapped in, so a failed injection leaves the model as i
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, cast
 
 import torch
+from peft.config import PeftConfig
 from peft.tuners.tuners_utils import (
     BaseTuner,
     _filter_state_dict_by_key_prefixes,
@@ -20,10 +21,10 @@ from torch import nn
 
 from ..config import ALL_LINEAR, CONFIG_CLASSES, AdapterConfig
 from ..errors import AdapterFileError, TargetError
-from ..targets import DEFAULT_TARGETS, check_disjoint, modules_to_save_names, resolve_targets
 from ..layers import AdapterLayer, LoRALinear, MoRALinear, MoReLinear, linear_shape
 from ..layers.quantized import refuse_quantized_layers
 from ..shapes import adapter_shapes
+from ..targets import DEFAULT_TARGETS, check_disjoint, modules_to_save_names, resolve_targets
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -31,13 +32,14 @@ FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 class MoreftTuner(BaseTuner):
     """A peft ``BaseTuner`` for one moreft method (set by the subclass's ``tuner_layer_cls``)."""
 
-    tuner_layer_cls: ClassVar[type[AdapterLayer]]
-    target_module_mapping: ClassVar[dict[str, list[str]]] = {k: list(v) for k, v in DEFAULT_TARGETS.items()}
+    # peft declares these on BaseTuner as instance attributes (so no ClassVar here); read, never written.
+    tuner_layer_cls: type[AdapterLayer]
+    target_module_mapping = {k: list(v) for k, v in DEFAULT_TARGETS.items()}  # noqa: RUF012
 
-    def _prepare_adapter_config(self, peft_config: AdapterConfig, model_config: dict) -> AdapterConfig:
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         return peft_config  # targets are resolved with the model in hand, in _prepare_model
 
-    def _prepare_model(self, peft_config: AdapterConfig, model: nn.Module) -> None:
+    def _prepare_model(self, peft_config: PeftConfig, model: nn.Module) -> None:
         """Resolve ``target_modules`` by moreft's rules and check every layer fits, before any swap.
 
         Raises:
@@ -67,21 +69,26 @@ class MoreftTuner(BaseTuner):
 
     _building: str | None = None
     _low_cpu_mem_usage: bool = False
+    _prebuilt: dict[str, AdapterLayer]  # layers built by _prepare_model, swapped in by _create_and_replace
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """peft's injection; on failure the adapter's config is forgotten again (the layers are untouched)."""
-        self._building, self._low_cpu_mem_usage = adapter_name, bool(kwargs.get("low_cpu_mem_usage"))
-        self._prebuilt: dict[str, AdapterLayer] = {}
+        self._building, self._low_cpu_mem_usage = adapter_name, bool(low_cpu_mem_usage)
+        self._prebuilt = {}
         try:
-            super().inject_adapter(model, adapter_name, **kwargs)
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                   low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         except BaseException:
             self.peft_config.pop(adapter_name, None)
             raise
         finally:
             self._building, self._prebuilt = None, {}
 
-    def _create_and_replace(self, peft_config: AdapterConfig, adapter_name: str, target: nn.Module,
-                            target_name: str, parent: nn.Module, current_key: str, **_: Any) -> None:
+    def _create_and_replace(self, peft_config: PeftConfig, adapter_name: str, target: nn.Module,
+                            target_name: str, parent: nn.Module, current_key: str,
+                            parameter_name: str | None = None, **_: Any) -> None:
+        peft_config = cast(AdapterConfig, peft_config)  # its class was checked in _prepare_model
         if isinstance(target, AdapterLayer):
             target.update_layer(adapter_name, peft_config, inference_mode=peft_config.inference_mode)
             return
@@ -124,7 +131,7 @@ class MoreftTuner(BaseTuner):
         super().merge_adapter(adapter_names=adapter_names, safe_merge=False)
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: AdapterConfig, adapter_name: str,
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: PeftConfig, adapter_name: str,
                                            state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """peft's key mapping, then a strict check of this adapter's tensors before anything is written.
 

@@ -1,7 +1,7 @@
-"""MoRe's Appendix C / E options (docs/more-variants.md): their enums and the rules between them.
+"""The choices of the adapter configs as enums, and the rules between MoRe's Appendix C / E options.
 
-Kept apart from :mod:`moreft.config` (which re-exports the enums and declares the fields on
-``MoReConfig``); nothing here imports from it.
+Kept apart from :mod:`moreft.config` (which re-exports the enums and declares the fields that use
+them); nothing here imports from it. MoRe's variants: docs/more-variants.md.
 """
 
 from __future__ import annotations
@@ -11,6 +11,63 @@ import math
 from typing import Any
 
 from .errors import ConfigError
+
+
+class Method(str, enum.Enum):
+    """The adapter families moreft implements."""
+
+    MORE = "more"
+    MORA = "mora"
+    LORA = "lora"
+
+
+class MoRAOperator(str, enum.Enum):
+    """MoRA's parameter-free compress/decompress pairs (MoRA paper, Section 4)."""
+
+    TRUNCATION = "truncation"  # Eq. 4-5: keep the first r_hat inputs, write the first r_hat outputs
+    SHARING = "sharing"  # Eq. 6-7: groups of inputs summed, groups of outputs share a row of M
+    DECOUPLE = "decouple"  # Eq. 8: input cut into r_hat-chunks, each multiplied by M
+    ROTATION = "rotation"  # Eq. 9-11: DECOUPLE with a RoPE-style rotation of chunk i
+
+
+class SharingLayout(str, enum.Enum):
+    """How SHARING groups inputs and outputs; ReMoRA alternates between the two.
+
+    STRIDED groups ``{i, i + r_hat, i + 2 r_hat, ...}`` (the authors' fine-tuning default, their
+    ``mora_type=1``: tile on decompress). ADJACENT groups runs of neighbours (their ``mora_type=2``:
+    ``repeat_interleave`` on decompress; uneven sizes when ``r_hat`` does not divide the width).
+    """
+
+    STRIDED = "strided"
+    ADJACENT = "adjacent"
+
+
+class RHatRounding(str, enum.Enum):
+    """How MoRA's default square size ``sqrt((in + out) * rank)`` becomes an integer.
+
+    FLOOR is the paper's rule (moreft's default). ROUND is the authors' code,
+    ``int(math.sqrt((in + out) * r) + 0.5)`` (kongds/MoRA, peft-mora ``LoraLayer.update_layer``),
+    e.g. 64->64 at rank 4: 23 instead of 22.
+    """
+
+    FLOOR = "floor"
+    ROUND = "round"
+
+
+class BlockRule(str, enum.Enum):
+    """How MoRe's block shapes follow from ``(in, out, nblocks)`` (``moreft.ops.monarch.block_shapes``).
+
+    MOREFT: ``ceil(in / N)`` and ``ceil(out / N)``, all ``N`` blocks kept. OFFICIAL: the MoRe
+    repository's ``MonarchLinear`` (SprocketLab/sparse_matrix_fine_tuning, src/layers/monarch_linear.py
+    @89094ed): fully padded input blocks dropped, ``out_block = ceil(in_block * (out / in))`` in
+    floating point, ``block_rank`` not bounded by the block sizes (theirs is checked by an ``assert``
+    only, skipped under ``python -O``). OFFICIAL_INT: its earlier
+    ``out_block = in_block * ceil(out / in)`` (src/models/layers/monarch_linear.py @8b2dbc5).
+    """
+
+    MOREFT = "moreft"
+    OFFICIAL = "official"
+    OFFICIAL_INT = "official-int"
 
 
 class Composition(str, enum.Enum):
