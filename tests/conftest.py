@@ -73,7 +73,7 @@ def more_literal(layer: AdapterLayer, x: Tensor) -> Tensor:
     product (``moreft.ops.more_variants.variant_reference``), with the layer's own tensors."""
     from moreft.ops.more_variants import variant_reference
 
-    c, name = layer.config, layer._one()
+    c, name = layer.config, layer.resolve_adapter()
     coeff = c.alpha * layer.more_scale[name] if c.learnable_scale else c.alpha
     weight = layer.base_layer.weight.T if is_conv1d(layer.base_layer) else layer.base_layer.weight  # (out, in)
     kw = {}

@@ -219,7 +219,7 @@ def test_gradcheck_blocks_function(in_f, out_f, r):
 def test_spans_place_exactly_the_closed_form_delta(in_f, out_f, r, operator):
     mora = MoRALinear(nn.Linear(in_f, out_f, dtype=torch.float64), MoRAConfig(r_hat=r, operator=operator))
     randomize_adapters(mora)
-    blocks, spans = mora._block_form()
+    blocks, spans = mora.block_form()
     placed = blocks_ops.add_blocks_(torch.zeros(out_f, in_f, dtype=torch.float64), blocks.detach(), spans)
     torch.testing.assert_close(placed, mora.delta_weight().detach(), rtol=0, atol=1e-13)
     covered = sum(s.count * (s.row1 - s.row0) * (s.col1 - s.col0) for s in spans)

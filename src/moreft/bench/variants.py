@@ -135,7 +135,7 @@ def mora_flop_floor(layer: MoRALinear, tokens: int, base_flops: float) -> float:
     """1 + MoRA's FLOPs per step over the base's: three products over ΔW's non-zero blocks (forward,
     ``∂x``, ``∂M``); for SHARING three ``T·r²`` products and four group-sum passes (``T·(in + out)`` adds each way).
     """
-    form = layer._block_form()
+    form = layer.block_form()
     if form is None:
         adapter = 6.0 * tokens * layer.r_hat ** 2 + 2.0 * tokens * (layer.in_features + layer.out_features)
     else:

@@ -85,7 +85,7 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """
     # an adapter tensor ``<layer>.<short name>`` lives in the layer's per-adapter dict, under the adapter's name
     slots: dict[str, tuple[Any, str]] = {
-        f"{n}.{p}": (getattr(layer, layer.prefix + p), layer._one())
+        f"{n}.{p}": (getattr(layer, layer.prefix + p), layer.resolve_adapter())
         for n, layer in adapter_layers(model).items() for p in layer.adapter_param_names}
     targets = []
     for key, value in tensors.items():

@@ -179,7 +179,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
         """The active adapters this layer holds, in activation order."""
         return [a for a in self.active_adapters if a in self.adapter_configs]
 
-    def _one(self, adapter_name: str | None = None) -> str:
+    def resolve_adapter(self, adapter_name: str | None = None) -> str:
         """``adapter_name``, or the one active adapter of this layer.
 
         Raises:
@@ -197,7 +197,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
 
     @property
     def config(self) -> ConfigT:
-        return self.adapter_configs[self._one()]
+        return self.adapter_configs[self.resolve_adapter()]
 
     def _base_weight(self) -> Tensor:
         """The base layer's weight as stored: ``(out, in)``, or ``(in, out)`` for Conv1D."""
@@ -205,21 +205,21 @@ class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
 
     @property
     def dropout(self) -> nn.Module:
-        return self.adapter_dropout[self._one()]
+        return self.adapter_dropout[self.resolve_adapter()]
 
     @dropout.setter
     def dropout(self, module: nn.Module) -> None:
-        self.adapter_dropout[self._one()] = module
+        self.adapter_dropout[self.resolve_adapter()] = module
 
     def adapter_params(self, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
         """One adapter's trainable parameters by short name (``blkdiag1``, ...); default: the active one."""
-        name = self._one(adapter_name)
+        name = self.resolve_adapter(adapter_name)
         return {n: getattr(self, self.prefix + n)[name] for n in self.adapter_param_names
                 if name in getattr(self, self.prefix + n)}
 
     def adapter_state(self, adapter_name: str | None = None) -> dict[str, Tensor]:
         """What an adapter file holds of one adapter: its parameters and frozen buffers, by short name."""
-        name = self._one(adapter_name)
+        name = self.resolve_adapter(adapter_name)
         buffers = {n: getattr(self, self.prefix + n)[name] for n in self.adapter_buffer_names
                    if name in getattr(self, self.prefix + n)}
         return {**self.adapter_params(name), **buffers}
@@ -227,7 +227,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
     def delta_weight(self, adapter_name: str | None = None) -> Tensor:
         """Dense ``ΔW (out_features, in_features)`` of one adapter, or the sum over the active ones."""
         if adapter_name is not None:
-            return self._delta_weight(self._one(adapter_name))
+            return self._delta_weight(self.resolve_adapter(adapter_name))
         names = self._active_here()
         if not names:
             return self._base_weight().new_zeros(self.out_features, self.in_features)
@@ -235,7 +235,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
 
     def adapter_forward(self, x: Tensor, adapter_name: str | None = None) -> Tensor:
         """The branch ``x · ΔWᵀ`` of one adapter (default: the active one), with dropout when training."""
-        return self._adapter_forward(x, self._one(adapter_name))
+        return self._adapter_forward(x, self.resolve_adapter(adapter_name))
 
     @torch.no_grad()
     def reset_parameters(self, adapter_name: str | None = None) -> None:
@@ -308,6 +308,10 @@ class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
     def merged(self, value: bool) -> None:
         """Mark the active adapters merged (their ΔW already in the base weight) or none (ReMoRA, quant)."""
         self.merged_adapters = self._active_here() if value else []
+        self._marked_merged()
+
+    def _marked_merged(self) -> None:
+        """Called after ``merged`` is set by hand: a layer that keeps what merge() added drops it here."""
 
     def _oriented_weight(self) -> Tensor:
         """The base weight as ``(out, in)``: itself, or a transposed view for Conv1D."""

@@ -28,9 +28,9 @@ class LoRALinear(AdapterLayer[LoRAConfig]):
     moreft_lora_lora_A: nn.ParameterDict
     moreft_lora_lora_B: nn.ParameterDict
 
-    lora_A = property(lambda self: self.moreft_lora_lora_A[self._one()], doc="The active adapter's A.")
-    lora_B = property(lambda self: self.moreft_lora_lora_B[self._one()], doc="The active adapter's B.")
-    scaling = property(lambda self: self._scaling(self._one()), doc="The active adapter's alpha / rank.")
+    lora_A = property(lambda self: self.moreft_lora_lora_A[self.resolve_adapter()], doc="The active adapter's A.")
+    lora_B = property(lambda self: self.moreft_lora_lora_B[self.resolve_adapter()], doc="The active adapter's B.")
+    scaling = property(lambda self: self._scaling(self.resolve_adapter()), doc="The active adapter's alpha / rank.")
 
     def _scaling(self, adapter_name: str) -> float:
         config = self.adapter_configs[adapter_name]

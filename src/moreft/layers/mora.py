@@ -59,25 +59,25 @@ class MoRALinear(AdapterLayer[MoRAConfig]):
     other_param_names = (*AdapterLayer.other_param_names, "mora_r_hat", "mora_sharing_layout",
                          "mora_sharing_output_layout")
 
-    matrix = property(lambda self: self.mora_matrix[self._one()], doc="The active adapter's square matrix.")
-    r_hat = property(lambda self: self.mora_r_hat[self._one()], doc="The active adapter's r_hat.")
-    operator = property(lambda self: self.adapter_configs[self._one()].operator, doc="The active operator.")
+    matrix = property(lambda self: self.mora_matrix[self.resolve_adapter()], doc="The active adapter's square matrix.")
+    r_hat = property(lambda self: self.mora_r_hat[self.resolve_adapter()], doc="The active adapter's r_hat.")
+    operator = property(lambda self: self.adapter_configs[self.resolve_adapter()].operator, doc="The active operator.")
 
     @property
     def sharing_layout(self) -> SharingLayout:
-        return self.mora_sharing_layout[self._one()]
+        return self.mora_sharing_layout[self.resolve_adapter()]
 
     @sharing_layout.setter
     def sharing_layout(self, layout: SharingLayout) -> None:
-        self.mora_sharing_layout[self._one()] = layout
+        self.mora_sharing_layout[self.resolve_adapter()] = layout
 
     @property
     def sharing_output_layout(self) -> SharingLayout:
-        return self.mora_sharing_output_layout[self._one()]
+        return self.mora_sharing_output_layout[self.resolve_adapter()]
 
     @sharing_output_layout.setter
     def sharing_output_layout(self, layout: SharingLayout) -> None:
-        self.mora_sharing_output_layout[self._one()] = layout
+        self.mora_sharing_output_layout[self.resolve_adapter()] = layout
 
     def _new_params(self, config: MoRAConfig, adapter_name: str) -> dict[str, Tensor]:
         r_hat = resolve_r_hat(config, self.in_features, self.out_features, self.name)
@@ -113,9 +113,9 @@ class MoRALinear(AdapterLayer[MoRAConfig]):
         return mora_reference(self.adapter_dropout[adapter_name](x), self.mora_matrix[adapter_name],
                               self.in_features, self.out_features, *self._op(adapter_name))
 
-    def _block_form(self, adapter_name: str | None = None) -> tuple[Tensor, tuple[Span, ...]] | None:
+    def block_form(self, adapter_name: str | None = None) -> tuple[Tensor, tuple[Span, ...]] | None:
         """``(blocks (c, r, r), spans)`` with ΔW their placement (``moreft.ops.blocks``); None for SHARING."""
-        name = self._one(adapter_name)
+        name = self.resolve_adapter(adapter_name)
         operator = self.adapter_configs[name].operator
         blocks = mora_blocks(self.mora_matrix[name], self.in_features, operator, cached_rotation_tables)
         spans = mora_spans(self.in_features, self.out_features, self.mora_r_hat[name], operator)

@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
 from torch import Tensor, nn
 
 from ..config import BlockRule, Composition, InitMode, Method, MoReConfig
@@ -74,9 +75,12 @@ class MoReLinear(AdapterLayer[MoReConfig]):
     other_param_names = (*AdapterLayer.other_param_names, "more_init_blkdiag1", "more_init_blkdiag2")
     more_blkdiag1: nn.ParameterDict
     more_blkdiag2: nn.ParameterDict
+    more_scale: nn.ParameterDict
+    more_init_blkdiag1: BufferDict
+    more_init_blkdiag2: BufferDict
 
-    blkdiag1 = property(lambda self: self.more_blkdiag1[self._one()], doc="The active adapter's blkdiag1.")
-    blkdiag2 = property(lambda self: self.more_blkdiag2[self._one()], doc="The active adapter's blkdiag2.")
+    blkdiag1 = property(lambda self: self.more_blkdiag1[self.resolve_adapter()], doc="The active adapter's blkdiag1.")
+    blkdiag2 = property(lambda self: self.more_blkdiag2[self.resolve_adapter()], doc="The active adapter's blkdiag2.")
 
     def _new_params(self, config: MoReConfig, adapter_name: str) -> dict[str, Tensor]:
         n, r, name = config.nblocks, config.block_rank, self.name
@@ -97,14 +101,13 @@ class MoReLinear(AdapterLayer[MoReConfig]):
             raise ConfigError(f"composition={config.composition.value!r} with init_mode={config.init_mode.value!r} "
                               f"reads the dense base weight, but {name!r} has a quantised one ({kind}); use "
                               "the default MoRe adapter on quantised bases")
-        kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
-        params = {"blkdiag1": torch.empty(n, r, in_block, **kw), "blkdiag2": torch.empty(n, out_block, r, **kw)}
+        device, dtype = weight.device, adapter_dtype(weight)
+        shapes: dict[str, tuple[int, ...]] = {"blkdiag1": (n, r, in_block), "blkdiag2": (n, out_block, r)}
         if config.learnable_scale:
-            params["scale"] = torch.empty(1, **kw)
+            shapes["scale"] = (1,)
         if config.init_mode is InitMode.PRINCIPAL:
-            params["init_blkdiag1"] = torch.empty(n, r, in_block, **kw)
-            params["init_blkdiag2"] = torch.empty(n, out_block, r, **kw)
-        return params
+            shapes.update(init_blkdiag1=(n, r, in_block), init_blkdiag2=(n, out_block, r))
+        return {name: torch.empty(shape, device=device, dtype=dtype) for name, shape in shapes.items()}
 
     @torch.no_grad()
     def _init_params(self, adapter_name: str, init_weights: bool) -> None:
@@ -185,7 +188,7 @@ class MoReLinear(AdapterLayer[MoReConfig]):
 
         ``K = N*r``, or ``2*N*r`` with the principal init (the frozen product is a second term).
         """
-        name = self._one(adapter_name)
+        name = self.resolve_adapter(adapter_name)
         if self.adapter_configs[name].is_default_variant:
             return fold_factors(self.more_blkdiag1[name], self.more_blkdiag2[name], self.in_features,
                                 self.out_features)
@@ -208,10 +211,8 @@ class MoReLinear(AdapterLayer[MoReConfig]):
         super().unmerge()
         self._merged_terms().clear()
 
-    @AdapterLayer.merged.setter
-    def merged(self, value: bool) -> None:
+    def _marked_merged(self) -> None:
         """Marked by hand (ReMoRA, quant): the kept terms no longer describe the base weight."""
-        AdapterLayer.merged.fset(self, value)
         self._merged_terms().clear()
 
     # -- the layer ------------------------------------------------------------------------------------

@@ -149,6 +149,7 @@ def mora_delta_weight(matrix: Tensor, in_features: int, out_features: int,
         mc = matrix.new_zeros(r, in_features).index_add_(1, source, matrix[:, group])  # (r, in)
         return mc[output_groups(out_features, r, output_layout or layout, dev)]  # (out, in)
     blocks = mora_blocks(matrix, in_features, operator)  # (c, r, r): M, or M·R_i for ROTATION
+    assert blocks is not None  # None only for SHARING, handled above
     c = blocks.shape[0]
     rows = _decouple_rows(out_features, c, r, dev)  # (out,) flat position read by each output
     row_chunk, row_in_chunk = rows // r, rows % r
