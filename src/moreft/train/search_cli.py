@@ -18,7 +18,7 @@ from typing import Any
 
 from moreft.errors import ConfigError
 from moreft.train.bounded import load_yaml, read_text_file
-from moreft.train.config import SEARCHED_SETTINGS
+from moreft.train.config import METHODS, SEARCHED_SETTINGS
 
 #: Train settings a search sets for each trial (so ``moreft search`` has no flag for them); declared with
 #: ``searched=True`` in :class:`~moreft.train.config.TrainConfig`.
@@ -49,7 +49,8 @@ def add_search_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=("more", "lora", "mora"),
+        type=str.lower,  # choices in any case, as everywhere
+        choices=METHODS,
         default=argparse.SUPPRESS,
         help="methods the search may pick (overrides space.methods)",
     )
