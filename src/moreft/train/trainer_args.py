@@ -129,13 +129,16 @@ def _convert(what: str, value: Any, hint: Any, action: argparse.Action) -> Any:
     if isinstance(value, Mapping):
         if dict not in kinds:
             raise ConfigError(f"{what}={value!r} must be {_show(hint)}, not a mapping")
-        return json.loads(json.dumps(dict(value)))  # plain, YAML-ready values (refuses what JSON cannot hold)
+        try:
+            return json.loads(json.dumps(dict(value), allow_nan=False))  # plain, YAML-ready values
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ConfigError(f"{what}={value!r} must be a mapping of JSON values ({exc})") from None
     many = list in kinds or action.nargs in ("+", "*")
     if isinstance(value, str) and many and "," in value:
         value = [v.strip() for v in value.split(",") if v.strip()]
     if isinstance(value, (list, tuple)):
         if not many:
-            raise ConfigError(f"{what}={value!r} takes one value (type {_show(hint)})")
+            raise ConfigError(f"{what}={value!r} takes one value, not a list")
         return [_one(what, v, hint, action) for v in value]
     return _one(what, value, hint, action)
 
