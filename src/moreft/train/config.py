@@ -92,12 +92,14 @@ class TrainConfig:
                                 trainer_keys=("lr_scheduler_type",),
                                 help="Learning-rate schedule (transformers' schedules; options of one go in "
                                      "trainer_args lr_scheduler_kwargs).")
-    batch_size: int = setting(16, group=_T, minimum=1, searched=True, trainer_keys=("per_device_train_batch_size",),
+    batch_size: int = setting(16, group=_T, minimum=1, searched=True,
+                              trainer_keys=("per_device_train_batch_size",),
                               help="Examples per device per micro-batch.")
     eval_batch_size: int | None = setting(None, group=_R, minimum=1, resumable=True,
                                           trainer_keys=("per_device_eval_batch_size",),
                                           help="Examples per evaluation batch (none: twice batch_size).")
-    epochs: float = setting(1.0, group=_T, minimum=0, above=True, resumable=True, trainer_keys=("num_train_epochs",),
+    epochs: float = setting(1.0, group=_T, minimum=0, above=True, resumable=True,
+                            trainer_keys=("num_train_epochs",),
                             help="Training epochs (may be fractional); ignored when max_steps is set.")
     max_steps: int | None = setting(None, group=_T, minimum=1, resumable=True, trainer_keys=("max_steps",),
                                     help="Optimizer steps; overrides epochs (none: train for epochs).")
@@ -135,7 +137,8 @@ class TrainConfig:
                                      help="Checkpoint every N optimizer steps, for --resume (none: no checkpoints).")
     keep_checkpoints: int = setting(2, group=_R, minimum=1, resumable=True, trainer_keys=("save_total_limit",),
                                     help="How many checkpoints to keep (older ones are deleted).")
-    log_every: int = setting(10, group=_R, minimum=1, resumable=True, trainer_keys=("logging_strategy", "logging_steps"),
+    log_every: int = setting(10, group=_R, minimum=1, resumable=True,
+                             trainer_keys=("logging_strategy", "logging_steps"),
                              help="Log loss and learning rate every N optimizer steps.")
     output_dir: str = setting("runs", group=_R, trainer_keys=("output_dir",), help="Parent of run directories.")
     run_name: str | None = setting(None, group=_R, searched=True, trainer_keys=("run_name",), help=(
