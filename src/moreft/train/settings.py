@@ -171,7 +171,7 @@ def adapter_setting(name: str, **spec: Any) -> Any:
     if "help" not in spec:
         helps = {method: f.metadata.get("help", "") for method, (f, _) in found.items()}
         spec["help"] = next(iter(helps.values())) if common else " ".join(
-            f"{_LABELS[method]}: {text}" for method, text in helps.items())
+            f"{_LABELS.get(method, method.value)}: {text}" for method, text in helps.items())
     enums = [t for t in _union_args(kinds.pop()) if isinstance(t, type) and issubclass(t, enum.Enum)]
     if enums:
         spec.setdefault("choices", enums[0])
