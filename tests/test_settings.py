@@ -27,7 +27,7 @@ from moreft.train import comparison, loop
 from moreft.train.config import RESUMABLE_CHANGES, TrainConfig
 from moreft.train.flags import overrides
 from moreft.train.recipes import resolve_config
-from moreft.train.search_cli import SEARCHED_FIELDS
+from moreft.cli.search import SEARCHED_FIELDS
 from moreft.train.settings import SETTING, Group, Kind, specs
 from moreft.train.settings_doc import settings_doc
 from moreft.train.trainer_args import DEFAULTS_YOU_MAY_CHANGE, FIXED
@@ -77,7 +77,11 @@ def test_adapter_settings_are_the_adapter_configs_fields():
             spec = SPECS[f.name]
             assert spec.group is Group.ADAPTER and (not spec.methods or method in spec.methods), f.name
             default = f.default.value if isinstance(f.default, enum.Enum) else f.default
-            assert spec.default == default, f.name
+            # None: each method's own default (alpha: LoRA 16, MoRe 1), which the adapter config then takes
+            assert spec.default in (default, None), f.name
+            run = TrainConfig(task="sentiment", method=method.value, target_modules=("x",))
+            if f.name != "target_modules":
+                assert getattr(run.adapter_config(), f.name) == f.default, f.name
             if spec.kind is Kind.INT and spec.minimum is not None:
                 others = {"operator": "decouple"} if method is Method.MORA else {}  # rotation needs an even r_hat
                 cls(target_modules=["x"], **others, **{f.name: int(spec.minimum)})

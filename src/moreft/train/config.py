@@ -77,7 +77,7 @@ class TrainConfig:
     block_rank: int = adapter_setting("block_rank", minimum=1, searched=True, primary=True)
     nblocks: int = adapter_setting("nblocks", minimum=1, searched=True)
     rank: int = adapter_setting("rank", minimum=1, searched=True, primary=True)
-    alpha: float = adapter_setting("alpha", minimum=0, above=True)
+    alpha: float | None = adapter_setting("alpha", minimum=0, above=True)
     r_hat: int | None = adapter_setting("r_hat", minimum=1, searched=True)
     operator: str = adapter_setting("operator", searched=True)
     sharing_layout: str = adapter_setting("sharing_layout")
@@ -86,6 +86,10 @@ class TrainConfig:
         "'query value'), one regex matched against the whole module name, all-linear (every linear layer but "
         "the output head), or none for the model's default."))
     dropout: float = adapter_setting("dropout", minimum=0, maximum=1.0, below=True)
+    composition: str = adapter_setting("composition")
+    learnable_scale: bool = adapter_setting("learnable_scale")
+    scale_init: float = adapter_setting("scale_init")
+    init_mode: str = adapter_setting("init_mode")
     lr: float = setting(3e-4, group=_T, minimum=0, above=True, searched=True, trainer_keys=("learning_rate",),
                         help="Peak learning rate.")
     lr_scheduler: str = setting(SchedulerType.COSINE.value, group=_T, choices=SchedulerType,
@@ -171,7 +175,8 @@ class TrainConfig:
     sharing_output_layout: str | None = adapter_setting("sharing_output_layout")
     block_rule: str = adapter_setting("block_rule")
     trainer_args: dict[str, Any] = setting({}, group=_T, flag="--trainer-arg",  # noqa: RUF009 - a Field
-                                           parse=check_trainer_args, help=(
+                                           parse=lambda n, v: check_trainer_args(n, v, specs(TrainConfig)),
+                                           help=(
         "Other transformers TrainingArguments options, passed through and checked by their own types, e.g. "
         "report_to=tensorboard, optim=adafactor, gradient_checkpointing=true; options moreft sets from its "
         "own settings are refused."))
@@ -223,7 +228,10 @@ class TrainConfig:
             ConfigError: A method hyperparameter is invalid (e.g. an odd ``r_hat`` for rotation).
         """
         method = Method(self.method)
-        values = {name: getattr(self, name) for name in adapter_fields(method)}
+        own = {f.name: f.default for f in dataclasses.fields(CONFIG_CLASSES[method])}
+        # a setting left at None takes the method's own default where that is not None (alpha)
+        values = {name: value for name in adapter_fields(method)
+                  if (value := getattr(self, name)) is not None or own.get(name) is None}
         if self.target_modules is None:
             values["target_modules"] = target_modules
         return CONFIG_CLASSES[method](modules_to_save=tuple(modules_to_save), **values)

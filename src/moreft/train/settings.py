@@ -165,13 +165,19 @@ def adapter_setting(name: str, **spec: Any) -> Any:
         raise TypeError(f"no adapter config has a field {name!r}")
     defaults = {_plain(_default(f)) for f, _ in found.values()}
     kinds = {hint for _, hint in found.values()}
-    if len(defaults) != 1 or len(kinds) != 1:
-        raise TypeError(f"adapter configs disagree on {name!r}: defaults {defaults}, types {kinds}")
+    if len(kinds) != 1:
+        raise TypeError(f"adapter configs disagree on the type of {name!r}: {kinds}")
+    if len(defaults) != 1:  # e.g. alpha: LoRA 16, MoRe 1; none in the run config means "the method's own"
+        own = ", ".join(f"{_LABELS.get(m, m.value)} {_plain(_default(f))}" for m, (f, _) in found.items())
+        defaults = {None}
+        spec["help_suffix"] = f" None: each method's own default ({own})."
     common = len(found) == len(CONFIG_CLASSES)
+    suffix = spec.pop("help_suffix", "")
     if "help" not in spec:
         helps = {method: f.metadata.get("help", "") for method, (f, _) in found.items()}
         spec["help"] = next(iter(helps.values())) if common else " ".join(
             f"{_LABELS.get(method, method.value)}: {text}" for method, text in helps.items())
+    spec["help"] += suffix
     enums = [t for t in _union_args(kinds.pop()) if isinstance(t, type) and issubclass(t, enum.Enum)]
     if enums:
         spec.setdefault("choices", enums[0])
@@ -274,10 +280,10 @@ def canonical_choice(spec: Setting, text: str) -> str:
         return text
 
 
-def settings_markdown(cls: type) -> str:
+def settings_markdown(cls: type, fixed: Mapping[str, str]) -> str:
     """docs/settings.md: every setting of ``cls`` by group, with its flag, type, default, rule and meaning,
-    then the TrainingArguments keys ``trainer_args`` may not set (and the setting that sets each)."""
-    from moreft.train.trainer_args import FIXED
+    then the TrainingArguments keys ``trainer_args`` may not set: those a setting sets, and ``fixed``
+    (key -> why moreft fixes it)."""
 
     all_specs = specs(cls)
     lines = ["# Run settings", "",
@@ -308,7 +314,7 @@ def settings_markdown(cls: type) -> str:
                "its own type (e.g. `--trainer-arg report_to=tensorboard --trainer-arg optim=adafactor`). "
                "These fields are moreft's to set:"), "", "| TrainingArguments field | set by |", "|---|---|"]
     lines += [f"| `{key}` | `{s.name}` (`{s.option}`) |" for key, s in sorted(owned.items())]
-    lines += [f"| `{key}` | fixed: {reason} |" for key, reason in sorted(FIXED.items())]
+    lines += [f"| `{key}` | fixed: {reason} |" for key, reason in sorted(fixed.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -15,8 +15,9 @@ def settings_doc() -> str:
     """The text of docs/settings.md."""
     from moreft.train.config import TrainConfig
     from moreft.train.settings import settings_markdown
+    from moreft.train.trainer_args import FIXED
 
-    return settings_markdown(TrainConfig)
+    return settings_markdown(TrainConfig, FIXED)
 
 
 def main(argv: list[str]) -> int:

@@ -64,16 +64,14 @@ def field_names() -> list[str]:
     return sorted(_fields())
 
 
-def _owners() -> dict[str, str]:
-    """TrainingArguments key -> the moreft setting that sets it."""
-    from moreft.train.config import TrainConfig
-    from moreft.train.settings import specs
-
-    return {key: spec.name for spec in specs(TrainConfig).values() for key in spec.trainer_keys}
-
-
-def check_trainer_args(name: str, value: Mapping[str, Any]) -> dict[str, Any]:
+def check_trainer_args(name: str, value: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
     """Check ``trainer_args`` and convert each value to its TrainingArguments field's type.
+
+    Args:
+        name: The setting's name, for messages.
+        value: The key/value pairs given.
+        settings: The run config's settings by name (:func:`moreft.train.settings.specs`): their
+            own names and the TrainingArguments keys they set may not be given here.
 
     Returns:
         Plain YAML-ready values (enums as their values), in the given order.
@@ -82,11 +80,7 @@ def check_trainer_args(name: str, value: Mapping[str, Any]) -> dict[str, Any]:
         ConfigError: A key that is no TrainingArguments field (close names suggested), one moreft
             sets itself (the message names the setting to use), or a value of the wrong type.
     """
-    from moreft.train.config import TrainConfig
-    from moreft.train.settings import specs
-
-    settings = specs(TrainConfig)
-    owners = _owners()
+    owners = {key: spec.name for spec in settings.values() for key in spec.trainer_keys}
     fields = _fields()
     out = {}
     for key, raw in value.items():
