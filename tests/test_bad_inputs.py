@@ -100,7 +100,8 @@ def cli(*argv: str, files: dict[str, bytes | str] | None = None,
         train: dict[str, Any] | None = None) -> Callable[[Ctx], Callable[[], Any]]:
     """``moreft ARGV`` (``{tmp}`` / ``{bert}`` filled in), after writing ``files`` into the folder.
 
-    With ``train``, ARGV follows ``moreft train`` flags for a short run on the tiny BERT.
+    With ``train``, ARGV follows ``moreft train`` flags for a short run on the tiny BERT (a flag in ARGV
+    replaces the run's own: a flag may be given only once).
     """
     def setup(ctx: Ctx) -> Callable[[], Any]:
         for name, content in (files or {}).items():
@@ -108,7 +109,10 @@ def cli(*argv: str, files: dict[str, bytes | str] | None = None,
             (ctx.tmp / name).write_bytes(data)
         args = [a.format(tmp=ctx.tmp, bert=ctx.bert) for a in argv]
         if train is not None:
-            args = train_flags(ctx.bert, ctx.tmp / "runs", **train) + args
+            given = {a[2:].replace("-", "_"): None for a in args if a.startswith("--") and a != "--task-option"}
+            model = None if "model" in given else ctx.bert
+            given.pop("model", None)
+            args = train_flags(model, ctx.tmp / "runs", **{**given, **train}) + args
         return lambda: _cli(args)
     return setup
 

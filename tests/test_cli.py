@@ -45,8 +45,10 @@ def test_every_subcommand_has_help(command, capsys):
     text = capsys.readouterr().out
     assert text.startswith(f"usage: moreft {command}")
     if command in ("train", "compare"):  # one flag per config field, with the field's documentation
-        assert "--block-rank BLOCK_RANK" in text and "MoRe rank of each block" in text
+        words = " ".join(text.split())  # argparse wraps the help text
+        assert "--block-rank BLOCK_RANK" in text and "MoRe: Rank of each block" in words
         assert "--task-option KEY=VALUE" in text and "--group-by-length" in text
+        assert "``" not in text and ":class:" not in text  # plain words, no reST markup
 
 
 def error_line(capsys, argv: list[str]) -> str:

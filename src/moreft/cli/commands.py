@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -21,31 +20,12 @@ from moreft.safe_write import FolderKind, writable_folder, write_folder
 MERGED_MARK = "moreft_merged.json"
 
 
-def train_flag_help() -> dict[str, str]:
-    """Help text per config field, taken from the ``Attributes:`` section of ``TrainConfig``'s docstring."""
-    from moreft.train.config import TrainConfig
-
-    doc = (TrainConfig.__doc__ or "").split("Attributes:", 1)[-1]
-    out: dict[str, str] = {}
-    current = None
-    for line in doc.splitlines():
-        match = re.match(r"\s{8}(\w+): (.*)", line)
-        if match:
-            current = match.group(1)
-            out[current] = match.group(2).strip()
-        elif current and line.strip():
-            out[current] += " " + line.strip()
-    return {k: v.replace("%", "%%") for k, v in out.items()}
-
-
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from moreft.train.config import field_names
-    from moreft.train.recipes import parse_task_options
+    """The run settings the command-line flags give."""
+    from moreft.train.config import TrainConfig
+    from moreft.train.flags import overrides
 
-    out = {k: v for k, v in vars(args).items() if k in field_names()}
-    if "task_options" in out:
-        out["task_options"] = parse_task_options(out["task_options"])
-    return out
+    return overrides(args, TrainConfig)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -17,55 +17,32 @@ from moreft.cli.commands import (
     cmd_inspect,
     cmd_merge,
     cmd_train,
-    train_flag_help,
 )
 from moreft.cli.search import SEARCHED_FIELDS, add_search_flags, cmd_search
 from moreft.errors import MoreftError
+from moreft.train.flags import register_once
 
 EXIT_USER_ERROR = 2
 #: Commands that run adapter layers forward, and so read ``$MOREFT_TRITON``.
 _RUNS_LAYERS = frozenset({"train", "eval", "compare", "search", "bench"})
 
-# Fields that are not plain ``--flag VALUE`` options of ``train``.
-_NOT_FLAGS = {"task_options"}
-_BOOL_FLAGS = {"resume", "overwrite", "progress", "group_by_length", "cap_r_hat"}
-_INT_FLAGS = {"block_rank", "nblocks", "rank", "r_hat", "batch_size", "eval_batch_size", "max_steps",
-              "warmup_steps", "grad_accum", "seed", "max_length", "max_new_tokens", "max_examples",
-              "eval_examples", "eval_every", "save_every", "keep_checkpoints", "log_every",
-              "merge_every", "merge_warmup"}
-_CHOICES = {"method": ("more", "mora", "lora"), "precision": ("fp32", "bf16"),
-            "lr_scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
-            "operator": ("truncation", "sharing", "decouple", "rotation"), "sharing_layout": ("strided", "adjacent"),
-            "nonfinite": ("stop", "skip"), "merge_schedule": ("jagged", "official"),
-            "merge_cycle": ("alternate", "four"), "r_hat_rounding": ("floor", "round"),
-            "sharing_output_layout": ("strided", "adjacent"), "block_rule": ("moreft", "official", "official-int")}
-
 
 def add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
-    """One ``--flag`` per :class:`TrainConfig` field; a flag left out does not override the recipe."""
-    from moreft.train.config import field_names
+    """``--config`` and one ``--flag`` per :class:`TrainConfig` setting (:mod:`moreft.train.flags`)."""
+    from moreft.train.config import TrainConfig
+    from moreft.train.flags import add_setting_flags
 
-    helps = train_flag_help()
     parser.add_argument("--config", metavar="RECIPE.yaml", help="recipe file; flags override its values")
-    parser.add_argument("--task-option", dest="task_options", action="append", metavar="KEY=VALUE",
-                        default=argparse.SUPPRESS, help="task option, repeatable (e.g. source=tweets)")
-    for name in field_names():
-        if name in _NOT_FLAGS or name in skip:
-            continue
-        flag = "--" + name.replace("_", "-")
-        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": helps.get(name, "")}
-        if name in _BOOL_FLAGS:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = int if name in _INT_FLAGS else str
-            kw["metavar"] = name.upper() if name not in _CHOICES else None
-            if name in _CHOICES:
-                kw["choices"] = _CHOICES[name]
-        parser.add_argument(flag, **kw)
+    add_setting_flags(parser, TrainConfig, skip)
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose usage errors are one line, ``moreft: error: ...``, exit status 2."""
+    """An ``ArgumentParser`` whose usage errors are one line, ``moreft: error: ...``, exit status 2, and
+    whose single-valued flags may be given once (a repeat is an error, not a silent last-wins)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        register_once(self)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USER_ERROR, f"moreft: error: {message} (see `{self.prog} --help`)\n")
@@ -81,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="fine-tune a model; writes runs/<name>/",
-                       description="Fine-tune a model. Precedence: defaults < --config recipe < flags.")
+                       description="Fine-tune a model. Precedence: defaults < --config recipe < flags. "
+                       "Each flag may be given once; choices are accepted in any case; 'none' clears an "
+                       "optional setting. Every setting is listed in docs/settings.md.")
     add_config_flags(p)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)

@@ -17,21 +17,11 @@ from typing import Any
 
 from moreft.errors import ConfigError
 from moreft.train.bounded import load_yaml, read_text_file
+from moreft.train.config import METHODS, SEARCHED_SETTINGS
 
-#: Train fields a search samples (so ``moreft search`` has no flag for them).
-SEARCHED_FIELDS = (
-    "method",
-    "block_rank",
-    "nblocks",
-    "rank",
-    "r_hat",
-    "operator",
-    "lr",
-    "batch_size",
-    "run_name",
-    "resume",
-    "overwrite",
-)
+#: Train settings a search sets for each trial (so ``moreft search`` has no flag for them); declared with
+#: ``searched=True`` in :class:`~moreft.train.config.TrainConfig`.
+SEARCHED_FIELDS = SEARCHED_SETTINGS
 SEARCH_FILE_KEYS = ("description", "space", "search")
 _FLAGS = {
     "trials": int,
@@ -58,7 +48,8 @@ def add_search_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=("more", "lora", "mora"),
+        type=str.lower,  # choices in any case, as everywhere
+        choices=METHODS,
         default=argparse.SUPPRESS,
         help="methods the search may pick (overrides space.methods)",
     )

@@ -185,7 +185,8 @@ class SearchSpace:
     mora: MoRASpace = field(default_factory=MoRASpace)
 
     def __post_init__(self) -> None:
-        methods = _choices("methods", self.methods, str)
+        given = self.methods if isinstance(self.methods, (list, tuple)) else (self.methods,)
+        methods = _choices("methods", [m.lower() if isinstance(m, str) else m for m in given], str)  # any case
         for m in methods:
             if m not in METHODS:
                 raise ConfigError(f"search space methods: {m!r} is not one of {list(METHODS)}")

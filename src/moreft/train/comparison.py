@@ -21,7 +21,7 @@ from typing import Any
 from moreft.errors import ConfigError
 from moreft.safe_write import atomic_write_text
 from moreft.train.bounded import load_yaml
-from moreft.train.config import METHODS, TrainConfig, field_names
+from moreft.train.config import ADAPTER_SETTINGS, METHODS, TrainConfig, field_names
 from moreft.train.fields import MAX_SEED, check_folder_name
 from moreft.train.loop import RunResult, train
 from moreft.train.plots import plot_compare
@@ -40,6 +40,7 @@ def parse_method_spec(spec: str) -> dict[str, Any]:
         ConfigError: Unknown method, a malformed ``key=value``, or a key that is not a config field.
     """
     method, _, rest = spec.partition(":")
+    method = method.lower()  # choices are accepted in any case, as everywhere
     if method not in METHODS:
         raise ConfigError(f"method spec {spec!r}: unknown method {method!r}; valid methods are {list(METHODS)} "
                           "(e.g. lora:rank=8, more:block_rank=4, mora:rank=8)")
@@ -56,8 +57,9 @@ def parse_method_spec(spec: str) -> dict[str, Any]:
     return out
 
 
-#: Spec keys that choose the adapter; any other key in a spec overrides a shared training setting.
-_ADAPTER_KEYS = frozenset({"method", "rank", "alpha", "block_rank", "nblocks", "r_hat", "operator", "sharing_layout"})
+#: Spec keys that choose the adapter (the adapter settings); any other key in a spec overrides a shared
+#: training setting.
+_ADAPTER_KEYS = ADAPTER_SETTINGS
 
 
 def _slug(spec: dict[str, Any]) -> str:

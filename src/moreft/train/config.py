@@ -3,167 +3,195 @@
 Precedence is ``TrainConfig`` defaults < recipe YAML (``--config``) < command-line flags; see
 :mod:`moreft.train.recipes` for reading recipes. The resolved config is saved as
 ``runs/<name>/config.yaml`` and ``TrainConfig.from_dict`` reads it back.
+
+Each field is declared once, with its meaning, rule and role (:mod:`moreft.train.settings`); the
+flags, recipe checks, compare / search / resume rules and docs/settings.md are derived from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moreft.config import AdapterConfig, LoRAConfig, Method, MoRAConfig, MoReConfig, coerce_enum
+from transformers.trainer_utils import SchedulerType
+
+from moreft.config import CONFIG_CLASSES, AdapterConfig, Method
 from moreft.errors import ConfigError
-from moreft.train.fields import check_folder_name, coerce_field
+from moreft.remora import RemoraCycle
+from moreft.train.fields import MAX_SEED, check_folder_name
+from moreft.train.settings import Group, adapter_setting, coerce, setting, specs
+from moreft.train.trainer_args import check_trainer_args
 
 METHODS = tuple(m.value for m in Method)
-PRECISIONS = ("fp32", "bf16")
-NONFINITE = ("stop", "skip")
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-MERGE_SCHEDULES = ("jagged", "official")
-MERGE_CYCLES = ("alternate", "four")
 
-#: Fields that may change when a run is resumed (they do not change what is learned so far).
-RESUMABLE_CHANGES = frozenset({"resume", "nonfinite", "overwrite", "max_steps", "epochs", "eval_every", "save_every",
-                               "log_every", "keep_checkpoints", "eval_batch_size", "progress"})
+
+class Precision(str, enum.Enum):
+    """The base model's weights and compute: fp32, or bf16 (weights in bf16, autocast; adapters stay fp32)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class NonFinitePolicy(str, enum.Enum):
+    """What a NaN/Inf training loss does: ``stop`` the run, or ``skip`` that optimizer step."""
+
+    STOP = "stop"
+    SKIP = "skip"
+
+
+class MergeSchedule(str, enum.Enum):
+    """The learning rate after each ReLoRA / ReMoRA merge (:mod:`moreft.train.reinit`).
+
+    JAGGED: the run's schedule times a warmup ramp after each merge (adapter optimizer state
+    dropped). OFFICIAL: kongds/MoRA's, the schedule restarts from the current lr with a warmup and
+    decays over the remaining steps (all optimizer state dropped).
+    """
+
+    JAGGED = "jagged"
+    OFFICIAL = "official"
+
+
+_A, _D, _T, _R = Group.ADAPTER, Group.DATA, Group.TRAINING, Group.RUN
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything a ``moreft train`` run needs; validated on construction.
 
-    Attributes:
-        task: Task name (``moreft.tasks.TASKS``), e.g. ``"sentiment"``.
-        task_options: Options of the task, e.g. ``{"source": "movie"}``.
-        model: ``"minilm"``, ``"smollm2"`` or a local model directory / ``.gguf`` file; None picks
-            the packaged default for the task's kind (minilm for classification, smollm2 for generation).
-        method: ``"more"``, ``"mora"`` or ``"lora"``.
-        block_rank: MoRe rank of each block.
-        nblocks: MoRe number of blocks.
-        rank: LoRA rank; MoRA's LoRA-parity rank (sets ``r_hat`` when ``r_hat`` is None).
-        alpha: LoRA scaling numerator (scale ``alpha / rank``).
-        r_hat: MoRA square size; None derives it from ``rank``.
-        operator: MoRA compress/decompress operator (truncation, sharing, decouple, rotation).
-        sharing_layout: MoRA ``sharing`` groups: ``strided`` or ``adjacent`` (the paper's r=256 setup).
-        target_modules: Modules to adapt: names, a regex, ``"all-linear"``, or None for the
-            model's default.
-        dropout: Dropout inside the adapter branch.
-        lr: Peak learning rate.
-        lr_scheduler: ``cosine`` (default), ``linear``, ``constant`` or ``constant_with_warmup``.
-        batch_size: Examples per device per micro-batch.
-        eval_batch_size: Examples per evaluation batch (None: ``2 * batch_size``).
-        epochs: Training epochs (may be fractional); ignored when ``max_steps`` is set.
-        max_steps: Optimizer steps; overrides ``epochs``.
-        warmup_ratio: Linear warmup as a fraction of all steps (exclusive with ``warmup_steps``).
-        warmup_steps: Linear warmup in optimizer steps.
-        weight_decay: AdamW weight decay.
-        grad_accum: Micro-batches per optimizer step.
-        group_by_length: Batch examples of similar length together (less padding, faster on CPU;
-            the order stays random between batches).
-        max_grad_norm: Gradient clipping norm (0 disables clipping).
-        seed: Seed of the data split, the adapter/head initialisation and the data order.
-        max_length: Token cap per example (prompt + answer for generation).
-        max_new_tokens: Greedy generation length at evaluation (generation tasks).
-        precision: ``fp32``, or ``bf16`` (base weights in bf16, autocast; adapters stay fp32).
-        max_examples: Cap on the examples drawn from the task before splitting.
-        eval_examples: Cap on the validation/test examples evaluated (None: all).
-        eval_every: Evaluate every N optimizer steps (None: only at the end).
-        save_every: Checkpoint every N optimizer steps for ``resume`` (None: no checkpoints).
-        keep_checkpoints: How many checkpoints to keep (older ones are deleted).
-        log_every: Log loss and learning rate every N optimizer steps.
-        output_dir: Parent of run directories.
-        run_name: Run directory name (None: ``<task>-<model>-<method>-seed<seed>``); ``{field}``
-            placeholders are filled from this config, e.g. ``glue-cola-seed{seed}``.
-        resume: Continue from the last checkpoint in the run directory.
-        overwrite: Delete an existing run directory and start over.
-        progress: Show a progress bar.
-        nonfinite: A NaN/Inf loss or gradient ``stop``s the run (keeping the last good checkpoint) or
-            ``skip``s that optimizer step (:mod:`moreft.train.nonfinite`).
-        merge_every: Every N optimizer steps merge each adapter into its base weight and re-initialise it
-            (ReLoRA / ReMoRA, :mod:`moreft.train.reinit`); None: never.
-        merge_warmup: Learning-rate warmup steps after each merge (None: ``min(50, merge_every // 10)``,
-            or 50 with ``merge_schedule: official``).
-        merge_schedule: ``jagged`` (the run's schedule times a warmup ramp after each merge; adapter
-            optimizer state dropped) or ``official`` (kongds/MoRA: the schedule restarts from the
-            current lr with a warmup and decays over the remaining steps; all optimizer state dropped).
-        merge_cycle: MoRA sharing groupings at each merge: ``alternate`` (mora_type 1 <-> 2) or
-            ``four`` (the authors' default ReMoRA cycle 1 -> 2 -> 3 -> 4).
-        r_hat_rounding: MoRA square size from ``rank``: ``floor`` (paper) or ``round`` (authors' code).
-        cap_r_hat: Cap MoRA sharing's square size at ``min(in, out)`` (the authors' code does not).
-        sharing_output_layout: MoRA sharing output grouping when it differs from ``sharing_layout``
-            (``strided`` / ``adjacent``; the authors' mora_type 3 and 4).
-        block_rule: MoRe block shapes: ``moreft``, ``official`` or ``official-int`` (the MoRe repository's).
+    Each field's meaning, type, default and rule are declared with it below (``setting(...)``);
+    docs/settings.md lists them all, and ``moreft train --help`` shows them.
     """
 
-    task: str
-    task_options: dict[str, Any] = field(default_factory=dict)
-    model: str | None = None
-    method: str = "more"
-    block_rank: int = 4
-    nblocks: int = 4
-    rank: int = 8
-    alpha: float = 16.0
-    r_hat: int | None = None
-    operator: str = "rotation"
-    sharing_layout: str = "strided"
-    target_modules: tuple[str, ...] | str | None = None
-    dropout: float = 0.0
-    lr: float = 3e-4
-    lr_scheduler: str = "cosine"
-    batch_size: int = 16
-    eval_batch_size: int | None = None
-    epochs: float = 1.0
-    max_steps: int | None = None
-    warmup_ratio: float = 0.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_accum: int = 1
-    group_by_length: bool = False
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    max_length: int = 128
-    max_new_tokens: int = 32
-    precision: str = "fp32"
-    max_examples: int | None = None
-    eval_examples: int | None = None
-    eval_every: int | None = None
-    save_every: int | None = None
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    output_dir: str = "runs"
-    run_name: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    nonfinite: str = "stop"
-    merge_every: int | None = None
-    merge_warmup: int | None = None
-    merge_schedule: str = "jagged"
-    merge_cycle: str = "alternate"
-    r_hat_rounding: str = "floor"
-    cap_r_hat: bool = True
-    sharing_output_layout: str | None = None
-    block_rule: str = "moreft"
+    task: str = setting(group=_D, help="Task name, e.g. sentiment (the tasks of moreft.tasks).")
+    task_options: dict[str, Any] = setting({}, group=_D, flag="--task-option",  # noqa: RUF009 - a Field
+                                           help="Options of the task, e.g. source=movie.")
+    model: str | None = setting(None, group=_D, help=(
+        "minilm, smollm2, or a local model directory or .gguf file; none picks the packaged default for the "
+        "task's kind (minilm for classification, smollm2 for generation)."))
+    method: str = setting(Method.MORE.value, group=_A, choices=Method, searched=True,
+                          help="Adapter family: MoRe (more), MoRA (mora) or LoRA (lora).")
+    block_rank: int = adapter_setting("block_rank", minimum=1, searched=True, primary=True)
+    nblocks: int = adapter_setting("nblocks", minimum=1, searched=True)
+    rank: int = adapter_setting("rank", minimum=1, searched=True, primary=True)
+    alpha: float | None = adapter_setting("alpha", minimum=0, above=True)
+    r_hat: int | None = adapter_setting("r_hat", minimum=1, searched=True)
+    operator: str = adapter_setting("operator", searched=True)
+    sharing_layout: str = adapter_setting("sharing_layout")
+    target_modules: tuple[str, ...] | str | None = adapter_setting("target_modules", help=(
+        "Modules to adapt: names (exact or dotted suffix; several separated by spaces or commas, e.g. "
+        "'query value'), one regex matched against the whole module name, all-linear (every linear layer but "
+        "the output head), or none for the model's default."))
+    dropout: float = adapter_setting("dropout", minimum=0, maximum=1.0, below=True)
+    composition: str = adapter_setting("composition")
+    learnable_scale: bool = adapter_setting("learnable_scale")
+    scale_init: float = adapter_setting("scale_init")
+    init_mode: str = adapter_setting("init_mode")
+    lr: float = setting(3e-4, group=_T, minimum=0, above=True, searched=True, trainer_keys=("learning_rate",),
+                        help="Peak learning rate.")
+    lr_scheduler: str = setting(SchedulerType.COSINE.value, group=_T, choices=SchedulerType,
+                                trainer_keys=("lr_scheduler_type",),
+                                help="Learning-rate schedule (transformers' schedules; options of one go in "
+                                     "trainer_args lr_scheduler_kwargs).")
+    batch_size: int = setting(16, group=_T, minimum=1, searched=True,
+                              trainer_keys=("per_device_train_batch_size",),
+                              help="Examples per device per micro-batch.")
+    eval_batch_size: int | None = setting(None, group=_R, minimum=1, resumable=True,
+                                          trainer_keys=("per_device_eval_batch_size",),
+                                          help="Examples per evaluation batch (none: twice batch_size).")
+    epochs: float = setting(1.0, group=_T, minimum=0, above=True, resumable=True,
+                            trainer_keys=("num_train_epochs",),
+                            help="Training epochs (may be fractional); ignored when max_steps is set.")
+    max_steps: int | None = setting(None, group=_T, minimum=1, resumable=True, trainer_keys=("max_steps",),
+                                    help="Optimizer steps; overrides epochs (none: train for epochs).")
+    warmup_ratio: float = setting(0.0, group=_T, minimum=0, maximum=1.0, below=True,
+                                  help="Linear warmup as a fraction of all steps (give this or warmup_steps).")
+    warmup_steps: int = setting(0, group=_T, minimum=0, trainer_keys=("warmup_steps",),
+                                help="Linear warmup in optimizer steps.")
+    weight_decay: float = setting(0.0, group=_T, minimum=0, trainer_keys=("weight_decay",),
+                                  help="AdamW weight decay.")
+    grad_accum: int = setting(1, group=_T, minimum=1, trainer_keys=("gradient_accumulation_steps",),
+                              help="Micro-batches per optimizer step.")
+    group_by_length: bool = setting(False, group=_T, trainer_keys=("train_sampling_strategy",), help=(
+        "Batch examples of similar length together (less padding, faster on CPU; the order stays random "
+        "between batches)."))
+    max_grad_norm: float = setting(1.0, group=_T, minimum=0, trainer_keys=("max_grad_norm",),
+                                   help="Gradient clipping norm (0 disables clipping).")
+    seed: int = setting(0, group=_T, minimum=0, maximum=MAX_SEED, trainer_keys=("seed",),
+                        help="Seed of the data split, the adapter and head initialisation, and the data order.")
+    max_length: int = setting(128, group=_D, minimum=8,
+                              help="Token cap per example (prompt and answer for generation).")
+    max_new_tokens: int = setting(32, group=_D, minimum=1,
+                                  help="Greedy generation length at evaluation (generation tasks).")
+    precision: str = setting(Precision.FP32.value, group=_T, choices=Precision,
+                             trainer_keys=("bf16", "fp16", "bf16_full_eval", "fp16_full_eval"),
+                             help="fp32, or bf16 (base weights in bf16 with autocast; adapters stay fp32).")
+    max_examples: int | None = setting(None, group=_D, minimum=3,
+                                       help="Cap on the examples drawn from the task before splitting (none: all).")
+    eval_examples: int | None = setting(None, group=_D, minimum=1,
+                                        help="Cap on the validation and test examples evaluated (none: all).")
+    eval_every: int | None = setting(None, group=_R, minimum=1, resumable=True,
+                                     trainer_keys=("eval_strategy", "eval_steps"),
+                                     help="Evaluate every N optimizer steps (none: only at the end).")
+    save_every: int | None = setting(None, group=_R, minimum=1, resumable=True,
+                                     trainer_keys=("save_strategy", "save_steps"),
+                                     help="Checkpoint every N optimizer steps, for --resume (none: no checkpoints).")
+    keep_checkpoints: int = setting(2, group=_R, minimum=1, resumable=True, trainer_keys=("save_total_limit",),
+                                    help="How many checkpoints to keep (older ones are deleted).")
+    log_every: int = setting(10, group=_R, minimum=1, resumable=True,
+                             trainer_keys=("logging_strategy", "logging_steps"),
+                             help="Log loss and learning rate every N optimizer steps.")
+    output_dir: str = setting("runs", group=_R, trainer_keys=("output_dir",), help="Parent of run directories.")
+    run_name: str | None = setting(None, group=_R, searched=True, trainer_keys=("run_name",), help=(
+        "Run directory name (none: <task>-<model>-<method>-seed<seed>); {field} placeholders are filled from "
+        "this config, e.g. glue-cola-seed{seed}."))
+    resume: bool = setting(False, group=_R, resumable=True, searched=True, trainer_keys=("resume_from_checkpoint",),
+                           help="Continue from the last checkpoint in the run directory.")
+    overwrite: bool = setting(False, group=_R, resumable=True, searched=True,
+                              help="Delete an existing run directory and start over.")
+    progress: bool = setting(True, group=_R, resumable=True, trainer_keys=("disable_tqdm",),
+                             help="Show a progress bar.")
+    nonfinite: str = setting(NonFinitePolicy.STOP.value, group=_T, choices=NonFinitePolicy, resumable=True, help=(
+        "A NaN/Inf loss or gradient stops the run (keeping the last good checkpoint) or skips that optimizer "
+        "step."))
+    merge_every: int | None = setting(None, group=_T, minimum=1, help=(
+        "Every N optimizer steps merge each adapter into its base weight and re-initialise it (ReLoRA / "
+        "ReMoRA); none: never."))
+    merge_warmup: int | None = setting(None, group=_T, minimum=0, help=(
+        "Learning-rate warmup steps after each merge (none: min(50, merge_every / 10), or 50 with "
+        "merge_schedule official)."))
+    merge_schedule: str = setting(MergeSchedule.JAGGED.value, group=_T, choices=MergeSchedule, help=(
+        "jagged: the run's schedule times a warmup ramp after each merge (adapter optimizer state dropped); "
+        "official (kongds/MoRA): the schedule restarts from the current lr with a warmup and decays over the "
+        "remaining steps (all optimizer state dropped)."))
+    merge_cycle: str = setting(RemoraCycle.ALTERNATE.value, group=_T, choices=RemoraCycle, help=(
+        "MoRA sharing groupings at each merge: alternate (mora_type 1 <-> 2) or four (the authors' default "
+        "ReMoRA cycle 1 -> 2 -> 3 -> 4)."))
+    r_hat_rounding: str = adapter_setting("r_hat_rounding")
+    cap_r_hat: bool = adapter_setting("cap_r_hat")
+    sharing_output_layout: str | None = adapter_setting("sharing_output_layout")
+    block_rule: str = adapter_setting("block_rule")
+    trainer_args: dict[str, Any] = setting({}, group=_T, flag="--trainer-arg",  # noqa: RUF009 - a Field
+                                           parse=lambda n, v: check_trainer_args(n, v, specs(TrainConfig)),
+                                           help=(
+        "Other transformers TrainingArguments options, passed through and checked by their own types, e.g. "
+        "report_to=tensorboard, optim=adafactor, gradient_checkpointing=true; options moreft sets from its "
+        "own settings are refused."))
 
     def __post_init__(self) -> None:
         if self.model is None and isinstance(self.task, str):
             object.__setattr__(self, "model", default_model(self.task))
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, coerce_field(f.name, getattr(self, f.name)))
+        for name, spec in specs(TrainConfig).items():
+            object.__setattr__(self, name, coerce(spec, getattr(self, name)))
         default_model(self.task)  # checks the task name
         from moreft.tasks import get_task
 
         get_task(self.task, **self.task_options)  # checks the task's options now, before any loading
-        _check_choice("method", self.method, METHODS)
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
-        _check_choice("sharing_layout", self.sharing_layout, ("strided", "adjacent"))
-        _check_choice("nonfinite", self.nonfinite, NONFINITE)
-        _check_choice("merge_schedule", self.merge_schedule, MERGE_SCHEDULES)
-        _check_choice("merge_cycle", self.merge_cycle, MERGE_CYCLES)
         if self.merge_warmup is not None and (self.merge_every is None or (
-                self.merge_warmup >= self.merge_every and self.merge_schedule != "official")):
+                self.merge_warmup >= self.merge_every and self.merge_schedule != MergeSchedule.OFFICIAL)):
             raise ConfigError(f"merge_warmup={self.merge_warmup} needs merge_every > merge_warmup "
                               f"(merge_every={self.merge_every})")
         if self.warmup_ratio and self.warmup_steps:
@@ -199,25 +227,25 @@ class TrainConfig:
         Raises:
             ConfigError: A method hyperparameter is invalid (e.g. an odd ``r_hat`` for rotation).
         """
-        common = {"target_modules": self.target_modules if self.target_modules is not None else target_modules,
-                  "modules_to_save": tuple(modules_to_save), "dropout": self.dropout}
-        method = coerce_enum(Method, self.method, "method")
-        if method is Method.MORE:
-            return MoReConfig(nblocks=self.nblocks, block_rank=self.block_rank, block_rule=self.block_rule, **common)
-        if method is Method.MORA:
-            return MoRAConfig(rank=self.rank, r_hat=self.r_hat, operator=self.operator,
-                              sharing_layout=self.sharing_layout, sharing_output_layout=self.sharing_output_layout,
-                              r_hat_rounding=self.r_hat_rounding, cap_r_hat=self.cap_r_hat, **common)
-        return LoRAConfig(rank=self.rank, alpha=self.alpha, **common)
+        method = Method(self.method)
+        own = {f.name: f.default for f in dataclasses.fields(CONFIG_CLASSES[method])}
+        # a setting left at None takes the method's own default where that is not None (alpha)
+        values = {name: value for name in adapter_fields(method)
+                  if (value := getattr(self, name)) is not None or own.get(name) is None}
+        if self.target_modules is None:
+            values["target_modules"] = target_modules
+        return CONFIG_CLASSES[method](modules_to_save=tuple(modules_to_save), **values)
 
     def method_label(self) -> str:
-        """A short label with the method's size hyperparameters, e.g. ``more:block_rank=4``."""
-        if self.method == "more":
-            extra = f",nblocks={self.nblocks}" if self.nblocks != 4 else ""
-            return f"more:block_rank={self.block_rank}{extra}"
-        if self.method == "mora":
-            return f"mora:rank={self.rank}" + (f",r_hat={self.r_hat}" if self.r_hat else "")
-        return f"lora:rank={self.rank}"
+        """The method and its hyperparameters, e.g. ``more:block_rank=4`` or ``lora:rank=8,alpha=32.0``.
+
+        A method's primary size (``block_rank``, ``rank``) is always shown; its other settings
+        (not those every method shares) when they differ from their default.
+        """
+        method = Method(self.method)
+        shown = [f"{s.name}={getattr(self, s.name)}" for s in specs(TrainConfig).values()
+                 if method in s.methods and (s.primary or getattr(self, s.name) != s.default)]
+        return f"{method.value}:" + ",".join(shown)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-ready values, in field order (``from_dict`` reverses it)."""
@@ -279,6 +307,15 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {list(choices)}")
+def adapter_fields(method: Method) -> list[str]:
+    """The settings that go into ``method``'s adapter config (its own and those every method shares)."""
+    return [s.name for s in specs(TrainConfig).values()
+            if s.group is Group.ADAPTER and s.name != "method" and (not s.methods or method in s.methods)]
+
+
+#: Settings that choose the adapter (the method and every adapter config field).
+ADAPTER_SETTINGS = frozenset(s.name for s in specs(TrainConfig).values() if s.group is Group.ADAPTER)
+#: Settings that may change when a run is resumed (they do not change what is learned so far).
+RESUMABLE_CHANGES = frozenset(s.name for s in specs(TrainConfig).values() if s.resumable)
+#: Settings ``moreft search`` sets for each trial (so it has no flag for them).
+SEARCHED_SETTINGS = tuple(s.name for s in specs(TrainConfig).values() if s.searched)

@@ -18,7 +18,7 @@ from moreft.shapes import check_adapter_size
 from moreft.lock import LOCK_NAME, folder_lock
 from moreft.train.peak_memory import peak_rss_mib, reset_peak_rss
 from moreft.tasks import TaskKind, get_task
-from moreft.train.config import RESUMABLE_CHANGES, TrainConfig
+from moreft.train.config import RESUMABLE_CHANGES, Precision, TrainConfig
 from moreft.train.data import PadCollator, encode_classification, encode_generation
 from moreft.train.evaluate import evaluate
 from moreft.train.nonfinite import NonFiniteGuard
@@ -43,10 +43,12 @@ from moreft.train.trainer import (
     AtTrainBegin,
     MetricsLogger,
     ProgressBar,
+    log_tensorboard_to,
     read_jsonl,
     truncate_jsonl,
     use_callbacks,
 )
+from moreft.train.trainer_args import check_reporting, check_scheduler
 
 
 @dataclass(frozen=True)
@@ -103,40 +105,59 @@ def prepare_run_dir(config: TrainConfig) -> Path | None:
 
 
 def training_arguments(config: TrainConfig) -> Any:
-    """The ``transformers.TrainingArguments`` of a run (no hub, no reporting, adapter-only checkpoints)."""
+    """The ``transformers.TrainingArguments`` of a run: moreft's settings, then ``config.trainer_args``.
+
+    The keys set here from a setting are that setting's ``trainer_keys`` (so ``trainer_args`` cannot
+    set them); the others are :data:`~moreft.train.trainer_args.FIXED`, or defaults ``trainer_args``
+    may change (no reporting, single-process data loading).
+
+    Raises:
+        ConfigError: transformers refuses the combination (e.g. an option ``trainer_args`` added), or a
+            ``report_to`` integration is not installed.
+    """
     from transformers import TrainingArguments
 
-    return TrainingArguments(
-        output_dir=str(config.run_dir / CHECKPOINTS_DIR),
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.eval_batch_size or 2 * config.batch_size,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps or -1,
-        learning_rate=config.lr,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio or config.warmup_steps,
-        weight_decay=config.weight_decay,
-        gradient_accumulation_steps=config.grad_accum,
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-        max_grad_norm=config.max_grad_norm,
-        bf16=config.precision == "bf16",
-        seed=config.seed,
-        logging_strategy="steps",
-        logging_steps=config.log_every,
-        eval_strategy="steps" if config.eval_every else "no",
-        eval_steps=config.eval_every,
-        save_strategy="steps" if config.save_every else "no",
-        save_steps=config.save_every or 500,
-        save_total_limit=config.keep_checkpoints,
-        report_to="none",
-        push_to_hub=False,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        label_names=["labels"],
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.accelerator.is_available(),  # torchrun on CPU: DDP over gloo (accelerate MULTI_CPU)
-    )
+    values = {
+        "output_dir": str(config.run_dir / CHECKPOINTS_DIR),
+        "run_name": config.run_name,
+        "per_device_train_batch_size": config.batch_size,
+        "per_device_eval_batch_size": config.eval_batch_size or 2 * config.batch_size,
+        "num_train_epochs": config.epochs,
+        "max_steps": config.max_steps or -1,
+        "learning_rate": config.lr,
+        "lr_scheduler_type": config.lr_scheduler,
+        "warmup_steps": config.warmup_ratio or config.warmup_steps,
+        "weight_decay": config.weight_decay,
+        "gradient_accumulation_steps": config.grad_accum,
+        "train_sampling_strategy": "group_by_length" if config.group_by_length else "random",
+        "max_grad_norm": config.max_grad_norm,
+        "bf16": config.precision == Precision.BF16,
+        "seed": config.seed,
+        "logging_strategy": "steps",
+        "logging_steps": config.log_every,
+        "eval_strategy": "steps" if config.eval_every else "no",
+        "eval_steps": config.eval_every,
+        "save_strategy": "steps" if config.save_every else "no",
+        "save_steps": config.save_every or 500,
+        "save_total_limit": config.keep_checkpoints,
+        "disable_tqdm": True,  # moreft's own progress bar (progress)
+        "report_to": "none",
+        "push_to_hub": False,
+        "remove_unused_columns": False,
+        "label_names": ["labels"],
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        "use_cpu": not torch.accelerator.is_available(),  # torchrun on CPU: DDP over gloo (accelerate MULTI_CPU)
+    }
+    values.update(config.trainer_args)
+    check_reporting(values["report_to"])
+    try:
+        arguments = TrainingArguments(**values)
+    except (ValueError, TypeError, ImportError) as exc:
+        given = f" with trainer_args {config.trainer_args}" if config.trainer_args else ""
+        raise ConfigError(f"transformers refused this run's training arguments{given}: {exc}") from None
+    check_scheduler(arguments)
+    return arguments
 
 
 def train(config: TrainConfig, callbacks: Sequence[Any] = (), quiet: bool = False) -> RunResult:
@@ -176,6 +197,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
     task = get_task(config.task, **config.task_options)
     splits = task.load(config.seed, config.max_examples)
     keep_split = config.resume and check_split(run.path, config, splits)  # resume on the same data, or stop
+    arguments = training_arguments(config)  # before the slow model load: a refused trainer_args stops here
     from transformers import set_seed
 
     set_seed(config.seed)  # the new head and the adapter are initialised from this seed
@@ -201,7 +223,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
     def score(examples: Sequence[Any]) -> dict[str, float]:
         return evaluate(model, tokenizer, task, examples, eval_bs, config.max_length, config.max_new_tokens, autocast)
 
-    train_dataset, arguments = encode(splits.train, tokenizer, config.max_length), training_arguments(config)
+    train_dataset = encode(splits.train, tokenizer, config.max_length)
     # Every check has passed: only now is an old run (--overwrite) removed and the new one written, so a
     # run that cannot start (bad data, model or sizes) leaves the folder as it was.
     # A resumed run's own files change only once the Trainer has loaded and checked the checkpoint's
@@ -227,6 +249,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
             at_start = [AtTrainBegin(write_run_files)]
     trainer = AdapterTrainer(model=model, args=arguments, train_dataset=train_dataset,
                              data_collator=PadCollator(tokenizer.pad_token_id), score=score, eval_sets=eval_sets)
+    log_tensorboard_to(trainer, run.tensorboard)
     printers = [] if quiet else [ProgressBar(config.progress)]
     guard = NonFiniteGuard(config.nonfinite)  # before MetricsLogger: it adds nonfinite_skipped to the logs
     use_callbacks(trainer, [*at_start, guard, *merge_callbacks(config, run.path), MetricsLogger(run.metrics_log),

@@ -14,7 +14,6 @@ Under torchrun every process takes the same decision (one all-reduce of a flag p
 
 from __future__ import annotations
 
-import enum
 import math
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,8 @@ import torch
 from transformers import TrainerCallback
 
 from moreft.errors import TrainingError
+from moreft.train.config import NonFinitePolicy
 from moreft.train.rundir import newest_complete_checkpoint
-
-
-class NonFinitePolicy(str, enum.Enum):
-    """What a NaN/Inf training loss does: ``stop`` the run, or ``skip`` that optimizer step."""
-
-    STOP = "stop"
-    SKIP = "skip"
 
 
 def _loss_of(output: Any) -> torch.Tensor | None:

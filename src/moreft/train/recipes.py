@@ -132,33 +132,51 @@ def resolve_config(recipe: str | os.PathLike | None = None, overrides: Mapping[s
         raise ConfigError(f"unknown config key(s) {unknown}; valid keys are {field_names()}")
     if overrides.get("task") not in (None, data.get("task")):
         data.pop("task_options", None)  # the recipe's options were for another task
-    options = {**(data.get("task_options") or {}), **(overrides.pop("task_options", None) or {})}
+    for name in mapping_settings():  # a flag's KEY=VALUE adds to the recipe's mapping, key by key
+        if name in overrides and isinstance(data.get(name), dict) and isinstance(overrides[name], dict):
+            overrides[name] = {**data[name], **overrides[name]}
     data.update(overrides)
-    if options:
-        data["task_options"] = options
     _check_placeholders(data, requires, source, env)
     data = {k: _fill(v, env) for k, v in data.items()}
     return TrainConfig.from_dict(data)
 
 
-def parse_task_options(items: list[str] | None) -> dict[str, Any]:
+def mapping_settings() -> list[str]:
+    """Settings that are mappings (``task_options``, ``trainer_args``)."""
+    from moreft.train.settings import Kind, specs
+
+    return [s.name for s in specs(TrainConfig).values() if s.kind is Kind.MAPPING]
+
+
+def parse_key_values(items: list[str] | None, what: str = "task option") -> dict[str, Any]:
     """Parse ``["source=tweets", "num_pairs=100"]`` into ``{"source": "tweets", "num_pairs": 100}``.
 
-    Values are read as YAML scalars, so numbers and booleans get their types.
+    Values are read as YAML (numbers and booleans get their types; text that is not YAML stays text).
 
     Raises:
-        ConfigError: An item is not ``key=value``.
+        ConfigError: An item is not ``key=value``, or names a key given before.
     """
     out: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"task option {item!r} must look like key=value (e.g. source=tweets)")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{what} {item!r} must look like key=value (e.g. "
+                              f"{'source=tweets' if what == 'task option' else 'KEY=VALUE'})")
+        if key in given:
+            raise ConfigError(f"{what} {key!r} is given twice ({given[key]!r}, then {item!r}); give it once")
+        given[key] = item
         try:
-            out[key.strip()] = load_yaml(raw, f"task option {item!r}") if raw.strip() else ""
+            out[key] = load_yaml(raw, f"{what} {item!r}") if raw.strip() else ""
         except ConfigError:
-            out[key.strip()] = raw
+            out[key] = raw
     return out
+
+
+def parse_task_options(items: list[str] | None) -> dict[str, Any]:
+    """``--task-option`` items as a mapping (see :func:`parse_key_values`)."""
+    return parse_key_values(items, "task option")
 
 
 def dump_config(config: TrainConfig) -> str:

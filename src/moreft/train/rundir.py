@@ -9,6 +9,7 @@
 ``adapter/``        the trained adapter (:func:`moreft.save_adapter` format; with the head)
 ``loss.png``        training loss and eval metric curves
 ``checkpoints/``    ``checkpoint-<step>/`` for ``--resume`` (adapter + optimizer state)
+``tensorboard/``    TensorBoard event files, with ``trainer_args: {report_to: tensorboard}``
 ``.moreft.lock``    held (``flock``) by the process writing the run; removed when it ends
 ==================  ===========================================================================
 
@@ -77,6 +78,10 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
     def last_checkpoint(self) -> Path | None:
         """The checkpoint with the highest step that holds a complete trainer state, or None."""
         return newest_complete_checkpoint(self.checkpoints)
@@ -105,6 +110,8 @@ def foreign_run_entries(path: Path) -> list[str]:
             continue
         elif name == "adapter" and entry.is_dir():
             out += [f"adapter/{n}" for n in foreign_entries(entry, ADAPTER_KIND)]
+        elif name == "tensorboard" and entry.is_dir():
+            continue  # the run's TensorBoard logs (report_to: tensorboard)
         elif name == "checkpoints" and entry.is_dir():
             out += [f"checkpoints/{c.name}" for c in sorted(entry.iterdir())
                     if c.is_symlink() or not c.is_dir() or not _CHECKPOINT.fullmatch(c.name)]

@@ -233,3 +233,12 @@ def use_callbacks(trainer: Trainer, callbacks: Sequence[TrainerCallback]) -> Non
         trainer.remove_callback(cls)
     for cb in callbacks:
         trainer.add_callback(cb)
+
+
+def log_tensorboard_to(trainer: Trainer, folder: Path) -> None:
+    """Point a ``report_to: tensorboard`` run's event files at ``folder`` (the run directory's
+    ``tensorboard/``) rather than the Trainer's ``checkpoints/runs/``, unless ``$TENSORBOARD_LOGGING_DIR``
+    chose a folder."""
+    for callback in trainer.callback_handler.callbacks:
+        if type(callback).__name__ == "TensorBoardCallback" and getattr(callback, "logging_dir", "") is None:
+            callback.logging_dir = str(folder)
