@@ -20,7 +20,7 @@ from moreft.safe_write import FolderKind, writable_folder, write_folder
 MERGED_MARK = "moreft_merged.json"
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The run settings the command-line flags give."""
     from moreft.train.config import TrainConfig
     from moreft.train.flags import overrides
@@ -32,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """``moreft train``: resolve the config (defaults < recipe < flags) and run it."""
     from moreft.train.recipes import dump_config, resolve_config
 
-    config = resolve_config(args.config, _overrides(args))
+    config = resolve_config(args.config, run_overrides(args))
     if args.dry_run:
         print(dump_config(config), end="")
         return 0
@@ -205,7 +205,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds)
     for spec in args.methods:  # fail on a bad spec before anything trains
         parse_method_spec(spec)
-    base = resolve_config(args.config, _overrides(args))
+    base = resolve_config(args.config, run_overrides(args))
     result = compare(base, args.methods, seeds, name=args.name, command=command_line(args))
     print((result.path / "compare.md").read_text(), end="")
     print(f"wrote {result.path / 'compare.md'} and {result.path / 'compare.png'}")

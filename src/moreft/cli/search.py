@@ -102,7 +102,7 @@ def read_search_file(path: str | None) -> dict[str, Any]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """``moreft search``: resolve base config, space and settings, run (or resume) the search."""
-    from moreft.cli.commands import _overrides, command_line
+    from moreft.cli.commands import command_line, run_overrides
     from moreft.train.recipes import resolve_config
     from moreft.search import SearchSettings, run_search
     from moreft.search.space import SearchSpace
@@ -117,7 +117,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         if hasattr(args, f"search_{name}"):
             settings_data["seed" if name == "sampler_seed" else name] = getattr(args, f"search_{name}")
     settings = SearchSettings.from_dict(settings_data)
-    base = resolve_config(args.config, _overrides(args))
+    base = resolve_config(args.config, run_overrides(args))
     try:
         result = run_search(base, space, settings, command=command_line(args))  # the argv main() was given
     except KeyboardInterrupt:
