@@ -14,7 +14,7 @@ from torch import nn
 
 import moreft
 from moreft.analysis import gaussian_fit, singular_values_above, subspace_similarity
-from moreft.train.inspect import inspect_model, layer_stats
+from moreft.train.inspection import inspect_model, layer_stats
 from moreft.train.plots import is_moreft_png, plot_weight_distributions
 
 pytestmark = pytest.mark.usefixtures("one_thread")

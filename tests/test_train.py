@@ -315,7 +315,7 @@ def test_monarch_row_order_lines_up_the_blocks():
     from torch import nn
 
     from moreft.layers import MoReLinear
-    from moreft.train.inspect import monarch_row_order
+    from moreft.train.inspection import monarch_row_order
 
     torch.manual_seed(0)
     layer = MoReLinear(nn.Linear(40, 24), moreft.MoReConfig(nblocks=4, block_rank=1, target_modules=("x",)), name="x")

@@ -156,7 +156,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``moreft inspect RUN_DIR``: per-layer table, weight fits, a |ΔW| heat map (and the weights plot)."""
-    from moreft.train.inspect import inspect_run
+    from moreft.train.inspection import inspect_run
 
     report = inspect_run(args.run_dir, layer=args.layer, heatmap=args.heatmap, sv_threshold=args.sv_threshold,
                          subspace_rank=args.subspace_rank, plots=args.plots, weights_plot=args.weights_plot)

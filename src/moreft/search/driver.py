@@ -34,7 +34,7 @@ from moreft.errors import ConfigError, MoreftError
 from moreft.search.settings import STUDY_FILE, WORKERS_FILE, Candidate, Pruner, SearchSettings
 from moreft.search.space import SQUARE, SearchSpace
 from moreft.train.config import TrainConfig
-from moreft.train.fields import check_folder_name
+from moreft.train.value_checks import check_folder_name
 
 
 # -- counting parameters without training -------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 _EXPORTS = {
     "CompareResult": "comparison", "compare": "comparison", "parse_method_spec": "comparison",
     "TrainConfig": "config", "field_names": "config",
-    "InspectReport": "inspect", "inspect_run": "inspect",
+    "InspectReport": "inspection", "inspect_run": "inspection",
     "RunResult": "loop", "train": "loop",
     "dump_config": "recipes", "parse_task_options": "recipes", "read_recipe": "recipes",
     "resolve_config": "recipes",

@@ -22,7 +22,7 @@ from moreft.errors import ConfigError
 from moreft.safe_write import atomic_write_text
 from moreft.train.bounded import load_yaml
 from moreft.train.config import ADAPTER_SETTINGS, METHODS, TrainConfig, field_names
-from moreft.train.fields import MAX_SEED, check_folder_name
+from moreft.train.value_checks import MAX_SEED, check_folder_name
 from moreft.train.loop import RunResult, train
 from moreft.train.plots import plot_compare
 from moreft.train.rundir import RunDir, read_run_config

@@ -22,7 +22,7 @@ from transformers.trainer_utils import SchedulerType
 from moreft.config import CONFIG_CLASSES, AdapterConfig, Method
 from moreft.errors import ConfigError
 from moreft.remora import RemoraCycle
-from moreft.train.fields import MAX_SEED, check_folder_name
+from moreft.train.value_checks import MAX_SEED, check_folder_name
 from moreft.train.settings import Group, adapter_setting, coerce, setting, specs
 from moreft.train.trainer_args import check_trainer_args
 

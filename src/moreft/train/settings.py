@@ -25,7 +25,7 @@ from typing import Any
 
 from moreft.config import CONFIG_CLASSES, Method, coerce_enum
 from moreft.errors import ConfigError
-from moreft.train.fields import check_float, check_int, check_targets
+from moreft.train.value_checks import check_float, check_int, check_targets
 
 #: The key of a field's :class:`Setting` in ``dataclasses.Field.metadata``.
 SETTING = "moreft_setting"
