@@ -302,11 +302,11 @@ def test_compare_report_names_per_method_overrides(tmp_path):
 
 def test_bench_subcommand_is_registered_when_present(monkeypatch):
     calls = []
-    bench = types.ModuleType("moreft.bench")
+    bench = types.ModuleType("moreft.cli.bench")
     bench.__doc__ = "Benchmarks."
     bench.add_arguments = lambda parser: parser.add_argument("--quick", action="store_true")
     bench.run = lambda args: calls.append(args.quick) or 0
-    monkeypatch.setitem(__import__("sys").modules, "moreft.bench", bench)
+    monkeypatch.setitem(__import__("sys").modules, "moreft.cli.bench", bench)
     assert "bench" in build_parser().format_help()
     assert main(["bench", "--quick"]) == 0 and calls == [True]
 
