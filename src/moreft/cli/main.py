@@ -107,10 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train several methods x seeds; writes compare.md and compare.png",
                        description="Train each method spec with each seed and tabulate the test metric.")
     p.add_argument("--methods", nargs="+", required=True, metavar="SPEC",
-                   help="method specs, e.g. lora:rank=8 more:block_rank=4 mora:rank=8,operator=sharing")
+                   help="method specs, e.g. lora:rank=8 more:block_rank=4 mora:rank=8,operator=sharing, or any peft "
+                        "method: peft:vera:r=256 peft:boft:boft_block_size=4")
     p.add_argument("--seeds", default="3", help="number of seeds (0..N-1) or a comma list, e.g. 0,1,2")
     p.add_argument("--name", default=None, help="comparison folder name (default compare-<task>-<model>)")
-    add_config_flags(p, skip=("method", "run_name", "resume", "overwrite", "seed"))
+    p.add_argument("--reference", default=None, metavar="SPEC", help="the arm the others are compared with "
+                   "(paired bootstrap interval; default lora:rank=8 when it is an arm, else the first)")
+    add_config_flags(p, skip=("method", "peft_type", "peft_options", "run_name", "resume", "overwrite", "seed"))
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("search", help="search adapter architectures, lr and batch size (Optuna, ASHA pruning)",
