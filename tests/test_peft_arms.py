@@ -64,7 +64,7 @@ def test_peft_settings_belong_to_method_peft():
         TrainConfig(task="sentiment", method="lora", peft_type="vera")
     with pytest.raises(ConfigError, match="needs peft_type"):
         TrainConfig(task="sentiment", method="peft")
-    with pytest.raises(ConfigError, match="merge_every=10 .* method peft cannot"):
+    with pytest.raises(ConfigError, match=r"merge_every=10 .* method peft cannot"):
         TrainConfig(task="sentiment", method="peft", peft_type="vera", merge_every=10)
     with pytest.raises(ConfigError, match="no moreft adapter config"):
         config.adapter_config()

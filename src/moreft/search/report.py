@@ -109,7 +109,8 @@ def plot_search(
         if r["state"] == "pruned" and r["value"] is not None:
             ax.scatter(r["params"], r["value"], marker="x", color="0.65", zorder=2)
     families = sorted({r.get("family", r["method"]) for r in rows if r["state"] == "complete"})
-    colours = {**_METHOD_COLOURS, **dict(zip([f for f in families if f not in _METHOD_COLOURS], _OTHER_COLOURS * 9))}
+    others = [f for f in families if f not in _METHOD_COLOURS]
+    colours = {**_METHOD_COLOURS, **{f: _OTHER_COLOURS[i % len(_OTHER_COLOURS)] for i, f in enumerate(others)}}
     for method in families:
         colour = colours[method]
         done = [r for r in rows if r["state"] == "complete" and r.get("family", r["method"]) == method]
