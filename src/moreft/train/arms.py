@@ -120,3 +120,31 @@ def slug(spec: Mapping[str, Any]) -> str:
 def family(spec: Mapping[str, Any]) -> str:
     """What an arm's learning-rate range is keyed by: its method, or ``peft:<type>`` for a peft arm."""
     return f"peft:{spec['peft_type']}" if spec["method"] == RunMethod.PEFT else str(spec["method"])
+
+
+def with_settings(spec: str, **values: Any) -> str:
+    """``spec`` with ``key=value`` items added, e.g. ``with_settings("peft:vera:r=256", lr=0.01)`` ->
+    ``"peft:vera:r=256,lr=0.01"`` and ``with_settings("full", lr=1e-5)`` -> ``"full:lr=1e-05"``."""
+    items = ",".join(f"{k}={_float_text(v) if isinstance(v, float) else v}" for k, v in values.items())
+    method, _, rest = spec.strip().partition(":")
+    prefix = method
+    if method.lower() == RunMethod.PEFT:
+        peft_type, _, rest = rest.partition(":")
+        prefix = f"{method}:{peft_type}"
+    return f"{prefix}:" + ",".join(filter(None, (rest.strip(), items)))
+
+
+def matches(spec: str, pattern: str) -> bool:
+    """Whether an arm's spec text is selected by ``pattern``: the spec itself, its method (``more``) or its
+    peft family (``peft:vera``), in any case; the spec is not parsed (its method may be unknown here)."""
+    text, wanted = spec.strip().lower(), pattern.strip().lower()
+    method, _, rest = text.partition(":")
+    peft_family = f"peft:{rest.partition(':')[0]}" if method == RunMethod.PEFT else None
+    return wanted in (text, method, peft_family)
+
+
+def _float_text(value: float) -> str:
+    """A float exactly as YAML reads it back as a float (``1e-05`` would be text: ``1.0e-05``)."""
+    text = repr(value)
+    mantissa, e, exponent = text.partition("e")
+    return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
