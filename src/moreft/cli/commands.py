@@ -114,7 +114,7 @@ def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
     if real.is_dir() and any(real.iterdir()) and not args.overwrite:
         raise ConfigError(f"output {str(out)!r} already exists; pass --overwrite to replace it or choose "
                           "another path")
-    config, _, model, tokenizer = load_trained(args.run_dir)
+    config, _, model, tokenizer = load_trained(args.run_dir, moreft_only="moreft merge")
     moreft.merge(model, safe=True)
 
     def fill(tmp: Path) -> None:
@@ -147,7 +147,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
                           f"{MERGED_BASE_FILE} plus the last adapter, not one LoRA; use `moreft merge` instead")
     _outside_run(Path(args.out), Path(args.run_dir))
     writable_folder(Path(args.out), EXPORT_KIND)  # refuse before the slow model load
-    config, _, model, _ = load_trained(args.run_dir)
+    config, _, model, _ = load_trained(args.run_dir, moreft_only="moreft export-lora")
     report = moreft.export_lora(model, args.out, rank=args.rank, tolerance=args.tolerance)
     print(f"moreft: {report.summary()}", file=sys.stderr)
     return {"exported": str(report.path), "method": config.method_label(), "lora_rank": report.rank,
@@ -199,14 +199,16 @@ def command_line(args: argparse.Namespace) -> str | None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``moreft compare``: every method spec x seed, then ``compare.md`` / ``compare.png``."""
-    from moreft.train.comparison import compare, parse_method_spec
+    from moreft.train.arms import parse_method_spec
+    from moreft.train.comparison import compare
     from moreft.train.recipes import resolve_config
 
     seeds = parse_seeds(args.seeds)
     for spec in args.methods:  # fail on a bad spec before anything trains
         parse_method_spec(spec)
     base = resolve_config(args.config, run_overrides(args))
-    result = compare(base, args.methods, seeds, name=args.name, command=command_line(args))
+    result = compare(base, args.methods, seeds, name=args.name, command=command_line(args), reference=args.reference,
+                     log=lambda line: print(line, flush=True))
     print((result.path / "compare.md").read_text(), end="")
     print(f"wrote {result.path / 'compare.md'} and {result.path / 'compare.png'}")
     return 0

@@ -19,12 +19,13 @@ from moreft.cli.commands import (
     cmd_train,
 )
 from moreft.cli.search import SEARCHED_FIELDS, add_search_flags, cmd_search
+from moreft.cli.study import add_study_flags, cmd_study
 from moreft.errors import MoreftError
 from moreft.train.flags import register_once
 
 EXIT_USER_ERROR = 2
 #: Commands that run adapter layers forward, and so read ``$MOREFT_TRITON``.
-_RUNS_LAYERS = frozenset({"train", "eval", "compare", "search", "bench"})
+_RUNS_LAYERS = frozenset({"train", "eval", "compare", "search", "study", "bench"})
 
 
 def add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
@@ -107,10 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train several methods x seeds; writes compare.md and compare.png",
                        description="Train each method spec with each seed and tabulate the test metric.")
     p.add_argument("--methods", nargs="+", required=True, metavar="SPEC",
-                   help="method specs, e.g. lora:rank=8 more:block_rank=4 mora:rank=8,operator=sharing")
+                   help="method specs, e.g. lora:rank=8 more:block_rank=4 mora:rank=8,operator=sharing, or any peft "
+                        "method: peft:vera:r=256 peft:boft:boft_block_size=4")
     p.add_argument("--seeds", default="3", help="number of seeds (0..N-1) or a comma list, e.g. 0,1,2")
     p.add_argument("--name", default=None, help="comparison folder name (default compare-<task>-<model>)")
-    add_config_flags(p, skip=("method", "run_name", "resume", "overwrite", "seed"))
+    p.add_argument("--reference", default=None, metavar="SPEC", help="the arm the others are compared with "
+                   "(paired bootstrap interval; default lora:rank=8 when it is an arm, else the first)")
+    add_config_flags(p, skip=("method", "peft_type", "peft_options", "run_name", "resume", "overwrite", "seed"))
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("search", help="search adapter architectures, lr and batch size (Optuna, ASHA pruning)",
@@ -119,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, skip=SEARCHED_FIELDS)
     add_search_flags(p)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("study", help="per task: the same lr search for every arm, seeds at each best lr, a report",
+                       description="Run (or continue) a study plan: per task, a learning-rate search per arm on "
+                       "validation (the same trials for each), then seeds at each arm's best lr on test, with mean ± "
+                       "std and a paired bootstrap interval against the reference arm. Prints the estimated cost "
+                       "first; running it again skips what is done.")
+    add_study_flags(p)
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("convert", help="convert an adapter trained with the papers' code to a moreft adapter",
                        description="Read an adapter of the MoRA authors' peft fork (kongds-mora) or a checkpoint of "

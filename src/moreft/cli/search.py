@@ -17,7 +17,7 @@ from typing import Any
 
 from moreft.errors import ConfigError
 from moreft.train.bounded import load_yaml, read_text_file
-from moreft.train.config import METHODS, SEARCHED_SETTINGS
+from moreft.train.config import SEARCHED_SETTINGS
 
 #: Train settings a search sets for each trial (so ``moreft search`` has no flag for them); declared with
 #: ``searched=True`` in :class:`~moreft.train.config.TrainConfig`.
@@ -49,9 +49,17 @@ def add_search_flags(parser: argparse.ArgumentParser) -> None:
         "--methods",
         nargs="+",
         type=str.lower,  # choices in any case, as everywhere
-        choices=METHODS,
+        choices=("more", "lora", "mora"),
         default=argparse.SUPPRESS,
-        help="methods the search may pick (overrides space.methods)",
+        help="methods the search may pick, with the space's sizes (overrides space.methods)",
+    )
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        metavar="SPEC",
+        default=argparse.SUPPRESS,
+        help="method specs tried as they are, any method incl. peft (e.g. lora:rank=8 peft:vera:r=256); "
+        "overrides space.arms (without --methods: only these)",
     )
     helps = {
         "trials": "trials to finish (complete or pruned; failed ones do not count)",
@@ -111,6 +119,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     space_data = dict(data.get("space") or {})
     if hasattr(args, "methods"):
         space_data["methods"] = args.methods
+    if hasattr(args, "arms"):
+        space_data["arms"] = args.arms
+        if not hasattr(args, "methods"):
+            space_data.pop("methods", None)
     space = SearchSpace.from_dict(space_data)
     settings_data = dict(data.get("search") or {})
     for name in _FLAGS:

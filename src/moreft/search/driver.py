@@ -33,7 +33,7 @@ import moreft
 from moreft.errors import ConfigError, MoreftError
 from moreft.search.settings import STUDY_FILE, WORKERS_FILE, Candidate, Pruner, SearchSettings
 from moreft.search.space import SQUARE, SearchSpace
-from moreft.train.config import TrainConfig
+from moreft.train.config import RunMethod, TrainConfig
 from moreft.train.value_checks import check_folder_name
 
 
@@ -65,12 +65,21 @@ def _meta_model(config: TrainConfig) -> tuple[torch.nn.Module, Any, tuple[str, .
 
 
 def count_adapter_params(config: TrainConfig) -> int:
-    """Trainable adapter parameters of ``config`` (heads excluded, as the papers count), without training.
+    """Trainable adapter parameters of ``config`` (heads excluded, as the papers count), without training;
+    a peft arm (method peft) is counted the same way (:func:`moreft.train.peft_arm.count_parameters`).
 
     Raises:
         ConfigError / TargetError: The configuration does not fit the model (e.g. ``nblocks > in``).
     """
     model, targets, heads = _meta_model(config)
+    if config.method == RunMethod.PEFT:  # peft's own classes build on the meta device too
+        from moreft.tasks import TaskKind, get_task
+        from moreft.train import peft_arm
+
+        kind = get_task(config.task, **config.task_options).kind
+        model, _ = peft_arm.attach(model, str(config.peft_type), config.peft_options, config.target_modules or targets,
+                                   heads, kind is TaskKind.CLASSIFICATION)
+        return peft_arm.count_parameters(model).adapter
     moreft.inject(model, config.adapter_config(targets, heads))
     return moreft.count_parameters(model).adapter
 

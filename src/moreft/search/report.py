@@ -15,10 +15,14 @@ from moreft.train.config import TrainConfig
 from moreft.train.plots import save_png, subplots
 from moreft.train.recipes import dump_config
 from moreft.search.settings import INTERRUPTED, RETRY_OF, Candidate, SearchSettings
-from moreft.search.space import ON, SearchSpace
+from moreft.search.space import ON, SearchSpace, family_of
 
 BEST_TRIALS_SHOWN = 5
 _METHOD_COLOURS = {"more": "tab:blue", "lora": "tab:orange", "mora": "tab:green"}
+_OTHER_COLOURS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "tab:red")
+#: A method's best learning rate this close to an end of its range (a share of the range, log scale) is
+#: reported as lying on the edge: the optimum may lie outside, so the range should be widened.
+EDGE_SHARE = 0.1
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
@@ -46,6 +50,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
                 "number": t.number,
                 "state": state,
                 "method": label.split(":")[0],
+                "family": family_of(label),
                 "label": label,
                 "target_modules": targets,
                 "params": a.get("params"),
@@ -103,8 +108,12 @@ def plot_search(
     for r in rows:
         if r["state"] == "pruned" and r["value"] is not None:
             ax.scatter(r["params"], r["value"], marker="x", color="0.65", zorder=2)
-    for method, colour in _METHOD_COLOURS.items():
-        done = [r for r in rows if r["state"] == "complete" and r["method"] == method]
+    families = sorted({r.get("family", r["method"]) for r in rows if r["state"] == "complete"})
+    others = [f for f in families if f not in _METHOD_COLOURS]
+    colours = {**_METHOD_COLOURS, **{f: _OTHER_COLOURS[i % len(_OTHER_COLOURS)] for i, f in enumerate(others)}}
+    for method in families:
+        colour = colours[method]
+        done = [r for r in rows if r["state"] == "complete" and r.get("family", r["method"]) == method]
         if done:
             ax.scatter(
                 [r["params"] for r in done], [r["value"] for r in done], color=colour, label=method, zorder=3
@@ -145,6 +154,26 @@ def plot_search(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return save_png(fig, path)
+
+
+def lr_edges(rows: Sequence[dict[str, Any]], space: SearchSpace, share: float = EDGE_SHARE) -> list[dict[str, Any]]:
+    """Per method family (``more``, ``peft:vera``, ...), its best complete trial's learning rate against the
+    family's range: ``family``, ``low``, ``high``, ``log``, ``best_trial``, ``best_lr``, ``position`` (0 at low,
+    1 at high), ``edge`` (``"low"``, ``"high"`` or None) and ``warning`` (None, or "widen the range ...")."""
+    out = []
+    for family in dict.fromkeys(r.get("family") or family_of(r["label"]) for r in rows if r["state"] == "complete"):
+        done = [r for r in rows if r["state"] == "complete" and (r.get("family") or family_of(r["label"])) == family]
+        best = max(done, key=lambda r: (r["value"], -r["number"]))
+        rng = space.lr_for(family)
+        position = rng.position(best["lr"])
+        edge = "low" if position <= share else "high" if position >= 1 - share else None
+        warning = None if edge is None else (
+            f"best lr {best['lr']:.2e} lies in the {'lowest' if edge == 'low' else 'highest'} {share:.0%} of the "
+            f"range [{rng.low:.2e}, {rng.high:.2e}]: widen the range {'below' if edge == 'low' else 'above'} it")
+        out.append({"family": family, "low": rng.low, "high": rng.high, "log": rng.log, "best_trial": best["number"],
+                    "best_lr": best["lr"], "value": best["value"], "position": round(position, 4), "edge": edge,
+                    "warning": warning})
+    return out
 
 
 def write_best_recipe(path: Path, config: TrainConfig, row: dict[str, Any], metric: str) -> Path:
@@ -213,6 +242,7 @@ def write_report(
         f"Space: `{json.dumps(space.to_dict())}`.",
         "",
     ]
+    edges = lr_edges(rows, space)
     if done:
         best_row = done[0]
         best = TrainConfig.from_dict(study.trials[best_row["number"]].user_attrs["config"])
@@ -229,6 +259,14 @@ def write_report(
             *_table(front, metric),
             "",
         ]
+    if edges:
+        lines += [f"## Learning rate against its range (best eval {metric} per method)", "",
+                  "| method | lr range | best trial | best lr | position in range | |", "|---|---|---:|---:|---:|---|"]
+        lines += [f"| {e['family']} | [{e['low']:.2e}, {e['high']:.2e}]{' log' if e['log'] else ''} | {e['best_trial']} "
+                  f"| {e['best_lr']:.2e} | {e['position']:.2f} | {'**widen the range**: ' + e['warning'] if e['warning'] else 'inside'} |"
+                  for e in edges]
+        lines += ["", f"Position 0 is the low end, 1 the high end (log scale); a best value in the outer "
+                  f"{EDGE_SHARE:.0%} at either end suggests the optimum may lie outside the range.", ""]
     lines += [
         "## All trials",
         "",
@@ -261,6 +299,7 @@ def write_report(
                 "space": space.to_dict(),
                 "rows": rows,
                 "front": [r["number"] for r in front],
+                "lr_edges": edges,
                 "architectures": [{"key": c.key, "params": c.params, "excluded": c.excluded} for c in found],
             },
             indent=2,

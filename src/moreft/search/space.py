@@ -8,13 +8,21 @@ opt-in. A space is read from the ``space:`` mapping of a search YAML file::
 
     space:
       methods: [more, lora, mora]
+      arms: [peft:vera:r=256, peft:boft:boft_block_size=4]   # any method spec, peft methods too
       lr: {low: 1e-4, high: 6.6e-4, log: true}
+      lr_by_method:                             # an arm's range: its peft:<type>, then its method, then lr
+        more: {low: 1e-4, high: 3e-2}
+        peft:vera: {low: 1e-3, high: 1e-1}
       batch_size: [16, 32]
       target_modules: [default, all-linear]     # "default": the run config's / model's choice
       more: {nblocks: [4], block_rank: [1, 2, 4, 8], block_shape: [rectangular, square],
              square_nblocks: [16, 32, 64]}
       lora: {rank: [4, 8, 16], alpha_per_rank: 2}
       mora: {rank: [4, 8], operator: [rotation, sharing]}
+
+``arms`` without ``methods`` searches those arms only. MoRe has no ``alpha``, so its best learning
+rate differs from LoRA's: ``lr_by_method`` gives each method (or peft type) its own range, and the
+report warns when a method's best rate lies in the outer tenth of its range (widen it).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from typing import Any
 
 from moreft.config import MoRAOperator, coerce_enum, positive_int
 from moreft.errors import ConfigError
+from moreft.train.arms import adapter_part, arm_changes, overrides, parse_method_spec
 from moreft.train.config import METHODS
 
 #: ``target_modules`` choice that keeps the run config's value (None: the model's default targets).
@@ -88,6 +97,14 @@ class FloatRange:
     low: float
     high: float
     log: bool = True
+
+    def position(self, value: float) -> float:
+        """Where ``value`` lies in the range: 0 at ``low``, 1 at ``high`` (on the log scale when ``log``)."""
+        if self.high == self.low:
+            return 0.5
+        if self.log:
+            return (math.log(value) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
+        return (value - self.low) / (self.high - self.low)
 
     def __post_init__(self) -> None:
         for name in ("low", "high"):
@@ -163,8 +180,11 @@ class SearchSpace:
     """Everything a trial samples (see the module docstring for the YAML form).
 
     Attributes:
-        methods: Methods the search may pick (``more``, ``lora``, ``mora``).
+        methods: Methods the search may pick (``more``, ``lora``, ``mora``), with the sizes below.
+        arms: Method specs tried as they are (any method, e.g. ``peft:vera:r=256``); they set the
+            adapter only (the search samples lr and batch size).
         lr: Learning-rate interval.
+        lr_by_method: Per method (``more``) or peft type (``peft:vera``), its own interval.
         batch_size: Batch sizes.
         target_modules: Module choices, each ``"default"``, ``"all-linear"``, names joined by commas
             (``"query,value"``) or a regex.
@@ -177,7 +197,9 @@ class SearchSpace:
     """
 
     methods: tuple[str, ...] = ("more",)
+    arms: tuple[str, ...] = ()
     lr: FloatRange = field(default_factory=lambda: FloatRange(low=1e-4, high=6.6e-4))
+    lr_by_method: dict[str, FloatRange] = field(default_factory=dict)
     batch_size: tuple[int, ...] = (16, 32)
     target_modules: tuple[str, ...] = (DEFAULT_TARGETS,)
     more: MoReSpace = field(default_factory=MoReSpace)
@@ -186,15 +208,22 @@ class SearchSpace:
 
     def __post_init__(self) -> None:
         given = self.methods if isinstance(self.methods, (list, tuple)) else (self.methods,)
-        methods = _choices("methods", [m.lower() if isinstance(m, str) else m for m in given], str)  # any case
+        arms = self.arms if isinstance(self.arms, (list, tuple)) else (self.arms,)
+        if arms:
+            object.__setattr__(self, "arms", _arms(arms))
+        methods = _choices("methods", [m.lower() if isinstance(m, str) else m for m in given], str) if (
+            given or not arms) else ()  # any case
         for m in methods:
-            if m not in METHODS:
-                raise ConfigError(f"search space methods: {m!r} is not one of {list(METHODS)}")
+            if m not in SIZED_METHODS:
+                raise ConfigError(f"search space methods: {m!r} is not one of {list(SIZED_METHODS)} (other methods, and "
+                                  "peft ones, go in arms: e.g. peft:vera:r=256)")
         object.__setattr__(self, "methods", methods)
-        lr = self.lr
-        if isinstance(lr, (list, tuple)) and len(lr) == 2:
-            lr = {"low": lr[0], "high": lr[1]}
-        object.__setattr__(self, "lr", _from_mapping(FloatRange, "lr", lr))
+        object.__setattr__(self, "lr", _range("lr", self.lr))
+        if not isinstance(self.lr_by_method, Mapping):
+            raise ConfigError(f"search space lr_by_method={self.lr_by_method!r} must map a method (or peft:<type>) "
+                              "to {low, high, log}")
+        object.__setattr__(self, "lr_by_method", {_family_key(k): _range(f"lr_by_method.{k}", v)
+                                                  for k, v in self.lr_by_method.items()})
         object.__setattr__(self, "batch_size", _choices("batch_size", self.batch_size, int, positive_int))
         object.__setattr__(self, "target_modules", _choices("target_modules", self.target_modules, str))
         for name, cls in (("more", MoReSpace), ("lora", LoRASpace), ("mora", MoRASpace)):
@@ -203,11 +232,20 @@ class SearchSpace:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> SearchSpace:
         """A space from a mapping (the ``space:`` entry of a search file); None gives the defaults.
+        ``arms`` without ``methods`` searches the arms only.
 
         Raises:
             ConfigError: Unknown keys or invalid values.
         """
-        return _from_mapping(cls, "space", data or {})
+        data = dict(data or {})
+        if data.get("arms") and "methods" not in data:
+            data["methods"] = ()
+        return _from_mapping(cls, "space", data)
+
+    def lr_for(self, family: str) -> FloatRange:
+        """The learning-rate interval of an arm family (``more``, ``peft:vera``): ``lr_by_method`` for
+        ``peft:<type>``, then for its method (``peft``), then ``lr``."""
+        return self.lr_by_method.get(family) or self.lr_by_method.get(family.split(":")[0]) or self.lr
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-ready values (``from_dict`` reverses it)."""
@@ -217,9 +255,15 @@ class SearchSpace:
                 return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
             if isinstance(value, tuple):
                 return [plain(v) for v in value]
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
             return value.value if isinstance(value, enum.Enum) else value
 
-        return plain(self)
+        out = plain(self)
+        for key in ("arms", "lr_by_method"):  # left out when unused: a study saved before them still matches
+            if not out[key]:
+                del out[key]
+        return out
 
     def architectures(self) -> dict[str, dict[str, Any]]:
         """Every discrete choice (method, its sizes, target modules) by a readable key, in a fixed order.
@@ -269,6 +313,8 @@ class SearchSpace:
                     for r in self.mora.rank
                     for o in self.mora.operator
                 ]
+        for spec in self.arms:
+            methods.append((spec, arm_changes(parse_method_spec(spec))))
         out = {}
         for key, changes in methods:
             for targets in self.target_modules:
@@ -284,8 +330,62 @@ class SearchSpace:
             architectures: The keys of :meth:`architectures` that may be tried (e.g. within the
                 parameter budget), always in the same order for one study.
         """
+        key = trial.suggest_categorical("architecture", list(architectures))
+        lr = self.lr_for(family_of(key))
         return (
-            trial.suggest_categorical("architecture", list(architectures)),
-            trial.suggest_float("lr", self.lr.low, self.lr.high, log=self.lr.log),
+            key,
+            trial.suggest_float("lr", lr.low, lr.high, log=lr.log),  # the range of the architecture's method
             trial.suggest_categorical("batch_size", list(self.batch_size)),
         )
+
+
+#: Methods ``methods`` expands into sizes (the sub-spaces below); any method may be an arm.
+SIZED_METHODS = ("more", "mora", "lora")
+
+
+def family_of(key: str) -> str:
+    """The arm family of an architecture key or label: ``more``, ``lora``, ``mora``, ``peft:<type>``, ..."""
+    label = key.partition(ON)[0]
+    method, _, rest = label.partition(":")
+    return f"peft:{rest.partition(':')[0].lower()}" if method == "peft" else method
+
+
+def _family_key(key: Any) -> str:
+    """Check a ``lr_by_method`` key: a method, or ``peft:<type>`` of a known peft type."""
+    if not isinstance(key, str) or key.split(":")[0].lower() not in METHODS:
+        raise ConfigError(f"search space lr_by_method key {key!r} must be a method ({', '.join(METHODS)}) or "
+                          "peft:<type>, e.g. peft:vera")
+    method, _, peft_type = key.lower().partition(":")
+    if peft_type:
+        if method != "peft":
+            raise ConfigError(f"search space lr_by_method key {key!r}: only peft arms have a type (peft:<type>)")
+        from moreft.train.peft_arm import config_class
+
+        peft_type = config_class(peft_type)[0]
+    return f"{method}:{peft_type}" if peft_type else method
+
+
+def _range(name: str, value: Any) -> FloatRange:
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        value = {"low": value[0], "high": value[1]}
+    return _from_mapping(FloatRange, name, value)
+
+
+def _arms(arms: Any) -> tuple[str, ...]:
+    """Check the ``arms`` specs: parsed, distinct, setting the adapter only.
+
+    Raises:
+        ConfigError: A bad spec, a repeated arm, or an arm overriding a shared setting.
+    """
+    seen = {}
+    for spec in arms:
+        parsed = parse_method_spec(spec)
+        extra = overrides(parsed)
+        if extra:
+            raise ConfigError(f"search space arm {spec!r} sets {sorted(extra)}; a search arm chooses the adapter "
+                              "only (the search samples lr and batch_size; per-method lr ranges: lr_by_method)")
+        key = repr(sorted(adapter_part(parsed).items()))
+        if key in seen:
+            raise ConfigError(f"search space arms {seen[key]!r} and {spec!r} are the same arm")
+        seen[key] = spec
+    return tuple(arms)

@@ -5,10 +5,12 @@ depends on dict or hash ordering; the position in that tuple is the example's ``
 :meth:`Task.load` samples and splits it with :class:`random.Random` seeded by ``seed``:
 
 * ``max_examples`` (optional) first draws that many examples with ``Random(seed).sample``;
-* the remaining ids are shuffled with the same generator and cut 80/10/10 into
-  train/validation/test (validation and test get ``max(1, round(0.1 * n))`` examples each).
+* the remaining ids are shuffled with the same generator and cut into train/validation/test:
+  validation and test get ``max(1, round(eval_fraction * n))`` examples each (``eval_fraction``
+  0.1 by default: 80/10/10), train the rest.
 
-The same ``(task options, seed, max_examples)`` therefore always gives the same split, and
+The same ``(task options, seed, max_examples, eval_fraction)`` therefore always gives the same
+split, and
 :attr:`Splits.split_ids` says which source ids went where so a run can save it.
 """
 
@@ -26,6 +28,10 @@ from moreft.errors import ConfigError
 
 #: Smallest number of examples a non-memorisation task can be split into (one per split).
 MIN_SPLIT_EXAMPLES = 3
+#: The share of the examples in each of validation and test unless a run says otherwise (80/10/10).
+EVAL_FRACTION = 0.1
+#: Largest ``eval_fraction``: validation and test together leave at least a tenth for training.
+MAX_EVAL_FRACTION = 0.45
 
 
 class TaskKind(str, Enum):
@@ -105,20 +111,24 @@ class Splits:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
 
 
-def split_ids(ids: Sequence[int], seed: int, max_examples: int | None = None) -> dict[str, list[int]]:
-    """Sample and split ids 80/10/10 with ``random.Random(seed)``.
+def split_ids(ids: Sequence[int], seed: int, max_examples: int | None = None,
+              eval_fraction: float = EVAL_FRACTION) -> dict[str, list[int]]:
+    """Sample and split ids with ``random.Random(seed)``: ``eval_fraction`` each to validation and test.
 
     Args:
         ids: Source ids in canonical order, length ``n >= 3`` after the cap.
         seed: Seed of the generator that samples and shuffles.
         max_examples: If not None and smaller than ``len(ids)``, draw this many ids first.
+        eval_fraction: Share of the ids in each of validation and test (``max(1, round(f * n))``
+            each), in ``(0, MAX_EVAL_FRACTION]``; 0.1 gives 80/10/10.
 
     Returns:
         ``{"train": [...], "validation": [...], "test": [...]}``, disjoint, in shuffled order.
 
     Raises:
-        ConfigError: If fewer than 3 ids remain to split.
+        ConfigError: If fewer than 3 ids remain to split, or ``eval_fraction`` is out of range.
     """
+    check_eval_fraction(eval_fraction)
     rng = random.Random(seed)
     chosen = list(ids)
     if max_examples is not None and max_examples < len(chosen):
@@ -130,13 +140,28 @@ def split_ids(ids: Sequence[int], seed: int, max_examples: int | None = None) ->
         )
     rng.shuffle(chosen)
     n = len(chosen)
-    n_eval = max(1, round(0.1 * n))
+    n_eval = max(1, round(eval_fraction * n))
     n_train = n - 2 * n_eval
+    if n_train < 1:  # only for a handful of ids: keep one training example
+        n_eval = (n - 1) // 2
+        n_train = n - 2 * n_eval
     return {
         "train": chosen[:n_train],
         "validation": chosen[n_train : n_train + n_eval],
         "test": chosen[n_train + n_eval :],
     }
+
+
+def check_eval_fraction(value: Any) -> float:
+    """Check an ``eval_fraction``: a number in ``(0, MAX_EVAL_FRACTION]``.
+
+    Raises:
+        ConfigError: names the value and the rule.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_EVAL_FRACTION:
+        raise ConfigError(f"eval_fraction={value!r} must be a number in (0, {MAX_EVAL_FRACTION}] (the share of "
+                          "the examples in each of validation and test)")
+    return float(value)
 
 
 def check_int(name: str, value: Any, minimum: int | None = None) -> int:
@@ -208,12 +233,14 @@ class Task(ABC):
             ValueError: If the sequences are empty, of different lengths, or of the wrong type.
         """
 
-    def load(self, seed: int, max_examples: int | None = None) -> Splits:
+    def load(self, seed: int, max_examples: int | None = None, eval_fraction: float = EVAL_FRACTION) -> Splits:
         """Read the data and split it (see the module docstring for the procedure).
 
         Args:
             seed: Seed of the sample and the split.
             max_examples: Optional cap on the number of examples, drawn with ``seed`` before splitting.
+            eval_fraction: Share of the examples in each of validation and test (not used by
+                memorisation tasks, whose three splits are the same set).
 
         Returns:
             The :class:`Splits`.
@@ -234,7 +261,7 @@ class Task(ABC):
                 ids = random.Random(seed).sample(ids, max_examples)
             chosen = tuple(examples[i] for i in ids)
             return Splits(self.name, seed, chosen, chosen, chosen)
-        parts = split_ids([ex.id for ex in examples], seed, max_examples)
+        parts = split_ids([ex.id for ex in examples], seed, max_examples, eval_fraction)
         return Splits(
             task=self.name,
             seed=seed,

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from moreft.errors import ConfigError
 from moreft.tasks.base import (
+    EVAL_FRACTION,
     MIN_SPLIT_EXAMPLES,
     PromptExample,
     Splits,
@@ -92,15 +93,16 @@ class _FileSplits:
         options = [o for o in ("train_path", "eval_path", "test_path") if getattr(self, o) is not None]
         return [(o, read_records(data_path(getattr(self, o), o, self.name))) for o in options]
 
-    def load(self, seed: int, max_examples: int | None = None) -> Splits:
-        """The seeded 80/10/10 split of ``train_path``, or the given files as splits (module docstring).
+    def load(self, seed: int, max_examples: int | None = None, eval_fraction: float = EVAL_FRACTION) -> Splits:
+        """The seeded split of ``train_path`` (``eval_fraction`` each to validation and test, 80/10/10
+        by default), or the given files as splits (module docstring; ``eval_fraction`` unused).
 
         Raises:
             ConfigError: Bad ``seed`` / ``max_examples``, a missing file or field.
             ValueError: A malformed data file.
         """
         if self.eval_path is None:
-            return super().load(seed, max_examples)  # type: ignore[misc]
+            return super().load(seed, max_examples, eval_fraction)  # type: ignore[misc]
         check_int("seed", seed)
         if max_examples is not None:
             check_int("max_examples", max_examples, MIN_SPLIT_EXAMPLES)

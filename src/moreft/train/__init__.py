@@ -20,7 +20,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "CompareResult": "comparison", "compare": "comparison", "parse_method_spec": "comparison",
+    "CompareResult": "comparison", "compare": "comparison", "parse_method_spec": "arms",
     "TrainConfig": "config", "field_names": "config",
     "InspectReport": "inspection", "inspect_run": "inspection",
     "RunResult": "loop", "train": "loop",

@@ -1,6 +1,7 @@
 """Checking a Trainer checkpoint before ``--resume`` uses it: complete by content, state fitting the model.
 
-A checkpoint ``checkpoint-<step>/`` holds ``adapter/`` (the :func:`moreft.save_adapter` format),
+A checkpoint ``checkpoint-<step>/`` holds ``adapter/`` (the :func:`moreft.save_adapter` format, or
+peft's for a peft arm),
 ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth`` and, written last, ``trainer_state.json``.
 The ``.pt`` / ``.pth`` files are read by ``transformers.Trainer`` with ``torch.load(weights_only=True)``
 (tensors and plain containers, no code). That alone does not make them *fit*: an optimizer state
@@ -63,7 +64,10 @@ def checkpoint_complete(path: Path) -> bool:
         return False
     from moreft.errors import AdapterFileError
     from moreft.adapter_files import read_adapter_config
+    from moreft.train.peft_arm import is_peft_adapter
 
+    if is_peft_adapter(path / "adapter"):  # a peft arm's checkpoint (peft's save_pretrained)
+        return True
     try:
         read_adapter_config(path / "adapter")
     except AdapterFileError:

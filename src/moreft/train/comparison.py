@@ -13,58 +13,29 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moreft.errors import ConfigError
 from moreft.safe_write import atomic_write_text
-from moreft.train.bounded import load_yaml
-from moreft.train.config import ADAPTER_SETTINGS, METHODS, TrainConfig, field_names
+from moreft.train.arms import adapter_part, arm_changes, overrides, parse_method_spec, slug
+from moreft.train.config import ADAPTER_SETTINGS, RESUMABLE_CHANGES, TrainConfig
 from moreft.train.value_checks import MAX_SEED, check_folder_name
 from moreft.train.loop import RunResult, train
 from moreft.train.plots import plot_compare
+from moreft.train.predictions import read_predictions
 from moreft.train.rundir import RunDir, read_run_config
+from moreft.train.statistics import RESAMPLES, mean_std, paired_bootstrap, points, verdict_text
 
-#: Fields a method spec may not set (the comparison owns them).
 #: Seeds one comparison may train (each trains every method once).
 MAX_SEEDS = 1000
-_RESERVED = ("task", "task_options", "model", "seed", "run_name", "output_dir", "resume", "overwrite")
-
-
-def parse_method_spec(spec: str) -> dict[str, Any]:
-    """Parse ``"more:block_rank=4,nblocks=2"`` into ``{"method": "more", "block_rank": 4, "nblocks": 2}``.
-
-    Raises:
-        ConfigError: Unknown method, a malformed ``key=value``, or a key that is not a config field.
-    """
-    method, _, rest = spec.partition(":")
-    method = method.lower()  # choices are accepted in any case, as everywhere
-    if method not in METHODS:
-        raise ConfigError(f"method spec {spec!r}: unknown method {method!r}; valid methods are {list(METHODS)} "
-                          "(e.g. lora:rank=8, more:block_rank=4, mora:rank=8)")
-    out: dict[str, Any] = {"method": method}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"method spec {spec!r}: {item!r} must look like key=value")
-        if key not in field_names() or key in _RESERVED:
-            allowed = [k for k in field_names() if k not in _RESERVED and k != "method"]
-            raise ConfigError(f"method spec {spec!r}: {key!r} is not a setting a method may change; "
-                              f"valid keys are {allowed}")
-        out[key] = load_yaml(raw, f"method spec {spec!r}")
-    return out
-
-
+#: The reference arm when none is named and it is among the arms (else the first arm).
+DEFAULT_REFERENCE = "lora:rank=8"
 #: Spec keys that choose the adapter (the adapter settings); any other key in a spec overrides a shared
 #: training setting.
 _ADAPTER_KEYS = ADAPTER_SETTINGS
-
-
-def _slug(spec: dict[str, Any]) -> str:
-    parts = [spec["method"]] + [f"{k}{v}" for k, v in spec.items() if k != "method"]
-    return "-".join(str(p).replace("/", "_").replace("_", "") for p in parts)
 
 
 @dataclass(frozen=True)
@@ -87,38 +58,87 @@ def _finished(config: TrainConfig) -> dict[str, Any] | None:
     """The metrics of an identical, finished run, or None."""
     run = RunDir(config.run_dir)
     try:
-        same = read_run_config(run.path).to_dict() == config.to_dict()
+        saved = read_run_config(run.path).to_dict()
     except ConfigError:
         return None
+    same = all(saved.get(k) == v for k, v in config.to_dict().items() if k not in _BOOKKEEPING)
     if same and run.metrics.is_file() and run.adapter.is_dir():
         return json.loads(run.metrics.read_text())
     return None
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+#: Settings a finished run may have been saved with differently (a resumed run saves resume=True).
+_BOOKKEEPING = ("resume", "overwrite", "progress")
+
+
+def _continued(config: TrainConfig) -> TrainConfig:
+    """``config`` with ``resume`` when its run was interrupted after a checkpoint with the same settings."""
+    run = RunDir(config.run_dir)
+    if run.last_checkpoint() is None:
+        return config
+    try:
+        saved = read_run_config(run.path).to_dict()
+    except ConfigError:
+        return config
+    now = config.to_dict()
+    if any(saved.get(k) != v for k, v in now.items() if k not in RESUMABLE_CHANGES):
+        return config
+    return config.replace(resume=True, overwrite=False)
+
+
+def reference_index(specs: Sequence[Mapping[str, Any]], reference: str | None) -> int:
+    """The arm that ``reference`` (a method spec) names, by its adapter settings; without one, the
+    :data:`DEFAULT_REFERENCE` arm if present, else the first.
+
+    Raises:
+        ConfigError: ``reference`` names none of the arms.
+    """
+    wanted = adapter_part(parse_method_spec(reference or DEFAULT_REFERENCE))
+    for i, spec in enumerate(specs):
+        if adapter_part(spec) == wanted:
+            return i
+    if reference is None:
+        return 0
+    raise ConfigError(f"reference {reference!r} is not one of the arms; give one of them (same method and "
+                      "adapter settings), e.g. the first")
+
+
+def _delta(group: Sequence[TrainConfig], ref: Sequence[TrainConfig], metric: str) -> dict[str, Any]:
+    """The paired bootstrap interval of one arm against the reference, or why there is none."""
+    try:
+        mine = {c.seed: read_predictions(RunDir(c.run_dir).test_predictions) for c in group}
+        theirs = {c.seed: read_predictions(RunDir(c.run_dir).test_predictions) for c in ref}
+        interval = paired_bootstrap(mine, theirs, metric)
+    except ConfigError as exc:
+        return {"delta": None, "verdict": None, "delta_note": str(exc)}
+    return {"delta": interval.to_dict(), "verdict": verdict_text(interval), "delta_note": None}
 
 
 def compare(base: TrainConfig, methods: Sequence[str], seeds: int | Sequence[int] = 3,
             output_dir: str | os.PathLike | None = None, name: str | None = None,
-            run: Callable[[TrainConfig], RunResult] | None = None, command: str | None = None) -> CompareResult:
+            run: Callable[[TrainConfig], RunResult] | None = None, command: str | None = None,
+            reference: str | None = None, log: Callable[[str], None] | None = None) -> CompareResult:
     """Train every method spec with every seed on ``base``'s task and summarise.
 
     Args:
         base: Shared settings (task, model, steps, lr, ...); ``method`` and its hyperparameters
             come from each spec.
-        methods: Specs such as ``"lora:rank=8"`` (see :func:`parse_method_spec`).
+        methods: Specs such as ``"lora:rank=8"`` or ``"peft:vera:r=256"`` (:func:`parse_method_spec`).
         seeds: A count ``n`` (seeds ``0..n-1``) or explicit seeds.
         output_dir: Parent of the comparison directory (default ``base.output_dir``).
         name: Comparison directory name (default ``compare-<task>-<model>``).
         run: The training function (default :func:`moreft.train.train`); for tests.
         command: The command line to show at the top of ``compare.md``.
+        reference: The arm every other is compared with (a spec naming one of them by its adapter
+            settings); default ``lora:rank=8`` when it is an arm, else the first.
+        log: Called with a line before each run (progress); None prints nothing.
 
     Returns:
-        A :class:`CompareResult`; ``compare.md``, ``compare.png`` and ``compare.json`` are written.
+        A :class:`CompareResult`; ``compare.md``, ``compare.png`` and ``compare.json`` are written. A
+        run that finished with the same config is reused; one interrupted after a checkpoint resumes.
 
     Raises:
-        ConfigError: No methods, a bad spec, or bad seeds.
+        ConfigError: No methods, a bad spec or reference, or bad seeds.
     """
     if not methods:
         raise ConfigError("compare needs at least one method spec, e.g. lora:rank=8 more:block_rank=4")
@@ -130,29 +150,39 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int | Sequence[int
         raise ConfigError(f"seeds={seeds!r} must be a count in [1, {MAX_SEEDS}] or a list of at most {MAX_SEEDS} "
                           f"integers in [0, {MAX_SEED}]")
     specs = [parse_method_spec(m) for m in methods]
+    ref = reference_index(specs, reference)
     model_name = Path(base.model).name.removesuffix(".gguf")
     folder = check_folder_name("name", name) if name is not None else f"compare-{base.task}-{model_name}"
     path = Path(output_dir if output_dir is not None else base.output_dir) / folder
-    configs = [[base.replace(**spec, seed=s, run_name=f"{_slug(spec)}-seed{s}", output_dir=str(path / "runs"),
-                             resume=False, overwrite=True) for s in seed_list] for spec in specs]
+    configs = [[base.replace(**arm_changes(spec), seed=s, run_name=f"{slug(spec)}-seed{s}",
+                             output_dir=str(path / "runs"), resume=False, overwrite=True) for s in seed_list]
+               for spec in specs]
     run = run or train
-    rows, metric = [], ""
+    rows, metric, total, count = [], "", len(configs) * len(seed_list), 0
     for spec_text, spec, group in zip(methods, specs, configs, strict=True):
         results = []
         for config in group:
+            count += 1
             done = _finished(config)
+            if done is None:
+                config = _continued(config)
+                if log:
+                    log(f"[{count}/{total}] {spec_text} seed {config.seed}: "
+                        + ("resuming" if config.resume else "training"))
             results.append(done if done is not None else run(config).metrics)
         metric = results[0]["metric"]
         values = [r[f"test_{metric}"] for r in results]
         evals = [r.get(f"eval_{metric}", float("nan")) for r in results]
-        mean, std = _mean_std(values)
-        eval_mean, eval_std = _mean_std(evals)
+        mean, std = mean_std(values)
+        eval_mean, eval_std = mean_std(evals)
         rows.append({"label": group[0].method_label() if ":" not in spec_text else spec_text,
                      "params": results[0]["trainable_params"], "mean": mean, "std": std, "eval_mean": eval_mean,
                      "eval_std": eval_std, "values": values, "seeds": seed_list,
                      "seconds": statistics.fmean(r["train_seconds"] for r in results),
-                     "runs": [str(c.run_dir) for c in group],
-                     "overrides": {k: v for k, v in spec.items() if k not in _ADAPTER_KEYS}})
+                     "runs": [str(c.run_dir) for c in group], "overrides": overrides(spec)})
+    for i, (row, group) in enumerate(zip(rows, configs, strict=True)):
+        row["reference"] = i == ref
+        row.update(_delta(group, configs[ref], metric))
     write_report(path, rows, metric, base, command)
     return CompareResult(path, rows, metric)
 
@@ -163,33 +193,52 @@ def write_report(path: Path, rows: Sequence[dict[str, Any]], metric: str, base: 
 
     Args:
         path: The comparison directory.
-        rows: As in :attr:`CompareResult.rows`.
+        rows: As in :attr:`CompareResult.rows` (``reference``, ``delta``, ``verdict`` optional).
         metric: The task metric compared.
         base: The shared settings (shown in the heading).
         command: The command line that made the comparison, shown first when given.
     """
     steps = f"max_steps={base.max_steps}" if base.max_steps else f"epochs={base.epochs:g}"
     seeds = rows[0]["seeds"] if rows else []
+    ref = next((r for r in rows if r.get("reference")), rows[0] if rows else None)
+    ref_label = ref["label"] if ref else "-"
     lines = [f"# {base.task}: {metric} by method ({base.model}, {len(seeds)} seeds)", ""]
     if command:
         lines += ["```", command, "```", ""]
     lines += [f"Shared settings: {steps}, batch_size={base.batch_size}, lr={base.lr:g} ({base.lr_scheduler}), "
               f"max_examples={base.max_examples}, eval_examples={base.eval_examples}, seeds {seeds}.", "",
-              f"| method | trainable params | params / {rows[0]['label'] if rows else '-'} | test {metric} "
-              f"(mean ± std) | eval {metric} (mean ± std) | test {metric} per seed | train s / run |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              f"| method | trainable params | params / {ref_label} | test {metric} (mean ± std) | "
+              f"Δ vs {ref_label}, pts [95% CI] | within 0.5 pt? | eval {metric} (mean ± std) | test {metric} per seed "
+              "| train s / run |",
+              "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    notes = []
     for r in rows:
         per_seed = ", ".join(f"{v:.3f}" for v in r["values"])
-        lines.append(f"| {r['label']} | {r['params']:,} | {r['params'] / rows[0]['params']:.2f} | "
-                     f"{r['mean']:.4f} ± {r['std']:.4f} | {r['eval_mean']:.4f} ± {r['eval_std']:.4f} | {per_seed} | "
-                     f"{r['seconds']:.1f} |")
+        d = r.get("delta")
+        if r.get("reference"):
+            delta, said = "reference", "–"
+        elif d:
+            delta, said = f"{points(d['estimate'])} [{points(d['low'])}, {points(d['high'])}]", r["verdict"]
+        else:
+            delta, said = "n/a", "–"
+            if r.get("delta_note"):
+                notes.append(f"{r['label']}: no interval ({r['delta_note']})")
+        lines.append(f"| {r['label']} | {r['params']:,} | {r['params'] / ref['params']:.2f} | "
+                     f"{r['mean']:.4f} ± {r['std']:.4f} | {delta} | {said} | {r['eval_mean']:.4f} ± {r['eval_std']:.4f} "
+                     f"| {per_seed} | {r['seconds']:.1f} |")
     tuned = [f"{r['label']} ({', '.join(f'{k}={v}' for k, v in r['overrides'].items())})"
              for r in rows if r.get("overrides")]
     settings = ("Every method uses the same shared settings (no per-method tuning)." if not tuned else
                 "These methods override shared settings: " + "; ".join(tuned) + ".")
     lines += ["", "Trainable params count adapter parameters only (a classification head, trained in full, "
               "is excluded). std is the sample standard deviation over seeds; each seed also draws its own "
-              f"data split. {settings}", ""]
+              f"data split. {settings}", "",
+              f"Δ: the test {metric} minus the reference's ({ref_label}), in points (× 100), averaged over the "
+              f"seeds; the interval is a paired bootstrap ({RESAMPLES:,} resamples of seeds and, within each, test "
+              "examples, the same draws for both arms; fixed seed). *within 0.5 pt*: the whole interval lies "
+              "inside ±0.5 points of the reference.", ""]
+    if notes:
+        lines += ["Notes:", "", *(f"- {n}" for n in notes), ""]
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path / "compare.md", "\n".join(lines))
     atomic_write_text(path / "compare.json", json.dumps({"metric": metric, "command": command, "rows": list(rows)},

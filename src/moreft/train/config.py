@@ -22,11 +22,22 @@ from transformers.trainer_utils import SchedulerType
 from moreft.config import CONFIG_CLASSES, AdapterConfig, Method
 from moreft.errors import ConfigError
 from moreft.remora import RemoraCycle
+from moreft.tasks.base import EVAL_FRACTION, MAX_EVAL_FRACTION
 from moreft.train.value_checks import MAX_SEED, check_folder_name
 from moreft.train.settings import Group, adapter_setting, coerce, setting, specs
 from moreft.train.trainer_args import check_trainer_args
 
-METHODS = tuple(m.value for m in Method)
+
+class RunMethod(str, enum.Enum):
+    """What a run trains: one of moreft's adapters, or any peft method (``peft_type``, ``peft_options``)."""
+
+    MORE = Method.MORE.value
+    MORA = Method.MORA.value
+    LORA = Method.LORA.value
+    PEFT = "peft"
+
+
+METHODS = tuple(m.value for m in RunMethod)
 
 
 class Precision(str, enum.Enum):
@@ -72,8 +83,15 @@ class TrainConfig:
     model: str | None = setting(None, group=_D, help=(
         "minilm, smollm2, or a local model directory or .gguf file; none picks the packaged default for the "
         "task's kind (minilm for classification, smollm2 for generation)."))
-    method: str = setting(Method.MORE.value, group=_A, choices=Method, searched=True,
-                          help="Adapter family: MoRe (more), MoRA (mora) or LoRA (lora).")
+    method: str = setting(Method.MORE.value, group=_A, choices=RunMethod, searched=True, help=(
+        "Adapter family: MoRe (more), MoRA (mora), LoRA (lora), or peft: any peft method (peft_type, "
+        "peft_options)."))
+    peft_type: str | None = setting(None, group=_A, searched=True, help=(
+        "Method peft: the peft method, a PEFT type of the installed peft in any case (e.g. vera, boft, hira, miss, "
+        "gralora, c3a, lora); not prompt-learning types nor moreft's own."))
+    peft_options: dict[str, Any] = setting({}, group=_A, flag="--peft-option", searched=True, help=(  # noqa: RUF009
+        "Method peft: options of peft's config class for peft_type, e.g. r=256, converted by its field types; "
+        "target_modules come from target_modules and the head is trained in full, as for moreft's methods."))
     block_rank: int = adapter_setting("block_rank", minimum=1, searched=True, primary=True)
     nblocks: int = adapter_setting("nblocks", minimum=1, searched=True)
     rank: int = adapter_setting("rank", minimum=1, searched=True, primary=True)
@@ -131,8 +149,16 @@ class TrainConfig:
                              help="fp32, or bf16 (base weights in bf16 with autocast; adapters stay fp32).")
     max_examples: int | None = setting(None, group=_D, minimum=3,
                                        help="Cap on the examples drawn from the task before splitting (none: all).")
+    eval_fraction: float = setting(EVAL_FRACTION, group=_D, minimum=0, above=True, maximum=MAX_EVAL_FRACTION, help=(
+        "Share of the examples in each of validation and test when a task is split with the seed (0.1: "
+        "80/10/10; 0.25: 50/25/25, larger test sets); tasks with given evaluation files ignore it."))
     eval_examples: int | None = setting(None, group=_D, minimum=1,
                                         help="Cap on the validation and test examples evaluated (none: all).")
+    best_checkpoint: bool = setting(False, group=_T, trainer_keys=(
+        "load_best_model_at_end", "metric_for_best_model", "greater_is_better"), help=(
+        "At the end, load the checkpoint with the best validation metric (transformers' load_best_model_at_end) "
+        "before the final validation and test scores; needs eval_every, and save_every equal to it (every "
+        "evaluated step is kept as a candidate)."))
     eval_every: int | None = setting(None, group=_R, minimum=1, resumable=True,
                                      trainer_keys=("eval_strategy", "eval_steps"),
                                      help="Evaluate every N optimizer steps (none: only at the end).")
@@ -197,6 +223,10 @@ class TrainConfig:
         if self.warmup_ratio and self.warmup_steps:
             raise ConfigError(f"warmup_ratio={self.warmup_ratio} and warmup_steps={self.warmup_steps} are both "
                               "set; give only one of them")
+        if self.best_checkpoint and (not self.eval_every or self.save_every != self.eval_every):
+            raise ConfigError(f"best_checkpoint=True needs a checkpoint at every evaluation: eval_every set and "
+                              f"save_every equal to it (got eval_every={self.eval_every}, save_every={self.save_every})")
+        self._check_peft()
         if self.resume and self.overwrite:
             raise ConfigError("resume=True and overwrite=True contradict each other; give only one")
         if self.run_name is not None and "{" in self.run_name:
@@ -208,9 +238,26 @@ class TrainConfig:
                                   f"'glue-cola-seed{{seed}}' ({type(exc).__name__}: {exc})") from None
         if self.run_name is None:
             model = Path(self.model).name.removesuffix(".gguf") or "model"
-            object.__setattr__(self, "run_name", f"{self.task}-{model}-{self.method}-seed{self.seed}")
+            method = f"peft-{self.peft_type}" if self.method == RunMethod.PEFT else self.method
+            object.__setattr__(self, "run_name", f"{self.task}-{model}-{method}-seed{self.seed}")
         check_folder_name("run_name", self.run_name)
-        self.adapter_config()  # validates the method's hyperparameters now, not after model loading
+        if self.method != RunMethod.PEFT:
+            self.adapter_config()  # validates the method's hyperparameters now, not after model loading
+
+    def _check_peft(self) -> None:
+        """Normalise ``peft_type`` / ``peft_options`` of a peft arm (peft's own checks run); refuse them elsewhere."""
+        if self.method == RunMethod.PEFT:
+            from moreft.train.peft_arm import check_peft
+
+            if self.merge_every is not None:
+                raise ConfigError(f"merge_every={self.merge_every} (ReLoRA / ReMoRA) merges moreft's own adapters; "
+                                  "method peft cannot use it")
+            name, options = check_peft(self.peft_type, self.peft_options)
+            object.__setattr__(self, "peft_type", name)
+            object.__setattr__(self, "peft_options", options)
+        elif self.peft_type is not None or self.peft_options:
+            raise ConfigError(f"peft_type={self.peft_type!r}, peft_options={self.peft_options!r} are for method "
+                              f"peft, not method {self.method!r}; set method: peft or leave them out")
 
     @property
     def run_dir(self) -> Path:
@@ -225,8 +272,12 @@ class TrainConfig:
             modules_to_save: Modules trained in full, e.g. the classification head.
 
         Raises:
-            ConfigError: A method hyperparameter is invalid (e.g. an odd ``r_hat`` for rotation).
+            ConfigError: A method hyperparameter is invalid (e.g. an odd ``r_hat`` for rotation), or the
+                method is ``peft`` (whose config is peft's own: :mod:`moreft.train.peft_arm`).
         """
+        if self.method == RunMethod.PEFT:
+            raise ConfigError(f"method peft ({self.method_label()}) has no moreft adapter config; it is peft's own "
+                              "(moreft.train.peft_arm)")
         method = Method(self.method)
         own = {f.name: f.default for f in dataclasses.fields(CONFIG_CLASSES[method])}
         # a setting left at None takes the method's own default where that is not None (alpha)
@@ -240,8 +291,12 @@ class TrainConfig:
         """The method and its hyperparameters, e.g. ``more:block_rank=4`` or ``lora:rank=8,alpha=32.0``.
 
         A method's primary size (``block_rank``, ``rank``) is always shown; its other settings
-        (not those every method shares) when they differ from their default.
+        (not those every method shares) when they differ from their default. A peft arm: ``peft:vera:r=256``.
         """
+        if self.method == RunMethod.PEFT:
+            from moreft.train.peft_arm import label
+
+            return label(str(self.peft_type), self.peft_options)
         method = Method(self.method)
         shown = [f"{s.name}={getattr(self, s.name)}" for s in specs(TrainConfig).values()
                  if method in s.methods and (s.primary or getattr(self, s.name) != s.default)]
@@ -310,7 +365,12 @@ def field_names() -> list[str]:
 def adapter_fields(method: Method) -> list[str]:
     """The settings that go into ``method``'s adapter config (its own and those every method shares)."""
     return [s.name for s in specs(TrainConfig).values()
-            if s.group is Group.ADAPTER and s.name != "method" and (not s.methods or method in s.methods)]
+            if s.group is Group.ADAPTER and s.name not in ("method", *PEFT_SETTINGS)
+            and (not s.methods or method in s.methods)]
+
+
+#: The settings of a peft arm (method peft), which moreft's own adapter configs do not have.
+PEFT_SETTINGS = ("peft_type", "peft_options")
 
 
 #: Settings that choose the adapter (the method and every adapter config field).

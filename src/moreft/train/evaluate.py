@@ -117,4 +117,15 @@ def evaluate(model: nn.Module, tokenizer: Any, task: Task, examples: Sequence[Ex
     if not examples:
         raise ValueError("cannot evaluate on 0 examples; the split is empty (raise max_examples)")
     preds = predict(model, tokenizer, task, examples, batch_size, max_length, max_new_tokens, autocast)
-    return {k: float(v) for k, v in task.compute_metrics(preds, references(task, examples)).items()}
+    return score_predictions(task, examples, preds)
+
+
+def score_predictions(task: Task, examples: Sequence[Example], predictions: Sequence[Any]) -> dict[str, float]:
+    """``task.compute_metrics`` of ``predictions`` (one per example, from :func:`predict`) as floats.
+
+    Raises:
+        ValueError: ``examples`` is empty.
+    """
+    if not examples:
+        raise ValueError("cannot evaluate on 0 examples; the split is empty (raise max_examples)")
+    return {k: float(v) for k, v in task.compute_metrics(predictions, references(task, examples)).items()}

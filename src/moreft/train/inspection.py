@@ -218,7 +218,7 @@ def inspect_run(run_dir: str | os.PathLike, layer: str | None = None, heatmap: s
         weights_out = Path(weights_plot) if weights_plot is not None else RunDir(Path(run_dir)).path / WEIGHTS_PLOT
     _refuse_foreign_png(heatmap, "heat map", "--heatmap")
     _refuse_foreign_png(weights_out, "weights plot", "--weights-plot")
-    _, _, model, _ = load_trained(run_dir)
+    _, _, model, _ = load_trained(run_dir, moreft_only="moreft inspect")
     layers = moreft.adapter_layers(model)
     stats, fits = inspect_model(model, sv_threshold, subspace_rank)
     if layer is None:

@@ -18,9 +18,11 @@ from moreft.shapes import check_adapter_size
 from moreft.lock import LOCK_NAME, folder_lock
 from moreft.train.peak_memory import peak_rss_mib, reset_peak_rss
 from moreft.tasks import TaskKind, get_task
-from moreft.train.config import RESUMABLE_CHANGES, Precision, TrainConfig
+from moreft.train import peft_arm
+from moreft.train.config import RESUMABLE_CHANGES, Precision, RunMethod, TrainConfig
 from moreft.train.data import PadCollator, encode_classification, encode_generation
-from moreft.train.evaluate import evaluate
+from moreft.train.evaluate import predict, score_predictions
+from moreft.train.predictions import prediction_records, write_predictions
 from moreft.train.nonfinite import NonFiniteGuard
 from moreft.train.plots import plot_run
 from moreft.train.recipes import dump_config
@@ -140,6 +142,10 @@ def training_arguments(config: TrainConfig) -> Any:
         "save_strategy": "steps" if config.save_every else "no",
         "save_steps": config.save_every or 500,
         "save_total_limit": config.keep_checkpoints,
+        "load_best_model_at_end": config.best_checkpoint,
+        "metric_for_best_model": get_task(config.task, **config.task_options).metric_name if config.best_checkpoint
+        else None,
+        "greater_is_better": True if config.best_checkpoint else None,  # every task metric: higher is better
         "disable_tqdm": True,  # moreft's own progress bar (progress)
         "report_to": "none",
         "push_to_hub": False,
@@ -195,7 +201,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
              f"no checkpoint in {run.checkpoints}; starting from scratch", quiet)
     _say(f"# run config ({run.config})\n" + dump_config(config), quiet)
     task = get_task(config.task, **config.task_options)
-    splits = task.load(config.seed, config.max_examples)
+    splits = task.load(config.seed, config.max_examples, config.eval_fraction)
     keep_split = config.resume and check_split(run.path, config, splits)  # resume on the same data, or stop
     arguments = training_arguments(config)  # before the slow model load: a refused trainer_args stops here
     from transformers import set_seed
@@ -204,14 +210,19 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
     model, tokenizer = load_base(config, task)
     check_max_length(config, model, task.kind)
     targets, heads = model_defaults(config.model, model, task.kind)
-    adapter = config.adapter_config(targets, heads)
-    check_adapter_size(model, adapter, moreft.resolve_targets(model, adapter))  # before allocating it
-    moreft.inject(model, adapter)
+    if config.method == RunMethod.PEFT:  # any peft method, with peft's own classes (moreft.train.peft_arm)
+        model, adapted = peft_arm.attach(model, str(config.peft_type), config.peft_options,
+                                         config.target_modules or targets, heads, task.kind is TaskKind.CLASSIFICATION)
+    else:
+        adapter = config.adapter_config(targets, heads)
+        check_adapter_size(model, adapter, moreft.resolve_targets(model, adapter))  # before allocating it
+        moreft.inject(model, adapter)
+        adapted = list(moreft.adapter_layers(model))
     for p in model.parameters():  # optimizer state and updates in fp32 even on a bf16 base
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    counts = moreft.count_parameters(model)
-    _say(f"{config.method_label()} on {len(moreft.adapter_layers(model))} layers: {counts}", quiet)
+    counts = peft_arm.count_parameters(model) if config.method == RunMethod.PEFT else moreft.count_parameters(model)
+    _say(f"{config.method_label()} on {len(adapted)} layers: {counts}", quiet)
     _say(f"{config.task}: {splits.sizes}", quiet)
 
     encode = encode_classification if task.kind is TaskKind.CLASSIFICATION else encode_generation
@@ -220,8 +231,12 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
     autocast = precision_dtype(config.precision) if config.precision != "fp32" else None
     eval_bs = config.eval_batch_size or 2 * config.batch_size
 
+    predicted: dict[tuple[int, ...], list[Any]] = {}  # the latest predictions per example set (test_predictions)
+
     def score(examples: Sequence[Any]) -> dict[str, float]:
-        return evaluate(model, tokenizer, task, examples, eval_bs, config.max_length, config.max_new_tokens, autocast)
+        preds = predict(model, tokenizer, task, examples, eval_bs, config.max_length, config.max_new_tokens, autocast)
+        predicted[tuple(ex.id for ex in examples)] = preds
+        return score_predictions(task, examples, preds)
 
     train_dataset = encode(splits.train, tokenizer, config.max_length)
     # Every check has passed: only now is an old run (--overwrite) removed and the new one written, so a
@@ -258,6 +273,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - start
     final = {**trainer.evaluate(metric_key_prefix="eval"), **trainer.evaluate(metric_key_prefix="test")}
+    test_predictions = prediction_records(task, eval_sets["test"], predicted[tuple(ex.id for ex in eval_sets["test"])])
 
     metrics: dict[str, Any] = {
         "task": config.task, "model": config.model, "method": config.method, "label": config.method_label(),
@@ -270,10 +286,15 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
         "resumed_from": checkpoint.name if checkpoint else None, "nonfinite_skipped": guard.skipped,
         "peak_rss_mb": round(peak_rss_mib(), 1),
     }
+    if config.best_checkpoint:
+        best = trainer.state.best_model_checkpoint
+        metrics["best_step"] = int(Path(best).name.rpartition("-")[2]) if best else None
     if torch.cuda.is_available():
         metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if trainer.is_world_process_zero():
-        moreft.save_adapter(trainer.accelerator.unwrap_model(model), run.adapter)
+        trained = trainer.accelerator.unwrap_model(model)
+        peft_arm.save(trained, run.adapter) if config.method == RunMethod.PEFT else moreft.save_adapter(trained, run.adapter)
+        write_predictions(run.test_predictions, test_predictions)
         atomic_write_text(run.metrics, json.dumps(metrics, indent=2) + "\n")
         plot_run(read_jsonl(run.metrics_log), task.metric_name, run.loss_plot,
                  title=f"{config.run_name}: {config.method_label()}")

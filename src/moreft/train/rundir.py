@@ -6,7 +6,9 @@
 ``metrics.jsonl``   one JSON object per log: ``step``, ``loss``, ``lr``; ``eval_<metric>`` ...
 ``metrics.json``    final numbers: ``trainable_params``, ``eval_<m>``, ``test_<m>``, ``train_seconds``,
                     ``peak_rss_mb``, ...
-``adapter/``        the trained adapter (:func:`moreft.save_adapter` format; with the head)
+``test_predictions.jsonl``  the prediction for each test example (:mod:`moreft.train.predictions`)
+``adapter/``        the trained adapter (:func:`moreft.save_adapter` format; with the head), or for a
+                    peft arm (method peft) peft's ``save_pretrained`` output
 ``loss.png``        training loss and eval metric curves
 ``checkpoints/``    ``checkpoint-<step>/`` for ``--resume`` (adapter + optimizer state)
 ``tensorboard/``    TensorBoard event files, with ``trainer_args: {report_to: tensorboard}``
@@ -67,6 +69,10 @@ class RunDir:
         return self.path / "metrics.json"
 
     @property
+    def test_predictions(self) -> Path:
+        return self.path / "test_predictions.jsonl"
+
+    @property
     def adapter(self) -> Path:
         return self.path / "adapter"
 
@@ -93,10 +99,11 @@ _CHECKPOINT = re.compile(r"(?:tmp-)?checkpoint-\d+")
 def foreign_run_entries(path: Path) -> list[str]:
     """Entries of run folder ``path`` that moreft did not write there (see the module docstring)."""
     from moreft.adapter_files import ADAPTER_KIND
+    from moreft.train.peft_arm import PEFT_ADAPTER_KIND, is_peft_adapter
     from moreft.train.reinit import MERGED_BASE_FILE
 
     files = ("config.yaml", "split.json", "metrics.jsonl", "metrics.json", "loss.png", MERGED_BASE_FILE,
-             LOCK_NAME, "weights.png")
+             LOCK_NAME, "weights.png", "test_predictions.jsonl")
     names = "|".join(map(re.escape, (*files, "adapter")))
     temp = re.compile(rf"\.(?:{names})\.(?:tmp-\d+-[a-z0-9_]{{8}}|old-\d+)")
     out = []
@@ -109,7 +116,8 @@ def foreign_run_entries(path: Path) -> list[str]:
         elif temp.fullmatch(name):
             continue
         elif name == "adapter" and entry.is_dir():
-            out += [f"adapter/{n}" for n in foreign_entries(entry, ADAPTER_KIND)]
+            kind = PEFT_ADAPTER_KIND if is_peft_adapter(entry) else ADAPTER_KIND
+            out += [f"adapter/{n}" for n in foreign_entries(entry, kind)]
         elif name == "tensorboard" and entry.is_dir():
             continue  # the run's TensorBoard logs (report_to: tensorboard)
         elif name == "checkpoints" and entry.is_dir():
@@ -273,19 +281,31 @@ def load_splits(run_dir: str | os.PathLike, config: TrainConfig, task: Task) -> 
     Raises:
         ConfigError: The data gives a different split than the one saved (the data changed).
     """
-    splits = task.load(config.seed, config.max_examples)
+    splits = task.load(config.seed, config.max_examples, config.eval_fraction)
     check_split(run_dir, config, splits)
     return splits
 
 
-def load_trained(run_dir: str | os.PathLike) -> tuple[TrainConfig, Task, torch.nn.Module, Any]:
+def load_trained(run_dir: str | os.PathLike, moreft_only: str | None = None
+                 ) -> tuple[TrainConfig, Task, torch.nn.Module, Any]:
     """``(config, task, model with the trained adapter, tokenizer)`` for a finished run.
 
+    A peft arm (method peft) comes back as peft's ``PeftModel`` (``PeftModel.from_pretrained``).
+
+    Args:
+        run_dir: The run directory.
+        moreft_only: A command that works on moreft's own adapters only (e.g. ``"moreft merge"``):
+            a peft arm is then refused before anything is loaded.
+
     Raises:
-        ConfigError: Not a run directory, or an invalid saved config.
+        ConfigError: Not a run directory, or an invalid saved config; a peft arm with ``moreft_only``.
         moreft.AdapterFileError: The run has no ``adapter/`` (it did not finish) or it does not fit.
     """
     config = read_run_config(run_dir)
+    if moreft_only and config.method == "peft":
+        raise ConfigError(f"{moreft_only} works on moreft's own adapters; {str(run_dir)!r} trained peft's "
+                          f"{config.method_label()}. Load it with peft instead: PeftModel.from_pretrained(base, "
+                          f"'{Path(run_dir) / 'adapter'}') (then merge_and_unload() to merge); `moreft eval` works")
     run = RunDir(Path(run_dir))
     if not run.adapter.is_dir():
         last = run.last_checkpoint()
@@ -297,6 +317,11 @@ def load_trained(run_dir: str | os.PathLike) -> tuple[TrainConfig, Task, torch.n
 
     if (run.path / MERGED_BASE_FILE).is_file():  # a merge_every run: earlier cycles live in the base weights
         apply_merged_base(model, run.path / MERGED_BASE_FILE)
-    moreft.load_adapter(model, run.adapter, check_base=False)
+    if config.method == "peft":
+        from moreft.train.peft_arm import load_model
+
+        model = load_model(model, run.adapter)
+    else:
+        moreft.load_adapter(model, run.adapter, check_base=False)
     model.eval()
     return config, task, model, tokenizer

@@ -5,7 +5,8 @@ with torchrun / accelerate, schedules, accumulation, mixed precision, checkpoint
 resumption with optimizer, scheduler, RNG and data-order state):
 
 * checkpoints hold the adapter (``checkpoint-N/adapter/``, the :func:`moreft.save_adapter`
-  format) instead of the full model weights, and resuming loads it back;
+  format, or peft's ``save_pretrained`` for a peft arm) instead of the full model weights, and
+  resuming (or ``best_checkpoint``'s load of the best one at the end) loads it back;
 * evaluation scores the task metric with :mod:`moreft.train.evaluate` (argmax labels, or greedy
   generation) on fixed example sets instead of the Trainer's logits-based loop;
 * logs go to ``metrics.jsonl`` and a compact progress bar.
@@ -26,6 +27,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 import moreft
 from moreft.errors import CheckpointError
 from moreft.safe_write import atomic_write_text
+from moreft.train import peft_arm
 from moreft.train.checkpoints import check_optimizer_files
 
 ADAPTER_DIR = "adapter"
@@ -90,7 +92,8 @@ class AdapterTrainer(Trainer):
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        moreft.save_adapter(model, Path(output_dir or self.args.output_dir) / ADAPTER_DIR)
+        folder = Path(output_dir or self.args.output_dir) / ADAPTER_DIR
+        peft_arm.save(model, folder) if peft_arm.is_peft_model(model) else moreft.save_adapter(model, folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         """Load the adapter saved by :meth:`_save` into the (already injected) model.
@@ -99,7 +102,25 @@ class AdapterTrainer(Trainer):
             moreft.AdapterFileError: The checkpoint holds no adapter that fits the model.
         """
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        moreft.load_adapter(model, Path(resume_from_checkpoint) / ADAPTER_DIR, check_base=False)
+        folder = Path(resume_from_checkpoint) / ADAPTER_DIR
+        if peft_arm.is_peft_model(model):
+            peft_arm.load_weights(model, folder)
+        else:
+            moreft.load_adapter(model, folder, check_base=False)
+
+    def _load_best_model(self) -> None:
+        """``best_checkpoint``: load the adapter of the best checkpoint (``load_best_model_at_end``); the
+        scores cached at this step belong to the last model, so they are dropped and scored again.
+
+        Raises:
+            moreft.AdapterFileError: The best checkpoint holds no adapter that fits the model.
+        """
+        best = self.state.best_model_checkpoint
+        if best is None:
+            return
+        self._load_from_checkpoint(best)
+        self.last_scores.clear()
+        self.raw_scores.clear()
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Check the checkpoint's optimizer and scheduler state against this run's parameters, then load them.
