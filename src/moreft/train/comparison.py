@@ -21,7 +21,7 @@ from typing import Any
 from moreft.errors import ConfigError
 from moreft.safe_write import atomic_write_text
 from moreft.train.bounded import load_yaml
-from moreft.train.config import ADAPTER_SETTINGS, METHODS, TrainConfig, field_names
+from moreft.train.config import ADAPTER_SETTINGS, TRAIN_METHODS, TrainConfig, field_names
 from moreft.train.fields import MAX_SEED, check_folder_name
 from moreft.train.loop import RunResult, train
 from moreft.train.plots import plot_compare
@@ -41,9 +41,9 @@ def parse_method_spec(spec: str) -> dict[str, Any]:
     """
     method, _, rest = spec.partition(":")
     method = method.lower()  # choices are accepted in any case, as everywhere
-    if method not in METHODS:
-        raise ConfigError(f"method spec {spec!r}: unknown method {method!r}; valid methods are {list(METHODS)} "
-                          "(e.g. lora:rank=8, more:block_rank=4, mora:rank=8)")
+    if method not in TRAIN_METHODS:
+        raise ConfigError(f"method spec {spec!r}: unknown method {method!r}; valid methods are {list(TRAIN_METHODS)} "
+                          "(e.g. lora:rank=8, more:block_rank=4, mora:rank=8, full)")
     out: dict[str, Any] = {"method": method}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, sep, raw = item.partition("=")
@@ -90,7 +90,7 @@ def _finished(config: TrainConfig) -> dict[str, Any] | None:
         same = read_run_config(run.path).to_dict() == config.to_dict()
     except ConfigError:
         return None
-    if same and run.metrics.is_file() and run.adapter.is_dir():
+    if same and run.metrics.is_file() and run.finished():
         return json.loads(run.metrics.read_text())
     return None
 

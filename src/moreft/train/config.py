@@ -26,7 +26,26 @@ from moreft.train.fields import MAX_SEED, check_folder_name
 from moreft.train.settings import Group, adapter_setting, coerce, setting, specs
 from moreft.train.trainer_args import check_trainer_args
 
+
+class TrainMethod(str, enum.Enum):
+    """What a run trains: an adapter of one of the library's families (:class:`moreft.Method`), or
+    ``full``, every base parameter (full fine-tuning, the reference arm of the papers' tables).
+
+    ``full`` is a run-level choice, not a :class:`moreft.Method`: the library builds adapters, and full
+    fine-tuning has none (no adapter config, nothing to inject, merge or export), so the adapter
+    settings do not apply to it.
+    """
+
+    MORE = Method.MORE.value
+    MORA = Method.MORA.value
+    LORA = Method.LORA.value
+    FULL = "full"
+
+
+#: The adapter methods (what ``moreft search`` chooses among).
 METHODS = tuple(m.value for m in Method)
+#: Every method a run may train: the adapters and ``full``.
+TRAIN_METHODS = tuple(m.value for m in TrainMethod)
 
 
 class Precision(str, enum.Enum):
@@ -70,10 +89,12 @@ class TrainConfig:
     task_options: dict[str, Any] = setting({}, group=_D, flag="--task-option",  # noqa: RUF009 - a Field
                                            help="Options of the task, e.g. source=movie.")
     model: str | None = setting(None, group=_D, help=(
-        "minilm, smollm2, or a local model directory or .gguf file; none picks the packaged default for the "
-        "task's kind (minilm for classification, smollm2 for generation)."))
-    method: str = setting(Method.MORE.value, group=_A, choices=Method, searched=True,
-                          help="Adapter family: MoRe (more), MoRA (mora) or LoRA (lora).")
+        "minilm, smollm2, llama-tiny or llama-250m (LLaMAs with random weights from the seed, for pretraining), "
+        "or a local model directory or .gguf file; none picks the packaged default for the task's kind (minilm "
+        "for classification, smollm2 for generation, llama-tiny for pretraining)."))
+    method: str = setting(TrainMethod.MORE.value, group=_A, choices=TrainMethod, searched=True, help=(
+        "What trains: an adapter, MoRe (more), MoRA (mora) or LoRA (lora), or every base parameter (full: full "
+        "fine-tuning; the adapter settings and merge_every do not apply)."))
     block_rank: int = adapter_setting("block_rank", minimum=1, searched=True, primary=True)
     nblocks: int = adapter_setting("nblocks", minimum=1, searched=True)
     rank: int = adapter_setting("rank", minimum=1, searched=True, primary=True)
@@ -170,6 +191,9 @@ class TrainConfig:
     merge_cycle: str = setting(RemoraCycle.ALTERNATE.value, group=_T, choices=RemoraCycle, help=(
         "MoRA sharing groupings at each merge: alternate (mora_type 1 <-> 2) or four (the authors' default "
         "ReMoRA cycle 1 -> 2 -> 3 -> 4)."))
+    train_unadapted: bool = setting(False, group=_T, help=(
+        "Also train in full every parameter outside the adapted layers (embeddings, norms, output head) and "
+        "save it with the adapter: the setup of pretraining from a random base (ReLoRA; MoRA Section 5.3)."))
     r_hat_rounding: str = adapter_setting("r_hat_rounding")
     cap_r_hat: bool = adapter_setting("cap_r_hat")
     sharing_output_layout: str | None = adapter_setting("sharing_output_layout")
@@ -190,6 +214,9 @@ class TrainConfig:
         from moreft.tasks import get_task
 
         get_task(self.task, **self.task_options)  # checks the task's options now, before any loading
+        if self.full and self.merge_every is not None:
+            raise ConfigError(f"merge_every={self.merge_every} merges an adapter into its base weights; method "
+                              "full trains the weights themselves and has no adapter to merge (drop merge_every)")
         if self.merge_warmup is not None and (self.merge_every is None or (
                 self.merge_warmup >= self.merge_every and self.merge_schedule != MergeSchedule.OFFICIAL)):
             raise ConfigError(f"merge_warmup={self.merge_warmup} needs merge_every > merge_warmup "
@@ -210,7 +237,13 @@ class TrainConfig:
             model = Path(self.model).name.removesuffix(".gguf") or "model"
             object.__setattr__(self, "run_name", f"{self.task}-{model}-{self.method}-seed{self.seed}")
         check_folder_name("run_name", self.run_name)
-        self.adapter_config()  # validates the method's hyperparameters now, not after model loading
+        if not self.full:
+            self.adapter_config()  # validates the method's hyperparameters now, not after model loading
+
+    @property
+    def full(self) -> bool:
+        """True for full fine-tuning (``method: full``): no adapter, every base parameter trains."""
+        return self.method == TrainMethod.FULL.value
 
     @property
     def run_dir(self) -> Path:
@@ -225,8 +258,11 @@ class TrainConfig:
             modules_to_save: Modules trained in full, e.g. the classification head.
 
         Raises:
-            ConfigError: A method hyperparameter is invalid (e.g. an odd ``r_hat`` for rotation).
+            ConfigError: A method hyperparameter is invalid (e.g. an odd ``r_hat`` for rotation), or the
+                method is ``full``, which has no adapter.
         """
+        if self.full:
+            raise ConfigError("method full trains every base parameter and has no adapter config")
         method = Method(self.method)
         own = {f.name: f.default for f in dataclasses.fields(CONFIG_CLASSES[method])}
         # a setting left at None takes the method's own default where that is not None (alpha)
@@ -240,8 +276,10 @@ class TrainConfig:
         """The method and its hyperparameters, e.g. ``more:block_rank=4`` or ``lora:rank=8,alpha=32.0``.
 
         A method's primary size (``block_rank``, ``rank``) is always shown; its other settings
-        (not those every method shares) when they differ from their default.
+        (not those every method shares) when they differ from their default. Full fine-tuning is ``full``.
         """
+        if self.full:
+            return TrainMethod.FULL.value
         method = Method(self.method)
         shown = [f"{s.name}={getattr(self, s.name)}" for s in specs(TrainConfig).values()
                  if method in s.methods and (s.primary or getattr(self, s.name) != s.default)]
@@ -290,7 +328,8 @@ def task_names() -> list[str]:
 
 
 def default_model(task: str) -> str:
-    """The packaged model for a task's kind: ``minilm`` (classification) or ``smollm2`` (generation).
+    """The packaged model for a task's kind: ``minilm`` (classification), ``smollm2`` (generation) or
+    ``llama-tiny`` (language modelling: a small LLaMA trained from scratch).
 
     Raises:
         ConfigError: ``task`` is not a known task.
@@ -299,7 +338,8 @@ def default_model(task: str) -> str:
 
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; valid tasks are {task_names()}")
-    return "minilm" if TASKS[task].kind is TaskKind.CLASSIFICATION else "smollm2"
+    return {TaskKind.CLASSIFICATION: "minilm", TaskKind.LANGUAGE_MODELING: "llama-tiny"}.get(TASKS[task].kind,
+                                                                                          "smollm2")
 
 
 def field_names() -> list[str]:

@@ -68,7 +68,8 @@ def plot_run(records: Sequence[Mapping[str, Any]], metric: str, path: Path, titl
         ax2 = ax.twinx()
         ax2.plot(*zip(*evals, strict=True), color="tab:orange", marker="o", label=key)
         ax2.set_ylabel(key, color="tab:orange")
-        ax2.set_ylim(0, 1.02)
+        if all(0 <= v <= 1 for _, v in evals):  # a score in [0, 1]; perplexity keeps its own range
+            ax2.set_ylim(0, 1.02)
     if not loss and not evals:
         ax.text(0.5, 0.5, "no logged steps", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(title or "training")
