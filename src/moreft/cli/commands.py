@@ -34,7 +34,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = resolve_config(args.config, _overrides(args))
     if args.dry_run:
+        from moreft.train.plan import describe_run
+
         print(dump_config(config), end="")
+        print(describe_run(config))
         return 0
     from moreft.train.loop import train
 
