@@ -169,6 +169,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``moreft inspect RUN_DIR``: per-layer table, weight fits, a |ΔW| heat map (and the weights plot)."""
+    from moreft.train.config import TrainMethod
     from moreft.train.inspect import inspect_run
 
     report = inspect_run(args.run_dir, layer=args.layer, heatmap=args.heatmap, sv_threshold=args.sv_threshold,
@@ -177,7 +178,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
     settings = {k: v for k, v in report.method.items() if k != "target_modules"}
-    if settings.get("method") == "full":
+    if settings.get("method") == TrainMethod.FULL.value:
         print(f"full fine-tuning: ΔW = W_trained - W_initial of {len(report.layers)} targeted linear layers")
     else:
         print(f"adapter: {settings} on {len(report.layers)} layers")

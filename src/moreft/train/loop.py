@@ -18,7 +18,7 @@ from moreft.lock import LOCK_NAME, folder_lock
 from moreft.safe_write import atomic_write_text
 from moreft.shapes import check_adapter_size
 from moreft.tasks import MetricGoal, TaskKind, get_task
-from moreft.train.config import RESUMABLE_CHANGES, Precision, TrainConfig
+from moreft.train.config import RESUMABLE_CHANGES, Precision, TrainConfig, TrainMethod
 from moreft.train.data import PadCollator, encode_blocks, encode_classification, encode_generation
 from moreft.train.evaluate import evaluate
 from moreft.train.nonfinite import NonFiniteGuard
@@ -307,7 +307,7 @@ def summary(metrics: dict[str, Any], run: RunDir, total_seconds: float) -> str:
     """The closing lines of a run: scores, trainable parameters, time, where the adapter (weights) went."""
     name = metrics["metric"]
     head = metrics["other_trainable_params"]
-    full = metrics["method"] == "full"
+    full = metrics["method"] == TrainMethod.FULL.value
     params = (f"trainable parameters: all {metrics['trainable_params']:,} (full fine-tuning)" if full else
               f"trainable adapter parameters: {metrics['trainable_params']:,}"
               + (f" (not counted: {head:,} outside the adapter, trained in full)" if head else ""))
