@@ -211,7 +211,7 @@ BAD_INPUTS = [
     Bad("flag-zero", cli("--block-rank", "0", train={}), CliError, r"moreft: error: block_rank=0 must be >= 1"),
     Bad("flag-nan", cli("--lr", "nan", train={}), CliError, r"moreft: error: lr=nan must be a finite number"),
     Bad("flag-choice", cli("--method", "dora", train={}), CliError,
-        r"argument --method: invalid choice: 'dora' \(choose from '?more'?, '?mora'?, '?lora'?\)"),
+        r"argument --method: invalid choice: 'dora' \(choose from '?more'?, '?mora'?, '?lora'?, '?full'?\)"),
     Bad("flag-type", cli("--max-steps", "ten", train={}), CliError, r"argument --max-steps: invalid int value: 'ten'"),
     Bad("flag-run-name", cli("--run-name", "a/b", train={}), CliError,
         r"run_name='a/b' must be a non-empty folder name without '/'"),

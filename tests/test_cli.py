@@ -66,7 +66,7 @@ def error_line(capsys, argv: list[str]) -> str:
         (["train", "--tsk", "sentiment"], "unrecognized arguments: --tsk sentiment (see `moreft --help`)"),
         (
             ["train", "--method", "dora"],
-            "argument --method: invalid choice: 'dora' (choose from 'more', 'mora', 'lora')",
+            "argument --method: invalid choice: 'dora' (choose from 'more', 'mora', 'lora', 'full')",
         ),
         (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
         (
@@ -118,7 +118,8 @@ def test_unknown_model_path(tmp_path, capsys):
     )
     assert line == (
         "moreft: error: unknown model '/no/such/model' (is not an existing path); use one of "
-        "['minilm', 'smollm2'], or a local model directory (with config.json) or .gguf file"
+        "['llama-250m', 'llama-tiny', 'minilm', 'smollm2'], or a local model directory (with config.json) or "
+        ".gguf file"
     )
 
 

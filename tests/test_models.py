@@ -68,7 +68,7 @@ def test_targets_and_heads_have_one_source_each(monkeypatch):
 
 def test_bad_arguments_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown model 'bert-base' \(is not an existing path\); use one of "
-                                         r"\['minilm', 'smollm2'\], or a local model directory"):
+                                         r"\['llama-250m', 'llama-tiny', 'minilm', 'smollm2'\], or a local model directory"):
         load_model("bert-base", "classification", num_labels=2)
     with pytest.raises(ValueError, match=r"is a directory without config\.json"):
         load_model(str(tmp_path), "classification", num_labels=2)
@@ -78,7 +78,8 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
         load_model("minilm", "classification", num_labels=1)
     with pytest.raises(ValueError, match="num_labels is only for classification"):
         load_model("smollm2", "generation", num_labels=2)
-    with pytest.raises(ValueError, match=r"kind must be one of \['classification', 'generation'\], got 'regression'"):
+    with pytest.raises(ValueError, match=r"kind must be one of \['classification', 'generation', 'language-modeling'\], "
+                                         r"got 'regression'"):
         load_model("minilm", "regression", num_labels=2)
     with pytest.raises(ValueError, match=r"dtype must be a floating torch\.dtype"):
         load_model("minilm", "classification", num_labels=2, dtype=torch.int64)

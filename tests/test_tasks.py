@@ -44,7 +44,8 @@ IDS = [f"{n}-{','.join(f'{k}={v}' for k, v in o.items())}" for n, o in CASES]
 
 
 def test_registry_lists_all_tasks():
-    assert list(TASKS) == ["sentiment", "spam", "news", "math", "uuid", "file-classification", "file-generation"]
+    assert list(TASKS) == ["sentiment", "spam", "news", "math", "uuid", "file-classification", "file-generation",
+                           "pretrain"]
 
 
 @pytest.mark.parametrize(("name", "options"), CASES, ids=IDS)

@@ -50,3 +50,27 @@ def train_flags(model: str, out: Path, **flags: object) -> list[str]:
 def moreft_command(*argv: str) -> list[str]:
     """``python -m moreft ARGV`` with this interpreter."""
     return [sys.executable, "-m", "moreft", *argv]
+
+
+def make_char_llama(path: Path, tie: bool = True) -> str:
+    """Save a 2-layer, 32-wide Llama causal LM (random weights, seed 0) with a character-level tokenizer
+    (printable ASCII, BOS/EOS/pad) to ``path``: fast to tokenise and to train on a few documents."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(set(string.printable)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return str(path)

@@ -34,7 +34,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = resolve_config(args.config, run_overrides(args))
     if args.dry_run:
+        from moreft.train.plan import describe_run
+
         print(dump_config(config), end="")
+        print(describe_run(config))
         return 0
     from moreft.train.loop import train
 
@@ -104,7 +107,10 @@ def _outside_run(out: Path, run_dir: Path) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
-    """``moreft merge RUN_DIR OUT``: base + ΔW saved with ``save_pretrained`` (and the tokenizer)."""
+    """``moreft merge RUN_DIR OUT``: base + ΔW saved with ``save_pretrained`` (and the tokenizer).
+
+    A full fine-tuning run has no adapter to merge: OUT gets its trained model as it is (and says so).
+    """
     import moreft
     from moreft.train.rundir import load_trained
 
@@ -115,7 +121,8 @@ def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"output {str(out)!r} already exists; pass --overwrite to replace it or choose "
                           "another path")
     config, _, model, tokenizer = load_trained(args.run_dir, moreft_only="moreft merge")
-    moreft.merge(model, safe=True)
+    if not config.full:
+        moreft.merge(model, safe=True)
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -126,7 +133,10 @@ def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
         (tmp / MERGED_MARK).write_text(json.dumps(mark, indent=2) + "\n")
 
     write_folder(out, fill, MERGED_KIND)  # an existing OUT (ours) is swapped out atomically, never missing
-    return {"merged": str(out), "base_model": config.model, "method": config.method_label()}
+    result = {"merged": str(out), "base_model": config.model, "method": config.method_label()}
+    if config.full:
+        result["note"] = "full fine-tuning has no adapter: nothing was merged, OUT holds the trained model as it is"
+    return result
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
@@ -140,8 +150,11 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     import moreft
     from moreft.export import EXPORT_KIND
     from moreft.train.reinit import MERGED_BASE_FILE
-    from moreft.train.rundir import load_trained
+    from moreft.train.rundir import load_trained, read_run_config
 
+    if read_run_config(args.run_dir).full:
+        raise ConfigError(f"{args.run_dir!r} is full fine-tuning: it trained every weight, so there is no low-rank "
+                          "adapter to export; use `moreft merge` to save the trained model")
     if (Path(args.run_dir) / MERGED_BASE_FILE).is_file():
         raise ConfigError(f"{args.run_dir!r} was trained with merge_every: its update is the merged cycles in "
                           f"{MERGED_BASE_FILE} plus the last adapter, not one LoRA; use `moreft merge` instead")
@@ -156,6 +169,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``moreft inspect RUN_DIR``: per-layer table, weight fits, a |ΔW| heat map (and the weights plot)."""
+    from moreft.train.config import RunMethod
     from moreft.train.inspection import inspect_run
 
     report = inspect_run(args.run_dir, layer=args.layer, heatmap=args.heatmap, sv_threshold=args.sv_threshold,
@@ -164,11 +178,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
     settings = {k: v for k, v in report.method.items() if k != "target_modules"}
-    print(f"adapter: {settings} on {len(report.layers)} layers")
+    if settings.get("method") == RunMethod.FULL.value:
+        print(f"full fine-tuning: ΔW = W_trained - W_initial of {len(report.layers)} targeted linear layers")
+    else:
+        print(f"adapter: {settings} on {len(report.layers)} layers")
     print(report.to_markdown())
     print(f"φ: subspace similarity of the top-r singular vectors of ΔW and W (1 = inside W's top directions; "
           f"random subspaces give about r / width), r = min({report.subspace_rank}, rank of ΔW)")
-    print(report.weights_markdown())
+    if report.weights:
+        print(report.weights_markdown())
     print(f"heat map of |ΔW| for {report.heatmap_layer}: {report.heatmap}")
     if report.weights_plot is not None:
         print(f"adapter weights against fitted Gaussians: {report.weights_plot}")

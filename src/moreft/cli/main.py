@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Each flag may be given once; choices are accepted in any case; 'none' clears an "
                        "optional setting. Every setting is listed in docs/settings.md.")
     add_config_flags(p)
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan (parameters "
+                   "counted on a meta-device model, steps, tokens) and exit; reads no data, writes nothing")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="re-evaluate a run's saved adapter on its saved split")

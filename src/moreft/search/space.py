@@ -37,7 +37,7 @@ from typing import Any
 from moreft.config import MoRAOperator, coerce_enum, positive_int
 from moreft.errors import ConfigError
 from moreft.train.arms import adapter_part, arm_changes, overrides, parse_method_spec
-from moreft.train.config import METHODS
+from moreft.train.config import METHODS, TRAIN_METHODS
 
 #: ``target_modules`` choice that keeps the run config's value (None: the model's default targets).
 DEFAULT_TARGETS = "default"
@@ -340,7 +340,7 @@ class SearchSpace:
 
 
 #: Methods ``methods`` expands into sizes (the sub-spaces below); any method may be an arm.
-SIZED_METHODS = ("more", "mora", "lora")
+SIZED_METHODS = METHODS  # the adapters search sizes (block_rank, rank); other arms come whole
 
 
 def family_of(key: str) -> str:
@@ -352,8 +352,8 @@ def family_of(key: str) -> str:
 
 def _family_key(key: Any) -> str:
     """Check a ``lr_by_method`` key: a method, or ``peft:<type>`` of a known peft type."""
-    if not isinstance(key, str) or key.split(":")[0].lower() not in METHODS:
-        raise ConfigError(f"search space lr_by_method key {key!r} must be a method ({', '.join(METHODS)}) or "
+    if not isinstance(key, str) or key.split(":")[0].lower() not in TRAIN_METHODS:
+        raise ConfigError(f"search space lr_by_method key {key!r} must be a method ({', '.join(TRAIN_METHODS)}) or "
                           "peft:<type>, e.g. peft:vera")
     method, _, peft_type = key.lower().partition(":")
     if peft_type:

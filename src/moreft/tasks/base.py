@@ -41,6 +41,22 @@ class TaskKind(str, Enum):
     """One label id per input text (a sequence-classification head)."""
     GENERATION = "generation"
     """A text completion of a prompt (a causal language model)."""
+    LANGUAGE_MODELING = "language-modeling"
+    """Next-token prediction on documents packed into fixed-length blocks (causal-LM pretraining)."""
+
+
+class MetricGoal(str, Enum):
+    """Which way a task's metric improves: accuracy-like scores are maximised, perplexity minimised.
+
+    The values are Optuna's study directions, so a search can pass them on as they are.
+    """
+
+    MAXIMIZE = "maximize"
+    MINIMIZE = "minimize"
+
+    def better(self, a: float, b: float) -> bool:
+        """True when ``a`` is a better score than ``b``."""
+        return a > b if self is MetricGoal.MAXIMIZE else a < b
 
 
 @dataclass(frozen=True)
@@ -74,8 +90,21 @@ class PromptExample:
     answer: str
 
 
-Example = TextExample | PromptExample
-"""Either example type; a task yields only one of them (see :attr:`Task.kind`)."""
+@dataclass(frozen=True)
+class Document:
+    """One document of a language-modelling corpus (documents are split, then packed into blocks).
+
+    Attributes:
+        id: Position of the document in its task's canonical tuple.
+        text: The whole text.
+    """
+
+    id: int
+    text: str
+
+
+Example = TextExample | PromptExample | Document
+"""Any example type; a task yields only one of them (see :attr:`Task.kind`)."""
 
 
 @dataclass(frozen=True)
@@ -197,6 +226,7 @@ class Task(ABC):
         kind: :class:`TaskKind` of the task.
         labels: Label names indexed by label id (classification only; ``()`` otherwise).
         metric_name: Key of :meth:`compute_metrics`' result used for model selection.
+        metric_goal: Whether ``metric_name`` is better higher (the default) or lower (perplexity).
         memorization: If True, :meth:`load` returns the same examples as train, validation and test.
     """
 
@@ -204,6 +234,7 @@ class Task(ABC):
     kind: ClassVar[TaskKind]
     labels: ClassVar[tuple[str, ...]] = ()
     metric_name: ClassVar[str]
+    metric_goal: ClassVar[MetricGoal] = MetricGoal.MAXIMIZE
     memorization: ClassVar[bool] = False
 
     @property
@@ -227,7 +258,8 @@ class Task(ABC):
 
     @abstractmethod
     def compute_metrics(self, predictions: Sequence[Any], references: Sequence[Any]) -> dict[str, float]:
-        """Score predictions against references; every value lies in [0, 1].
+        """Score predictions against references; every value lies in [0, 1] unless the task says otherwise
+        (perplexity).
 
         Raises:
             ValueError: If the sequences are empty, of different lengths, or of the wrong type.

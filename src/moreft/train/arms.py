@@ -22,7 +22,7 @@ from typing import Any
 
 from moreft.errors import ConfigError
 from moreft.train.bounded import load_yaml
-from moreft.train.config import ADAPTER_SETTINGS, METHODS, PEFT_SETTINGS, RunMethod, field_names
+from moreft.train.config import ADAPTER_SETTINGS, PEFT_SETTINGS, TRAIN_METHODS, RunMethod, field_names
 
 #: Fields a spec may not set (the comparison owns them).
 RESERVED = ("task", "task_options", "model", "seed", "run_name", "output_dir", "resume", "overwrite",
@@ -52,8 +52,8 @@ def parse_method_spec(spec: str) -> dict[str, Any]:
         raise ConfigError(f"method spec {spec!r} must be text such as lora:rank=8 or peft:vera:r=256")
     method, _, rest = spec.strip().partition(":")
     method = method.lower()  # choices are accepted in any case, as everywhere
-    if method not in METHODS:
-        raise ConfigError(f"method spec {spec!r}: unknown method {method!r}; valid methods are {list(METHODS)} "
+    if method not in TRAIN_METHODS:
+        raise ConfigError(f"method spec {spec!r}: unknown method {method!r}; valid methods are {list(TRAIN_METHODS)} "
                           "(e.g. lora:rank=8, more:block_rank=4, mora:rank=8, peft:vera:r=256)")
     allowed = [k for k in field_names() if k not in RESERVED and k != "method"]
     out: dict[str, Any] = {"method": method}

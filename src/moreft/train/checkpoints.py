@@ -1,7 +1,7 @@
 """Checking a Trainer checkpoint before ``--resume`` uses it: complete by content, state fitting the model.
 
 A checkpoint ``checkpoint-<step>/`` holds ``adapter/`` (the :func:`moreft.save_adapter` format, or
-peft's for a peft arm),
+peft's for a peft arm; a full fine-tuning run's holds ``model.safetensors`` instead),
 ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth`` and, written last, ``trainer_state.json``.
 The ``.pt`` / ``.pth`` files are read by ``transformers.Trainer`` with ``torch.load(weights_only=True)``
 (tensors and plain containers, no code). That alone does not make them *fit*: an optimizer state
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from moreft.errors import CheckpointError
+from moreft.train.weights import FULL_WEIGHTS_FILE as FULL_WEIGHTS
 
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
@@ -44,14 +45,17 @@ def checkpoint_complete(path: Path) -> bool:
 
     ``trainer_state.json`` is written last; it must be a JSON object that ``TrainerState`` reads,
     whose ``global_step`` is the folder's step. The files written before it must be there and look
-    like what wrote them: two zip archives (``torch.save``) and a readable adapter directory. A
+    like what wrote them: two zip archives (``torch.save``) and a readable adapter directory (or, for
+    full fine-tuning, a safetensors file whose header reads). A
     checkpoint that fails any of this does not count, so ``--resume`` takes the one before it.
     """
     step = step_of(path)
     if step is None or not path.is_dir():
         return False
+    full = (path / FULL_WEIGHTS).is_file() and not (path / "adapter").exists()
     try:
-        if not all((path / name).is_file() and (path / name).stat().st_size > 0 for name in ADAPTER_FILES):
+        if not full and not all((path / name).is_file() and (path / name).stat().st_size > 0
+                                for name in ADAPTER_FILES):
             return False
         if not all(zipfile.is_zipfile(path / name) for name in (OPTIMIZER_FILE, SCHEDULER_FILE)):
             return False
@@ -62,9 +66,11 @@ def checkpoint_complete(path: Path) -> bool:
         return False
     if not _valid_trainer_state(state, step):
         return False
-    from moreft.errors import AdapterFileError
+    if full:
+        return _safetensors_header_reads(path / FULL_WEIGHTS)
     from moreft.adapter_files import read_adapter_config
     from moreft.train.peft_arm import is_peft_adapter
+    from moreft.errors import AdapterFileError
 
     if is_peft_adapter(path / "adapter"):  # a peft arm's checkpoint (peft's save_pretrained)
         return True
@@ -73,6 +79,17 @@ def checkpoint_complete(path: Path) -> bool:
     except AdapterFileError:
         return False
     return True
+
+
+def _safetensors_header_reads(path: Path) -> bool:
+    """True when ``path`` opens as safetensors (its header and tensor table read; the data is not read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return bool(list(f.keys()))
+    except Exception:  # noqa: BLE001 - safetensors raises its own error types for a torn file
+        return False
 
 
 _NUMBER, _INT, _BOOL, _TEXT, _DICT = (int, float), (int,), (bool,), (str,), (dict,)

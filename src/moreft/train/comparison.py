@@ -62,7 +62,7 @@ def _finished(config: TrainConfig) -> dict[str, Any] | None:
     except ConfigError:
         return None
     same = all(saved.get(k) == v for k, v in config.to_dict().items() if k not in _BOOKKEEPING)
-    if same and run.metrics.is_file() and run.adapter.is_dir():
+    if same and run.metrics.is_file() and run.finished():
         return json.loads(run.metrics.read_text())
     return None
 

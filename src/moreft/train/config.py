@@ -29,15 +29,25 @@ from moreft.train.trainer_args import check_trainer_args
 
 
 class RunMethod(str, enum.Enum):
-    """What a run trains: one of moreft's adapters, or any peft method (``peft_type``, ``peft_options``)."""
+    """What a run trains: an adapter of one of the library's families (:class:`moreft.Method`), ``full``
+    (every base parameter: full fine-tuning, the reference arm of the papers' tables), or ``peft``: any
+    peft method (``peft_type``, ``peft_options``).
+
+    ``full`` and ``peft`` are run-level choices, not :class:`moreft.Method` members: the library builds
+    moreft's adapters, and neither has a moreft adapter config, so the adapter settings do not apply.
+    """
 
     MORE = Method.MORE.value
     MORA = Method.MORA.value
     LORA = Method.LORA.value
+    FULL = "full"
     PEFT = "peft"
 
 
-METHODS = tuple(m.value for m in RunMethod)
+#: The adapter methods (what ``moreft search`` sizes and chooses among).
+METHODS = tuple(m.value for m in Method)
+#: Every method a run may train: the adapters, ``full`` and ``peft``.
+TRAIN_METHODS = tuple(m.value for m in RunMethod)
 
 
 class Precision(str, enum.Enum):
@@ -81,10 +91,12 @@ class TrainConfig:
     task_options: dict[str, Any] = setting({}, group=_D, flag="--task-option",  # noqa: RUF009 - a Field
                                            help="Options of the task, e.g. source=movie.")
     model: str | None = setting(None, group=_D, help=(
-        "minilm, smollm2, or a local model directory or .gguf file; none picks the packaged default for the "
-        "task's kind (minilm for classification, smollm2 for generation)."))
-    method: str = setting(Method.MORE.value, group=_A, choices=RunMethod, searched=True, help=(
-        "Adapter family: MoRe (more), MoRA (mora), LoRA (lora), or peft: any peft method (peft_type, "
+        "minilm, smollm2, llama-tiny or llama-250m (LLaMAs with random weights from the seed, for pretraining), "
+        "or a local model directory or .gguf file; none picks the packaged default for the task's kind (minilm "
+        "for classification, smollm2 for generation, llama-tiny for pretraining)."))
+    method: str = setting(RunMethod.MORE.value, group=_A, choices=RunMethod, searched=True, help=(
+        "What trains: an adapter, MoRe (more), MoRA (mora) or LoRA (lora); every base parameter (full: full "
+        "fine-tuning; the adapter settings and merge_every do not apply); or peft: any peft method (peft_type, "
         "peft_options)."))
     peft_type: str | None = setting(None, group=_A, searched=True, help=(
         "Method peft: the peft method, a PEFT type of the installed peft in any case (e.g. vera, boft, hira, miss, "
@@ -196,6 +208,9 @@ class TrainConfig:
     merge_cycle: str = setting(RemoraCycle.ALTERNATE.value, group=_T, choices=RemoraCycle, help=(
         "MoRA sharing groupings at each merge: alternate (mora_type 1 <-> 2) or four (the authors' default "
         "ReMoRA cycle 1 -> 2 -> 3 -> 4)."))
+    train_unadapted: bool = setting(False, group=_T, help=(
+        "Also train in full every parameter outside the adapted layers (embeddings, norms, output head) and "
+        "save it with the adapter: the setup of pretraining from a random base (ReLoRA; MoRA Section 5.3)."))
     r_hat_rounding: str = adapter_setting("r_hat_rounding")
     cap_r_hat: bool = adapter_setting("cap_r_hat")
     sharing_output_layout: str | None = adapter_setting("sharing_output_layout")
@@ -216,6 +231,9 @@ class TrainConfig:
         from moreft.tasks import get_task
 
         get_task(self.task, **self.task_options)  # checks the task's options now, before any loading
+        if self.full and self.merge_every is not None:
+            raise ConfigError(f"merge_every={self.merge_every} merges an adapter into its base weights; method "
+                              "full trains the weights themselves and has no adapter to merge (drop merge_every)")
         if self.merge_warmup is not None and (self.merge_every is None or (
                 self.merge_warmup >= self.merge_every and self.merge_schedule != MergeSchedule.OFFICIAL)):
             raise ConfigError(f"merge_warmup={self.merge_warmup} needs merge_every > merge_warmup "
@@ -241,8 +259,13 @@ class TrainConfig:
             method = f"peft-{self.peft_type}" if self.method == RunMethod.PEFT else self.method
             object.__setattr__(self, "run_name", f"{self.task}-{model}-{method}-seed{self.seed}")
         check_folder_name("run_name", self.run_name)
-        if self.method != RunMethod.PEFT:
+        if not self.full and self.method != RunMethod.PEFT:
             self.adapter_config()  # validates the method's hyperparameters now, not after model loading
+
+    @property
+    def full(self) -> bool:
+        """True for full fine-tuning (``method: full``): no adapter, every base parameter trains."""
+        return self.method == RunMethod.FULL.value
 
     def _check_peft(self) -> None:
         """Normalise ``peft_type`` / ``peft_options`` of a peft arm (peft's own checks run); refuse them elsewhere."""
@@ -273,8 +296,11 @@ class TrainConfig:
 
         Raises:
             ConfigError: A method hyperparameter is invalid (e.g. an odd ``r_hat`` for rotation), or the
-                method is ``peft`` (whose config is peft's own: :mod:`moreft.train.peft_arm`).
+                method is ``full`` (no adapter) or ``peft`` (whose config is peft's own:
+                :mod:`moreft.train.peft_arm`).
         """
+        if self.full:
+            raise ConfigError("method full trains every base parameter and has no adapter config")
         if self.method == RunMethod.PEFT:
             raise ConfigError(f"method peft ({self.method_label()}) has no moreft adapter config; it is peft's own "
                               "(moreft.train.peft_arm)")
@@ -291,8 +317,11 @@ class TrainConfig:
         """The method and its hyperparameters, e.g. ``more:block_rank=4`` or ``lora:rank=8,alpha=32.0``.
 
         A method's primary size (``block_rank``, ``rank``) is always shown; its other settings
-        (not those every method shares) when they differ from their default. A peft arm: ``peft:vera:r=256``.
+        (not those every method shares) when they differ from their default. Full fine-tuning is ``full``;
+        a peft arm: ``peft:vera:r=256``.
         """
+        if self.full:
+            return RunMethod.FULL.value
         if self.method == RunMethod.PEFT:
             from moreft.train.peft_arm import label
 
@@ -345,7 +374,8 @@ def task_names() -> list[str]:
 
 
 def default_model(task: str) -> str:
-    """The packaged model for a task's kind: ``minilm`` (classification) or ``smollm2`` (generation).
+    """The packaged model for a task's kind: ``minilm`` (classification), ``smollm2`` (generation) or
+    ``llama-tiny`` (language modelling: a small LLaMA trained from scratch).
 
     Raises:
         ConfigError: ``task`` is not a known task.
@@ -354,7 +384,8 @@ def default_model(task: str) -> str:
 
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; valid tasks are {task_names()}")
-    return "minilm" if TASKS[task].kind is TaskKind.CLASSIFICATION else "smollm2"
+    return {TaskKind.CLASSIFICATION: "minilm", TaskKind.LANGUAGE_MODELING: "llama-tiny"}.get(TASKS[task].kind,
+                                                                                          "smollm2")
 
 
 def field_names() -> list[str]:

@@ -7,6 +7,10 @@ Generation (causal LM): ``prompt + answer + eos`` with the prompt tokens' labels
 the loss is on the answer only. Prompt and answer are tokenized separately (the answer keeps its
 leading space), so the label boundary is exact; an over-long example loses prompt tokens from the
 left first, so the answer is kept.
+
+Language modelling (pretraining): documents are tokenized, each followed by the EOS token, joined into
+one stream and cut into blocks of ``max_length`` tokens (:func:`encode_blocks`); every token is a
+label. The blocks are one int32 tensor, so a corpus of billions of tokens costs 4 bytes a token.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from moreft.tasks import PairExample, PromptExample, TextExample
+from moreft.errors import ConfigError
+from moreft.tasks import Document, PairExample, PromptExample, TextExample
 
 IGNORE_INDEX = -100
 
@@ -101,6 +106,63 @@ def encode_generation(examples: Sequence[PromptExample], tokenizer: Any, max_len
         prompt = prompt[-(max_length - len(answer)):]
         items.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer})
     return ListDataset(items)
+
+
+#: Documents tokenized per call of the tokenizer by :func:`pack_documents`.
+TOKENIZE_CHUNK = 256
+
+
+class BlockDataset(Dataset):
+    """Fixed-length token blocks, ``(n_blocks, block)`` int32; each item is its own label sequence."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return int(self.blocks.shape[0])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ids = self.blocks[index].tolist()
+        return {"input_ids": ids, "labels": ids}
+
+
+def pack_documents(texts: Sequence[str], tokenizer: Any, block: int) -> torch.Tensor:
+    """Tokenize ``texts`` (no special tokens), put EOS after each, join and cut into ``block``-token rows.
+
+    A tokenizer without EOS (BERT's) separates documents with its SEP token. The tail that does not
+    fill a whole block is dropped. Returns a ``(n_blocks, block)`` int32 tensor.
+
+    Raises:
+        ConfigError: The tokenizer has neither EOS nor SEP, or an id does not fit int32.
+    """
+    import numpy as np
+
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if eos is None:
+        raise ConfigError("packing documents needs a tokenizer with an EOS (or SEP) token to separate them")
+    if max(len(tokenizer), eos + 1) >= 2**31:
+        raise ConfigError(f"a vocabulary of {len(tokenizer):,} tokens does not fit int32 ids")
+    parts = []
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = [str(t) for t in texts[start:start + TOKENIZE_CHUNK]]
+        for ids in tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]:
+            parts.append(np.asarray([*ids, eos], dtype=np.int32))  # 4 bytes a token
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    n = stream.size // block
+    return torch.from_numpy(stream[: n * block]).view(n, block)  # (n_blocks, block)
+
+
+def encode_blocks(examples: Sequence[Document], tokenizer: Any, max_length: int) -> BlockDataset:
+    """Documents as :func:`pack_documents` blocks of ``max_length`` tokens.
+
+    Raises:
+        ConfigError: The documents do not fill one block.
+    """
+    blocks = pack_documents([ex.text for ex in examples], tokenizer, max_length)
+    if not len(blocks):
+        raise ConfigError(f"{len(examples)} documents hold fewer than max_length={max_length} tokens: not one "
+                          "block to train on (add text, raise max_examples or lower max_length)")
+    return BlockDataset(blocks)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Scoring a model on task examples: argmax labels for classification, greedy decoding for generation."""
+"""Scoring a model on task examples: argmax labels for classification, greedy decoding for generation,
+the loss of held-out blocks for language modelling (perplexity)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from moreft.tasks import Example, PromptExample, ReferencedExample, Task, TaskKind, TextExample
-from moreft.train.data import PadCollator, char_budget, encode_classification, prompt_ids
+from moreft.train.data import PadCollator, char_budget, encode_classification, pack_documents, prompt_ids
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -91,6 +92,30 @@ def generate_answers(model: nn.Module, tokenizer: Any, examples: Sequence[Prompt
     return _unsort(out, order)
 
 
+@torch.no_grad()
+def block_losses(model: nn.Module, tokenizer: Any, documents: Sequence[Any], batch_size: int, max_length: int,
+                 autocast: torch.dtype | None = None) -> tuple[list[float], list[int]]:
+    """``(summed next-token loss, predicted tokens)`` of each ``max_length`` block of the packed documents.
+
+    A block of ``T`` tokens predicts ``T - 1`` of them (the first has no context in the block).
+    """
+    was_training = model.training
+    model.eval()
+    blocks = pack_documents([d.text for d in documents], tokenizer, max_length)
+    losses: list[float] = []
+    try:
+        for start in range(0, len(blocks), batch_size):
+            ids = blocks[start:start + batch_size].long().to(_device(model))  # (batch, max_length)
+            with _autocast(model, autocast):
+                logits = model(input_ids=ids).logits
+            nll = torch.nn.functional.cross_entropy(  # (batch * (T - 1),) per-token losses
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+            losses += nll.view(ids.shape[0], -1).sum(dim=1).tolist()  # (batch,)
+    finally:
+        model.train(was_training)
+    return losses, [max_length - 1] * len(losses)
+
+
 def predict(model: nn.Module, tokenizer: Any, task: Task, examples: Sequence[Example], batch_size: int,
             max_length: int, max_new_tokens: int, autocast: torch.dtype | None = None) -> list[Any]:
     """Predictions for ``examples``: label ids (classification) or completions (generation)."""
@@ -116,6 +141,12 @@ def evaluate(model: nn.Module, tokenizer: Any, task: Task, examples: Sequence[Ex
     """
     if not examples:
         raise ValueError("cannot evaluate on 0 examples; the split is empty (raise max_examples)")
+    if task.kind is TaskKind.LANGUAGE_MODELING:
+        losses, counts = block_losses(model, tokenizer, examples, batch_size, max_length, autocast)
+        if not losses:
+            raise ValueError(f"the {len(examples)} held-out documents fill no block of max_length={max_length} "
+                             "tokens (raise eval_examples or lower max_length)")
+        return {k: float(v) for k, v in task.compute_metrics(losses, counts).items()}
     preds = predict(model, tokenizer, task, examples, batch_size, max_length, max_new_tokens, autocast)
     return score_predictions(task, examples, preds)
 

@@ -1,7 +1,14 @@
 """Looking inside a trained adapter: per-layer size, rank and norm of ΔW, a |ΔW| heat map, and
 (:mod:`moreft.analysis`) the count of ΔW's singular values above a threshold (MoRA Figure 5), the
 subspace similarity φ between ΔW and the top singular vectors of W (LoRA Section 7), and the
-distribution of the learned adapter weights against a fitted Gaussian (MoRe Appendix D)."""
+distribution of the learned adapter weights against a fitted Gaussian (MoRe Appendix D).
+
+ΔW is always what training changed, ``W_trained - W_initial``. For an adapter that is the adapter's
+own update; after ``merge_every`` merges (ReLoRA / ReMoRA) the earlier cycles sit in the base
+weights, so ΔW adds ``W_base_now - W_initial``; for full fine-tuning (``method: full``) it is the
+change of each targeted linear layer (``target_modules``, or the model's default targets). The
+initial weights come from loading the base again (a from-scratch base is rebuilt from its seed and
+checked against the digest the run recorded). φ compares ΔW with ``W_initial``."""
 
 from __future__ import annotations
 
@@ -27,8 +34,10 @@ from moreft.analysis import (
 )
 from moreft.errors import ConfigError, OutputError
 from moreft.lock import folder_lock
+from moreft.tasks import TaskKind
+from moreft.train.config import TrainConfig
 from moreft.train.plots import is_moreft_png, plot_heatmap, plot_weight_distributions
-from moreft.train.rundir import RunDir, load_trained
+from moreft.train.rundir import RunDir, load_base, load_trained, model_defaults
 
 __all__ = ["RANK_RTOL", "WEIGHTS_PLOT", "InspectReport", "LayerStats", "inspect_model", "inspect_run", "layer_stats",
            "monarch_row_order"]
@@ -131,21 +140,78 @@ def monarch_row_order(out_features: int, nblocks: int) -> list[int]:
     return [row for b in range(nblocks) for row in range(b, out_features, nblocks)]
 
 
+def _oriented(module: torch.nn.Module) -> torch.Tensor:
+    """A linear layer's weight as ``(out, in)`` (transformers' Conv1D stores ``(in, out)``)."""
+    return module.weight.T if moreft.layers.is_conv1d(module) else module.weight
+
+
+def delta_stats(name: str, delta: torch.Tensor, weight: torch.Tensor, params: int,
+                sv_threshold: float = DEFAULT_SV_THRESHOLD, subspace_rank: int = DEFAULT_SUBSPACE_RANK) -> LayerStats:
+    """Size, numerical rank, Frobenius norm, singular values above ``sv_threshold`` and φ of one ΔW
+    (``(out, in)``), φ against ``weight`` (``(out, in)``); ``params`` is what trained in the layer."""
+    with torch.no_grad():
+        delta = delta.detach().double().cpu()
+        sv = torch.linalg.svdvals(delta)
+        subspace = subspace_similarity(delta, weight.detach().double().cpu(), subspace_rank)
+    return LayerStats(name, (delta.shape[0], delta.shape[1]), params, numerical_rank(sv), min(delta.shape),
+                      float(torch.linalg.matrix_norm(delta)), int((sv > sv_threshold).sum()), subspace)
+
+
 def layer_stats(name: str, layer: moreft.AdapterLayer, sv_threshold: float = DEFAULT_SV_THRESHOLD,
                 subspace_rank: int = DEFAULT_SUBSPACE_RANK) -> LayerStats:
-    """Size, numerical rank, Frobenius norm, singular values above ``sv_threshold`` and φ of one layer's ΔW.
-
-    φ compares ΔW with the base weight the adapter sits on (unmerged, oriented ``(out, in)``).
-    """
+    """:func:`delta_stats` of one adapter layer's own ΔW, φ against the base weight it sits on (unmerged)."""
     with torch.no_grad():
-        delta = layer.delta_weight().detach().double().cpu()
-        sv = torch.linalg.svdvals(delta)
-        base = layer.base_layer.weight
-        weight = (base.T if moreft.layers.is_conv1d(layer.base_layer) else base).detach().double().cpu()
-        subspace = subspace_similarity(delta, weight, subspace_rank)
+        delta = layer.delta_weight()
     params = sum(p.numel() for p in layer.adapter_params().values())
-    return LayerStats(name, (layer.out_features, layer.in_features), params, numerical_rank(sv), min(delta.shape),
-                      float(torch.linalg.matrix_norm(delta)), int((sv > sv_threshold).sum()), subspace)
+    return delta_stats(name, delta, _oriented(layer.base_layer), params, sv_threshold, subspace_rank)
+
+
+def full_targets(config: TrainConfig, model: torch.nn.Module) -> list[str]:
+    """The linear layers whose ΔW a full fine-tuning run reports: ``target_modules``, or the model's default."""
+    from moreft.config import CONFIG_CLASSES
+
+    spec = config.target_modules if config.target_modules is not None else model_defaults(config.model, model,
+                                                                                         TaskKind.GENERATION)[0]
+    # resolve_targets reads only target_modules (and modules_to_save) of the config it is given
+    return moreft.resolve_targets(model, CONFIG_CLASSES[moreft.Method.LORA](target_modules=spec))
+
+
+def run_deltas(run_dir: str | os.PathLike) -> tuple[TrainConfig, torch.nn.Module, dict[str, tuple[torch.Tensor,
+                                                                                              torch.Tensor, int]]]:
+    """``(config, trained model, {layer: (ΔW, W_initial, trained params)})`` of a finished run, ΔW =
+    ``W_trained - W_initial`` as the module docstring says, all ``(out, in)``.
+
+    Raises:
+        moreft.AdapterFileError / ConfigError: as :func:`moreft.train.rundir.load_trained`.
+    """
+    from moreft.train.reinit import MERGED_BASE_FILE
+
+    config, task, model, _ = load_trained(run_dir, moreft_only="moreft inspect")
+    merged = (RunDir(Path(run_dir)).path / MERGED_BASE_FILE).is_file()
+    layers = moreft.adapter_layers(model)
+    names = full_targets(config, model) if config.full else list(layers)
+    initial: dict[str, torch.Tensor] = {}
+    if config.full or merged:
+        base, _ = load_base(config, task)
+        modules = dict(base.named_modules())
+        initial = {n: _oriented(modules[n]).detach().float().cpu() for n in names}
+        del base
+    out = {}
+    with torch.no_grad():
+        for name in names:
+            if config.full:
+                module = model.get_submodule(name)
+                now = _oriented(module).detach().float().cpu()
+                out[name] = (now - initial[name], initial[name], sum(p.numel() for p in module.parameters()))
+                continue
+            layer = layers[name]
+            delta = layer.delta_weight().detach().float().cpu()
+            base_now = _oriented(layer.base_layer).detach().float().cpu()
+            if merged:  # the earlier cycles, merged into the base
+                delta = delta + base_now - initial[name]
+            params = sum(p.numel() for p in layer.adapter_params().values())
+            out[name] = (delta, initial.get(name, base_now), params)
+    return config, model, out
 
 
 def adapter_weights(layers: dict[str, moreft.AdapterLayer]) -> dict[str, torch.Tensor]:
@@ -218,22 +284,22 @@ def inspect_run(run_dir: str | os.PathLike, layer: str | None = None, heatmap: s
         weights_out = Path(weights_plot) if weights_plot is not None else RunDir(Path(run_dir)).path / WEIGHTS_PLOT
     _refuse_foreign_png(heatmap, "heat map", "--heatmap")
     _refuse_foreign_png(weights_out, "weights plot", "--weights-plot")
-    _, _, model, _ = load_trained(run_dir, moreft_only="moreft inspect")
+    run_config, model, deltas = run_deltas(run_dir)
     layers = moreft.adapter_layers(model)
-    stats, fits = inspect_model(model, sv_threshold, subspace_rank)
+    stats = [delta_stats(n, d, w, p, sv_threshold, subspace_rank) for n, (d, w, p) in deltas.items()]
+    fits = {n: gaussian_fit(v) for n, v in adapter_weights(layers).items()}
     if layer is None:
-        chosen = next(iter(layers))
+        chosen = next(iter(deltas))
     else:
-        matches = [n for n in layers if n == layer or n.endswith("." + layer)]
+        matches = [n for n in deltas if n == layer or n.endswith("." + layer)]
         if len(matches) != 1:
-            shown = ", ".join(list(layers)[:6]) + (", ..." if len(layers) > 6 else "")
+            shown = ", ".join(list(deltas)[:6]) + (", ..." if len(deltas) > 6 else "")
             raise ConfigError(f"layer {layer!r} matches {len(matches)} adapted layers "
                               f"({matches[:4] if matches else 'none'}); adapted layers: {shown}")
         chosen = matches[0]
     out = Path(heatmap) if heatmap is not None else RunDir(Path(run_dir)).path / f"delta_{chosen}.png"
     config = moreft.adapter_config(model)
-    with torch.no_grad():
-        delta = layers[chosen].delta_weight()
+    delta = deltas[chosen][0]
     order, label = None, ""
     if config is not None and config.method is moreft.Method.MORE:
         order = monarch_row_order(delta.shape[0], config.nblocks)
@@ -241,11 +307,11 @@ def inspect_run(run_dir: str | os.PathLike, layer: str | None = None, heatmap: s
     run = Path(os.path.realpath(run_dir))
     into_run = any(run == Path(os.path.realpath(p.parent)) or run in Path(os.path.realpath(p.parent)).parents
                    for p in (out, weights_out) if p is not None)
-    method = config.method.value if config else "?"
+    method = config.method.value if config else run_config.method
     with folder_lock(run, "run directory") if into_run else contextlib.nullcontext():
         plot_heatmap(delta, out, title=f"|ΔW| of {chosen} ({method})", row_order=order, order_label=label)
-        if weights_out is not None:
+        if weights_out is not None and fits:
             plot_weight_distributions(adapter_weights(layers), fits, weights_out,
                                       title=f"{method} adapter weights over {len(layers)} layers vs fitted Gaussians")
-    return InspectReport(Path(run_dir), config.to_dict() if config else {}, stats, out, chosen, sv_threshold,
-                         subspace_rank, fits, weights_out)
+    return InspectReport(Path(run_dir), config.to_dict() if config else {"method": run_config.method}, stats, out,
+                         chosen, sv_threshold, subspace_rank, fits, weights_out if fits else None)

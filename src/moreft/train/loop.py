@@ -1,4 +1,5 @@
-"""``moreft.train.train(config)``: one fine-tuning run from a :class:`TrainConfig` to a run directory."""
+"""``moreft.train.train(config)``: one training run from a :class:`TrainConfig` to a run directory: an
+adapter on a frozen base, or (``method: full``) every base parameter."""
 
 from __future__ import annotations
 
@@ -13,17 +14,17 @@ import torch
 
 import moreft
 from moreft.errors import ConfigError
+from moreft.lock import LOCK_NAME, folder_lock
 from moreft.safe_write import atomic_write_text
 from moreft.shapes import check_adapter_size
-from moreft.lock import LOCK_NAME, folder_lock
-from moreft.train.peak_memory import peak_rss_mib, reset_peak_rss
-from moreft.tasks import TaskKind, get_task
+from moreft.tasks import MetricGoal, TaskKind, get_task
 from moreft.train import peft_arm
 from moreft.train.config import RESUMABLE_CHANGES, Precision, RunMethod, TrainConfig
-from moreft.train.data import PadCollator, encode_classification, encode_generation
-from moreft.train.evaluate import predict, score_predictions
+from moreft.train.data import PadCollator, encode_blocks, encode_classification, encode_generation
+from moreft.train.evaluate import evaluate, predict, score_predictions
 from moreft.train.predictions import prediction_records, write_predictions
 from moreft.train.nonfinite import NonFiniteGuard
+from moreft.train.peak_memory import peak_rss_mib, reset_peak_rss
 from moreft.train.plots import plot_run
 from moreft.train.recipes import dump_config
 from moreft.train.reinit import merge_callbacks
@@ -51,6 +52,11 @@ from moreft.train.trainer import (
     use_callbacks,
 )
 from moreft.train.trainer_args import check_reporting, check_scheduler
+from moreft.train.weights import DIGEST_KEY, adapter_for, init_digest_of, save_full_weights
+
+#: How each task kind's examples become training items.
+ENCODERS = {TaskKind.CLASSIFICATION: encode_classification, TaskKind.GENERATION: encode_generation,
+            TaskKind.LANGUAGE_MODELING: encode_blocks}
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,7 @@ def training_arguments(config: TrainConfig) -> Any:
     """
     from transformers import TrainingArguments
 
+    task = get_task(config.task, **config.task_options)  # best_checkpoint: its metric, and which way is better
     values = {
         "output_dir": str(config.run_dir / CHECKPOINTS_DIR),
         "run_name": config.run_name,
@@ -143,9 +150,8 @@ def training_arguments(config: TrainConfig) -> Any:
         "save_steps": config.save_every or 500,
         "save_total_limit": config.keep_checkpoints,
         "load_best_model_at_end": config.best_checkpoint,
-        "metric_for_best_model": get_task(config.task, **config.task_options).metric_name if config.best_checkpoint
-        else None,
-        "greater_is_better": True if config.best_checkpoint else None,  # every task metric: higher is better
+        "metric_for_best_model": task.metric_name if config.best_checkpoint else None,
+        "greater_is_better": task.metric_goal is MetricGoal.MAXIMIZE if config.best_checkpoint else None,
         "disable_tqdm": True,  # moreft's own progress bar (progress)
         "report_to": "none",
         "push_to_hub": False,
@@ -210,22 +216,27 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
     model, tokenizer = load_base(config, task)
     check_max_length(config, model, task.kind)
     targets, heads = model_defaults(config.model, model, task.kind)
-    if config.method == RunMethod.PEFT:  # any peft method, with peft's own classes (moreft.train.peft_arm)
+    if config.full:  # full fine-tuning: no adapter, every base parameter trains
+        for p in model.parameters():
+            p.requires_grad_(True)
+        where = "every parameter"
+    elif config.method == RunMethod.PEFT:  # any peft method, with peft's own classes (moreft.train.peft_arm)
         model, adapted = peft_arm.attach(model, str(config.peft_type), config.peft_options,
                                          config.target_modules or targets, heads, task.kind is TaskKind.CLASSIFICATION)
+        where = f"{len(adapted)} layers"
     else:
-        adapter = config.adapter_config(targets, heads)
+        adapter = adapter_for(config, model, targets, heads)
         check_adapter_size(model, adapter, moreft.resolve_targets(model, adapter))  # before allocating it
         moreft.inject(model, adapter)
-        adapted = list(moreft.adapter_layers(model))
+        where = f"{len(moreft.adapter_layers(model))} layers"
     for p in model.parameters():  # optimizer state and updates in fp32 even on a bf16 base
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     counts = peft_arm.count_parameters(model) if config.method == RunMethod.PEFT else moreft.count_parameters(model)
-    _say(f"{config.method_label()} on {len(adapted)} layers: {counts}", quiet)
+    _say(f"{config.method_label()} on {where}: {counts}", quiet)
     _say(f"{config.task}: {splits.sizes}", quiet)
 
-    encode = encode_classification if task.kind is TaskKind.CLASSIFICATION else encode_generation
+    encode = ENCODERS[task.kind]
     eval_cap = slice(None, config.eval_examples)
     eval_sets = {"eval": splits.validation[eval_cap], "test": splits.test[eval_cap]}
     autocast = precision_dtype(config.precision) if config.precision != "fp32" else None
@@ -234,6 +245,9 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
     predicted: dict[tuple[int, ...], list[Any]] = {}  # the latest predictions per example set (test_predictions)
 
     def score(examples: Sequence[Any]) -> dict[str, float]:
+        if task.kind is TaskKind.LANGUAGE_MODELING:  # perplexity over packed blocks: no per-example prediction
+            return evaluate(model, tokenizer, task, examples, eval_bs, config.max_length, config.max_new_tokens,
+                            autocast)
         preds = predict(model, tokenizer, task, examples, eval_bs, config.max_length, config.max_new_tokens, autocast)
         predicted[tuple(ex.id for ex in examples)] = preds
         return score_predictions(task, examples, preds)
@@ -263,7 +277,8 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
         else:
             at_start = [AtTrainBegin(write_run_files)]
     trainer = AdapterTrainer(model=model, args=arguments, train_dataset=train_dataset,
-                             data_collator=PadCollator(tokenizer.pad_token_id), score=score, eval_sets=eval_sets)
+                             data_collator=PadCollator(tokenizer.pad_token_id), score=score, eval_sets=eval_sets,
+                             full_weights=config.full)
     log_tensorboard_to(trainer, run.tensorboard)
     printers = [] if quiet else [ProgressBar(config.progress)]
     guard = NonFiniteGuard(config.nonfinite)  # before MetricsLogger: it adds nonfinite_skipped to the logs
@@ -273,12 +288,14 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - start
     final = {**trainer.evaluate(metric_key_prefix="eval"), **trainer.evaluate(metric_key_prefix="test")}
-    test_predictions = prediction_records(task, eval_sets["test"], predicted[tuple(ex.id for ex in eval_sets["test"])])
+    test_key = tuple(ex.id for ex in eval_sets["test"])
+    test_predictions = prediction_records(task, eval_sets["test"], predicted[test_key]) if test_key in predicted else None
 
     metrics: dict[str, Any] = {
         "task": config.task, "model": config.model, "method": config.method, "label": config.method_label(),
-        "seed": config.seed, "metric": task.metric_name,
-        "trainable_params": counts.adapter, "other_trainable_params": counts.other_trainable,
+        "seed": config.seed, "metric": task.metric_name, "metric_goal": task.metric_goal.value,
+        "trainable_params": counts.trainable if config.full else counts.adapter,
+        "other_trainable_params": 0 if config.full else counts.other_trainable,
         "total_params": counts.total, **final,
         "train_loss": float(output.training_loss), "global_step": int(trainer.state.global_step),
         "train_examples": len(splits.train), "eval_examples": len(eval_sets["eval"]),
@@ -291,10 +308,18 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
         metrics["best_step"] = int(Path(best).name.rpartition("-")[2]) if best else None
     if torch.cuda.is_available():
         metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if init_digest_of(model) is not None:  # a random base: eval / inspect rebuild it and check this
+        metrics[DIGEST_KEY] = init_digest_of(model)
     if trainer.is_world_process_zero():
         trained = trainer.accelerator.unwrap_model(model)
-        peft_arm.save(trained, run.adapter) if config.method == RunMethod.PEFT else moreft.save_adapter(trained, run.adapter)
-        write_predictions(run.test_predictions, test_predictions)
+        if config.full:
+            save_full_weights(trained, run.model_weights, trainer.state.global_step)
+        elif config.method == RunMethod.PEFT:
+            peft_arm.save(trained, run.adapter)
+        else:
+            moreft.save_adapter(trained, run.adapter)
+        if test_predictions is not None:
+            write_predictions(run.test_predictions, test_predictions)
         atomic_write_text(run.metrics, json.dumps(metrics, indent=2) + "\n")
         plot_run(read_jsonl(run.metrics_log), task.metric_name, run.loss_plot,
                  title=f"{config.run_name}: {config.method_label()}")
@@ -303,14 +328,18 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
 
 
 def summary(metrics: dict[str, Any], run: RunDir, total_seconds: float) -> str:
-    """The closing lines of a run: scores, trainable adapter parameters, time, where the adapter went."""
+    """The closing lines of a run: scores, trainable parameters, time, where the adapter (weights) went."""
     name = metrics["metric"]
     head = metrics["other_trainable_params"]
+    full = metrics["method"] == RunMethod.FULL.value
+    params = (f"trainable parameters: all {metrics['trainable_params']:,} (full fine-tuning)" if full else
+              f"trainable adapter parameters: {metrics['trainable_params']:,}"
+              + (f" (not counted: {head:,} outside the adapter, trained in full)" if head else ""))
     return "\n".join([
         f"validation {name} {metrics.get(f'eval_{name}', float('nan')):.4f} ({metrics['eval_examples']} examples), "
         f"test {name} {metrics.get(f'test_{name}', float('nan')):.4f} ({metrics['test_examples']} examples)",
-        f"trainable adapter parameters: {metrics['trainable_params']:,}"
-        + (f" (not counted: {head:,} in the task head, trained in full)" if head else ""),
+        params,
         f"time: {metrics['train_seconds']:.1f} s training, {total_seconds:.1f} s in all",
-        f"adapter saved to {run.adapter} (metrics.json and loss.png in {run.path})",
+        f"{'weights' if full else 'adapter'} saved to {run.model_weights if full else run.adapter} "
+        f"(metrics.json and loss.png in {run.path})",
     ])

@@ -68,7 +68,8 @@ def plot_run(records: Sequence[Mapping[str, Any]], metric: str, path: Path, titl
         ax2 = ax.twinx()
         ax2.plot(*zip(*evals, strict=True), color="tab:orange", marker="o", label=key)
         ax2.set_ylabel(key, color="tab:orange")
-        ax2.set_ylim(0, 1.02)
+        if all(0 <= v <= 1 for _, v in evals):  # a score in [0, 1]; perplexity keeps its own range
+            ax2.set_ylim(0, 1.02)
     if not loss and not evals:
         ax.text(0.5, 0.5, "no logged steps", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(title or "training")
@@ -155,4 +156,46 @@ def plot_weight_distributions(samples: Mapping[str, torch.Tensor], fits: Mapping
     if not names:
         axes[0][0].text(0.5, 0.5, "no adapter weights", ha="center", va="center", transform=axes[0][0].transAxes)
     fig.suptitle(title or "adapter weight distributions", fontsize=10)
+    return save_png(fig, path)
+
+
+def plot_curves(panels: Sequence[tuple[str, Mapping[str, Sequence[tuple[float, float]]]]], path: Path,
+                title: str = "", log_y: bool = False) -> Path:
+    """Several runs' curves side by side: one panel per ``(y label, {run label: [(step, value)]})``.
+
+    Used for the pretraining study's loss curves (MoRA Figure 4): every arm in one plot.
+    """
+    fig, axes = subplots(1, max(1, len(panels)), figsize=(6.5 * max(1, len(panels)), 4.5), squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels, strict=False):
+        for label, points in series.items():
+            if points:
+                ax.plot(*zip(*points, strict=True), label=label, marker="." if len(points) < 15 else None)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        if any(series.values()):
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no logged steps", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(title or "training curves", fontsize=10)
+    return save_png(fig, path)
+
+
+def plot_grouped_bars(groups: Sequence[str], values: Mapping[str, Sequence[float]], path: Path, ylabel: str,
+                      title: str = "") -> Path:
+    """One bar per series in each group (e.g. the count of ΔW's singular values above 0.1 per module
+    type and arm: MoRA Figure 5)."""
+    fig, ax = subplots(figsize=(max(7.0, 1.2 * len(groups) * max(1, len(values)) / 2), 4.5))
+    width = 0.8 / max(1, len(values))
+    for i, (label, heights) in enumerate(values.items()):
+        ax.bar([g + i * width - 0.4 + width / 2 for g in range(len(groups))], list(heights), width, label=label)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(list(groups))
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    if values:
+        ax.legend(fontsize=8)
+    ax.set_title(title or ylabel, fontsize=10)
     return save_png(fig, path)

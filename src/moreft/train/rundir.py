@@ -8,9 +8,10 @@
                     ``peak_rss_mb``, ...
 ``test_predictions.jsonl``  the prediction for each test example (:mod:`moreft.train.predictions`)
 ``adapter/``        the trained adapter (:func:`moreft.save_adapter` format; with the head), or for a
-                    peft arm (method peft) peft's ``save_pretrained`` output
+                    peft arm (method peft) peft's ``save_pretrained`` output; a full fine-tuning run
+                    (``method: full``) has ``model.safetensors`` instead: every weight
 ``loss.png``        training loss and eval metric curves
-``checkpoints/``    ``checkpoint-<step>/`` for ``--resume`` (adapter + optimizer state)
+``checkpoints/``    ``checkpoint-<step>/`` for ``--resume`` (adapter or weights + optimizer state)
 ``tensorboard/``    TensorBoard event files, with ``trainer_args: {report_to: tensorboard}``
 ``.moreft.lock``    held (``flock``) by the process writing the run; removed when it ends
 ==================  ===========================================================================
@@ -38,8 +39,8 @@ import torch
 
 import moreft
 from moreft.errors import ConfigError, OutputError
-from moreft.safe_write import foreign_entries
 from moreft.lock import LOCK_NAME
+from moreft.safe_write import foreign_entries
 from moreft.tasks import Splits, Task, TaskKind, get_task
 from moreft.train.bounded import load_yaml, read_json_file, read_text_file
 from moreft.train.checkpoints import checkpoint_complete, step_of
@@ -77,6 +78,17 @@ class RunDir:
         return self.path / "adapter"
 
     @property
+    def model_weights(self) -> Path:
+        """A full fine-tuning run's trained weights (:mod:`moreft.train.weights`)."""
+        from moreft.train.weights import FULL_WEIGHTS_FILE
+
+        return self.path / FULL_WEIGHTS_FILE
+
+    def finished(self) -> bool:
+        """True when the run saved what it trained: an adapter, or full fine-tuning's weights."""
+        return self.adapter.is_dir() or self.model_weights.is_file()
+
+    @property
     def loss_plot(self) -> Path:
         return self.path / "loss.png"
 
@@ -101,9 +113,10 @@ def foreign_run_entries(path: Path) -> list[str]:
     from moreft.adapter_files import ADAPTER_KIND
     from moreft.train.peft_arm import PEFT_ADAPTER_KIND, is_peft_adapter
     from moreft.train.reinit import MERGED_BASE_FILE
+    from moreft.train.weights import FULL_WEIGHTS_FILE
 
     files = ("config.yaml", "split.json", "metrics.jsonl", "metrics.json", "loss.png", MERGED_BASE_FILE,
-             LOCK_NAME, "weights.png", "test_predictions.jsonl")
+             LOCK_NAME, "weights.png", "test_predictions.jsonl", FULL_WEIGHTS_FILE)
     names = "|".join(map(re.escape, (*files, "adapter")))
     temp = re.compile(rf"\.(?:{names})\.(?:tmp-\d+-[a-z0-9_]{{8}}|old-\d+)")
     out = []
@@ -207,7 +220,7 @@ def load_base(config: TrainConfig, task: Task) -> tuple[torch.nn.Module, Any]:
     from moreft.models import load_model
 
     return load_model(config.model, task.kind, num_labels=task.num_labels,
-                      dtype=precision_dtype(config.precision))
+                      dtype=precision_dtype(config.precision), seed=config.seed)
 
 
 def position_limit(model: torch.nn.Module) -> int | None:
@@ -228,6 +241,8 @@ def check_max_length(config: TrainConfig, model: torch.nn.Module, kind: TaskKind
         ConfigError: The run would index past the position table mid-training or mid-evaluation.
     """
     limit = position_limit(model)
+    if limit is None and kind is TaskKind.LANGUAGE_MODELING:  # RoPE: the positions it is configured for
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     need = config.max_length + (config.max_new_tokens if kind is TaskKind.GENERATION else 0)
     if limit is not None and need > limit:
         what = (f"max_length={config.max_length} + max_new_tokens={config.max_new_tokens}"
@@ -288,7 +303,8 @@ def load_splits(run_dir: str | os.PathLike, config: TrainConfig, task: Task) -> 
 
 def load_trained(run_dir: str | os.PathLike, moreft_only: str | None = None
                  ) -> tuple[TrainConfig, Task, torch.nn.Module, Any]:
-    """``(config, task, model with the trained adapter, tokenizer)`` for a finished run.
+    """``(config, task, model with the trained adapter, tokenizer)`` for a finished run (for ``method:
+    full``, the model with its trained weights and no adapter).
 
     A peft arm (method peft) comes back as peft's ``PeftModel`` (``PeftModel.from_pretrained``).
 
@@ -298,21 +314,33 @@ def load_trained(run_dir: str | os.PathLike, moreft_only: str | None = None
             a peft arm is then refused before anything is loaded.
 
     Raises:
-        ConfigError: Not a run directory, or an invalid saved config; a peft arm with ``moreft_only``.
-        moreft.AdapterFileError: The run has no ``adapter/`` (it did not finish) or it does not fit.
+        ConfigError: Not a run directory, an invalid saved config, a peft arm with ``moreft_only``, or
+            a from-scratch base that this installation no longer draws the same
+            (:func:`moreft.train.weights.check_init_digest`).
+        moreft.AdapterFileError: The run has no ``adapter/`` (``model.safetensors``): it did not
+            finish; or what it saved does not fit.
     """
+    from moreft.train.weights import check_init_digest, load_full_weights
+
     config = read_run_config(run_dir)
     if moreft_only and config.method == "peft":
         raise ConfigError(f"{moreft_only} works on moreft's own adapters; {str(run_dir)!r} trained peft's "
                           f"{config.method_label()}. Load it with peft instead: PeftModel.from_pretrained(base, "
                           f"'{Path(run_dir) / 'adapter'}') (then merge_and_unload() to merge); `moreft eval` works")
     run = RunDir(Path(run_dir))
-    if not run.adapter.is_dir():
+    saved = run.model_weights if config.full else run.adapter
+    if not (saved.is_file() if config.full else saved.is_dir()):
         last = run.last_checkpoint()
         hint = f"; resume it with `moreft train --config {run.config} --resume`" if last else ""
-        raise moreft.AdapterFileError(f"{str(run.path)!r} has no adapter/: the run did not finish{hint}")
+        raise moreft.AdapterFileError(f"{str(run.path)!r} has no {saved.name}: the run did not finish{hint}")
     task = get_task(config.task, **config.task_options)
     model, tokenizer = load_base(config, task)
+    metrics = read_json_file(run.metrics, "metrics file") if run.metrics.is_file() else {}
+    check_init_digest(model, metrics if isinstance(metrics, dict) else {}, run.path)
+    if config.full:
+        load_full_weights(model, saved)
+        model.eval()
+        return config, task, model, tokenizer
     from moreft.train.reinit import MERGED_BASE_FILE, apply_merged_base
 
     if (run.path / MERGED_BASE_FILE).is_file():  # a merge_every run: earlier cycles live in the base weights

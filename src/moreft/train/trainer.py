@@ -6,7 +6,9 @@ resumption with optimizer, scheduler, RNG and data-order state):
 
 * checkpoints hold the adapter (``checkpoint-N/adapter/``, the :func:`moreft.save_adapter`
   format, or peft's ``save_pretrained`` for a peft arm) instead of the full model weights, and
-  resuming (or ``best_checkpoint``'s load of the best one at the end) loads it back;
+  resuming (or ``best_checkpoint``'s load of the best one at the end) loads it back (full
+  fine-tuning, which has no adapter, checkpoints ``checkpoint-N/model.safetensors``:
+  :mod:`moreft.train.weights`);
 * evaluation scores the task metric with :mod:`moreft.train.evaluate` (argmax labels, or greedy
   generation) on fixed example sets instead of the Trainer's logits-based loop;
 * logs go to ``metrics.jsonl`` and a compact progress bar.
@@ -29,6 +31,7 @@ from moreft.errors import CheckpointError
 from moreft.safe_write import atomic_write_text
 from moreft.train import peft_arm
 from moreft.train.checkpoints import check_optimizer_files
+from moreft.train.weights import FULL_WEIGHTS_FILE, load_full_weights, save_full_weights
 
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
@@ -41,11 +44,12 @@ class AdapterTrainer(Trainer):
         *args: As for :class:`transformers.Trainer`.
         score: ``score(examples) -> {metric: value}`` used by :meth:`evaluate`.
         eval_sets: Example sets by metric prefix, e.g. ``{"eval": validation, "test": test}``.
+        full_weights: Full fine-tuning: checkpoints hold the whole model, not an adapter.
         **kwargs: As for :class:`transformers.Trainer`.
     """
 
     def __init__(self, *args: Any, score: Callable[[Sequence[Any]], dict[str, float]],
-                 eval_sets: Mapping[str, Sequence[Any]], **kwargs: Any) -> None:
+                 eval_sets: Mapping[str, Sequence[Any]], full_weights: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("eval_dataset", list(eval_sets.get("eval", ())))  # only so that Trainer accepts eval_steps
         super().__init__(*args, **kwargs)
         if not loss_uses_item_count(self.accelerator.unwrap_model(self.model)):
@@ -54,6 +58,7 @@ class AdapterTrainer(Trainer):
             # by grad_accum, so DDP and accumulation would not match one process with the same global batch.
             self.model_accepts_loss_kwargs = False
         self.score = score
+        self.full_weights = full_weights
         self.eval_sets = dict(eval_sets)
         self.last_scores: dict[str, tuple[int, dict[str, float]]] = {}
         self.raw_scores: dict[str, tuple[int, dict[str, float]]] = {}
@@ -88,25 +93,32 @@ class AdapterTrainer(Trainer):
         return metrics
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the adapter (not the full model) into ``output_dir/adapter``."""
+        """Write the adapter (not the full model) into ``output_dir/adapter``; full fine-tuning writes
+        the model's weights to ``output_dir/model.safetensors``."""
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        folder = Path(output_dir or self.args.output_dir) / ADAPTER_DIR
-        peft_arm.save(model, folder) if peft_arm.is_peft_model(model) else moreft.save_adapter(model, folder)
+        folder = Path(output_dir or self.args.output_dir)
+        if self.full_weights:
+            save_full_weights(model, folder / FULL_WEIGHTS_FILE, self.state.global_step)
+        elif peft_arm.is_peft_model(model):
+            peft_arm.save(model, folder / ADAPTER_DIR)
+        else:
+            moreft.save_adapter(model, folder / ADAPTER_DIR)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        """Load the adapter saved by :meth:`_save` into the (already injected) model.
+        """Load the adapter (or full weights) saved by :meth:`_save` into the (already injected) model.
 
         Raises:
-            moreft.AdapterFileError: The checkpoint holds no adapter that fits the model.
+            moreft.AdapterFileError: The checkpoint holds no adapter (or weights) that fit the model.
         """
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        folder = Path(resume_from_checkpoint) / ADAPTER_DIR
-        if peft_arm.is_peft_model(model):
-            peft_arm.load_weights(model, folder)
+        if self.full_weights:
+            load_full_weights(model, Path(resume_from_checkpoint) / FULL_WEIGHTS_FILE)
+        elif peft_arm.is_peft_model(model):
+            peft_arm.load_weights(model, Path(resume_from_checkpoint) / ADAPTER_DIR)
         else:
-            moreft.load_adapter(model, folder, check_base=False)
+            moreft.load_adapter(model, Path(resume_from_checkpoint) / ADAPTER_DIR, check_base=False)
 
     def _load_best_model(self) -> None:
         """``best_checkpoint``: load the adapter of the best checkpoint (``load_best_model_at_end``); the
