@@ -156,9 +156,23 @@ def test_compare_with_a_peft_arm_reports_the_paired_interval(tiny_bert, tmp_path
     row = result.rows[1]
     assert row["params"] == 2 * 3 * (32 + 8) and row["delta"]["seeds"] == 2 and row["delta"]["examples"] == 16
     assert row["delta"]["low"] <= row["delta"]["estimate"] <= row["delta"]["high"] and row["verdict"]
-    assert lines[0] == "[1/6] lora:rank=2 seed 0: training" and len(lines) == 6
+    assert lines[:2] == ["[1/6] lora:rank=2 seed 0: training", lines[1]] and len(lines) == 12
+    assert lines[1].startswith("[1/6] lora:rank=2 seed 0: test accuracy ")
     # the lr override is the same adapter: also a valid reference; an unknown one is refused
     assert compare(base, ["lora:rank=2", "lora:rank=2,lr=0.02"], seeds=2, name="cmp",
                    reference="lora:rank=2", run=lambda c: pytest.fail("trained again")).rows[0]["reference"]
     with pytest.raises(ConfigError, match="reference 'lora:rank=4' is not one of the arms"):
         compare(base, ["lora:rank=2"], seeds=1, name="cmp", reference="lora:rank=4")
+
+
+def test_compare_trains_runs_in_worker_processes_with_jobs(tiny_bert, tmp_path):
+    base = tiny(tiny_bert, tmp_path, max_steps=2, eval_examples=8)
+    lines, finished = [], []
+    result = compare(base, ["lora:rank=2", "peft:vera:r=8"], seeds=1, name="par", jobs=2, log=lines.append,
+                     on_run=lambda config, metrics, seconds: finished.append((config.method_label(), seconds > 0)))
+    assert sorted(finished) == [("lora:rank=2", True), ("peft:vera:r=8", True)]
+    assert lines[0].startswith("training 2 runs, 2 at a time (") and len(lines) == 3
+    sequential = compare(base, ["lora:rank=2", "peft:vera:r=8"], seeds=1, name="seq")
+    assert [r["values"] for r in result.rows] == [r["values"] for r in sequential.rows]  # the same runs
+    with pytest.raises(ConfigError, match="jobs=0 must be"):
+        compare(base, ["lora:rank=2"], seeds=1, name="par", jobs=0)

@@ -226,7 +226,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         parse_method_spec(spec)
     base = resolve_config(args.config, run_overrides(args))
     result = compare(base, args.methods, seeds, name=args.name, command=command_line(args), reference=args.reference,
-                     log=lambda line: print(line, flush=True))
+                     log=lambda line: print(line, flush=True), jobs=args.jobs)
     print((result.path / "compare.md").read_text(), end="")
     print(f"wrote {result.path / 'compare.md'} and {result.path / 'compare.png'}")
     return 0

@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="comparison folder name (default compare-<task>-<model>)")
     p.add_argument("--reference", default=None, metavar="SPEC", help="the arm the others are compared with "
                    "(paired bootstrap interval; default lora:rank=8 when it is an arm, else the first)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, in worker processes that share the "
+                   "CPU threads (default 1)")
     add_config_flags(p, skip=("method", "peft_type", "peft_options", "run_name", "resume", "overwrite", "seed"))
     p.set_defaults(func=cmd_compare)
 

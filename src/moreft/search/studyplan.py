@@ -16,6 +16,7 @@ A plan is a YAML mapping::
     search: {trials: 4, sampler: tpe, pruner: none}   # per arm: the same budget for every arm
     space: {lr: {low: 1e-4, high: 3e-3}, lr_by_method: {more: {low: 3e-4, high: 3e-2}}, batch_size: [32]}
     seeds: 5                          # final runs per arm at its best lr, scored on test
+    jobs: 2                           # runs at once (trials of a search, final runs), threads split
     budget:                           # measured cost, for the estimate printed before starting
       seconds_per_step: {default: 0.40, full: 0.55, peft:boft: 1.2}
       seconds_per_eval_example: 0.004
@@ -44,11 +45,11 @@ from moreft.train.config import TrainConfig
 from moreft.train.value_checks import check_folder_name
 
 PLAN_KEYS = ("description", "name", "output_dir", "requires", "settings", "tasks", "arms", "reference", "search",
-             "space", "seeds", "budget")
+             "space", "seeds", "jobs", "budget")
 TASK_KEYS = ("recipe", "settings", "budget")
 BUDGET_KEYS = ("seconds_per_step", "seconds_per_eval_example", "seconds_per_run", "measured")
 #: Search settings a plan may give (the study names each arm's search itself).
-SEARCH_KEYS = ("trials", "jobs", "pruner", "reduction_factor", "min_steps", "sampler", "seed", "timeout")
+SEARCH_KEYS = ("trials", "pruner", "reduction_factor", "min_steps", "sampler", "seed", "timeout")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class StudyPlan:
     search: SearchSettings
     space: dict[str, Any]
     seeds: int
+    jobs: int = 1
     budget: dict[str, Any] = field(default_factory=dict)
 
     def selected(self, only: Sequence[str] = (), skip: Sequence[str] = ()) -> tuple[str, ...]:
@@ -153,6 +155,9 @@ def read_plan(path: str | os.PathLike) -> StudyPlan:
     seeds = data.get("seeds", 5)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"study plan seeds={seeds!r} must be an integer >= 1 (final runs per arm)")
+    jobs = data.get("jobs", 1)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"study plan jobs={jobs!r} must be an integer >= 1 (runs at once)")
     name = data.get("name") or path.stem
     reference = data.get("reference")
     if reference is not None and not isinstance(reference, str):
@@ -161,7 +166,7 @@ def read_plan(path: str | os.PathLike) -> StudyPlan:
                      output_dir=data.get("output_dir"), requires=_mapping(data.get("requires"), "requires"),
                      settings=_mapping(data.get("settings"), "settings"), tasks=tasks, arms=tuple(arms),
                      reference=reference, search=SearchSettings.from_dict(search), space=space, seeds=seeds,
-                     budget=_budget(data.get("budget"), "budget"))
+                     jobs=jobs, budget=_budget(data.get("budget"), "budget"))
 
 
 def check_arms(arms: Sequence[str], reference: str | None) -> list[dict[str, Any]]:

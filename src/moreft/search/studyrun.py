@@ -54,7 +54,8 @@ def estimate(plan: StudyPlan, configs: dict[str, TrainConfig], arms: Sequence[st
             continue
         per_arm = {arm: run_seconds(cost, budget, family_of_spec(arm)) for arm in arms}
         known = all(s is not None for s in per_arm.values())
-        total = sum((plan.search.trials + plan.seeds) * s for s in per_arm.values()) if known else None
+        # jobs runs at a time: a search's trials, and the final runs, share the CPU cores
+        total = sum((plan.search.trials + plan.seeds) * s for s in per_arm.values()) / plan.jobs if known else None
         rows.append({"task": task, "model": base.model, "train": cost.train_examples,
                      "validation": cost.validation_examples, "test": cost.test_examples, "steps": cost.steps,
                      "evaluations": cost.evaluations, "runs": len(arms) * (plan.search.trials + plan.seeds),
@@ -78,28 +79,28 @@ def budget_lines(plan: StudyPlan, rows: Sequence[dict[str, Any]]) -> list[str]:
     total = f"{sum(known) / 3600:.2f}" + ("" if len(known) == len(rows) else " (known tasks only)")
     lines.append(f"| **all** | | | | **{sum(r['runs'] for r in rows)}** | **{total}** |")
     measured = plan.budget.get("measured")
-    lines += ["", f"Runs: arms x ({plan.search.trials} search trials + {plan.seeds} seeds). Seconds per run: steps x "
-              "seconds per step + evaluated examples x seconds per example + overhead, from the plan's budget"
-              + (f" ({measured})" if measured else "") + "."]
+    lines += ["", f"Runs: arms x ({plan.search.trials} search trials + {plan.seeds} seeds), {plan.jobs} at a time. "
+              "Seconds per run: steps x seconds per step + evaluated examples x seconds per example + overhead, "
+              "from the plan's budget" + (f" ({measured})" if measured else "") + "; hours: their sum / jobs."]
     return lines
 
 
 class Progress:
-    """Counts runs done (trained now or found done) and estimates the time left from the runs trained now."""
+    """Counts runs done (trained now or found done) and estimates the time left from this session's pace
+    (wall time per run trained in it)."""
 
     def __init__(self, total: int, say: Callable[[str], None]) -> None:
-        self.total, self.say, self.done, self.trained, self.seconds = total, say, 0, 0, 0.0
+        self.total, self.say, self.done, self.trained = total, say, 0, 0
         self.start = time.perf_counter()
 
-    def add(self, runs: int, trained: int, seconds: float) -> None:
+    def add(self, runs: int, trained: int) -> None:
         self.done += runs
         self.trained += trained
-        self.seconds += seconds
 
     def line(self) -> str:
         elapsed = time.perf_counter() - self.start
         left = self.total - self.done
-        eta = f", about {left * self.seconds / self.trained / 3600:.2f} h left" if self.trained and left else ""
+        eta = f", about {left * elapsed / self.trained / 3600:.2f} h left" if self.trained and left > 0 else ""
         return f"study: {self.done}/{self.total} runs done ({elapsed / 3600:.2f} h this session{eta})"
 
 
@@ -144,7 +145,8 @@ def run_study(plan: StudyPlan, configs: dict[str, TrainConfig], arms: Sequence[s
     progress = Progress(sum(r["runs"] for r in rows), say)
     results = {}
     for task, base in configs.items():
-        results[task] = _task(plan, task, base, arms, progress, train_fn or quietly, command)
+        results[task] = _task(plan, task, base, arms, progress, train_fn or (quietly if plan.jobs == 1 else None),
+                              command)
     _write_index(plan, path, rows, results, command)
     say(f"wrote {path / 'study.md'}")
     return StudyResult(path, results)
@@ -158,7 +160,7 @@ def _searched_before(folder: Path) -> int:
 
 
 def _task(plan: StudyPlan, task: str, base: TrainConfig, arms: Sequence[str], progress: Progress,
-          train_fn: Callable[[TrainConfig], Any], command: str | None) -> list[dict[str, Any]]:
+          train_fn: Callable[[TrainConfig], Any] | None, command: str | None) -> list[dict[str, Any]]:
     """One task: a search per arm, the final comparison, the task's report; its rows per arm."""
     from moreft.search import SearchSettings, run_search
     from moreft.search.report import lr_edges
@@ -169,15 +171,16 @@ def _task(plan: StudyPlan, task: str, base: TrainConfig, arms: Sequence[str], pr
     rows = []
     for i, arm in enumerate(arms, start=1):
         space = plan.search_space(arm)
-        settings = SearchSettings(**{**plan.search.to_dict(), "name": f"search-{slug(parse_method_spec(arm))}"})
+        settings = SearchSettings(**{**plan.search.to_dict(), "jobs": plan.jobs,
+                                     "name": f"search-{slug(parse_method_spec(arm))}"})
         folder = Path(base.output_dir) / str(settings.name)
         family = family_of_spec(arm)
         lr = space.lr_for(family)
         say(f"[{task}] search {i}/{len(arms)} {arm}: {settings.trials} trials, lr in [{lr.low:.1e}, {lr.high:.1e}]")
-        before, start = _searched_before(folder), time.perf_counter()
+        before = _searched_before(folder)
         result = run_search(base, space, settings, command=command, quiet=True)
         counted = sum(r["state"] in ("complete", "pruned") for r in result.rows)
-        progress.add(settings.trials, max(0, counted - before), time.perf_counter() - start)
+        progress.add(settings.trials, max(0, counted - before))
         done = [r for r in result.rows if r["state"] == "complete"]
         if not done:
             raise ConfigError(f"[{task}] the search of {arm} has no complete trial (see {folder / 'search.md'}); "
@@ -193,18 +196,15 @@ def _task(plan: StudyPlan, task: str, base: TrainConfig, arms: Sequence[str], pr
     finals = [with_settings(r["arm"], lr=r["best_lr"], batch_size=r["best_batch_size"]) for r in rows]
     count = [0]
 
-    def timed(config: TrainConfig) -> Any:
-        start = time.perf_counter()
-        out = train_fn(config)
-        progress.add(1, 1, time.perf_counter() - start)
+    def trained(config: TrainConfig, metrics: dict[str, Any], seconds: float) -> None:
         count[0] += 1
-        say(f"[{task}] {config.method_label()} seed {config.seed}: test {out.metrics['metric']} "
-            f"{out.metrics['test_' + out.metrics['metric']]:.4f}\n{progress.line()}")
-        return out
+        progress.add(1, 1)
+        say(progress.line())
 
-    comparison = compare(base, finals, plan.seeds, output_dir=base.output_dir, name=FINAL_DIR, run=timed,
-                         command=command, reference=plan.reference, log=say)
-    progress.add(len(finals) * plan.seeds - count[0], 0, 0.0)  # the runs found finished
+    comparison = compare(base, finals, plan.seeds, output_dir=base.output_dir, name=FINAL_DIR, run=train_fn,
+                         command=command, reference=plan.reference, log=lambda line: say(f"[{task}] {line}"),
+                         jobs=plan.jobs, on_run=trained)
+    progress.add(len(finals) * plan.seeds - count[0], 0)  # the runs found finished
     say(f"[{task}] final runs done: {Path(base.output_dir) / FINAL_DIR / 'compare.md'}\n{progress.line()}")
     for row, final in zip(rows, comparison.rows, strict=True):
         row.update({k: final.get(k) for k in ("mean", "std", "values", "seconds", "reference", "delta", "verdict",

@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from moreft.errors import ConfigError
 from moreft.safe_write import atomic_write_text
@@ -117,7 +120,8 @@ def _delta(group: Sequence[TrainConfig], ref: Sequence[TrainConfig], metric: str
 def compare(base: TrainConfig, methods: Sequence[str], seeds: int | Sequence[int] = 3,
             output_dir: str | os.PathLike | None = None, name: str | None = None,
             run: Callable[[TrainConfig], RunResult] | None = None, command: str | None = None,
-            reference: str | None = None, log: Callable[[str], None] | None = None) -> CompareResult:
+            reference: str | None = None, log: Callable[[str], None] | None = None, jobs: int = 1,
+            on_run: Callable[[TrainConfig, dict[str, Any], float], None] | None = None) -> CompareResult:
     """Train every method spec with every seed on ``base``'s task and summarise.
 
     Args:
@@ -131,7 +135,10 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int | Sequence[int
         command: The command line to show at the top of ``compare.md``.
         reference: The arm every other is compared with (a spec naming one of them by its adapter
             settings); default ``lora:rank=8`` when it is an arm, else the first.
-        log: Called with a line before each run (progress); None prints nothing.
+        log: Called with a line as each run starts and ends (progress); None prints nothing.
+        jobs: Runs trained at once, each in a worker process with ``1 / jobs`` of the CPU threads (on a
+            CPU, two one-thread runs finish sooner than two two-thread runs one after the other).
+        on_run: Called with ``(config, metrics, seconds)`` when a run has trained.
 
     Returns:
         A :class:`CompareResult`; ``compare.md``, ``compare.png`` and ``compare.json`` are written. A
@@ -157,19 +164,16 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int | Sequence[int
     configs = [[base.replace(**arm_changes(spec), seed=s, run_name=f"{slug(spec)}-seed{s}",
                              output_dir=str(path / "runs"), resume=False, overwrite=True) for s in seed_list]
                for spec in specs]
-    run = run or train
-    rows, metric, total, count = [], "", len(configs) * len(seed_list), 0
-    for spec_text, spec, group in zip(methods, specs, configs, strict=True):
-        results = []
-        for config in group:
-            count += 1
-            done = _finished(config)
-            if done is None:
-                config = _continued(config)
-                if log:
-                    log(f"[{count}/{total}] {spec_text} seed {config.seed}: "
-                        + ("resuming" if config.resume else "training"))
-            results.append(done if done is not None else run(config).metrics)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs={jobs!r} must be an integer >= 1 (runs trained at once)")
+    if jobs > 1 and run is not None:
+        raise ConfigError("compare trains in worker processes with jobs > 1; a custom run function needs jobs=1")
+    found = {(i, j): _finished(c) for i, group in enumerate(configs) for j, c in enumerate(group)}
+    pending = [(i, j, methods[i], _continued(configs[i][j])) for (i, j), done in found.items() if done is None]
+    trained = _train_all(pending, run or train, jobs, log, on_run, len(found))
+    rows, metric = [], ""
+    for i, (spec_text, spec, group) in enumerate(zip(methods, specs, configs, strict=True)):
+        results = [found[(i, j)] or trained[(i, j)] for j in range(len(group))]
         metric = results[0]["metric"]
         values = [r[f"test_{metric}"] for r in results]
         evals = [r.get(f"eval_{metric}", float("nan")) for r in results]
@@ -185,6 +189,61 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int | Sequence[int
         row.update(_delta(group, configs[ref], metric))
     write_report(path, rows, metric, base, command)
     return CompareResult(path, rows, metric)
+
+
+def _train_all(pending: Sequence[tuple[int, int, str, TrainConfig]], run: Callable[[TrainConfig], RunResult],
+               jobs: int, log: Callable[[str], None] | None,
+               on_run: Callable[[TrainConfig, dict[str, Any], float], None] | None,
+               total: int) -> dict[tuple[int, int], dict[str, Any]]:
+    """Train the runs not found finished: one after the other, or ``jobs`` at a time in worker processes."""
+    out: dict[tuple[int, int], dict[str, Any]] = {}
+    done = total - len(pending)
+
+    def finished(i: int, j: int, label: str, config: TrainConfig, metrics: dict[str, Any], seconds: float) -> None:
+        nonlocal done
+        done += 1
+        out[(i, j)] = metrics
+        if on_run:
+            on_run(config, metrics, seconds)
+        if log:
+            name = metrics["metric"]
+            log(f"[{done}/{total}] {label} seed {config.seed}: test {name} {metrics[f'test_{name}']:.4f} "
+                f"({seconds:.0f} s)")
+
+    if jobs == 1:
+        for i, j, label, config in pending:
+            if log:
+                log(f"[{done + 1}/{total}] {label} seed {config.seed}: " + ("resuming" if config.resume else "training"))
+            start = time.perf_counter()
+            metrics = run(config).metrics
+            finished(i, j, label, config, metrics, time.perf_counter() - start)
+        return out
+    import concurrent.futures
+    import multiprocessing
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_worker_threads, initargs=(threads,)) as pool:
+        started = {pool.submit(_train_quietly, config): (i, j, label, config) for i, j, label, config in pending}
+        if log and pending:
+            log(f"training {len(pending)} runs, {jobs} at a time ({threads} thread(s) each)")
+        for future in concurrent.futures.as_completed(started):
+            i, j, label, config = started[future]
+            metrics, seconds = future.result()
+            finished(i, j, label, config, metrics, seconds)
+    return out
+
+
+def _worker_threads(threads: int) -> None:
+    """A worker process of :func:`compare` uses ``threads`` CPU threads."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def _train_quietly(config: TrainConfig) -> tuple[dict[str, Any], float]:
+    """One run in a worker process: its metrics and seconds."""
+    start = time.perf_counter()
+    return train(config, quiet=True).metrics, time.perf_counter() - start
 
 
 def write_report(path: Path, rows: Sequence[dict[str, Any]], metric: str, base: TrainConfig,

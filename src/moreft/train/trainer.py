@@ -62,6 +62,7 @@ class AdapterTrainer(Trainer):
         self.eval_sets = dict(eval_sets)
         self.last_scores: dict[str, tuple[int, dict[str, float]]] = {}
         self.raw_scores: dict[str, tuple[int, dict[str, float]]] = {}
+        self.scored: dict[tuple[str, int], dict[str, float]] = {}  # (prefix, step) -> logged scores
 
     def _scores(self, prefix: str) -> dict[str, float]:
         """Scores of ``eval_sets[prefix]`` now; an equal set scored at this step is not scored again
@@ -87,6 +88,7 @@ class AdapterTrainer(Trainer):
             scores = self._scores(metric_key_prefix)
             cached = {f"{metric_key_prefix}_{k}": v for k, v in scores.items()}
             self.last_scores[metric_key_prefix] = (self.state.global_step, cached)
+            self.scored[(metric_key_prefix, self.state.global_step)] = cached
             self.log(dict(cached))
         metrics = dict(cached)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -121,8 +123,9 @@ class AdapterTrainer(Trainer):
             moreft.load_adapter(model, Path(resume_from_checkpoint) / ADAPTER_DIR, check_base=False)
 
     def _load_best_model(self) -> None:
-        """``best_checkpoint``: load the adapter of the best checkpoint (``load_best_model_at_end``); the
-        scores cached at this step belong to the last model, so they are dropped and scored again.
+        """``best_checkpoint``: load the adapter of the best checkpoint (``load_best_model_at_end``). The scores
+        cached at this step belong to the last model: they are replaced by those logged at the best step (the
+        same adapter), and any other set (test) is scored again.
 
         Raises:
             moreft.AdapterFileError: The best checkpoint holds no adapter that fits the model.
@@ -133,6 +136,10 @@ class AdapterTrainer(Trainer):
         self._load_from_checkpoint(best)
         self.last_scores.clear()
         self.raw_scores.clear()
+        step = int(Path(best).name.rpartition("-")[2])
+        for (prefix, at), cached in self.scored.items():
+            if at == step:
+                self.last_scores[prefix] = (self.state.global_step, cached)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Check the checkpoint's optimizer and scheduler state against this run's parameters, then load them.
