@@ -18,7 +18,8 @@ from moreft.config import Method
 from moreft.errors import ConfigError
 from moreft.train import load_trained, parse_method_spec, resolve_config, train
 from moreft.train.checkpoints import checkpoint_complete
-from moreft.train.config import METHODS, TRAIN_METHODS, TrainConfig, RunMethod
+from moreft.train.choices import METHODS, RunMethod, TRAIN_METHODS
+from moreft.train.config import TrainConfig
 from moreft.train.inspection import inspect_run, run_deltas
 from moreft.train.weights import FULL_WEIGHTS_FILE, full_state, load_full_weights, save_full_weights
 

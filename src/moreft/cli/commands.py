@@ -169,7 +169,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``moreft inspect RUN_DIR``: per-layer table, weight fits, a |ΔW| heat map (and the weights plot)."""
-    from moreft.train.config import RunMethod
+    from moreft.train.choices import RunMethod
     from moreft.train.inspection import inspect_run
 
     report = inspect_run(args.run_dir, layer=args.layer, heatmap=args.heatmap, sv_threshold=args.sv_threshold,

@@ -33,7 +33,8 @@ import moreft
 from moreft.errors import ConfigError, MoreftError
 from moreft.search.settings import STUDY_FILE, WORKERS_FILE, Candidate, Pruner, SearchSettings
 from moreft.search.space import SQUARE, SearchSpace
-from moreft.train.config import RunMethod, TrainConfig
+from moreft.train.choices import RunMethod
+from moreft.train.config import TrainConfig
 from moreft.train.value_checks import check_folder_name
 
 

@@ -37,7 +37,7 @@ from typing import Any
 from moreft.config import MoRAOperator, coerce_enum, positive_int
 from moreft.errors import ConfigError
 from moreft.train.arms import adapter_part, arm_changes, overrides, parse_method_spec
-from moreft.train.config import METHODS, TRAIN_METHODS
+from moreft.train.choices import METHODS, TRAIN_METHODS
 
 #: ``target_modules`` choice that keeps the run config's value (None: the model's default targets).
 DEFAULT_TARGETS = "default"

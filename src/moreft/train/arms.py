@@ -22,7 +22,8 @@ from typing import Any
 
 from moreft.errors import ConfigError
 from moreft.train.bounded import load_yaml
-from moreft.train.config import ADAPTER_SETTINGS, PEFT_SETTINGS, TRAIN_METHODS, RunMethod, field_names
+from moreft.train.choices import RunMethod, TRAIN_METHODS
+from moreft.train.config import ADAPTER_SETTINGS, PEFT_SETTINGS, field_names
 
 #: Fields a spec may not set (the comparison owns them).
 RESERVED = ("task", "task_options", "model", "seed", "run_name", "output_dir", "resume", "overwrite",

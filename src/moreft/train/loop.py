@@ -19,7 +19,8 @@ from moreft.safe_write import atomic_write_text
 from moreft.shapes import check_adapter_size
 from moreft.tasks import MetricGoal, TaskKind, get_task
 from moreft.train import peft_arm
-from moreft.train.config import RESUMABLE_CHANGES, Precision, RunMethod, TrainConfig
+from moreft.train.choices import Precision, RunMethod
+from moreft.train.config import RESUMABLE_CHANGES, TrainConfig
 from moreft.train.data import PadCollator, encode_blocks, encode_classification, encode_generation
 from moreft.train.evaluate import evaluate, predict, score_predictions
 from moreft.train.predictions import prediction_records, write_predictions

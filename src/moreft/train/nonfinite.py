@@ -22,7 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 from moreft.errors import TrainingError
-from moreft.train.config import NonFinitePolicy
+from moreft.train.choices import NonFinitePolicy
 from moreft.train.rundir import newest_complete_checkpoint
 
 
