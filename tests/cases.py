@@ -73,21 +73,54 @@ TEST_CASES: tuple[Entry, ...] = (
     Entry("more-N3r3", MoReConfig(target_modules=TARGET, nblocks=3, block_rank=3), SHAPES, MORE_TOL),
     Entry("more-N1r4", MoReConfig(target_modules=TARGET, nblocks=1, block_rank=4), SHAPES, MORE_TOL),
     # Appendix C / E variants (docs/more-variants.md): the reference path, never the fused one
-    Entry("more-alpha2", MoReConfig(target_modules=TARGET, nblocks=4, block_rank=2, alpha=2.0), SHAPES, MORE_TOL),
-    Entry("more-scale", MoReConfig(target_modules=TARGET, nblocks=4, block_rank=2, learnable_scale=True),
-          SHAPES, MORE_TOL),
-    Entry("more-scale-init-alpha", MoReConfig(target_modules=TARGET, nblocks=3, block_rank=2, learnable_scale=True,
-                                              scale_init=0.5, alpha=3.0), SHAPES, MORE_TOL),
-    Entry("more-mult", MoReConfig(target_modules=TARGET, nblocks=4, block_rank=2, composition="multiplicative"),
-          SHAPES, MORE_TOL),
-    Entry("more-principal", MoReConfig(target_modules=TARGET, nblocks=4, block_rank=2, init_mode="principal"),
-          SHAPES, MORE_TOL),
-    Entry("more-principal-scale", MoReConfig(target_modules=TARGET, nblocks=3, block_rank=1, init_mode="principal",
-                                             learnable_scale=True, scale_init=0.5, alpha=2.0), SHAPES, MORE_TOL),
+    Entry(
+        "more-alpha2", MoReConfig(target_modules=TARGET, nblocks=4, block_rank=2, alpha=2.0), SHAPES, MORE_TOL
+    ),
+    Entry(
+        "more-scale",
+        MoReConfig(target_modules=TARGET, nblocks=4, block_rank=2, learnable_scale=True),
+        SHAPES,
+        MORE_TOL,
+    ),
+    Entry(
+        "more-scale-init-alpha",
+        MoReConfig(
+            target_modules=TARGET, nblocks=3, block_rank=2, learnable_scale=True, scale_init=0.5, alpha=3.0
+        ),
+        SHAPES,
+        MORE_TOL,
+    ),
+    Entry(
+        "more-mult",
+        MoReConfig(target_modules=TARGET, nblocks=4, block_rank=2, composition="multiplicative"),
+        SHAPES,
+        MORE_TOL,
+    ),
+    Entry(
+        "more-principal",
+        MoReConfig(target_modules=TARGET, nblocks=4, block_rank=2, init_mode="principal"),
+        SHAPES,
+        MORE_TOL,
+    ),
+    Entry(
+        "more-principal-scale",
+        MoReConfig(
+            target_modules=TARGET,
+            nblocks=3,
+            block_rank=1,
+            init_mode="principal",
+            learnable_scale=True,
+            scale_init=0.5,
+            alpha=2.0,
+        ),
+        SHAPES,
+        MORE_TOL,
+    ),
     Entry("mora-truncation", _mora(MoRAOperator.TRUNCATION, rank=2), SHAPES, MORA_TOL),
     Entry("mora-sharing-strided", _mora(MoRAOperator.SHARING, rank=2), SHAPES, MORA_TOL),
-    Entry("mora-sharing-adjacent", _mora(MoRAOperator.SHARING, SharingLayout.ADJACENT, rank=2),
-          SHAPES, MORA_TOL),
+    Entry(
+        "mora-sharing-adjacent", _mora(MoRAOperator.SHARING, SharingLayout.ADJACENT, rank=2), SHAPES, MORA_TOL
+    ),
     Entry("mora-decouple", _mora(MoRAOperator.DECOUPLE, rank=2), SHAPES, MORA_TOL),
     Entry("mora-rotation", _mora(MoRAOperator.ROTATION, rank=2), SHAPES, MORA_TOL),
     Entry("mora-rotation-rhat6", _mora(MoRAOperator.ROTATION, rank=2, r_hat=6), SHAPES, MORA_TOL),

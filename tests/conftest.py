@@ -20,8 +20,13 @@ from moreft.layers import LAYER_CLASSES, AdapterLayer, is_conv1d
 class TinyNet(nn.Module):
     """``lin`` (the layer the table adapts), a LayerNorm ``norm`` and a 3-way ``head``."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.float32,
-                 name_or_path: str | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype = torch.float32,
+        name_or_path: str | None = None,
+    ) -> None:
         super().__init__()
         self.lin = nn.Linear(in_features, out_features, dtype=dtype)
         self.norm = nn.LayerNorm(out_features, dtype=dtype)
@@ -35,8 +40,11 @@ class TinyNet(nn.Module):
 
 def make_net(case_or_shape, seed: int = 0, dtype: torch.dtype = torch.float32, **kw) -> TinyNet:
     """A TinyNet for a table case or an ``(in, out)`` pair; equal seeds give equal weights."""
-    shape = case_or_shape if isinstance(case_or_shape, tuple) else (
-        case_or_shape.in_features, case_or_shape.out_features)
+    shape = (
+        case_or_shape
+        if isinstance(case_or_shape, tuple)
+        else (case_or_shape.in_features, case_or_shape.out_features)
+    )
     torch.manual_seed(seed)
     return TinyNet(*shape, dtype=dtype, **kw)
 
@@ -46,6 +54,7 @@ def make_layer(case, dtype: torch.dtype = torch.float32, seed: int = 0, conv1d: 
     torch.manual_seed(seed)
     if conv1d:
         from transformers.pytorch_utils import Conv1D
+
         base = Conv1D(case.out_features, case.in_features).to(dtype)
         nn.init.normal_(base.bias, std=0.1)
     else:
@@ -75,18 +84,23 @@ def more_literal(layer: AdapterLayer, x: Tensor) -> Tensor:
 
     c, name = layer.config, layer.resolve_adapter()
     coeff = c.alpha * layer.more_scale[name] if c.learnable_scale else c.alpha
-    weight = layer.base_layer.weight.T if is_conv1d(layer.base_layer) else layer.base_layer.weight  # (out, in)
+    weight = (
+        layer.base_layer.weight.T if is_conv1d(layer.base_layer) else layer.base_layer.weight
+    )  # (out, in)
     kw = {}
     if c.composition is moreft.Composition.MULTIPLICATIVE:
         kw["weight"] = weight.to(x.dtype)
     if c.init_mode is moreft.InitMode.PRINCIPAL:
-        coeff0 = c.alpha * torch.full_like(layer.more_scale[name], c.scale_init) if c.learnable_scale else c.alpha
+        coeff0 = (
+            c.alpha * torch.full_like(layer.more_scale[name], c.scale_init) if c.learnable_scale else c.alpha
+        )
         kw["init"] = (layer.more_init_blkdiag1[name], layer.more_init_blkdiag2[name], coeff0)
     return variant_reference(x, layer.blkdiag1, layer.blkdiag2, layer.out_features, coeff, **kw)
 
 
-def assert_close(actual: Tensor, expected: Tensor, tol=None, *, rtol: float | None = None,
-                 atol: float | None = None) -> None:
+def assert_close(
+    actual: Tensor, expected: Tensor, tol=None, *, rtol: float | None = None, atol: float | None = None
+) -> None:
     """``allclose`` with a case's tolerances for ``expected.dtype``; atol scales with |expected|."""
     if tol is not None:
         rtol, atol = tol.of(expected.dtype)

@@ -28,9 +28,12 @@ import moreft
 
 GLOBAL_BATCH, STEPS = 8, 3
 CONFIGS = {
-    "more": lambda: moreft.MoReConfig(target_modules=["query", "value"], nblocks=2, block_rank=2,
-                                      modules_to_save=["classifier"]),
-    "mora": lambda: moreft.MoRAConfig(target_modules=["query", "value"], rank=4, modules_to_save=["classifier"]),
+    "more": lambda: moreft.MoReConfig(
+        target_modules=["query", "value"], nblocks=2, block_rank=2, modules_to_save=["classifier"]
+    ),
+    "mora": lambda: moreft.MoRAConfig(
+        target_modules=["query", "value"], rank=4, modules_to_save=["classifier"]
+    ),
 }
 
 
@@ -46,15 +49,27 @@ class Examples(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": self.labels[i]}
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": torch.ones(10, dtype=torch.long),
+            "labels": self.labels[i],
+        }
 
 
 def peft_model(method: str) -> peft.PeftModel:
     """The same tiny BERT (no dropout) with a fresh adapter in every process: fixed seeds."""
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=48, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, num_labels=2)
+    cfg = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+    )
     model = BertForSequenceClassification(cfg)
     torch.manual_seed(1)
     return peft.get_peft_model(model, CONFIGS[method]())
@@ -63,18 +78,32 @@ def peft_model(method: str) -> peft.PeftModel:
 def train_with_trainer(method: str, out: Path, world: int) -> None:
     from transformers import Trainer, TrainingArguments
 
-    args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=GLOBAL_BATCH // world,
-                             max_steps=STEPS, learning_rate=1e-2, use_cpu=True, seed=0, report_to=[],
-                             save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
-                             # BERT's forward takes **kwargs, so Trainer would scale the loss by the number of
-                             # processes for a token count the classifier's mean loss never uses (gradients x2).
-                             average_tokens_across_devices=False)
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"),
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        use_cpu=True,
+        seed=0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        # BERT's forward takes **kwargs, so Trainer would scale the loss by the number of
+        # processes for a token count the classifier's mean loss never uses (gradients x2).
+        average_tokens_across_devices=False,
+    )
     trainer = Trainer(model=peft_model(method), args=args, train_dataset=Examples())
     trainer.train()
     trainer.save_model(str(out / method))  # the main process writes
     if trainer.is_world_process_zero():
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-        run = {"distributed_type": str(trainer.accelerator.distributed_type), "world": world, "losses": losses}
+        run = {
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "world": world,
+            "losses": losses,
+        }
         (out / f"{method}.run.json").write_text(json.dumps(run))
 
 

@@ -35,17 +35,32 @@ class MLP(nn.Module):
 def tiny_bert() -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
-    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=48, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, num_labels=2)
+    cfg = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+    )
     return BertForSequenceClassification(cfg)
 
 
 def tiny_llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=40, max_position_embeddings=32)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=40,
+        max_position_embeddings=32,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -73,7 +88,9 @@ def _tokens() -> dict[str, Tensor]:
 
 
 MODELS = (
-    ModelSpec("mlp", MLP, ("lin1", "lin2"), ("head",), lambda: {"x": torch.linspace(-2, 2, 3 * 20).reshape(3, 20)}),
+    ModelSpec(
+        "mlp", MLP, ("lin1", "lin2"), ("head",), lambda: {"x": torch.linspace(-2, 2, 3 * 20).reshape(3, 20)}
+    ),
     ModelSpec("bert", tiny_bert, ("query", "key", "value", "dense"), ("classifier",), _tokens),
     ModelSpec("llama", tiny_llama, "all-linear", (), _tokens),
 )
@@ -83,13 +100,18 @@ CONFIGS: dict[str, Callable[..., moreft.AdapterConfig]] = {
     "more-N3r1": lambda **kw: moreft.MoReConfig(nblocks=3, block_rank=1, **kw),
     "more-N1r4": lambda **kw: moreft.MoReConfig(nblocks=1, block_rank=4, **kw),
     # Appendix C / E variants (docs/more-variants.md)
-    "more-alpha2-scale": lambda **kw: moreft.MoReConfig(nblocks=4, block_rank=2, alpha=2.0, learnable_scale=True,
-                                                        **kw),
+    "more-alpha2-scale": lambda **kw: moreft.MoReConfig(
+        nblocks=4, block_rank=2, alpha=2.0, learnable_scale=True, **kw
+    ),
     "more-mult": lambda **kw: moreft.MoReConfig(nblocks=4, block_rank=2, composition="multiplicative", **kw),
     "more-principal": lambda **kw: moreft.MoReConfig(nblocks=4, block_rank=2, init_mode="principal", **kw),
-    **{f"mora-{op.value}": functools.partial(moreft.MoRAConfig, rank=2, operator=op) for op in moreft.MoRAOperator},
-    "mora-sharing-adjacent": lambda **kw: moreft.MoRAConfig(rank=2, operator="sharing",
-                                                            sharing_layout="adjacent", **kw),
+    **{
+        f"mora-{op.value}": functools.partial(moreft.MoRAConfig, rank=2, operator=op)
+        for op in moreft.MoRAOperator
+    },
+    "mora-sharing-adjacent": lambda **kw: moreft.MoRAConfig(
+        rank=2, operator="sharing", sharing_layout="adjacent", **kw
+    ),
 }
 
 
@@ -99,8 +121,12 @@ class PeftCase:
     config_id: str
 
     def config(self, init_weights: bool = False, **kw: Any) -> moreft.AdapterConfig:
-        kw = {"target_modules": self.model.targets, "modules_to_save": self.model.modules_to_save,
-              "init_weights": init_weights, **kw}
+        kw = {
+            "target_modules": self.model.targets,
+            "modules_to_save": self.model.modules_to_save,
+            "init_weights": init_weights,
+            **kw,
+        }
         return CONFIGS[self.config_id](**kw)
 
     def peft_model(self, seed: int = 0, adapter_seed: int = 1, **kw: Any):
@@ -113,5 +139,9 @@ class PeftCase:
 
 def peft_cases(models: tuple[str, ...] | None = None) -> list:
     """Every model x config pair as pytest params."""
-    return [pytest.param(PeftCase(m, c), id=f"{m.name}-{c}") for m in MODELS
-            if models is None or m.name in models for c in CONFIGS]
+    return [
+        pytest.param(PeftCase(m, c), id=f"{m.name}-{c}")
+        for m in MODELS
+        if models is None or m.name in models
+        for c in CONFIGS
+    ]

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _orthonormal(n: int, seed: int) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    q, _ = torch.linalg.qr(
+        torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    )
     return q
 
 
@@ -53,15 +55,18 @@ def test_subspace_similarity_is_one_inside_and_zero_outside_the_top_directions()
 def test_subspace_similarity_equals_the_lora_formula():
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(20, 14, generator=gen, dtype=torch.float64)
-    delta = torch.randn(20, 5, generator=gen, dtype=torch.float64) @ torch.randn(5, 14, generator=gen,
-                                                                                  dtype=torch.float64)
+    delta = torch.randn(20, 5, generator=gen, dtype=torch.float64) @ torch.randn(
+        5, 14, generator=gen, dtype=torch.float64
+    )
     r = 4
     u_d, _, vh_d = torch.linalg.svd(delta)
     u_w, _, vh_w = torch.linalg.svd(w)
     expected_out = float(((u_d[:, :r].T @ u_w[:, :r]) ** 2).sum()) / r  # ||U_ΔWᵀ U_W||_F² / r
     expected_in = float(((vh_d[:r] @ vh_w[:r].T) ** 2).sum()) / r
     phi = subspace_similarity(delta, w, r)
-    assert phi.output == pytest.approx(expected_out, rel=1e-10) and phi.input == pytest.approx(expected_in, rel=1e-10)
+    assert phi.output == pytest.approx(expected_out, rel=1e-10) and phi.input == pytest.approx(
+        expected_in, rel=1e-10
+    )
     assert 0.0 <= phi.output <= 1.0 and 0.0 <= phi.input <= 1.0
 
 
@@ -91,11 +96,15 @@ class Net(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-@pytest.mark.parametrize("config", [
-    moreft.MoReConfig(target_modules=["a", "b"], nblocks=4, block_rank=2),
-    moreft.MoRAConfig(target_modules=["a", "b"], rank=2, operator="sharing"),
-    moreft.LoRAConfig(target_modules=["a", "b"], rank=3),
-], ids=["more", "mora", "lora"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        moreft.MoReConfig(target_modules=["a", "b"], nblocks=4, block_rank=2),
+        moreft.MoRAConfig(target_modules=["a", "b"], rank=2, operator="sharing"),
+        moreft.LoRAConfig(target_modules=["a", "b"], rank=3),
+    ],
+    ids=["more", "mora", "lora"],
+)
 def test_inspect_model_numbers_equal_direct_computations(config):
     torch.manual_seed(0)
     model = moreft.inject(Net(), config)
@@ -106,17 +115,27 @@ def test_inspect_model_numbers_equal_direct_computations(config):
         layer = model.get_submodule(s.name)
         delta, w = layer.delta_weight().detach(), layer.base_layer.weight.detach()
         sv = torch.linalg.svdvals(delta)
-        assert s.sv_above == int((sv > 0.05).sum()) and s.fro_norm == pytest.approx(float(sv.square().sum().sqrt()))
+        assert s.sv_above == int((sv > 0.05).sum()) and s.fro_norm == pytest.approx(
+            float(sv.square().sum().sqrt())
+        )
         u_d, u_w = torch.linalg.svd(delta)[0], torch.linalg.svd(w)[0]
         assert s.subspace.rank == 3
-        assert s.subspace.output == pytest.approx(float(((u_d[:, :3].T @ u_w[:, :3]) ** 2).sum()) / 3, rel=1e-9)
-    names = {"more": {"blkdiag1", "blkdiag2"}, "mora": {"matrix"}, "lora": {"lora_A", "lora_B"}}[config.method.value]
+        assert s.subspace.output == pytest.approx(
+            float(((u_d[:, :3].T @ u_w[:, :3]) ** 2).sum()) / 3, rel=1e-9
+        )
+    names = {"more": {"blkdiag1", "blkdiag2"}, "mora": {"matrix"}, "lora": {"lora_A", "lora_B"}}[
+        config.method.value
+    ]
     assert set(fits) == names
     for name, fit in fits.items():
-        values = torch.cat([model.get_submodule(n).adapter_params()[name].detach().flatten() for n in ("a", "b")])
+        values = torch.cat(
+            [model.get_submodule(n).adapter_params()[name].detach().flatten() for n in ("a", "b")]
+        )
         assert fit.count == values.numel() and fit.mean == pytest.approx(float(values.mean()))
         assert fit.std == pytest.approx(float(values.std(unbiased=False)))
-    if config.method is moreft.Method.MORE:  # the default options of layer_stats: rank(ΔW) = nblocks * block_rank
+    if (
+        config.method is moreft.Method.MORE
+    ):  # the default options of layer_stats: rank(ΔW) = nblocks * block_rank
         assert layer_stats("a", model.a).rank == 8
 
 

@@ -23,8 +23,19 @@ except ModuleNotFoundError:  # Python 3.10
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
-LIBRARY_PATHS = tuple(ROOT / f for f in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["files"])
-APPLICATION = ("moreft.__main__", "moreft._entry", "moreft.cli", "moreft.train", "moreft.search", "moreft.bench", "moreft.tasks", "moreft.models")
+LIBRARY_PATHS = tuple(
+    ROOT / f for f in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["files"]
+)
+APPLICATION = (
+    "moreft.__main__",
+    "moreft._entry",
+    "moreft.cli",
+    "moreft.train",
+    "moreft.search",
+    "moreft.bench",
+    "moreft.tasks",
+    "moreft.models",
+)
 MAX_LINES = 400
 
 
@@ -45,7 +56,9 @@ def _imports(name: str, path: pathlib.Path, mods: dict[str, pathlib.Path]) -> se
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+                base = ".".join(
+                    package[: len(package) - node.level + 1] + ([node.module] if node.module else [])
+                )
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
         elif isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
@@ -89,14 +102,20 @@ def test_no_import_cycles():
 
 def test_the_library_never_imports_the_application():
     mods = _modules()
-    wrong = {m: sorted(t for t in _imports(m, p, mods) if _is_application(t))
-             for m, p in mods.items() if _is_library(p)}
+    wrong = {
+        m: sorted(t for t in _imports(m, p, mods) if _is_application(t))
+        for m, p in mods.items()
+        if _is_library(p)
+    }
     assert not {m: t for m, t in wrong.items() if t}
 
 
 def test_files_stay_small():
-    long = {str(p.relative_to(SRC)): n for p in (SRC / "moreft").rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(SRC)): n
+        for p in (SRC / "moreft").rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert not long
 
 
@@ -124,17 +143,30 @@ print(json.dumps({
 """
 
 
-@pytest.mark.parametrize("modules", [
-    ("moreft",),
-    ("moreft.train", "moreft.train.loop", "moreft.train.plots", "moreft.search", "moreft.search.report"),
-    ("moreft.cli", "moreft.cli.bench", "moreft.models", "moreft.tasks"),
-])
+@pytest.mark.parametrize(
+    "modules",
+    [
+        ("moreft",),
+        ("moreft.train", "moreft.train.loop", "moreft.train.plots", "moreft.search", "moreft.search.report"),
+        ("moreft.cli", "moreft.cli.bench", "moreft.models", "moreft.tasks"),
+    ],
+)
 def test_importing_changes_nothing_in_the_process(modules):
     import json
 
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MPLBACKEND")}
-    out = subprocess.run([sys.executable, "-c", _SIDE_EFFECTS, *modules], capture_output=True, text=True,
-                         env=env, check=True, timeout=300).stdout
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MPLBACKEND")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", _SIDE_EFFECTS, *modules],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=300,
+    ).stdout
     seen = json.loads(out.strip().splitlines()[-1])
     assert seen["env"] == []
     assert seen["umask"][0] == seen["umask"][1]

@@ -84,8 +84,11 @@ def _digest(path: Path) -> str:
 
 def _files(folder: Path) -> dict[str, str]:
     """``{relative path: sha256}`` of every file below ``folder`` but the lock file."""
-    return {str(p.relative_to(folder)): _digest(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".moreft.lock"}
+    return {
+        str(p.relative_to(folder)): _digest(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".moreft.lock"
+    }
 
 
 def _resume_fails(bert: str, tmp: Path, match: str, name: str = "a") -> None:
@@ -101,23 +104,54 @@ def test_resume_with_another_runs_optimizer_state_is_a_clear_error(work):
     bert, tmp = work
     ckpt = tmp / "runs" / "a" / "checkpoints" / "checkpoint-4"
     shutil.copy(tmp / "runs" / "b" / "checkpoints" / "checkpoint-4" / "optimizer.pt", ckpt / "optimizer.pt")
-    _resume_fails(bert, tmp, r"optimizer\.pt': 'exp_avg' of parameter 0 has shape \[4, 1, 8\] \(torch\.float32\); the "
-                             r"parameter is \[4, 2, 8\] \(torch\.float32\): the checkpoint belongs to another run")
+    _resume_fails(
+        bert,
+        tmp,
+        r"optimizer\.pt': 'exp_avg' of parameter 0 has shape \[4, 1, 8\] \(torch\.float32\); the "
+        r"parameter is \[4, 2, 8\] \(torch\.float32\): the checkpoint belongs to another run",
+    )
 
 
-@pytest.mark.parametrize("spoil,match", [
-    (lambda s: s["state"][3]["exp_avg_sq"].fill_(float("nan")), r"'exp_avg_sq' of parameter 3 holds NaN/Inf values"),
-    (lambda s: s["param_groups"].pop(), r"has 1 parameter groups \(or malformed ones\); this run's optimizer has 2"),
-    (lambda s: s["param_groups"][0]["params"].pop(), r"parameter group 0 holds 12 parameters; this run trains 13"),
-    (lambda s: s["param_groups"][0].update(lr=float("inf")),
-     r"parameter group 0 has non-finite or malformed hyperparameters \['lr'\]"),
-    (lambda s: s["state"].update({99: {}}), r"state entry 99 names no parameter"),
-    (lambda s: s.clear(), r"is not an optimizer state"),
-    (lambda s: s["state"][0].update(exp_avg=torch.tensor(0.0)), r"'exp_avg' of parameter 0 has shape \[\]"),
-    (lambda s: s["state"][0].update(step=torch.zeros(2)), r"'step' of parameter 0 has shape \[2\]"),
-    (lambda s: s["param_groups"][1].update(params=[[13]]), r"parameter groups \(or malformed ones\)"),
-], ids=["nan-moment", "groups", "params", "inf-lr", "stray-entry", "empty", "scalar-moment", "step-vector",
-        "unhashable-id"])
+@pytest.mark.parametrize(
+    "spoil,match",
+    [
+        (
+            lambda s: s["state"][3]["exp_avg_sq"].fill_(float("nan")),
+            r"'exp_avg_sq' of parameter 3 holds NaN/Inf values",
+        ),
+        (
+            lambda s: s["param_groups"].pop(),
+            r"has 1 parameter groups \(or malformed ones\); this run's optimizer has 2",
+        ),
+        (
+            lambda s: s["param_groups"][0]["params"].pop(),
+            r"parameter group 0 holds 12 parameters; this run trains 13",
+        ),
+        (
+            lambda s: s["param_groups"][0].update(lr=float("inf")),
+            r"parameter group 0 has non-finite or malformed hyperparameters \['lr'\]",
+        ),
+        (lambda s: s["state"].update({99: {}}), r"state entry 99 names no parameter"),
+        (lambda s: s.clear(), r"is not an optimizer state"),
+        (
+            lambda s: s["state"][0].update(exp_avg=torch.tensor(0.0)),
+            r"'exp_avg' of parameter 0 has shape \[\]",
+        ),
+        (lambda s: s["state"][0].update(step=torch.zeros(2)), r"'step' of parameter 0 has shape \[2\]"),
+        (lambda s: s["param_groups"][1].update(params=[[13]]), r"parameter groups \(or malformed ones\)"),
+    ],
+    ids=[
+        "nan-moment",
+        "groups",
+        "params",
+        "inf-lr",
+        "stray-entry",
+        "empty",
+        "scalar-moment",
+        "step-vector",
+        "unhashable-id",
+    ],
+)
 def test_resume_with_a_spoiled_optimizer_state_is_a_clear_error(work, spoil, match):
     bert, tmp = work
     path = tmp / "runs" / "a" / "checkpoints" / "checkpoint-4" / "optimizer.pt"
@@ -127,16 +161,22 @@ def test_resume_with_a_spoiled_optimizer_state_is_a_clear_error(work, spoil, mat
     _resume_fails(bert, tmp, match)
 
 
-@pytest.mark.parametrize("content,match", [
-    ({"base_lrs": [0.01]}, r"base_lrs=\[0\.01\] does not fit this run's scheduler, whose base_lrs is \[0\.01, 0\.01\] "
-                           r"\(2 parameter groups\)"),
-    ({"base_lrs": [float("nan"), 0.01]}, r"base_lrs=\[nan, 0\.01\] does not fit this run's scheduler"),
-    ({"last_epoch": "4"}, r"last_epoch='4' does not fit this run's scheduler, whose last_epoch is a int"),
-    ({"lr_lambdas": [{}, {}, {}]}, r"lr_lambdas=\[\{\}, \{\}, \{\}\] does not fit"),
-    ({"optimizer": None}, r"has keys \[.*'optimizer'.*\]; this run's scheduler has \["),
-    ([1, 2], r"is not a learning-rate scheduler state"),
-    ("zip", r"scheduler\.pt' is not a readable scheduler state \(torch\.load with weights_only=True"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (
+            {"base_lrs": [0.01]},
+            r"base_lrs=\[0\.01\] does not fit this run's scheduler, whose base_lrs is \[0\.01, 0\.01\] "
+            r"\(2 parameter groups\)",
+        ),
+        ({"base_lrs": [float("nan"), 0.01]}, r"base_lrs=\[nan, 0\.01\] does not fit this run's scheduler"),
+        ({"last_epoch": "4"}, r"last_epoch='4' does not fit this run's scheduler, whose last_epoch is a int"),
+        ({"lr_lambdas": [{}, {}, {}]}, r"lr_lambdas=\[\{\}, \{\}, \{\}\] does not fit"),
+        ({"optimizer": None}, r"has keys \[.*'optimizer'.*\]; this run's scheduler has \["),
+        ([1, 2], r"is not a learning-rate scheduler state"),
+        ("zip", r"scheduler\.pt' is not a readable scheduler state \(torch\.load with weights_only=True"),
+    ],
+)
 def test_resume_with_a_spoiled_scheduler_state_is_a_clear_error(work, content, match):
     bert, tmp = work
     path = tmp / "runs" / "a" / "checkpoints" / "checkpoint-4" / "scheduler.pt"
@@ -163,14 +203,20 @@ def test_check_optimizer_state_accepts_a_matching_state():
     sum(p.sum() for p in params).backward()
     opt.step()
     check_optimizer_state(opt.state_dict(), [params[:1], params[1:]], Path("x"))
-    with pytest.raises(CheckpointError, match=r"'exp_avg' of parameter 0 has shape \[3, 2\] \(torch.float32\); the parameter is \[4\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'exp_avg' of parameter 0 has shape \[3, 2\] \(torch.float32\); the parameter is \[4\]",
+    ):
         check_optimizer_state(opt.state_dict(), [params[1:], params[:1]], Path("x"))
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda t: t.replace('"text 3"', '"text three"'), "holds other examples"),
-    (lambda t: t + json.dumps({"text": "new", "label": "pos"}) + "\n", "splits differently"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda t: t.replace('"text 3"', '"text three"'), "holds other examples"),
+        (lambda t: t + json.dumps({"text": "new", "label": "pos"}) + "\n", "splits differently"),
+    ],
+)
 def test_resume_after_the_data_changed_stops_and_keeps_split_json(work, edit, match):
     bert, tmp = work
     data, split = tmp / "data.jsonl", tmp / "runs" / "f" / "split.json"
@@ -213,7 +259,9 @@ def test_eval_and_export_refuse_an_adapter_full_of_nan(work):
 def test_modules_to_save_overlapping_target_modules_is_refused(targets, saved):
     net = make_net((24, 24))
     grads = {n: p.requires_grad for n, p in net.named_parameters()}
-    with pytest.raises(TargetError, match=r"overlaps modules_to_save module '(lin|head)'; a module is either adapted"):
+    with pytest.raises(
+        TargetError, match=r"overlaps modules_to_save module '(lin|head)'; a module is either adapted"
+    ):
         moreft.inject(net, moreft.LoRAConfig(target_modules=targets, modules_to_save=saved))
     assert not moreft.adapter_layers(net) and {n: p.requires_grad for n, p in net.named_parameters()} == grads
 
@@ -221,5 +269,7 @@ def test_modules_to_save_overlapping_target_modules_is_refused(targets, saved):
 def test_modules_to_save_around_a_target_is_refused():
     outer = torch.nn.Sequential()
     outer.add_module("block", make_net((8, 8)))
-    with pytest.raises(TargetError, match=r"target module 'block\.lin' overlaps modules_to_save module 'block'"):
+    with pytest.raises(
+        TargetError, match=r"target module 'block\.lin' overlaps modules_to_save module 'block'"
+    ):
         moreft.inject(outer, moreft.LoRAConfig(target_modules=["lin"], modules_to_save=["block"]))

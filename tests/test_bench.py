@@ -13,15 +13,26 @@ import pytest
 import torch
 from torch import nn
 
-from moreft.cli.bench import main
 from moreft.bench.measure import paired_ratio, peak_step_memory
 from moreft.bench.report import goals
 from moreft.bench.variants import LAYER_METHODS
 from moreft.cli import main as cli_main
+from moreft.cli.bench import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["--shapes", "64x48x96,32x32x16", "--rounds", "2", "--warmup", "1", "--merge-size", "64", "--threads", "1"]
+TINY = [
+    "--shapes",
+    "64x48x96,32x32x16",
+    "--rounds",
+    "2",
+    "--warmup",
+    "1",
+    "--merge-size",
+    "64",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +57,11 @@ def test_report_has_every_method_on_every_shape(report):
         by = {r["method"]: r for r in shape["rows"]}
         assert by["base"]["x_base"] == 1.0 and by["peft-lora"]["x_peft_lora"] == 1.0
         assert by["base"]["trainable_params"] == 0 and by["base"]["extra_peak_mib"] == 0.0
-        assert by["lora"]["trainable_params"] == by["peft-lora"]["trainable_params"] == 8 * (shape["in"] + shape["out"])
+        assert (
+            by["lora"]["trainable_params"]
+            == by["peft-lora"]["trainable_params"]
+            == 8 * (shape["in"] + shape["out"])
+        )
 
 
 def test_report_header_merge_and_goals(report):
@@ -66,12 +81,19 @@ def test_report_header_merge_and_goals(report):
 
 
 def test_goals_compare_against_the_limits():
-    rows = [{"method": "more-r8", "x_base": 1.05, "x_peft_lora": 0.9, "extra_peak_mib": 0.5},
-            {"method": "lora", "x_peft_lora": 0.8}, {"method": "mora", "x_floor": 1.4}]
+    rows = [
+        {"method": "more-r8", "x_base": 1.05, "x_peft_lora": 0.9, "extra_peak_mib": 0.5},
+        {"method": "lora", "x_peft_lora": 0.8},
+        {"method": "mora", "x_floor": 1.4},
+    ]
     checked = {g["goal"]: g["met"] for g in goals({"in": 8, "out": 8, "tokens": 4, "rows": rows})}
-    assert checked == {"MoRe r8 time / peft LoRA r8": False, "MoRe r8 time / frozen base": True,
-                       "MoRe r8 extra peak MiB": True, "our LoRA / peft LoRA": True,
-                       "MoRA time / its FLOP floor": False}
+    assert checked == {
+        "MoRe r8 time / peft LoRA r8": False,
+        "MoRe r8 time / frozen base": True,
+        "MoRe r8 extra peak MiB": True,
+        "our LoRA / peft LoRA": True,
+        "MoRA time / its FLOP floor": False,
+    }
 
 
 def test_peak_memory_of_a_frozen_linear_is_output_plus_input_grad():
@@ -86,13 +108,16 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     assert paired_ratio([2.0, 3.0, 10.0], [1.0, 3.0, 2.0]) == 2.0
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--shapes", "64x48"], "bad shape '64x48' in --shapes; use INxOUTxTOKENS"),
-    (["--shapes", "64x0x8"], "bad shape '64x0x8'"),
-    (["--methods", "lora,dora"], "unknown method(s) ['dora']; choose from base, lora"),
-    (["--e2e-methods", "more,boft"], "unknown --e2e-methods ['boft']"),
-    (["--rounds", "0"], "--rounds must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--shapes", "64x48"], "bad shape '64x48' in --shapes; use INxOUTxTOKENS"),
+        (["--shapes", "64x0x8"], "bad shape '64x0x8'"),
+        (["--methods", "lora,dora"], "unknown method(s) ['dora']; choose from base, lora"),
+        (["--e2e-methods", "more,boft"], "unknown --e2e-methods ['boft']"),
+        (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+    ],
+)
 def test_bad_flags_are_refused_with_a_message(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
@@ -108,8 +133,28 @@ def test_registered_as_moreft_bench(capsys):
 @pytest.mark.slow
 def test_e2e_minilm_runs_in_a_subprocess(tmp_path):
     out = tmp_path / "e2e.json"
-    assert main(["--e2e-only", "--e2e-methods", "frozen,more", "--e2e-batch", "2", "--e2e-seq", "16",
-                 "--e2e-steps", "1", "--e2e-repeats", "1", "--threads", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--e2e-only",
+                "--e2e-methods",
+                "frozen,more",
+                "--e2e-batch",
+                "2",
+                "--e2e-seq",
+                "16",
+                "--e2e-steps",
+                "1",
+                "--e2e-repeats",
+                "1",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     e2e = json.loads(out.read_text())["e2e"]
     assert [r["method"] for r in e2e["rows"]] == ["frozen", "more"]
     frozen, more = e2e["rows"]
@@ -131,8 +176,27 @@ def test_peak_rss_is_this_process_and_can_restart():
 
 def test_compiled_variants_and_inference(tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["--shapes", "64x48x16", "--methods", "more-r8,more-r8-compiled,mora-sharing", "--rounds", "1",
-                 "--warmup", "1", "--no-merge", "--inference", "--threads", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--shapes",
+                "64x48x16",
+                "--methods",
+                "more-r8,more-r8-compiled,mora-sharing",
+                "--rounds",
+                "1",
+                "--warmup",
+                "1",
+                "--no-merge",
+                "--inference",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     by = {r["method"]: r for r in report["shapes"][0]["rows"]}
     assert list(by) == ["base", "more-r8", "more-r8-compiled", "mora-sharing"]
@@ -141,15 +205,25 @@ def test_compiled_variants_and_inference(tmp_path):
     assert compiled["trainable_params"] == by["more-r8"]["trainable_params"]
     # SHARING's floor: three T·r² products and four group-sum passes over T·(in + out)
     r = int(by["mora-sharing"]["note"].split("r_hat=")[1].split(",")[0])
-    assert by["mora-sharing"]["flop_floor"] == pytest.approx(1 + (6 * 16 * r * r + 2 * 16 * 112) / (4 * 16 * 64 * 48))
+    assert by["mora-sharing"]["flop_floor"] == pytest.approx(
+        1 + (6 * 16 * r * r + 2 * 16 * 112) / (4 * 16 * 64 * 48)
+    )
     inference = report["inference"][0]
     names = [r["what"] for r in inference["rows"]]
-    assert names[0] == "base" and {"more-r8 merged", "more-r8 no_grad", "more-r8 train-fwd",
-                                   "mora-sharing merged"} <= set(names)
+    assert names[0] == "base" and {
+        "more-r8 merged",
+        "more-r8 no_grad",
+        "more-r8 train-fwd",
+        "mora-sharing merged",
+    } <= set(names)
     assert all(math.isfinite(r["x_base"]) for r in inference["rows"])
     goals_checked = {g["goal"] for g in report["goals"]}
-    assert {"MoRe r8 compiled / eager", "mora-sharing time / its FLOP floor", "more-r8 merged / frozen layer",
-            "lora no_grad / training forward"} <= goals_checked
+    assert {
+        "MoRe r8 compiled / eager",
+        "mora-sharing time / its FLOP floor",
+        "more-r8 merged / frozen layer",
+        "lora no_grad / training forward",
+    } <= goals_checked
 
 
 def make_tiny_llama(path) -> str:
@@ -160,8 +234,15 @@ def make_tiny_llama(path) -> str:
 
     tok = AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=72, intermediate_size=144, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=72,
+        intermediate_size=144,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
@@ -171,12 +252,37 @@ def make_tiny_llama(path) -> str:
 def test_llm_end_to_end_skips_a_failing_peer(tmp_path):
     out = tmp_path / "llm.json"
     model = make_tiny_llama(tmp_path / "llama")
-    assert main(["--llm-only", "--llm-model", model, "--llm-methods", "frozen,more,peft-lora,peft-c3a",
-                 "--llm-precisions", "bf16", "--llm-batch", "2", "--llm-seq", "16", "--llm-steps", "1",
-                 "--llm-repeats", "1", "--threads", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--llm-only",
+                "--llm-model",
+                model,
+                "--llm-methods",
+                "frozen,more,peft-lora,peft-c3a",
+                "--llm-precisions",
+                "bf16",
+                "--llm-batch",
+                "2",
+                "--llm-seq",
+                "16",
+                "--llm-steps",
+                "1",
+                "--llm-repeats",
+                "1",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     llm = json.loads(out.read_text())["llm"]
     by = {r["method"]: r for r in llm["rows"]}
-    assert list(by) == ["frozen", "more", "peft-lora", "peft-c3a"] and {r["precision"] for r in by.values()} == {"bf16"}
+    assert list(by) == ["frozen", "more", "peft-lora", "peft-c3a"] and {
+        r["precision"] for r in by.values()
+    } == {"bf16"}
     assert "step_s" not in by["frozen"] and by["frozen"]["x_frozen_forward"] == 1.0
     more = by["more"]
     assert more["trainable_params"] == by["peft-lora"]["trainable_params"] > 0  # 4 x r8 == LoRA r8 here

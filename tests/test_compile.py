@@ -26,7 +26,12 @@ STAGES = (  # (layer type, config, in, out): widths that neither nblocks nor r_h
     (MoReLinear, MoReConfig(nblocks=4, block_rank=2), 23, 24),  # input padded: the dense-A path
     (MoRALinear, MoRAConfig(rank=2, operator=MoRAOperator.TRUNCATION), 24, 20),
     (MoRALinear, MoRAConfig(rank=2, operator=MoRAOperator.SHARING), 20, 37),
-    (MoRALinear, MoRAConfig(rank=2, operator=MoRAOperator.SHARING, sharing_layout=SharingLayout.ADJACENT), 37, 24),
+    (
+        MoRALinear,
+        MoRAConfig(rank=2, operator=MoRAOperator.SHARING, sharing_layout=SharingLayout.ADJACENT),
+        37,
+        24,
+    ),
     (MoRALinear, MoRAConfig(rank=2, operator=MoRAOperator.DECOUPLE), 24, 36),
     (MoRALinear, MoRAConfig(rank=2, operator=MoRAOperator.ROTATION), 36, 24),
 )
@@ -38,8 +43,10 @@ class Chain(nn.Module):
     def __init__(self, dtype: torch.dtype) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.layers = nn.ModuleList(cls(nn.Linear(i, o, dtype=dtype).requires_grad_(False), cfg, name=f"l{k}")
-                                    for k, (cls, cfg, i, o) in enumerate(STAGES))
+        self.layers = nn.ModuleList(
+            cls(nn.Linear(i, o, dtype=dtype).requires_grad_(False), cfg, name=f"l{k}")
+            for k, (cls, cfg, i, o) in enumerate(STAGES)
+        )
         for layer in self.layers:
             randomize_adapters(layer, std=0.3)
 

@@ -20,9 +20,9 @@ from tiny import SUBPROCESS_ENV, make_tiny_bert, moreft_command, train_flags
 from transformers import TrainerCallback
 
 import moreft
+from moreft.adapter_files import WEIGHTS_NAME
 from moreft.errors import TrainingError
 from moreft.safe_write import atomic_dir_write, atomic_write_text
-from moreft.adapter_files import WEIGHTS_NAME
 from moreft.train import resolve_config, train
 from moreft.train.rundir import RunDir, checkpoint_complete
 
@@ -42,12 +42,29 @@ def _tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_kill9_then_resume_equals_an_uninterrupted_run_bit_for_bit(bert, tmp_path):
     # Dropout and gradient accumulation on: RNG, data order, optimizer and scheduler all matter.
-    flags = train_flags(bert, tmp_path, max_steps=24, save_every=3, batch_size=4, grad_accum=2, dropout=0.1,
-                        max_examples=200, keep_checkpoints=2)
-    full = subprocess.Popen(moreft_command(*flags, "--run-name", "full"), env=SUBPROCESS_ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    part = subprocess.Popen(moreft_command(*flags, "--run-name", "part"), env=SUBPROCESS_ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flags = train_flags(
+        bert,
+        tmp_path,
+        max_steps=24,
+        save_every=3,
+        batch_size=4,
+        grad_accum=2,
+        dropout=0.1,
+        max_examples=200,
+        keep_checkpoints=2,
+    )
+    full = subprocess.Popen(
+        moreft_command(*flags, "--run-name", "full"),
+        env=SUBPROCESS_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    part = subprocess.Popen(
+        moreft_command(*flags, "--run-name", "part"),
+        env=SUBPROCESS_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     run = RunDir(tmp_path / "part")
     while part.poll() is None and not list(run.checkpoints.glob("checkpoint-*/trainer_state.json")):
         time.sleep(0.002)
@@ -59,8 +76,13 @@ def test_kill9_then_resume_equals_an_uninterrupted_run_bit_for_bit(bert, tmp_pat
     last = run.last_checkpoint()
     assert last is not None and checkpoint_complete(last)
 
-    resumed = subprocess.run(moreft_command(*flags, "--run-name", "part", "--resume"), env=SUBPROCESS_ENV, check=False,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        moreft_command(*flags, "--run-name", "part", "--resume"),
+        env=SUBPROCESS_ENV,
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert full.wait() == 0, full.stderr.read().decode()[-2000:]
     metrics = json.loads(run.metrics.read_text())
@@ -87,7 +109,9 @@ def test_a_torn_checkpoint_is_skipped_on_resume(tmp_path):
 def test_a_checkpoint_counts_as_complete_by_content_not_by_file_names(tmp_path):
     run = RunDir(tmp_path)
     good = run.checkpoints / "checkpoint-2"
-    moreft.save_adapter(moreft.inject(make_net((24, 24)), moreft.MoReConfig(target_modules=["lin"])), good / "adapter")
+    moreft.save_adapter(
+        moreft.inject(make_net((24, 24)), moreft.MoReConfig(target_modules=["lin"])), good / "adapter"
+    )
     for name in ("optimizer.pt", "scheduler.pt"):
         torch.save({}, good / name)
     (good / "trainer_state.json").write_text('{"global_step": 2}')
@@ -95,7 +119,9 @@ def test_a_checkpoint_counts_as_complete_by_content_not_by_file_names(tmp_path):
     fakes = {  # each newer "checkpoint" is marked complete by some JSON file, but is not
         4: lambda c: (c / "optimizer.pt").write_bytes(b"x"),  # not a torch.save archive
         6: lambda c: (c / "trainer_state.json").write_text('{"global_step": 2}'),  # another step's state
-        8: lambda c: (c / "trainer_state.json").write_text('{"global_step": 8, "nope": 1}'),  # not a TrainerState
+        8: lambda c: (c / "trainer_state.json").write_text(
+            '{"global_step": 8, "nope": 1}'
+        ),  # not a TrainerState
         10: lambda c: (c / "trainer_state.json").write_text("[8]"),
         12: lambda c: (c / "adapter" / "adapter_config.json").write_text("{}"),  # not an adapter
     }
@@ -167,7 +193,9 @@ KILLER = textwrap.dedent("""
 
 def _run_killer(where: str, path: Path) -> None:
     code = KILLER.format(src=str(SRC), tests=str(Path(__file__).parent), where=where, path=str(path))
-    proc = subprocess.run([sys.executable, "-c", code], env=SUBPROCESS_ENV, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=SUBPROCESS_ENV, capture_output=True, text=True, check=False
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr[-2000:]
 
 
@@ -229,17 +257,33 @@ class PoisonAt(TrainerCallback):
 
 
 def _config(bert: str, out: Path, **changes):
-    flags = {"task": "sentiment", "model": bert, "method": "lora", "rank": 2, "max_steps": 6, "batch_size": 8,
-             "max_examples": 120, "eval_examples": 4, "max_length": 32, "lr": 1e-2, "log_every": 1,
-             "save_every": 2, "output_dir": str(out), "progress": False}
+    flags = {
+        "task": "sentiment",
+        "model": bert,
+        "method": "lora",
+        "rank": 2,
+        "max_steps": 6,
+        "batch_size": 8,
+        "max_examples": 120,
+        "eval_examples": 4,
+        "max_length": 32,
+        "lr": 1e-2,
+        "log_every": 1,
+        "save_every": 2,
+        "output_dir": str(out),
+        "progress": False,
+    }
     return resolve_config(None, {**flags, **changes})
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(bert, tmp_path):
     config = _config(bert, tmp_path, run_name="nan")
-    with pytest.raises(TrainingError, match=r"training loss nan at step 5: stopped before the optimizer applied "
-                                            r"it; the last good checkpoint is '.*checkpoint-4' \(continue with "
-                                            r"--resume\)\..*nonfinite: skip"):
+    with pytest.raises(
+        TrainingError,
+        match=r"training loss nan at step 5: stopped before the optimizer applied "
+        r"it; the last good checkpoint is '.*checkpoint-4' \(continue with "
+        r"--resume\)\..*nonfinite: skip",
+    ):
         train(config, callbacks=[PoisonAt(5, heal=False)], quiet=True)
     run = RunDir(config.run_dir)
     assert not run.adapter.exists()

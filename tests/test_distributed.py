@@ -41,8 +41,12 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 def _launch(commands: dict[str, list[str]]) -> None:
     """Run the commands side by side; fail with a command's stderr if it fails."""
-    procs = {name: subprocess.Popen(cmd, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    text=True) for name, cmd in commands.items()}
+    procs = {
+        name: subprocess.Popen(
+            cmd, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for name, cmd in commands.items()
+    }
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"{name} failed:\n{err[-3000:]}"
@@ -52,30 +56,77 @@ def _launch(commands: dict[str, list[str]]) -> None:
 def test_torchrun_and_accelerate_launch_match_one_process(bert, tmp_path):
     single = train_flags(bert, tmp_path, batch_size=8, run_name="single")
     half = train_flags(bert, tmp_path, batch_size=4)
-    _launch({
-        "single": moreft_command(*single),
-        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "moreft",
-                     *half, "--run-name", "torchrun"],
-        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                       "-m", "moreft", *half, "--run-name", "accelerate"],
-    })
+    _launch(
+        {
+            "single": moreft_command(*single),
+            "torchrun": [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "-m",
+                "moreft",
+                *half,
+                "--run-name",
+                "torchrun",
+            ],
+            "accelerate": [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--multi_gpu",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                "-m",
+                "moreft",
+                *half,
+                "--run-name",
+                "accelerate",
+            ],
+        }
+    )
     reference = _adapter(tmp_path / "single")
     for name in ("torchrun", "accelerate"):
         assert max_abs_diff(_adapter(tmp_path / name), reference) < TOLERANCE, name
-        losses = [r["loss"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
-                  if "loss" in r]
-        expected = [r["loss"] for r in map(json.loads, (tmp_path / "single" / "metrics.jsonl").read_text()
-                                           .splitlines()) if "loss" in r]
+        losses = [
+            r["loss"]
+            for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r
+        ]
+        expected = [
+            r["loss"]
+            for r in map(json.loads, (tmp_path / "single" / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r
+        ]
         assert losses == pytest.approx(expected, abs=1e-6), name  # the mean over both processes' halves
 
 
 def test_gradient_accumulation_matches_the_full_batch(bert, tmp_path):
     # The same global batch as 2 micro-batches: the classification loss is averaged, not summed.
-    base = {"task": "sentiment", "model": bert, "method": "lora", "rank": 2, "max_steps": 3, "max_examples": 120,
-            "eval_examples": 4, "max_length": 32, "lr": 1e-2, "output_dir": str(tmp_path), "progress": False}
+    base = {
+        "task": "sentiment",
+        "model": bert,
+        "method": "lora",
+        "rank": 2,
+        "max_steps": 3,
+        "max_examples": 120,
+        "eval_examples": 4,
+        "max_length": 32,
+        "lr": 1e-2,
+        "output_dir": str(tmp_path),
+        "progress": False,
+    }
     full = train(resolve_config(None, {**base, "batch_size": 8, "run_name": "full"}), quiet=True)
-    accum = train(resolve_config(None, {**base, "batch_size": 4, "grad_accum": 2, "run_name": "accum"}), quiet=True)
+    accum = train(
+        resolve_config(None, {**base, "batch_size": 4, "grad_accum": 2, "run_name": "accum"}), quiet=True
+    )
     assert max_abs_diff(_adapter(accum.run_dir), _adapter(full.run_dir)) < TOLERANCE
 
 
@@ -115,11 +166,22 @@ FSDP_WORKER = textwrap.dedent("""
 def test_fully_shard_on_cpu_matches_one_process(bert, tmp_path):
     worker = tmp_path / "fsdp_worker.py"
     worker.write_text(FSDP_WORKER)
-    _launch({
-        "single": [sys.executable, str(worker), bert, str(tmp_path / "single"), "0"],
-        "fully_shard": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), bert,
-                        str(tmp_path / "sharded"), "1"],
-    })
+    _launch(
+        {
+            "single": [sys.executable, str(worker), bert, str(tmp_path / "single"), "0"],
+            "fully_shard": [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                str(worker),
+                bert,
+                str(tmp_path / "sharded"),
+                "1",
+            ],
+        }
+    )
     single, sharded = (load_file(tmp_path / d / WEIGHTS_NAME) for d in ("single", "sharded"))
     assert any(k.endswith("blkdiag2") for k in single) and any(k.startswith("classifier") for k in single)
     assert max_abs_diff(sharded, single) < TOLERANCE

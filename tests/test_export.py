@@ -104,8 +104,11 @@ def test_export_of_thin_layers_pads_to_one_rank(tmp_path):
     assert report.rank == big and report.max_relative_error < 1e-6
     with torch.no_grad():
         assert_close(peft_load(case, tmp_path)(_x(case)), model(_x(case)), case.tol)
-    with pytest.raises(moreft.ConfigError, match=f"rank={big + 1} is more than any adapted layer can hold: "
-                                                 rf"min\(out_features, in_features\) is at most {big}"):
+    with pytest.raises(
+        moreft.ConfigError,
+        match=f"rank={big + 1} is more than any adapted layer can hold: "
+        rf"min\(out_features, in_features\) is at most {big}",
+    ):
         moreft.export_lora(model, tmp_path / "too-big", rank=big + 1)
     with pytest.raises(moreft.ConfigError, match="is more than any adapted layer can hold"):
         moreft.export_lora(model, tmp_path / "huge", rank=10**12)
@@ -133,17 +136,21 @@ def test_export_refuses_merged_layers_and_bad_ranks(tmp_path):
 # -- a lossy export needs the caller's consent: a rank or a tolerance --------------------------------
 def _lossy_mora():
     """``Linear(24, 16)`` with MoRA rank 2 and a random ΔW: at rank 2 the SVD drops most of it."""
-    model = moreft.inject(torch.nn.Sequential(torch.nn.Linear(24, 16)),
-                          moreft.MoRAConfig(target_modules=["0"], rank=2))
+    model = moreft.inject(
+        torch.nn.Sequential(torch.nn.Linear(24, 16)), moreft.MoRAConfig(target_modules=["0"], rank=2)
+    )
     randomize_adapters(model)
     return model
 
 
 def test_lossy_mora_export_is_refused_without_a_rank_or_tolerance(tmp_path):
     model = _lossy_mora()
-    with pytest.raises(moreft.ExportError, match=r"^LoRA export of 1 layers at rank 2: lossy, relative Frobenius "
-                                                 r"error \|\|ΔW - B·A\|\| / \|\|ΔW\|\| per layer: max 0\.\d+ \(0\), "
-                                                 r".*pass rank=R .*\(rank=16 is exact\) .*nothing was written$"):
+    with pytest.raises(
+        moreft.ExportError,
+        match=r"^LoRA export of 1 layers at rank 2: lossy, relative Frobenius "
+        r"error \|\|ΔW - B·A\|\| / \|\|ΔW\|\| per layer: max 0\.\d+ \(0\), "
+        r".*pass rank=R .*\(rank=16 is exact\) .*nothing was written$",
+    ):
         moreft.export_lora(model, tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
 
@@ -152,18 +159,24 @@ def test_lossy_mora_export_is_written_when_a_rank_or_tolerance_accepts_it(tmp_pa
     model = _lossy_mora()
     asked = moreft.export_lora(model, tmp_path / "ranked", rank=2)  # a rank accepts its loss
     assert not asked.exact and asked.max_relative_error > 0.1
-    assert asked.summary().startswith(f"LoRA export of 1 layers at rank 2: lossy, relative Frobenius error "
-                                      f"||ΔW - B·A|| / ||ΔW|| per layer: max {asked.max_relative_error:.3g} (0)")
+    assert asked.summary().startswith(
+        f"LoRA export of 1 layers at rank 2: lossy, relative Frobenius error "
+        f"||ΔW - B·A|| / ||ΔW|| per layer: max {asked.max_relative_error:.3g} (0)"
+    )
     loose = moreft.export_lora(model, tmp_path / "loose", tolerance=asked.max_relative_error + 1e-9)
     assert loose.relative_errors == asked.relative_errors
-    with pytest.raises(moreft.ExportError, match=r"more than tolerance=0\.1\. Export at a higher rank \(rank=16 "
-                                                 r"is exact; CLI --rank\) .*nothing was written$"):
+    with pytest.raises(
+        moreft.ExportError,
+        match=r"more than tolerance=0\.1\. Export at a higher rank \(rank=16 "
+        r"is exact; CLI --rank\) .*nothing was written$",
+    ):
         moreft.export_lora(model, tmp_path / "tight", tolerance=0.1)
-    with pytest.raises(moreft.ExportError, match="more than tolerance=0.1"):  # checked with a rank too
+    with pytest.raises(moreft.ExportError, match=r"more than tolerance=0\.1"):  # checked with a rank too
         moreft.export_lora(model, tmp_path / "tight", rank=2, tolerance=0.1)
     exact = moreft.export_lora(model, tmp_path / "full", rank=16, tolerance=0)
-    assert exact.exact and exact.summary() == ("LoRA export of 1 layers at rank 16: exact (relative Frobenius "
-                                               "error <= 1e-06 on every layer)")
+    assert exact.exact and exact.summary() == (
+        "LoRA export of 1 layers at rank 16: exact (relative Frobenius error <= 1e-06 on every layer)"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "loose", "ranked"]
 
 
@@ -177,14 +190,19 @@ def test_export_tolerance_must_be_a_finite_number_at_least_zero(tmp_path):
 @pytest.mark.parametrize("case", cases(Method.MORE) + cases(Method.LORA))
 def test_exact_methods_export_without_a_rank_or_tolerance(case, tmp_path):
     report = moreft.export_lora(trained(case), tmp_path / "lora", tolerance=None)
-    assert report.exact and report.summary().endswith(": exact (relative Frobenius error <= 1e-06 on every layer)")
+    assert report.exact and report.summary().endswith(
+        ": exact (relative Frobenius error <= 1e-06 on every layer)"
+    )
 
 
 def test_cli_refuses_a_lossy_mora_export_and_says_the_error_in_words(tmp_path, capsys):
     from moreft.cli import main
 
     bert = make_tiny_bert(tmp_path / "bert")
-    assert main(train_flags(bert, tmp_path, method="mora", rank=2, block_rank=None, max_steps=2, run_name="r")) == 0
+    assert (
+        main(train_flags(bert, tmp_path, method="mora", rank=2, block_rank=None, max_steps=2, run_name="r"))
+        == 0
+    )
     run = str(tmp_path / "r")
     capsys.readouterr()
     assert main(["export-lora", run, str(tmp_path / "refused")]) == 2
@@ -195,8 +213,10 @@ def test_cli_refuses_a_lossy_mora_export_and_says_the_error_in_words(tmp_path, c
     out, err = capsys.readouterr()
     result = json.loads(out)
     assert result["exact"] is False and result["lora_rank"] == 2 and result["max_relative_error"] > 0.1
-    assert err.startswith("moreft: LoRA export of 6 layers at rank 2: lossy, relative Frobenius error ||ΔW - B·A|| "
-                          f"/ ||ΔW|| per layer: max {result['max_relative_error']:.3g} (bert.encoder.layer.")
+    assert err.startswith(
+        "moreft: LoRA export of 6 layers at rank 2: lossy, relative Frobenius error ||ΔW - B·A|| "
+        f"/ ||ΔW|| per layer: max {result['max_relative_error']:.3g} (bert.encoder.layer."
+    )
     assert main(["export-lora", run, str(tmp_path / "tight"), "--tolerance", "0.01"]) == 2
     assert "more than tolerance=0.01" in capsys.readouterr().err and not (tmp_path / "tight").exists()
     assert main(["export-lora", run, str(tmp_path / "loose"), "--tolerance", "1"]) == 0

@@ -35,8 +35,9 @@ def literal(layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
     if layer.method is Method.MORE:
         return y + more_literal(layer, x)  # more_reference, scaled / composed as the config says
     if layer.method is Method.MORA:
-        return y + mora_reference(x, layer.matrix, layer.in_features, layer.out_features,
-                                  layer.operator, layer.sharing_layout)
+        return y + mora_reference(
+            x, layer.matrix, layer.in_features, layer.out_features, layer.operator, layer.sharing_layout
+        )
     return y + (x @ layer.lora_A.T @ layer.lora_B.T) * layer.scaling
 
 
@@ -188,17 +189,23 @@ def test_gradcheck_lowrank_functions():
     x, w = t(5, 9), t(7, 9)
     for bias in (t(7), None):
         for rank in (4, 17):  # rank >= 16 takes the other layout for g·B
-            assert torch.autograd.gradcheck(lambda *args: fused_ops.lora_linear(*args, 1.5),
-                                            (x, w, bias, t(rank, 9), t(7, rank)), fast_mode=True)
+            assert torch.autograd.gradcheck(
+                lambda *args: fused_ops.lora_linear(*args, 1.5),
+                (x, w, bias, t(rank, 9), t(7, rank)),
+                fast_mode=True,
+            )
         # MoRe (N, r, I) / (N, O, r) over 9 -> 7: 4 blocks of 3 (the last all padding, outputs cut to 7);
         # 3 blocks of 3 (no input padding: the blocked products); rank 6 in 3 blocks (k = 18)
         for n, r, in_block in ((4, 2, 3), (3, 2, 3), (3, 6, 3)):
             out_block = -(-7 // n)
-            assert torch.autograd.gradcheck(fused_ops.more_linear, (x, w, bias, t(n, r, in_block), t(n, out_block, r)),
-                                            fast_mode=True)
+            assert torch.autograd.gradcheck(
+                fused_ops.more_linear, (x, w, bias, t(n, r, in_block), t(n, out_block, r)), fast_mode=True
+            )
 
 
-@pytest.mark.parametrize("in_f,out_f,r", [(8, 8, 4), (9, 9, 4), (6, 14, 4), (14, 6, 4), (4, 10, 6), (8, 12, 4)])
+@pytest.mark.parametrize(
+    "in_f,out_f,r", [(8, 8, 4), (9, 9, 4), (6, 14, 4), (14, 6, 4), (4, 10, 6), (8, 12, 4)]
+)
 def test_gradcheck_blocks_function(in_f, out_f, r):
     gen = torch.Generator().manual_seed(0)
 
@@ -210,11 +217,23 @@ def test_gradcheck_blocks_function(in_f, out_f, r):
         x, w = t(tokens, in_f), t(out_f, in_f)
         for bias in (t(out_f), None):
             assert torch.autograd.gradcheck(
-                lambda *args: blocks_ops.blocks_linear(*args, True), (x, w, bias, t(c, r, r)), fast_mode=True)
+                lambda *args: blocks_ops.blocks_linear(*args, True), (x, w, bias, t(c, r, r)), fast_mode=True
+            )
 
 
-@pytest.mark.parametrize("in_f,out_f,r", [(24, 24, 6), (23, 37, 6), (37, 23, 6), (20, 36, 8), (8, 64, 10),
-                                          (64, 8, 6), (384, 384, 78), (1024, 4096, 202)])
+@pytest.mark.parametrize(
+    "in_f,out_f,r",
+    [
+        (24, 24, 6),
+        (23, 37, 6),
+        (37, 23, 6),
+        (20, 36, 8),
+        (8, 64, 10),
+        (64, 8, 6),
+        (384, 384, 78),
+        (1024, 4096, 202),
+    ],
+)
 @pytest.mark.parametrize("operator", [MoRAOperator.DECOUPLE, MoRAOperator.ROTATION])
 def test_spans_place_exactly_the_closed_form_delta(in_f, out_f, r, operator):
     mora = MoRALinear(nn.Linear(in_f, out_f, dtype=torch.float64), MoRAConfig(r_hat=r, operator=operator))
@@ -259,6 +278,7 @@ def test_hooked_subclassed_or_transformed_base_runs_the_reference(monkeypatch):
         layer(x.requires_grad_(True)).sum().backward()
         handle.remove()
     assert len(seen) == 2 and spy.calls == 0
+
     class Wrapped(torch.Tensor):  # a tensor subclass weight (as torchao's quantised ones are)
         pass
 
@@ -274,7 +294,10 @@ def test_hooked_subclassed_or_transformed_base_runs_the_reference(monkeypatch):
     for p in layer.parameters():
         p.grad = None
     literal(layer, x).square().sum().backward()
-    for name, param in layer.adapter_params().items():  # the optional ones (e.g. a learnable scale) if present
+    for (
+        name,
+        param,
+    ) in layer.adapter_params().items():  # the optional ones (e.g. a learnable scale) if present
         assert_close(grads[f"{layer.prefix}{name}.default"], param.grad, case.tol)
     assert spy.calls == 1
 
@@ -312,8 +335,11 @@ def no_forward(monkeypatch, layer: AdapterLayer) -> None:
 
 
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
-                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+    ids=["fp64", "fp32", "bf16", "fp16"],
+)
 @pytest.mark.parametrize("case", [c for c in cases() if c.values[0].in_features in (23, 36)])
 def test_merge_in_place_idempotent_reversible(case, dtype, conv1d, monkeypatch):
     layer = make_layer(case, dtype=dtype, conv1d=conv1d)
@@ -347,8 +373,11 @@ def test_safe_merge_refuses_non_finite_and_writes_nothing(case):
     with torch.no_grad():
         next(iter(layer.adapter_params().values())).view(-1)[0] = float("inf")
     before = layer.base_layer.weight.detach().clone()
-    with pytest.raises(MergeError, match=r"merging adapter layer 'lin' would write \d+ NaN/Inf values into its "
-                                         r"torch.float32 weight; nothing was merged"):
+    with pytest.raises(
+        MergeError,
+        match=r"merging adapter layer 'lin' would write \d+ NaN/Inf values into its "
+        r"torch.float32 weight; nothing was merged",
+    ):
         layer.merge(safe=True)
     assert torch.equal(layer.base_layer.weight, before) and not layer.merged
 

@@ -43,16 +43,26 @@ MAX_GROWTH_MIB = 512
 
 def fuzz(examples: int, deadline_s: float) -> Callable:
     """Hypothesis settings of one category: few examples, derandomised (CI stable), a per-example deadline."""
-    return settings(max_examples=examples, deadline=deadline_s * 1000, derandomize=True, database=None,
-                    suppress_health_check=list(HealthCheck))
+    return settings(
+        max_examples=examples,
+        deadline=deadline_s * 1000,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
 
 
 # -- mutations ---------------------------------------------------------------------------------------
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=12)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=12)
     | st.sampled_from(["", "../x", "\x00", "é" * 3, "9" * 40, "NaN", "-1", "1e309"]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=8)
+    max_leaves=8,
+)
 
 
 @st.composite
@@ -64,14 +74,17 @@ def mutated_bytes(draw: Any, data: bytes) -> bytes:
         return data[:i]
     if kind == "flip" and data:
         i = min(i, len(data) - 1)
-        return data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1:]
+        return data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1 :]
     if kind == "insert":
-        return data[:i] + draw(st.binary(min_size=1, max_size=16) | st.sampled_from([b"\xff\xfe", b"\x00", b"*a"]))\
+        return (
+            data[:i]
+            + draw(st.binary(min_size=1, max_size=16) | st.sampled_from([b"\xff\xfe", b"\x00", b"*a"]))
             + data[i:]
+        )
     if kind == "delete":
-        return data[:i] + data[i + draw(st.integers(1, 64)):]
+        return data[:i] + data[i + draw(st.integers(1, 64)) :]
     if kind == "repeat":
-        return data[:i] + data[i:i + 64] * draw(st.integers(2, 50)) + data[i:]
+        return data[:i] + data[i : i + 64] * draw(st.integers(2, 50)) + data[i:]
     return b""
 
 
@@ -83,7 +96,7 @@ def mutated_value(draw: Any, value: Any) -> Any:
         return {**value, key: draw(mutated_value(value[key]))}
     if isinstance(value, list) and value and draw(st.booleans()):
         i = draw(st.integers(0, len(value) - 1))
-        return [*value[:i], draw(mutated_value(value[i])), *value[i + 1:]]
+        return [*value[:i], draw(mutated_value(value[i])), *value[i + 1 :]]
     return draw(JSON_VALUES)
 
 
@@ -97,15 +110,23 @@ def mutated_json(text: str) -> st.SearchStrategy[bytes]:
 # -- the contract -------------------------------------------------------------------------------------
 def tree(*roots: Path) -> dict[str, str]:
     """Every file under ``roots`` with the hash of its bytes."""
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for root in roots for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for root in roots
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @contextlib.contextmanager
 def bounded(seconds: float, *untouched: Path) -> Iterator[None]:
     """The body may not take longer than ``seconds``, grow the peak RSS past :data:`MAX_GROWTH_MIB`, or change
     a file under ``untouched``."""
-    before, peak, began = tree(*untouched), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    before, peak, began = (
+        tree(*untouched),
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        time.perf_counter(),
+    )
     yield
     assert time.perf_counter() - began < seconds
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024 < MAX_GROWTH_MIB
@@ -150,16 +171,38 @@ def world(tmp_path_factory) -> dict[str, Path]:
     """The tiny BERT, a data file, a recipe, and a finished run with checkpoints (kept pristine in ``kept``)."""
     root = tmp_path_factory.mktemp("fuzz")
     bert = Path(make_tiny_bert(root / "bert"))
-    rows = "".join(json.dumps({"text": f"text {i}", "label": ["pos", "neg"][i % 2]}) + "\n" for i in range(24))
+    rows = "".join(
+        json.dumps({"text": f"text {i}", "label": ["pos", "neg"][i % 2]}) + "\n" for i in range(24)
+    )
     (root / "data.jsonl").write_text(rows)
-    (root / "recipe.yaml").write_text(yaml.safe_dump({
-        "description": "fuzzed", "task": "sentiment", "model": str(bert), "method": "lora", "rank": 2,
-        "target_modules": ["query", "value"], "lr": "1e-3", "max_steps": 2, "seed": 1, "task_options": {}}))
+    (root / "recipe.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "description": "fuzzed",
+                "task": "sentiment",
+                "model": str(bert),
+                "method": "lora",
+                "rank": 2,
+                "target_modules": ["query", "value"],
+                "lr": "1e-3",
+                "max_steps": 2,
+                "seed": 1,
+                "task_options": {},
+            }
+        )
+    )
     flags = train_flags(str(bert), root / "runs", run_name="r", save_every=2, max_examples=40)
     assert cli(*flags)[0] == 0
     shutil.copytree(root / "runs", root / "kept")
-    return {"root": root, "bert": bert, "data": root / "data.jsonl", "recipe": root / "recipe.yaml",
-            "run": root / "runs" / "r", "kept": root / "kept" / "r", "flags": flags}
+    return {
+        "root": root,
+        "bert": bert,
+        "data": root / "data.jsonl",
+        "recipe": root / "recipe.yaml",
+        "run": root / "runs" / "r",
+        "kept": root / "kept" / "r",
+        "flags": flags,
+    }
 
 
 def restore(world: dict[str, Path]) -> Path:
@@ -170,12 +213,53 @@ def restore(world: dict[str, Path]) -> Path:
 
 
 # -- flags and environment ----------------------------------------------------------------------------
-FLAGS = ["--seed", "--lr", "--rank", "--block-rank", "--nblocks", "--max-steps", "--max-length", "--batch-size",
-         "--run-name", "--target-modules", "--dropout", "--warmup-ratio", "--epochs", "--task-option", "--model",
-         "--output-dir", "--merge-every", "--eval-every", "--method", "--operator", "--task"]
-VALUES = (st.integers(-2**80, 2**80).map(str) | st.floats().map(repr) | st.text(max_size=24)
-          | st.sampled_from(["", "0", "-1", "nan", "inf", "1e400", "a/b", "..", "(a|aa)+c", "x=1", "=", "{seed}",
-                             "\\", "q" * 300, "all-linear"]))
+FLAGS = [
+    "--seed",
+    "--lr",
+    "--rank",
+    "--block-rank",
+    "--nblocks",
+    "--max-steps",
+    "--max-length",
+    "--batch-size",
+    "--run-name",
+    "--target-modules",
+    "--dropout",
+    "--warmup-ratio",
+    "--epochs",
+    "--task-option",
+    "--model",
+    "--output-dir",
+    "--merge-every",
+    "--eval-every",
+    "--method",
+    "--operator",
+    "--task",
+]
+VALUES = (
+    st.integers(-(2**80), 2**80).map(str)
+    | st.floats().map(repr)
+    | st.text(max_size=24)
+    | st.sampled_from(
+        [
+            "",
+            "0",
+            "-1",
+            "nan",
+            "inf",
+            "1e400",
+            "a/b",
+            "..",
+            "(a|aa)+c",
+            "x=1",
+            "=",
+            "{seed}",
+            "\\",
+            "q" * 300,
+            "all-linear",
+        ]
+    )
+)
 
 
 @fuzz(examples=60, deadline_s=10)
@@ -206,8 +290,14 @@ def test_a_fuzzed_moreft_triton_breaks_no_unrelated_command(value, monkeypatch):
 def _recipe_mutations(text: str) -> st.SearchStrategy[bytes]:
     doc = yaml.safe_load(text)
     as_doc = mutated_value(doc).map(lambda d: yaml.safe_dump(d).encode())
-    bombs = st.integers(2, 12).map(lambda n: ("a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9]\n" + "".join(
-        f"b{i}: &b{i} [{', '.join(['*a' if i == 0 else f'*b{i - 1}'] * 9)}]\n" for i in range(n))).encode())
+    bombs = st.integers(2, 12).map(
+        lambda n: (
+            "a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9]\n"
+            + "".join(
+                f"b{i}: &b{i} [{', '.join(['*a' if i == 0 else f'*b{i - 1}'] * 9)}]\n" for i in range(n)
+            )
+        ).encode()
+    )
     return mutated_bytes(text.encode()) | as_doc | bombs
 
 
@@ -225,27 +315,43 @@ def test_fuzzed_recipes_give_a_config_or_a_clear_error(world, data):
 @given(data=st.data(), suffix=st.sampled_from([".jsonl", ".json", ".csv"]))
 def test_fuzzed_data_files_load_or_give_a_clear_error(world, data, suffix):
     rows = [json.loads(line) for line in world["data"].read_text().splitlines()]
-    valid = {".jsonl": world["data"].read_text(), ".json": json.dumps(rows),
-             ".csv": "text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows)}[suffix]
+    valid = {
+        ".jsonl": world["data"].read_text(),
+        ".json": json.dumps(rows),
+        ".csv": "text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows),
+    }[suffix]
     mutations = mutated_bytes(valid.encode())
     if suffix != ".csv":
         mutations = mutations | mutated_value(rows).map(
-            lambda d: (json.dumps(d) if suffix == ".json" else "".join(json.dumps(r) + "\n" for r in d)
-                       if isinstance(d, list) else json.dumps(d)).encode())
+            lambda d: (
+                json.dumps(d)
+                if suffix == ".json"
+                else "".join(json.dumps(r) + "\n" for r in d)
+                if isinstance(d, list)
+                else json.dumps(d)
+            ).encode()
+        )
     content = data.draw(mutations)
     template = data.draw(st.sampled_from(["{text}", "Q {text}\n"]) | st.text(max_size=16))
     with scratch() as tmp, bounded(10):
         (tmp / f"d{suffix}").write_bytes(content)
-        for name, options in (("file-classification", {}),
-                              ("file-generation", {"prompt_template": template, "answer_field": "label"})):
-            library(lambda name=name, options=options: moreft.tasks.get_task(
-                name, train_path=str(tmp / f"d{suffix}"), **options).load(0, None))
+        for name, options in (
+            ("file-classification", {}),
+            ("file-generation", {"prompt_template": template, "answer_field": "label"}),
+        ):
+            library(
+                lambda name=name, options=options: moreft.tasks.get_task(
+                    name, train_path=str(tmp / f"d{suffix}"), **options
+                ).load(0, None)
+            )
 
 
 # -- model folders ------------------------------------------------------------------------------------
 @fuzz(examples=14, deadline_s=30)
-@given(data=st.data(), target=st.sampled_from(["config.json", "model.safetensors", "tokenizer.json",
-                                               "tokenizer_config.json"]))
+@given(
+    data=st.data(),
+    target=st.sampled_from(["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]),
+)
 def test_fuzzed_model_folders_load_or_give_a_clear_error(world, data, target):
     from moreft.models import load_model
 
@@ -255,7 +361,7 @@ def test_fuzzed_model_folders_load_or_give_a_clear_error(world, data, target):
     elif target == "model.safetensors":  # the header (where structure lives) or anywhere
         header = int.from_bytes(original[:8], "little") + 8
         i = data.draw(st.integers(0, header + 64))
-        content = data.draw(st.sampled_from([original[:i], original[:i] + b"\xff" + original[i + 1:]]))
+        content = data.draw(st.sampled_from([original[:i], original[:i] + b"\xff" + original[i + 1 :]]))
     else:
         content = data.draw(mutated_bytes(original) | st.just(None))
     with scratch() as tmp, bounded(30, world["bert"]):
@@ -266,8 +372,13 @@ def test_fuzzed_model_folders_load_or_give_a_clear_error(world, data, target):
 
 
 # -- run folders and checkpoints ----------------------------------------------------------------------
-RUN_FILES = ["config.yaml", "split.json", "metrics.jsonl", "adapter/adapter_config.json",
-             "adapter/adapter_model.safetensors"]
+RUN_FILES = [
+    "config.yaml",
+    "split.json",
+    "metrics.jsonl",
+    "adapter/adapter_config.json",
+    "adapter/adapter_model.safetensors",
+]
 
 
 @fuzz(examples=10, deadline_s=40)
@@ -289,15 +400,30 @@ def test_fuzzed_run_folders_evaluate_or_give_a_clear_error(world, data, target):
 
 
 @fuzz(examples=10, deadline_s=40)
-@given(data=st.data(), target=st.sampled_from(["optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth"]))
+@given(
+    data=st.data(),
+    target=st.sampled_from(["optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth"]),
+)
 def test_fuzzed_checkpoints_resume_or_give_a_clear_error(world, data, target):
     run = restore(world)
     path = run / "checkpoints" / "checkpoint-4" / target
     if target.endswith(".pt") and data.draw(st.booleans()):  # a well-formed file with mutated content
         state = torch.load(path, weights_only=True)
-        leaf = data.draw(st.sampled_from([
-            torch.full((3,), float("nan")), torch.zeros(2, 2, dtype=torch.int64), torch.zeros(0), 5, "x", None,
-            [0.1], {}, torch.zeros(4, 2, 8)]))
+        leaf = data.draw(
+            st.sampled_from(
+                [
+                    torch.full((3,), float("nan")),
+                    torch.zeros(2, 2, dtype=torch.int64),
+                    torch.zeros(0),
+                    5,
+                    "x",
+                    None,
+                    [0.1],
+                    {},
+                    torch.zeros(4, 2, 8),
+                ]
+            )
+        )
         if target == "optimizer.pt":
             key = data.draw(st.sampled_from(sorted(state["state"])))
             field = data.draw(st.sampled_from(["exp_avg", "exp_avg_sq", "step", "other"]))
@@ -313,7 +439,9 @@ def test_fuzzed_checkpoints_resume_or_give_a_clear_error(world, data, target):
         status, _ = cli(*world["flags"], "--max-steps", "6", "--resume")
     if status == 0:
         metrics = json.loads((run / "metrics.json").read_text())
-        assert all(math.isfinite(v) for k, v in metrics.items() if isinstance(v, float) and k.endswith("loss")), metrics
+        assert all(
+            math.isfinite(v) for k, v in metrics.items() if isinstance(v, float) and k.endswith("loss")
+        ), metrics
 
 
 # -- adapter files ------------------------------------------------------------------------------------
@@ -329,9 +457,18 @@ def test_fuzzed_adapter_files_load_or_leave_the_model_as_it_was(data, target):
         elif data.draw(st.booleans()):
             tensors = load_file(str(path / target))
             key = data.draw(st.sampled_from(sorted(tensors)))
-            tensors[key] = data.draw(st.sampled_from([
-                torch.full_like(tensors[key], float("nan")), tensors[key].double(), tensors[key].flatten(),
-                torch.zeros(1, dtype=torch.int32), tensors[key][:1].clone(), torch.zeros(0)]))
+            tensors[key] = data.draw(
+                st.sampled_from(
+                    [
+                        torch.full_like(tensors[key], float("nan")),
+                        tensors[key].double(),
+                        tensors[key].flatten(),
+                        torch.zeros(1, dtype=torch.int32),
+                        tensors[key][:1].clone(),
+                        torch.zeros(0),
+                    ]
+                )
+            )
             save_file(tensors, str(path / target))
             content = (path / target).read_bytes()
         else:
@@ -347,4 +484,3 @@ def test_fuzzed_adapter_files_load_or_leave_the_model_as_it_was(data, target):
             assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
         else:
             assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
-

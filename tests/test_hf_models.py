@@ -25,8 +25,10 @@ from transformers.pytorch_utils import Conv1D
 import moreft
 from moreft.layers import AdapterLayer
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
+]
 
 METHODS = [
     pytest.param(lambda **kw: moreft.MoReConfig(nblocks=4, block_rank=2, **kw), id="more"),
@@ -37,23 +39,52 @@ METHODS = [
 
 def bert() -> BertForSequenceClassification:
     torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
-        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return BertForSequenceClassification(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=100,
+            max_position_embeddings=32,
+            num_labels=3,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
 
 
 def llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, vocab_size=100, max_position_embeddings=32))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            vocab_size=100,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                      bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            vocab_size=100,
+            n_positions=32,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
 
 
 def ids_batch(classify: bool) -> dict:
@@ -80,7 +111,9 @@ def full_cycle(make, config, batch, suffixes, base_type, tmp_path, saved_modules
     assert {n.rsplit(".", 1)[-1] for n in targets} == set(suffixes)
     assert len(targets) == len(suffixes) * 2  # two layers
     layers = moreft.adapter_layers(model)
-    adapter_names = {f"{n}.{layer.prefix}{p}.default" for n, layer in layers.items() for p in layer.adapter_params()}
+    adapter_names = {
+        f"{n}.{layer.prefix}{p}.default" for n, layer in layers.items() for p in layer.adapter_params()
+    }
     saved_names = {f"{m}.{p}" for m in saved_modules for p, _ in model.get_submodule(m).named_parameters()}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == adapter_names | saved_names
 
@@ -105,8 +138,9 @@ def full_cycle(make, config, batch, suffixes, base_type, tmp_path, saved_modules
     assert torch.equal(logits(fresh, batch), reference)
 
     width = max(min(layer.in_features, layer.out_features) for layer in layers.values())
-    report = moreft.export_lora(model, tmp_path / "lora",
-                                rank=width if config.method is moreft.Method.MORA else None)
+    report = moreft.export_lora(
+        model, tmp_path / "lora", rank=width if config.method is moreft.Method.MORA else None
+    )
     assert report.max_relative_error < 1e-6
     peft_model = PeftModel.from_pretrained(make(), str(tmp_path / "lora")).eval()
     torch.testing.assert_close(logits(peft_model, batch), reference, rtol=1e-4, atol=1e-5)
@@ -121,17 +155,21 @@ def full_cycle(make, config, batch, suffixes, base_type, tmp_path, saved_modules
 def test_bert(method, tmp_path):
     batch = ids_batch(classify=True)
     config = method(modules_to_save=["classifier"])  # default targets: query, key, value
-    full_cycle(bert, config, batch, ("query", "key", "value"), nn.Linear, tmp_path,
-               saved_modules=["classifier"])
+    full_cycle(
+        bert, config, batch, ("query", "key", "value"), nn.Linear, tmp_path, saved_modules=["classifier"]
+    )
 
     model = bert()
-    all_linear = moreft.resolve_targets(model, method(target_modules="all-linear",
-                                                      modules_to_save=["classifier"]))
+    all_linear = moreft.resolve_targets(
+        model, method(target_modules="all-linear", modules_to_save=["classifier"])
+    )
     assert all_linear == [n for n in linear_names(model) if n != "classifier"]
     regex = method(target_modules=r"bert\.encoder\.layer\.1\.attention\.self\.(query|value)")
     moreft.inject(model, regex)
-    assert sorted(moreft.adapter_layers(model)) == ["bert.encoder.layer.1.attention.self.query",
-                                                    "bert.encoder.layer.1.attention.self.value"]
+    assert sorted(moreft.adapter_layers(model)) == [
+        "bert.encoder.layer.1.attention.self.query",
+        "bert.encoder.layer.1.attention.self.value",
+    ]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -144,8 +182,10 @@ def test_llama(method, tmp_path):
     assert "lm_head" in linear_names(model) and "lm_head" not in all_linear
     assert all_linear == [n for n in linear_names(model) if n != "lm_head"]
     moreft.inject(model, method(target_modules=r".*\.0\.(self_attn\.o_proj|mlp\.down_proj)"))
-    assert sorted(moreft.adapter_layers(model)) == ["model.layers.0.mlp.down_proj",
-                                                    "model.layers.0.self_attn.o_proj"]
+    assert sorted(moreft.adapter_layers(model)) == [
+        "model.layers.0.mlp.down_proj",
+        "model.layers.0.self_attn.o_proj",
+    ]
 
 
 @pytest.mark.parametrize("method", METHODS)

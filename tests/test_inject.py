@@ -28,8 +28,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def two_layer_net(case, seed=0):
     """lin: in -> out, lin2: out -> in (the swapped shape is in the table too)."""
     torch.manual_seed(seed)
-    return nn.Sequential(OrderedDict(lin=nn.Linear(case.in_features, case.out_features), act=nn.Tanh(),
-                                     lin2=nn.Linear(case.out_features, case.in_features)))
+    return nn.Sequential(
+        OrderedDict(
+            lin=nn.Linear(case.in_features, case.out_features),
+            act=nn.Tanh(),
+            lin2=nn.Linear(case.out_features, case.in_features),
+        )
+    )
 
 
 BOTH = ("lin", "lin2")
@@ -52,9 +57,12 @@ def test_inject_wraps_targets_freezes_base_and_counts(case):
     # the adapter's parameters live in per-adapter dicts: lin.more_blkdiag1.default, ...
     assert trainable == {f"lin.{model.lin.prefix}{n}.default" for n in model.lin.adapter_params()}
     counts = moreft.count_parameters(model)
-    assert counts == moreft.ParameterCounts(adapter=expected_params(case), other_trainable=0,
-                                            trainable=expected_params(case),
-                                            total=base_total + expected_params(case))
+    assert counts == moreft.ParameterCounts(
+        adapter=expected_params(case),
+        other_trainable=0,
+        trainable=expected_params(case),
+        total=base_total + expected_params(case),
+    )
     assert f"{expected_params(case):,}" in str(counts)
 
 
@@ -139,15 +147,19 @@ class Nested(nn.Module):
         return self.head
 
 
-@pytest.mark.parametrize("spec,expected", [
-    (["lin"], ["block.lin"]),  # dotted suffix, not a substring: other_lin is not matched
-    (["block.proj"], ["block.proj"]),
-    (["lin", "proj"], ["block.lin", "block.proj"]),
-    (r"block\.(lin|proj)", ["block.lin", "block.proj"]),
-    (r".*lin", ["block.lin", "other_lin"]),  # regex must match the whole name
-    (r"lin", []),
-    ("all-linear", ["block.lin", "block.proj", "other_lin"]),  # the output head is excluded
-], ids=["suffix", "qualified", "list", "regex", "regex-suffix", "regex-fullmatch", "all-linear"])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        (["lin"], ["block.lin"]),  # dotted suffix, not a substring: other_lin is not matched
+        (["block.proj"], ["block.proj"]),
+        (["lin", "proj"], ["block.lin", "block.proj"]),
+        (r"block\.(lin|proj)", ["block.lin", "block.proj"]),
+        (r".*lin", ["block.lin", "other_lin"]),  # regex must match the whole name
+        (r"lin", []),
+        ("all-linear", ["block.lin", "block.proj", "other_lin"]),  # the output head is excluded
+    ],
+    ids=["suffix", "qualified", "list", "regex", "regex-suffix", "regex-fullmatch", "all-linear"],
+)
 def test_resolve_targets(spec, expected):
     config = moreft.LoRAConfig(target_modules=spec, rank=2)
     if not expected:
@@ -167,8 +179,9 @@ def test_all_linear_skips_modules_to_save():
 
 
 def test_trainable_parameters_count_tied_weights_once():
-    model = nn.Sequential(OrderedDict(emb=nn.Linear(8, 8, bias=False), lin=nn.Linear(8, 8),
-                                      out=nn.Linear(8, 8, bias=False)))
+    model = nn.Sequential(
+        OrderedDict(emb=nn.Linear(8, 8, bias=False), lin=nn.Linear(8, 8), out=nn.Linear(8, 8, bias=False))
+    )
     model.out.weight = model.emb.weight
     moreft.inject(model, moreft.LoRAConfig(target_modules=["lin"], rank=2, modules_to_save=["out"]))
     counts = moreft.count_parameters(model)

@@ -18,8 +18,10 @@ BASES = [pytest.param(False, id="linear"), pytest.param(True, id="conv1d")]
 
 
 def test_table_covers_every_method_operator_and_layout():
-    seen = {(c.method, getattr(c.config, "operator", None), getattr(c.config, "sharing_layout", None))
-            for c in CASES}
+    seen = {
+        (c.method, getattr(c.config, "operator", None), getattr(c.config, "sharing_layout", None))
+        for c in CASES
+    }
     assert {m for m, _, _ in seen} == set(Method)
     assert {op for m, op, _ in seen if m is Method.MORA} == set(moreft.MoRAOperator)
     assert {lay for _, op, lay in seen if op is moreft.MoRAOperator.SHARING} == set(moreft.SharingLayout)
@@ -140,8 +142,11 @@ def test_delta_weight_rank_for_random_parameters(case):
     randomize_adapters(layer, std=1.0)
     rank = int(torch.linalg.matrix_rank(layer.delta_weight().detach()))
     assert rank == expected_rank(case)
-    if case.method is Method.MORE and case.config.composition is moreft.Composition.ADDITIVE \
-            and case.config.init_mode is moreft.InitMode.ZERO:
+    if (
+        case.method is Method.MORE
+        and case.config.composition is moreft.Composition.ADDITIVE
+        and case.config.init_mode is moreft.InitMode.ZERO
+    ):
         c = case.config
         # every table shape gives each block enough real rows and columns: the full rank is reached
         assert rank == min(c.nblocks * c.block_rank, case.in_features, case.out_features)
@@ -167,22 +172,22 @@ def test_bf16_base(case):
         delta = layer.delta_weight()
         expected = layer.base_layer(x).float() + x.float() @ delta.T
     assert y.dtype == torch.bfloat16 and delta.dtype == torch.float32
-    torch.testing.assert_close(y.float(), expected, rtol=2 ** -7, atol=float(expected.abs().max()) * 2 ** -7)
+    torch.testing.assert_close(y.float(), expected, rtol=2**-7, atol=float(expected.abs().max()) * 2**-7)
     w0 = layer.base_layer.weight.detach().clone()
     layer.merge()
     assert layer.base_layer.weight.dtype == torch.bfloat16
     exact = w0.float() + delta  # the sum taken in fp32, then one rounding to bf16 (2^-8 relative)
-    torch.testing.assert_close(layer.base_layer.weight.float(), exact, rtol=2 ** -8, atol=1e-30)
+    torch.testing.assert_close(layer.base_layer.weight.float(), exact, rtol=2**-8, atol=1e-30)
     layer.unmerge()
     step = (w0.float().abs() + delta.abs()).max()  # bf16 keeps 8 bits: two roundings of this size
-    torch.testing.assert_close(layer.base_layer.weight.float(), w0.float(), rtol=0,
-                               atol=float(step) * 2 ** -6)
+    torch.testing.assert_close(layer.base_layer.weight.float(), w0.float(), rtol=0, atol=float(step) * 2**-6)
 
 
 @pytest.mark.parametrize("case", cases())
 def test_dropout_only_acts_in_training(case):
-    config = type(case.config)(**{**{k: v for k, v in case.config.to_dict().items() if k != "method"},
-                                  "dropout": 0.5})
+    config = type(case.config)(
+        **{**{k: v for k, v in case.config.to_dict().items() if k != "method"}, "dropout": 0.5}
+    )
     layer = make_layer(case)
     noisy = type(layer)(nn.Linear(case.in_features, case.out_features), config, name="lin")
     noisy.load_state_dict(layer.state_dict())

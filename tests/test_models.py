@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from moreft.models import packaged as models
 from moreft.errors import ConfigError
 from moreft.models import MODELS, load_model, minilm_dir, model_dir, smollm2_gguf
+from moreft.models import packaged as models
 from moreft.tasks import DataPackageError, TaskKind
 
 
@@ -28,8 +28,9 @@ def minilm_classifier():
 def test_minilm_classification_logits(minilm_classifier):
     model, tokenizer = minilm_classifier
     spec = MODELS["minilm"]
-    batch = tokenizer(["a short one", "a somewhat longer sentence to pad against"], padding=True,
-                      return_tensors="pt")
+    batch = tokenizer(
+        ["a short one", "a somewhat longer sentence to pad against"], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.shape == (2, 3) and logits.dtype == torch.float32
@@ -63,12 +64,18 @@ def test_targets_and_heads_have_one_source_each(monkeypatch):
     import moreft.models
 
     monkeypatch.setattr(moreft.models, "head_modules", lambda name, model, kind: ("the-head",))
-    assert rundir.model_defaults("minilm", nn.Module(), TaskKind.CLASSIFICATION) == (("query",), ("the-head",))
+    assert rundir.model_defaults("minilm", nn.Module(), TaskKind.CLASSIFICATION) == (
+        ("query",),
+        ("the-head",),
+    )
 
 
 def test_bad_arguments_raise_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown model 'bert-base' \(is not an existing path\); use one of "
-                                         r"\['llama-250m', 'llama-tiny', 'minilm', 'smollm2'\], or a local model directory"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown model 'bert-base' \(is not an existing path\); use one of "
+        r"\['llama-250m', 'llama-tiny', 'minilm', 'smollm2'\], or a local model directory",
+    ):
         load_model("bert-base", "classification", num_labels=2)
     with pytest.raises(ValueError, match=r"is a directory without config\.json"):
         load_model(str(tmp_path), "classification", num_labels=2)
@@ -78,8 +85,11 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
         load_model("minilm", "classification", num_labels=1)
     with pytest.raises(ValueError, match="num_labels is only for classification"):
         load_model("smollm2", "generation", num_labels=2)
-    with pytest.raises(ValueError, match=r"kind must be one of \['classification', 'generation', 'language-modeling'\], "
-                                         r"got 'regression'"):
+    with pytest.raises(
+        ValueError,
+        match=r"kind must be one of \['classification', 'generation', 'language-modeling'\], "
+        r"got 'regression'",
+    ):
         load_model("minilm", "regression", num_labels=2)
     with pytest.raises(ValueError, match=r"dtype must be a floating torch\.dtype"):
         load_model("minilm", "classification", num_labels=2, dtype=torch.int64)
@@ -100,8 +110,15 @@ def _tiny_llama(gguf_path):
     """Stand-in for the ~40 s dequantisation: a 1-layer random Llama with the MiniLM tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=30522, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config), AutoTokenizer.from_pretrained(minilm_dir())
 
 
@@ -132,11 +149,12 @@ def test_smollm2_generates_and_classifies():
     linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if type(m) is nn.Linear}
     assert set(MODELS["smollm2"].target_modules) <= linear  # dense nn.Linear, adapters can wrap them
     messages = [{"role": "user", "content": "What is 2+3? Answer with a number."}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    assert "5" in tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
+    assert "5" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
 
     classifier, tokenizer = load_model("smollm2", "classification", num_labels=4)
     batch = tokenizer(["hello", "a longer input here"], padding=True, return_tensors="pt")

@@ -25,8 +25,15 @@ from moreft.remora import merge_and_reinit
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: (out, in, nblocks, block_rank): square, wide, tall, uneven, N < r, N = 1, and a wide block rank.
-PROJECT_SHAPES = [(24, 24, 4, 2), (36, 20, 4, 4), (20, 36, 3, 3), (37, 23, 4, 1), (23, 37, 2, 4), (24, 24, 1, 4),
-                  (24, 24, 4, 6)]
+PROJECT_SHAPES = [
+    (24, 24, 4, 2),
+    (36, 20, 4, 4),
+    (20, 36, 3, 3),
+    (37, 23, 4, 1),
+    (23, 37, 2, 4),
+    (24, 24, 1, 4),
+    (24, 24, 4, 6),
+]
 
 
 def _w(out_f, in_f, seed=0):
@@ -46,7 +53,7 @@ def eckart_young_error(weight: torch.Tensor, nblocks: int, block_rank: int) -> f
             if not rows or not cols:
                 continue
             s = torch.linalg.svdvals(weight[rows][:, cols])
-            total += float(s[counts.get((b, k), 0):].square().sum())
+            total += float(s[counts.get((b, k), 0) :].square().sum())
     return math.sqrt(total)
 
 
@@ -59,8 +66,9 @@ def test_projection_equals_reference_and_is_optimal_per_block(out_f, in_f, n, r)
     torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
     err = float(torch.linalg.matrix_norm(w - fast))
     assert err == pytest.approx(eckart_young_error(w, n, r), rel=1e-10)
-    torch.testing.assert_close(more_delta_weight(*monarch_project(fast, n, r), in_f, out_f), fast,
-                               rtol=1e-10, atol=1e-10)  # a projection: idempotent
+    torch.testing.assert_close(
+        more_delta_weight(*monarch_project(fast, n, r), in_f, out_f), fast, rtol=1e-10, atol=1e-10
+    )  # a projection: idempotent
 
 
 @pytest.mark.parametrize("out_f, in_f, n, r", PROJECT_SHAPES)
@@ -77,10 +85,14 @@ def test_projection_recovers_a_matrix_of_that_structure_exactly(out_f, in_f, n, 
 
 def test_projection_error_decreases_with_block_rank_and_padding_stays_zero():
     w = _w(37, 23, seed=5)
-    errors = [float(torch.linalg.matrix_norm(w - more_delta_weight(*monarch_project(w, 4, r), 23, 37)))
-              for r in range(1, 7)]
+    errors = [
+        float(torch.linalg.matrix_norm(w - more_delta_weight(*monarch_project(w, 4, r), 23, 37)))
+        for r in range(1, 7)
+    ]
     assert all(a >= b - 1e-12 for a, b in itertools.pairwise(errors)) and errors[0] > errors[-1]
-    p1, p2 = monarch_project(w, 4, 3)  # in 23 = 4 blocks of 6 (one padded column), out 37 = 4 x 10 (3 padded rows)
+    p1, p2 = monarch_project(
+        w, 4, 3
+    )  # in 23 = 4 blocks of 6 (one padded column), out 37 = 4 x 10 (3 padded rows)
     assert not p1[3, :, 5].any()
     assert not p2[1:, 9, :].any() and p2[0, 9, :].any()  # rows 9*4 + b >= 37 for b >= 1
 
@@ -107,17 +119,23 @@ def test_projection_refuses_bad_input():
 
 
 # -- config ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, match", [
-    ({"alpha": 0}, r"alpha=0 must be a number > 0 and finite"),
-    ({"alpha": float("inf")}, r"alpha=inf must be a number > 0"),
-    ({"scale_init": 0.5}, r"scale_init=0.5 needs learnable_scale=True"),
-    ({"learnable_scale": True, "scale_init": float("nan")}, r"scale_init=nan must be a finite number"),
-    ({"learnable_scale": "yes"}, r"learnable_scale='yes' must be true or false"),
-    ({"composition": "product"}, r"composition='product' is not one of 'additive', 'multiplicative'"),
-    ({"init_mode": "svd"}, r"init_mode='svd' is not one of 'zero', 'principal'"),
-    ({"init_mode": "principal", "composition": "multiplicative"}, r"init_mode='principal' needs composition="),
-    ({"init_mode": "principal", "learnable_scale": True}, r"needs scale_init != 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"alpha": 0}, r"alpha=0 must be a number > 0 and finite"),
+        ({"alpha": float("inf")}, r"alpha=inf must be a number > 0"),
+        ({"scale_init": 0.5}, r"scale_init=0.5 needs learnable_scale=True"),
+        ({"learnable_scale": True, "scale_init": float("nan")}, r"scale_init=nan must be a finite number"),
+        ({"learnable_scale": "yes"}, r"learnable_scale='yes' must be true or false"),
+        ({"composition": "product"}, r"composition='product' is not one of 'additive', 'multiplicative'"),
+        ({"init_mode": "svd"}, r"init_mode='svd' is not one of 'zero', 'principal'"),
+        (
+            {"init_mode": "principal", "composition": "multiplicative"},
+            r"init_mode='principal' needs composition=",
+        ),
+        ({"init_mode": "principal", "learnable_scale": True}, r"needs scale_init != 0"),
+    ],
+)
 def test_config_refuses_bad_variants(kwargs, match):
     with pytest.raises(moreft.ConfigError, match=match):
         MoReConfig(**kwargs)
@@ -128,15 +146,22 @@ def test_default_config_is_the_paper_adapter_and_round_trips():
     config = MoReConfig(alpha=2, learnable_scale=True, scale_init=1, composition="multiplicative")
     assert not config.is_default_variant and config.composition is Composition.MULTIPLICATIVE
     assert moreft.config_from_dict(config.to_dict()) == config
-    old = {k: v for k, v in MoReConfig().to_dict().items()  # a file saved before the variants existed
-           if k not in ("composition", "alpha", "learnable_scale", "scale_init", "init_mode")}
+    old = {
+        k: v
+        for k, v in MoReConfig().to_dict().items()  # a file saved before the variants existed
+        if k not in ("composition", "alpha", "learnable_scale", "scale_init", "init_mode")
+    }
     assert moreft.config_from_dict(old) == MoReConfig()
 
 
 def test_default_layer_has_no_new_tensors():
     layer = MoReLinear(nn.Linear(20, 36), MoReConfig(), name="lin")
-    assert set(layer.state_dict()) == {"base_layer.weight", "base_layer.bias", "more_blkdiag1.default",
-                                       "more_blkdiag2.default"}
+    assert set(layer.state_dict()) == {
+        "base_layer.weight",
+        "base_layer.bias",
+        "more_blkdiag1.default",
+        "more_blkdiag2.default",
+    }
     assert set(layer.adapter_state()) == {"blkdiag1", "blkdiag2"}
 
 
@@ -146,11 +171,19 @@ def _layer(config: MoReConfig, in_f=20, out_f=36, dtype=torch.float64, seed=0) -
     return MoReLinear(nn.Linear(in_f, out_f, dtype=dtype), config, name="lin")
 
 
-@pytest.mark.parametrize("config", [
-    MoReConfig(alpha=2.5), MoReConfig(learnable_scale=True), MoReConfig(alpha=0.5, learnable_scale=True, scale_init=3),
-    MoReConfig(composition="multiplicative"), MoReConfig(composition="multiplicative", alpha=2, learnable_scale=True),
-    MoReConfig(init_mode="principal"), MoReConfig(init_mode="principal", alpha=2, learnable_scale=True, scale_init=.5),
-], ids=["alpha", "scale", "scale-alpha", "mult", "mult-scale", "principal", "principal-scale"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        MoReConfig(alpha=2.5),
+        MoReConfig(learnable_scale=True),
+        MoReConfig(alpha=0.5, learnable_scale=True, scale_init=3),
+        MoReConfig(composition="multiplicative"),
+        MoReConfig(composition="multiplicative", alpha=2, learnable_scale=True),
+        MoReConfig(init_mode="principal"),
+        MoReConfig(init_mode="principal", alpha=2, learnable_scale=True, scale_init=0.5),
+    ],
+    ids=["alpha", "scale", "scale-alpha", "mult", "mult-scale", "principal", "principal-scale"],
+)
 def test_delta_weight_is_the_stated_formula(config):
     layer = _layer(config)
     randomize_adapters(layer, std=0.5)
@@ -163,8 +196,9 @@ def test_delta_weight_is_the_stated_formula(config):
         expected = c * more_delta_weight(layer.blkdiag1, layer.blkdiag2, 20, 36)
     if config.init_mode is InitMode.PRINCIPAL:
         c0 = config.alpha * (config.scale_init if config.learnable_scale else 1.0)
-        expected = expected - c0 * more_delta_weight(layer.more_init_blkdiag1["default"],
-                                                     layer.more_init_blkdiag2["default"], 20, 36)
+        expected = expected - c0 * more_delta_weight(
+            layer.more_init_blkdiag1["default"], layer.more_init_blkdiag2["default"], 20, 36
+        )
     torch.testing.assert_close(layer.delta_weight(), expected, rtol=1e-10, atol=1e-12)
     x = torch.randn(5, 20, dtype=torch.float64)
     torch.testing.assert_close(layer.adapter_forward(x), more_literal(layer, x), rtol=1e-10, atol=1e-12)
@@ -197,8 +231,9 @@ def test_multiplicative_merge_keeps_the_pre_merge_weight():
     w0 = layer.base_layer.weight.detach().clone()
     m = more_delta_weight(layer.blkdiag1, layer.blkdiag2, 36, 36).detach()
     layer.merge()
-    torch.testing.assert_close(layer.base_layer.weight, (torch.eye(36, dtype=w0.dtype) + m) @ w0,
-                               rtol=1e-12, atol=1e-12)  # W' = (I + M)·W
+    torch.testing.assert_close(
+        layer.base_layer.weight, (torch.eye(36, dtype=w0.dtype) + m) @ w0, rtol=1e-12, atol=1e-12
+    )  # W' = (I + M)·W
     torch.testing.assert_close(layer.delta_weight(), m @ w0, rtol=1e-12, atol=1e-12)  # not M·W'
     layer.unmerge()
     torch.testing.assert_close(layer.base_layer.weight, w0, rtol=1e-12, atol=1e-12)
@@ -217,8 +252,9 @@ def test_multiplicative_adapters_merged_one_at_a_time_use_the_base_weight():
     x = torch.randn(3, 20, dtype=torch.float64)
     both, w0 = layer(x), layer.base_layer.weight.detach().clone()
     layer.merge(adapter_names=["default"])
-    torch.testing.assert_close(layer.delta_weight("other"),
-                               more_delta_weight(*layer.adapter_params("other").values(), 36, 36) @ w0)
+    torch.testing.assert_close(
+        layer.delta_weight("other"), more_delta_weight(*layer.adapter_params("other").values(), 36, 36) @ w0
+    )
     layer.merge(adapter_names=["other"])
     torch.testing.assert_close(layer.base_layer(x), both, rtol=1e-10, atol=1e-10)
     layer.unmerge()

@@ -74,7 +74,7 @@ def test_more_delta_weight_equals_loop_oracle_and_identity_forward(case):
     in_blk, out_blk = block_sizes(n_in, n_out, n)
     a = torch.zeros(n * r, n * in_blk, dtype=torch.float64)
     for k in range(n):
-        a[k * r:(k + 1) * r, k * in_blk:(k + 1) * in_blk] = b1[k]
+        a[k * r : (k + 1) * r, k * in_blk : (k + 1) * in_blk] = b1[k]
     oracle = torch.zeros(n * out_blk, n * in_blk, dtype=torch.float64)
     for b in range(n):
         for p in range(out_blk):
@@ -144,9 +144,11 @@ def _mora_oracle(m, n_in, n_out, operator, layout):
     if operator is MoRAOperator.TRUNCATION:
         delta[:r, :r] = m
     elif operator is MoRAOperator.SHARING:
+
         def adjacent(width):  # first width % r groups have one more member
             sizes = [width // r + (g < width % r) for g in range(r)]
             return [g for g, size in enumerate(sizes) for _ in range(size)]
+
         if layout is SharingLayout.STRIDED:
             in_group = {t % n_in: [] for t in range(n_in)}
             for t in range(math.ceil(n_in / r) * r):  # cyclic pad: padded t reads x[t % in]
@@ -170,9 +172,13 @@ def _mora_oracle(m, n_in, n_out, operator, layout):
 
 
 # (operator, layout): the layout only matters for SHARING
-MORA_OPS = [(MoRAOperator.TRUNCATION, SharingLayout.STRIDED), (MoRAOperator.SHARING, SharingLayout.STRIDED),
-            (MoRAOperator.SHARING, SharingLayout.ADJACENT), (MoRAOperator.DECOUPLE, SharingLayout.STRIDED),
-            (MoRAOperator.ROTATION, SharingLayout.STRIDED)]
+MORA_OPS = [
+    (MoRAOperator.TRUNCATION, SharingLayout.STRIDED),
+    (MoRAOperator.SHARING, SharingLayout.STRIDED),
+    (MoRAOperator.SHARING, SharingLayout.ADJACENT),
+    (MoRAOperator.DECOUPLE, SharingLayout.STRIDED),
+    (MoRAOperator.ROTATION, SharingLayout.STRIDED),
+]
 MORA_OP_IDS = ["truncation", "sharing-strided", "sharing-adjacent", "decouple", "rotation"]
 
 
@@ -183,9 +189,12 @@ def _valid(n_in, n_out, r, operator):
 
 
 MORA_SMALL = [(8, 8, 4), (7, 11, 3), (7, 11, 4), (11, 7, 4), (10, 5, 4), (5, 9, 2), (4, 13, 6)]
-PAPER_CASES = [pytest.param(n_in, n_out, r, op, lay, id=f"{op_id}-in{n_in}-out{n_out}-r{r}")
-               for n_in, n_out, r in MORA_SMALL for (op, lay), op_id in zip(MORA_OPS, MORA_OP_IDS, strict=True)
-               if _valid(n_in, n_out, r, op)]
+PAPER_CASES = [
+    pytest.param(n_in, n_out, r, op, lay, id=f"{op_id}-in{n_in}-out{n_out}-r{r}")
+    for n_in, n_out, r in MORA_SMALL
+    for (op, lay), op_id in zip(MORA_OPS, MORA_OP_IDS, strict=True)
+    if _valid(n_in, n_out, r, op)
+]
 
 
 @pytest.mark.parametrize("n_in,n_out,r,operator,layout", PAPER_CASES)
@@ -197,15 +206,16 @@ def test_mora_delta_weight_equals_paper_oracle(n_in, n_out, r, operator, layout)
 
 def test_rotation_tables_match_eq11():
     cos, sin = rotation_tables(3, 4, torch.device("cpu"), torch.float64)
-    theta = torch.tensor([1.0, 10000 ** -0.5], dtype=torch.float64)
+    theta = torch.tensor([1.0, 10000**-0.5], dtype=torch.float64)
     angles = torch.arange(3, dtype=torch.float64)[:, None] * torch.cat([theta, theta])
     torch.testing.assert_close(cos, angles.cos())
     torch.testing.assert_close(sin, angles.sin())
 
 
 # -- gradcheck (fp64, small shapes) --------------------------------------------------------------
-@pytest.mark.parametrize("n_in,n_out,n,r", [(6, 6, 2, 2), (7, 5, 3, 1), (5, 9, 1, 2), (9, 4, 2, 2)],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "n_in,n_out,n,r", [(6, 6, 2, 2), (7, 5, 3, 1), (5, 9, 1, 2), (9, 4, 2, 2)], ids=lambda v: str(v)
+)
 def test_more_forward_gradcheck(n_in, n_out, n, r):
     gen = torch.Generator().manual_seed(0)
     in_blk, out_blk = block_sizes(n_in, n_out, n)
@@ -222,10 +232,8 @@ def test_mora_reference_gradcheck(operator, layout):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, n_in, generator=gen, dtype=torch.float64, requires_grad=True)
     m = torch.randn(r, r, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda x, m: mora_reference(x, m, n_in, n_out, operator, layout), (x, m))
-    assert torch.autograd.gradcheck(
-        lambda m: mora_delta_weight(m, n_in, n_out, operator, layout), (m,))
+    assert torch.autograd.gradcheck(lambda x, m: mora_reference(x, m, n_in, n_out, operator, layout), (x, m))
+    assert torch.autograd.gradcheck(lambda m: mora_delta_weight(m, n_in, n_out, operator, layout), (m,))
 
 
 # -- one copy of each fold / block rule, shared by the reference path, the fused layer and merging ------
@@ -240,11 +248,16 @@ def test_fold_equals_its_reference_and_the_grads_are_its_adjoints(case):
     a_ref, b_ref = monarch.fold_factors_reference(b1, b2, width, case.out_features)
     assert torch.equal(a, a_ref) and torch.equal(b, b_ref)
     gen = torch.Generator().manual_seed(5)
-    ga, gb = torch.randn(a.shape, generator=gen, dtype=a.dtype), torch.randn(b.shape, generator=gen, dtype=b.dtype)
+    ga, gb = (
+        torch.randn(a.shape, generator=gen, dtype=a.dtype),
+        torch.randn(b.shape, generator=gen, dtype=b.dtype),
+    )
     da, db = torch.autograd.grad((a * ga).sum() + (b * gb).sum(), (b1, b2))
     ga_pad = F.pad(ga, (0, b1.shape[0] * b1.shape[2] - width))  # (N·r, N·I)
     gb_pad = F.pad(gb.T, (0, b2.shape[0] * b2.shape[1] - case.out_features))  # (N·r, N·O)
-    assert torch.equal(monarch.more_a_grad(ga_pad, b1), da) and torch.equal(monarch.more_b_grad(gb_pad, b2), db)
+    assert torch.equal(monarch.more_a_grad(ga_pad, b1), da) and torch.equal(
+        monarch.more_b_grad(gb_pad, b2), db
+    )
 
 
 def test_more_is_folded_by_one_op_everywhere():

@@ -25,23 +25,43 @@ def tiny_bert(tmp_path_factory) -> str:
 
 
 def tiny(model: str, out, **changes) -> TrainConfig:
-    base = {"task": "sentiment", "model": model, "method": "lora", "rank": 2, "max_steps": 6, "batch_size": 8,
-            "max_examples": 120, "eval_examples": 12, "max_length": 32, "lr": 1e-2, "log_every": 2,
-            "output_dir": str(out), "progress": False}
+    base = {
+        "task": "sentiment",
+        "model": model,
+        "method": "lora",
+        "rank": 2,
+        "max_steps": 6,
+        "batch_size": 8,
+        "max_examples": 120,
+        "eval_examples": 12,
+        "max_length": 32,
+        "lr": 1e-2,
+        "log_every": 2,
+        "output_dir": str(out),
+        "progress": False,
+    }
     return resolve_config(None, {**base, **changes})
 
 
 # -- specs and settings ---------------------------------------------------------------------------------
 def test_peft_specs_use_peft_configs_and_name_close_matches():
     assert parse_method_spec("peft:VeRA:r=256,lr=0.01") == {
-        "method": "peft", "peft_type": "vera", "peft_options": {"r": 256}, "lr": 0.01}
+        "method": "peft",
+        "peft_type": "vera",
+        "peft_options": {"r": 256},
+        "lr": 0.01,
+    }
     assert parse_method_spec("peft:c3a:block_size=64,init_weights=gaussian")["peft_options"] == {
-        "block_size": 64, "init_weights": "gaussian"}
+        "block_size": 64,
+        "init_weights": "gaussian",
+    }
     assert parse_method_spec("peft:boft:boft_block_size=4")["peft_options"] == {"boft_block_size": 4}
     assert parse_method_spec("peft:gralora:r=8,alpha=16")["peft_options"] == {"r": 8, "alpha": 16}
     with pytest.raises(ConfigError, match=r"peft_type='verra' .*did you mean 'vera'"):
         parse_method_spec("peft:verra:r=8")
-    with pytest.raises(ConfigError, match=r"'rr' is not an option of peft:vera nor a setting.*did you mean 'r'"):
+    with pytest.raises(
+        ConfigError, match=r"'rr' is not an option of peft:vera nor a setting.*did you mean 'r'"
+    ):
         parse_method_spec("peft:vera:rr=8")
     with pytest.raises(ConfigError, match="peft:vera option r='many' must be an integer"):
         parse_method_spec("peft:vera:r=many")
@@ -50,8 +70,12 @@ def test_peft_specs_use_peft_configs_and_name_close_matches():
     with pytest.raises(ConfigError, match="moreft's own methods are method more"):
         parse_method_spec("peft:more:r=8")
     with pytest.raises(ConfigError, match="refused by peft's BOFTConfig"):
-        TrainConfig(task="sentiment", method="peft", peft_type="boft",
-                    peft_options={"boft_block_size": 0, "boft_block_num": 0})
+        TrainConfig(
+            task="sentiment",
+            method="peft",
+            peft_type="boft",
+            peft_options={"boft_block_size": 0, "boft_block_num": 0},
+        )
     assert slug(parse_method_spec("peft:vera:r=256,lr=0.01")) == "peft-vera-r256-lr0.01"
     assert slug(parse_method_spec("more:block_rank=4")) == "more-blockrank4"
 
@@ -59,7 +83,10 @@ def test_peft_specs_use_peft_configs_and_name_close_matches():
 def test_peft_settings_belong_to_method_peft():
     config = TrainConfig(task="sentiment", method="peft", peft_type="HiRA", peft_options={"r": 4})
     assert (config.peft_type, config.method_label(), config.run_name) == (
-        "hira", "peft:hira:r=4", "sentiment-minilm-peft-hira-seed0")
+        "hira",
+        "peft:hira:r=4",
+        "sentiment-minilm-peft-hira-seed0",
+    )
     with pytest.raises(ConfigError, match="are for method peft, not method 'lora'"):
         TrainConfig(task="sentiment", method="lora", peft_type="vera")
     with pytest.raises(ConfigError, match="needs peft_type"):
@@ -80,10 +107,18 @@ def test_best_checkpoint_and_eval_fraction_rules():
     spam = get_task("spam")
     assert spam.load(0).sizes == {"train": 3610, "validation": 451, "test": 451}  # the default: 80/10/10
     assert spam.load(0, eval_fraction=0.25).sizes == {"train": 2256, "validation": 1128, "test": 1128}
-    assert get_task("news").load(0, eval_fraction=0.25).sizes == {"train": 1063, "validation": 532, "test": 532}
+    assert get_task("news").load(0, eval_fraction=0.25).sizes == {
+        "train": 1063,
+        "validation": 532,
+        "test": 532,
+    }
     sentiment = get_task("sentiment")
     assert sentiment.load(1, 5, eval_fraction=0.45).sizes == {"train": 1, "validation": 2, "test": 2}
-    assert sentiment.load(1, 4, eval_fraction=0.45).sizes == {"train": 2, "validation": 1, "test": 1}  # one kept
+    assert sentiment.load(1, 4, eval_fraction=0.45).sizes == {
+        "train": 2,
+        "validation": 1,
+        "test": 1,
+    }  # one kept
 
 
 # -- runs -------------------------------------------------------------------------------------------------
@@ -141,15 +176,23 @@ def test_best_checkpoint_scores_the_best_evaluated_adapter(tiny_bert, tmp_path):
     best = max(periodic, key=lambda step: (periodic[step], -step))
     assert metrics["best_step"] == best and metrics["eval_accuracy"] == periodic[best]
     saved = load_file(config.run_dir / "adapter" / "adapter_model.safetensors")
-    kept = load_file(config.run_dir / "checkpoints" / f"checkpoint-{best}" / "adapter" / "adapter_model.safetensors")
+    kept = load_file(
+        config.run_dir / "checkpoints" / f"checkpoint-{best}" / "adapter" / "adapter_model.safetensors"
+    )
     assert all(torch.equal(saved[k], kept[k]) for k in saved)
 
 
 def test_compare_with_a_peft_arm_reports_the_paired_interval(tiny_bert, tmp_path):
     base = tiny(tiny_bert, tmp_path, max_steps=2, eval_examples=8)
     lines = []
-    result = compare(base, ["lora:rank=2", "peft:vera:r=8", "lora:rank=2,lr=0.02"], seeds=2, name="cmp",
-                     reference="lora:rank=2", log=lines.append)
+    result = compare(
+        base,
+        ["lora:rank=2", "peft:vera:r=8", "lora:rank=2,lr=0.02"],
+        seeds=2,
+        name="cmp",
+        reference="lora:rank=2",
+        log=lines.append,
+    )
     table = (result.path / "compare.md").read_text()
     assert "| lora:rank=2 | 768 | 1.00 |" in table and "| reference | – |" in table
     assert "| peft:vera:r=8 | 240 | 0.31 |" in table and "[95% CI]" in table and "paired bootstrap" in table
@@ -159,8 +202,14 @@ def test_compare_with_a_peft_arm_reports_the_paired_interval(tiny_bert, tmp_path
     assert lines[:2] == ["[1/6] lora:rank=2 seed 0: training", lines[1]] and len(lines) == 12
     assert lines[1].startswith("[1/6] lora:rank=2 seed 0: test accuracy ")
     # the lr override is the same adapter: also a valid reference; an unknown one is refused
-    assert compare(base, ["lora:rank=2", "lora:rank=2,lr=0.02"], seeds=2, name="cmp",
-                   reference="lora:rank=2", run=lambda c: pytest.fail("trained again")).rows[0]["reference"]
+    assert compare(
+        base,
+        ["lora:rank=2", "lora:rank=2,lr=0.02"],
+        seeds=2,
+        name="cmp",
+        reference="lora:rank=2",
+        run=lambda c: pytest.fail("trained again"),
+    ).rows[0]["reference"]
     with pytest.raises(ConfigError, match="reference 'lora:rank=4' is not one of the arms"):
         compare(base, ["lora:rank=2"], seeds=1, name="cmp", reference="lora:rank=4")
 
@@ -168,8 +217,15 @@ def test_compare_with_a_peft_arm_reports_the_paired_interval(tiny_bert, tmp_path
 def test_compare_trains_runs_in_worker_processes_with_jobs(tiny_bert, tmp_path):
     base = tiny(tiny_bert, tmp_path, max_steps=2, eval_examples=8)
     lines, finished = [], []
-    result = compare(base, ["lora:rank=2", "peft:vera:r=8"], seeds=1, name="par", jobs=2, log=lines.append,
-                     on_run=lambda config, metrics, seconds: finished.append((config.method_label(), seconds > 0)))
+    result = compare(
+        base,
+        ["lora:rank=2", "peft:vera:r=8"],
+        seeds=1,
+        name="par",
+        jobs=2,
+        log=lines.append,
+        on_run=lambda config, metrics, seconds: finished.append((config.method_label(), seconds > 0)),
+    )
     assert sorted(finished) == [("lora:rank=2", True), ("peft:vera:r=8", True)]
     assert lines[0].startswith("training 2 runs, 2 at a time (") and len(lines) == 3
     sequential = compare(base, ["lora:rank=2", "peft:vera:r=8"], seeds=1, name="seq")

@@ -35,32 +35,79 @@ def _adapter(run: Path, method: str) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("peft-distributed")
-    _launch({
-        "trainer": [sys.executable, WORKER, "trainer", str(out / "trainer")],
-        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                       WORKER, "trainer", str(out / "accelerate")],
-        "accelerate_fsdp": [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
-                            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                            "--dynamo_backend", "no", WORKER, "trainer", str(out / "accelerate_fsdp")],
-        "loop": [sys.executable, WORKER, "fully_shard", str(out / "loop")],
-        "fully_shard": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        WORKER, "fully_shard", str(out / "fully_shard")],
-    })
+    _launch(
+        {
+            "trainer": [sys.executable, WORKER, "trainer", str(out / "trainer")],
+            "accelerate": [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--multi_gpu",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                WORKER,
+                "trainer",
+                str(out / "accelerate"),
+            ],
+            "accelerate_fsdp": [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--use_fsdp",
+                "--fsdp_version",
+                "2",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                WORKER,
+                "trainer",
+                str(out / "accelerate_fsdp"),
+            ],
+            "loop": [sys.executable, WORKER, "fully_shard", str(out / "loop")],
+            "fully_shard": [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                WORKER,
+                "fully_shard",
+                str(out / "fully_shard"),
+            ],
+        }
+    )
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(CONFIGS))
-@pytest.mark.parametrize(("distributed", "single"), [("accelerate", "trainer"), ("accelerate_fsdp", "trainer"),
-                                                         ("fully_shard", "loop")])
+@pytest.mark.parametrize(
+    ("distributed", "single"),
+    [("accelerate", "trainer"), ("accelerate_fsdp", "trainer"), ("fully_shard", "loop")],
+)
 def test_two_processes_save_the_adapter_of_one(runs, method, distributed, single):
     reference, sharded = _adapter(runs / single, method), _adapter(runs / distributed, method)
-    assert {k for k in reference if "classifier" in k} == {"base_model.model.classifier.weight",
-                                                           "base_model.model.classifier.bias"}
+    assert {k for k in reference if "classifier" in k} == {
+        "base_model.model.classifier.weight",
+        "base_model.model.classifier.bias",
+    }
     assert max_abs_diff(sharded, reference) < TOLERANCE
     # it trained: the adapters start at ΔW = 0 (MoRe's second factor, MoRA's square matrix are zero)
-    assert max(float(t.abs().max()) for k, t in reference.items() if k.endswith(("blkdiag2", "mora_matrix"))) > 1e-3
+    assert (
+        max(float(t.abs().max()) for k, t in reference.items() if k.endswith(("blkdiag2", "mora_matrix")))
+        > 1e-3
+    )
     for run in (single, distributed):
         loaded = peft.PeftModel.from_pretrained(peft_model(method).unload(), runs / run / method)
         assert loaded.peft_config["default"].peft_type == CONFIGS[method]().peft_type

@@ -33,10 +33,14 @@ FRESH = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("spec, config_id, auto", [
-    (BERT, "more-N4r2", "AutoPeftModelForSequenceClassification"),
-    (LLAMA, "mora-rotation", "AutoPeftModelForCausalLM"),
-], ids=["bert-more", "llama-mora"])
+@pytest.mark.parametrize(
+    "spec, config_id, auto",
+    [
+        (BERT, "more-N4r2", "AutoPeftModelForSequenceClassification"),
+        (LLAMA, "mora-rotation", "AutoPeftModelForCausalLM"),
+    ],
+    ids=["bert-more", "llama-mora"],
+)
 def test_auto_peft_model_loads_in_a_fresh_process(spec, config_id, auto, tmp_path):
     spec.make().save_pretrained(tmp_path / "base")
     base = type(spec.make()).from_pretrained(tmp_path / "base").eval()
@@ -45,9 +49,19 @@ def test_auto_peft_model_loads_in_a_fresh_process(spec, config_id, auto, tmp_pat
     expected = spec.out(pm)
     pm.save_pretrained(tmp_path / "adapter")
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (tmp_path / "adapter").iterdir())
-    proc = subprocess.run([sys.executable, "-c", FRESH.format(auto=auto), str(tmp_path / "adapter"),
-                           str(tmp_path / "out.safetensors")], env=SUBPROCESS_ENV, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            FRESH.format(auto=auto),
+            str(tmp_path / "adapter"),
+            str(tmp_path / "out.safetensors"),
+        ],
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     config_cls = type(PeftCase(spec, config_id).config()).__name__
     assert proc.stdout.split()[-2:] == [auto.removeprefix("Auto"), config_cls]
@@ -88,11 +102,15 @@ def test_pinned_versions_work_together():
     assert Version(MIN_PEFT_VERSION) <= Version(peft.__version__)
 
 
-@pytest.mark.parametrize("config", [
-    moreft.MoReConfig(target_modules=["lin"], nblocks=3, block_rank=2, modules_to_save=["head"]),
-    moreft.MoRAConfig(target_modules=["lin"], rank=2, operator="sharing", sharing_layout="adjacent"),
-    moreft.LoRAConfig(target_modules=["lin"], rank=4, alpha=8),
-], ids=["more", "mora", "lora"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        moreft.MoReConfig(target_modules=["lin"], nblocks=3, block_rank=2, modules_to_save=["head"]),
+        moreft.MoRAConfig(target_modules=["lin"], rank=2, operator="sharing", sharing_layout="adjacent"),
+        moreft.LoRAConfig(target_modules=["lin"], rank=4, alpha=8),
+    ],
+    ids=["more", "mora", "lora"],
+)
 def test_an_old_moreft_adapter_converts_to_peft(config, tmp_path):
     from conftest import make_net, randomize_adapters
 
@@ -113,8 +131,9 @@ def test_an_old_moreft_adapter_converts_to_peft(config, tmp_path):
 def test_converting_refuses_mixed_sharing_layouts(tmp_path):
     from conftest import make_net
 
-    model = moreft.inject(make_net((24, 24)), moreft.MoRAConfig(target_modules=["lin", "head"], rank=2,
-                                                               operator="sharing"))
+    model = moreft.inject(
+        make_net((24, 24)), moreft.MoRAConfig(target_modules=["lin", "head"], rank=2, operator="sharing")
+    )
     model.head.sharing_layout = moreft.SharingLayout.ADJACENT
     moreft.save_adapter(model, tmp_path / "old")
     with pytest.raises(moreft.AdapterFileError, match=r"different sharing layouts \['adjacent', 'strided'\]"):
@@ -126,21 +145,38 @@ def test_moreft_load_adapter_ignores_init_weights_and_peft_bookkeeping(tmp_path)
     """``init_weights`` and peft's fields (version, inference_mode, ...) do not change what the tensors mean."""
     from conftest import make_net
 
-    saved = moreft.inject(make_net((24, 24)), moreft.MoReConfig(target_modules=["lin"], nblocks=4, block_rank=2,
-                                                               init_weights=False))
+    saved = moreft.inject(
+        make_net((24, 24)),
+        moreft.MoReConfig(target_modules=["lin"], nblocks=4, block_rank=2, init_weights=False),
+    )
     moreft.save_adapter(saved, tmp_path / "ad")
-    target = moreft.inject(make_net((24, 24)), moreft.MoReConfig(target_modules=["lin"], nblocks=4, block_rank=2,
-                                                                inference_mode=True))
+    target = moreft.inject(
+        make_net((24, 24)),
+        moreft.MoReConfig(target_modules=["lin"], nblocks=4, block_rank=2, inference_mode=True),
+    )
     moreft.load_adapter(target, tmp_path / "ad")
     x = torch.randn(3, 24)
     torch.testing.assert_close(target(x), saved(x), rtol=0, atol=0)
-    other = moreft.inject(make_net((24, 24)), moreft.MoReConfig(target_modules=["lin"], nblocks=4, block_rank=1))
-    with pytest.raises(moreft.AdapterFileError, match=r"with block_rank=1; the file was saved with block_rank=2"):
+    other = moreft.inject(
+        make_net((24, 24)), moreft.MoReConfig(target_modules=["lin"], nblocks=4, block_rank=1)
+    )
+    with pytest.raises(
+        moreft.AdapterFileError, match=r"with block_rank=1; the file was saved with block_rank=2"
+    ):
         moreft.load_adapter(other, tmp_path / "ad")
 
 
-@pytest.mark.parametrize("key,value", [("peft_type", []), ("task_type", 5), ("peft_version", ["0.21"]),
-                                       ("inference_mode", "yes"), ("auto_mapping", [1]), ("revision", 3)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("peft_type", []),
+        ("task_type", 5),
+        ("peft_version", ["0.21"]),
+        ("inference_mode", "yes"),
+        ("auto_mapping", [1]),
+        ("revision", 3),
+    ],
+)
 def test_a_saved_config_with_malformed_peft_fields_is_a_config_error(key, value):
     """peft's bookkeeping fields in an adapter_config.json are checked like ours (found by hypothesis)."""
     data = moreft.MoRAConfig(target_modules=["lin"], rank=2).to_dict()

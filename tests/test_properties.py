@@ -21,9 +21,14 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 
 #: MoRe variants drawn beside the default (docs/more-variants.md).
 MORE_VARIANTS = (
-    {}, {"alpha": 2.5}, {"learnable_scale": True}, {"learnable_scale": True, "scale_init": 0.5, "alpha": 0.5},
-    {"composition": "multiplicative"}, {"composition": "multiplicative", "learnable_scale": True},
-    {"init_mode": "principal"}, {"init_mode": "principal", "learnable_scale": True, "scale_init": 2.0},
+    {},
+    {"alpha": 2.5},
+    {"learnable_scale": True},
+    {"learnable_scale": True, "scale_init": 0.5, "alpha": 0.5},
+    {"composition": "multiplicative"},
+    {"composition": "multiplicative", "learnable_scale": True},
+    {"init_mode": "principal"},
+    {"init_mode": "principal", "learnable_scale": True, "scale_init": 2.0},
 )
 
 
@@ -33,8 +38,9 @@ def draw_more(draw, in_f: int, out_f: int) -> moreft.MoReConfig:
     width = out_f if variant.get("composition") == "multiplicative" else in_f  # M is (out, out) then
     nblocks = draw(st.integers(1, min(width, 6)))
     in_b, out_b = block_sizes(width, out_f, nblocks)
-    return moreft.MoReConfig(target_modules=["lin"], nblocks=nblocks,
-                             block_rank=draw(st.integers(1, min(in_b, out_b))), **variant)
+    return moreft.MoReConfig(
+        target_modules=["lin"], nblocks=nblocks, block_rank=draw(st.integers(1, min(in_b, out_b))), **variant
+    )
 
 
 @st.composite
@@ -46,11 +52,16 @@ def layer_and_config(draw):
         config = draw_more(draw, in_f, out_f)
     elif method is moreft.Method.MORA:
         operator = draw(st.sampled_from(list(moreft.MoRAOperator)))
-        config = moreft.MoRAConfig(target_modules=["lin"], rank=draw(st.integers(1, 8)), operator=operator,
-                                   sharing_layout=draw(st.sampled_from(list(moreft.SharingLayout))))
+        config = moreft.MoRAConfig(
+            target_modules=["lin"],
+            rank=draw(st.integers(1, 8)),
+            operator=operator,
+            sharing_layout=draw(st.sampled_from(list(moreft.SharingLayout))),
+        )
     else:
-        config = moreft.LoRAConfig(target_modules=["lin"], rank=draw(st.integers(1, 8)),
-                                   alpha=draw(st.floats(0.5, 32)))
+        config = moreft.LoRAConfig(
+            target_modules=["lin"], rank=draw(st.integers(1, 8)), alpha=draw(st.floats(0.5, 32))
+        )
     return in_f, out_f, draw(st.booleans()), config
 
 
@@ -98,8 +109,9 @@ def test_merge_unmerge_round_trip(case):
 def _base_copy(net, in_f, out_f, bias):
     """A plain ``Net`` holding the adapted net's base weights (no adapter)."""
     fresh = Net(in_f, out_f, bias)
-    fresh.load_state_dict({k.replace("lin.base_layer.", "lin."): v for k, v in net.state_dict().items()
-                           if "base_layer" in k})
+    fresh.load_state_dict(
+        {k.replace("lin.base_layer.", "lin."): v for k, v in net.state_dict().items() if "base_layer" in k}
+    )
     return fresh
 
 

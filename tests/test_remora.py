@@ -13,11 +13,15 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 48))
 
 
-@pytest.mark.parametrize("config", [
-    moreft.MoRAConfig(target_modules=["0", "2"], operator="sharing", r_hat=8),
-    moreft.MoReConfig(target_modules=["0", "2"], block_rank=2),
-    moreft.LoRAConfig(target_modules=["0", "2"], rank=4),
-], ids=["mora-sharing", "more", "lora"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        moreft.MoRAConfig(target_modules=["0", "2"], operator="sharing", r_hat=8),
+        moreft.MoReConfig(target_modules=["0", "2"], block_rank=2),
+        moreft.LoRAConfig(target_modules=["0", "2"], rank=4),
+    ],
+    ids=["mora-sharing", "more", "lora"],
+)
 def test_merge_and_reinit_keeps_outputs_and_zeroes_delta(config):
     model = moreft.inject(_model(), config)
     for layer in moreft.adapter_layers(model).values():
@@ -31,7 +35,8 @@ def test_merge_and_reinit_keeps_outputs_and_zeroes_delta(config):
         assert not layer.merged
         assert torch.count_nonzero(layer.delta_weight()) == 0
     assert {id(p) for p in params} == {
-        id(p) for layer in moreft.adapter_layers(model).values() for p in layer.adapter_params().values()}
+        id(p) for layer in moreft.adapter_layers(model).values() for p in layer.adapter_params().values()
+    }
 
 
 def test_remora_sharing_rank_grows_with_merges():

@@ -18,9 +18,9 @@ from moreft.cli import main
 from moreft.errors import ConfigError
 from moreft.models import load_model
 from moreft.search import SearchSettings, SearchSpace, count_adapter_params, run_search
-from moreft.train import loop, resolve_config
 from moreft.search.driver import candidates, square_block_rank
 from moreft.search.report import pareto_front
+from moreft.train import loop, resolve_config
 
 BEST_LR = 3e-3
 STEPS = 8

@@ -21,13 +21,13 @@ from tiny import make_tiny_bert, train_flags
 
 import moreft
 from moreft.cli import build_parser, main
+from moreft.cli.search import SEARCHED_FIELDS
 from moreft.config import CONFIG_CLASSES, PEFT_CONFIG_FIELDS, Method, MoReConfig
 from moreft.errors import ConfigError
 from moreft.train import comparison, loop
 from moreft.train.config import RESUMABLE_CHANGES, TrainConfig
 from moreft.train.flags import overrides
 from moreft.train.recipes import resolve_config
-from moreft.cli.search import SEARCHED_FIELDS
 from moreft.train.settings import SETTING, Group, Kind, specs
 from moreft.train.settings_doc import settings_doc
 from moreft.train.trainer_args import DEFAULTS_YOU_MAY_CHANGE, FIXED
@@ -58,7 +58,9 @@ def test_every_field_is_declared_and_has_a_flag_with_plain_help():
     for f in dataclasses.fields(TrainConfig):
         spec = f.metadata.get(SETTING)
         assert spec is not None, f.name
-        assert spec.help and not any(mark in spec.help for mark in ("``", ":class:", ":mod:", ":func:")), f.name
+        assert spec.help and not any(mark in spec.help for mark in ("``", ":class:", ":mod:", ":func:")), (
+            f.name
+        )
         action = flags[SPECS[f.name].option]
         assert action.dest == f.name and SPECS[f.name].help.replace("%", "%%") in action.help
     text = io.StringIO()
@@ -83,35 +85,85 @@ def test_adapter_settings_are_the_adapter_configs_fields():
             if f.name != "target_modules":
                 assert getattr(run.adapter_config(), f.name) == f.default, f.name
             if spec.kind is Kind.INT and spec.minimum is not None:
-                others = {"operator": "decouple"} if method is Method.MORA else {}  # rotation needs an even r_hat
+                others = (
+                    {"operator": "decouple"} if method is Method.MORA else {}
+                )  # rotation needs an even r_hat
                 cls(target_modules=["x"], **others, **{f.name: int(spec.minimum)})
                 with pytest.raises(ConfigError, match=f"{f.name}={int(spec.minimum) - 1} must be"):
                     cls(target_modules=["x"], **others, **{f.name: int(spec.minimum) - 1})
-    config = TrainConfig(task="sentiment", method="mora", operator="sharing", sharing_output_layout="adjacent",
-                         cap_r_hat=False, rank=4, dropout=0.1)
+    config = TrainConfig(
+        task="sentiment",
+        method="mora",
+        operator="sharing",
+        sharing_output_layout="adjacent",
+        cap_r_hat=False,
+        rank=4,
+        dropout=0.1,
+    )
     adapter = config.adapter_config(("query",))
-    assert (adapter.operator.value, adapter.sharing_output_layout.value, adapter.cap_r_hat, adapter.rank,
-            adapter.dropout, adapter.target_modules) == ("sharing", "adjacent", False, 4, 0.1, ("query",))
+    assert (
+        adapter.operator.value,
+        adapter.sharing_output_layout.value,
+        adapter.cap_r_hat,
+        adapter.rank,
+        adapter.dropout,
+        adapter.target_modules,
+    ) == ("sharing", "adjacent", False, 4, 0.1, ("query",))
 
 
 def test_roles_are_derived_from_the_declarations():
-    assert RESUMABLE_CHANGES == {"resume", "nonfinite", "overwrite", "max_steps", "epochs", "eval_every",
-                                 "save_every", "log_every", "keep_checkpoints", "eval_batch_size", "progress"}
-    assert set(SEARCHED_FIELDS) == {"method", "block_rank", "nblocks", "rank", "r_hat", "operator", "lr",
-                                    "batch_size", "run_name", "resume", "overwrite", "peft_type", "peft_options"}
-    assert comparison._ADAPTER_KEYS == {s.name for s in SPECS.values() if s.group is Group.ADAPTER}
-    assert {"method", "rank", "alpha", "block_rank", "nblocks", "r_hat", "operator",
-            "sharing_layout"} <= comparison._ADAPTER_KEYS
+    assert {
+        "resume",
+        "nonfinite",
+        "overwrite",
+        "max_steps",
+        "epochs",
+        "eval_every",
+        "save_every",
+        "log_every",
+        "keep_checkpoints",
+        "eval_batch_size",
+        "progress",
+    } == RESUMABLE_CHANGES
+    assert set(SEARCHED_FIELDS) == {
+        "method",
+        "block_rank",
+        "nblocks",
+        "rank",
+        "r_hat",
+        "operator",
+        "lr",
+        "batch_size",
+        "run_name",
+        "resume",
+        "overwrite",
+        "peft_type",
+        "peft_options",
+    }
+    assert {s.name for s in SPECS.values() if s.group is Group.ADAPTER} == comparison._ADAPTER_KEYS
+    assert {
+        "method",
+        "rank",
+        "alpha",
+        "block_rank",
+        "nblocks",
+        "r_hat",
+        "operator",
+        "sharing_layout",
+    } <= comparison._ADAPTER_KEYS
 
 
-@pytest.mark.parametrize("changes, label", [
-    ({}, "more:block_rank=4"),
-    ({"nblocks": 2, "block_rule": "official"}, "more:block_rank=4,nblocks=2,block_rule=official"),
-    ({"method": "lora"}, "lora:rank=8"),
-    ({"method": "lora", "alpha": 32}, "lora:rank=8,alpha=32.0"),
-    ({"method": "mora", "r_hat": 16, "operator": "sharing"}, "mora:rank=8,r_hat=16,operator=sharing"),
-    ({"dropout": 0.1, "target_modules": "query"}, "more:block_rank=4"),  # settings every method shares
-])
+@pytest.mark.parametrize(
+    "changes, label",
+    [
+        ({}, "more:block_rank=4"),
+        ({"nblocks": 2, "block_rule": "official"}, "more:block_rank=4,nblocks=2,block_rule=official"),
+        ({"method": "lora"}, "lora:rank=8"),
+        ({"method": "lora", "alpha": 32}, "lora:rank=8,alpha=32.0"),
+        ({"method": "mora", "r_hat": 16, "operator": "sharing"}, "mora:rank=8,r_hat=16,operator=sharing"),
+        ({"dropout": 0.1, "target_modules": "query"}, "more:block_rank=4"),  # settings every method shares
+    ],
+)
 def test_method_label(changes, label):
     assert TrainConfig(task="sentiment", **changes).method_label() == label
 
@@ -128,7 +180,9 @@ def test_docs_table_is_up_to_date():
 def test_choices_in_any_case(spec):
     for member in spec.choices:
         value = str(member.value)
-        extra = {"peft_type": "vera"} if (spec.name, value) == ("method", "peft") else {}  # a peft arm names its type
+        extra = (
+            {"peft_type": "vera"} if (spec.name, value) == ("method", "peft") else {}
+        )  # a peft arm names its type
         for written in (value, value.upper(), value.title()):
             assert getattr(TrainConfig(task="sentiment", **{spec.name: written}, **extra), spec.name) == value
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in extra.items()]
@@ -150,23 +204,41 @@ def test_the_drifted_cases_now_agree():
 def test_none_clears_an_optional_setting(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("task: sentiment\nmax_steps: 10\nsharing_output_layout: adjacent\n")
-    args = build_parser().parse_args(["train", "--config", str(recipe), "--max-steps", "none",
-                                      "--sharing-output-layout", "NONE"])
+    args = build_parser().parse_args(
+        ["train", "--config", str(recipe), "--max-steps", "none", "--sharing-output-layout", "NONE"]
+    )
     config = resolve_config(args.config, overrides(args, TrainConfig))
     assert config.max_steps is None and config.sharing_output_layout is None
 
 
 # -- a flag is given once ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("argv, message", [
-    (["--lr", "1", "--lr", "2"], "argument --lr: given twice (--lr 1, then --lr 2); give it once"),
-    (["--resume", "--no-resume"], "argument --resume/--no-resume: given twice (--resume, then --no-resume)"),
-    (["--method", "lora", "--method=mora"], "argument --method: given twice (--method lora, then --method mora)"),
-    (["--target-modules", "query", "--target-modules", "value"], "argument --target-modules: given twice"),
-    (["--config", "a.yaml", "--config", "b.yaml"], "argument --config: given twice"),
-    (["--task-option", "source=movie", "--task-option", "source=nyt"],
-     "task option 'source' is given twice ('source=movie', then 'source=nyt'); give it once"),
-    (["--trainer-arg", "optim=sgd", "--trainer-arg", "optim=adafactor"], "trainer arg 'optim' is given twice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "1", "--lr", "2"], "argument --lr: given twice (--lr 1, then --lr 2); give it once"),
+        (
+            ["--resume", "--no-resume"],
+            "argument --resume/--no-resume: given twice (--resume, then --no-resume)",
+        ),
+        (
+            ["--method", "lora", "--method=mora"],
+            "argument --method: given twice (--method lora, then --method mora)",
+        ),
+        (
+            ["--target-modules", "query", "--target-modules", "value"],
+            "argument --target-modules: given twice",
+        ),
+        (["--config", "a.yaml", "--config", "b.yaml"], "argument --config: given twice"),
+        (
+            ["--task-option", "source=movie", "--task-option", "source=nyt"],
+            "task option 'source' is given twice ('source=movie', then 'source=nyt'); give it once",
+        ),
+        (
+            ["--trainer-arg", "optim=sgd", "--trainer-arg", "optim=adafactor"],
+            "trainer arg 'optim' is given twice",
+        ),
+    ],
+)
 def test_a_repeated_flag_is_an_error(argv, message, capsys):
     assert message in error_line(capsys, ["train", "--task", "sentiment", "--dry-run", *argv])
 
@@ -177,31 +249,37 @@ def test_other_commands_refuse_repeats_too(capsys):
 
 
 # -- target_modules ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("value, expected", [
-    ("query value", ("query", "value")),
-    ("query,value", ("query", "value")),
-    (" query , value ", ("query", "value")),
-    ("attention.self.query", ("attention.self.query",)),
-    (["query", "value"], ("query", "value")),
-    (["query value", "key"], ("query", "value", "key")),
-    (".*\\.(query|value)", ".*\\.(query|value)"),
-    (["q.*"], "q.*"),
-    ("all-linear", "all-linear"),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("query value", ("query", "value")),
+        ("query,value", ("query", "value")),
+        (" query , value ", ("query", "value")),
+        ("attention.self.query", ("attention.self.query",)),
+        (["query", "value"], ("query", "value")),
+        (["query value", "key"], ("query", "value", "key")),
+        (".*\\.(query|value)", ".*\\.(query|value)"),
+        (["q.*"], "q.*"),
+        ("all-linear", "all-linear"),
+        (None, None),
+    ],
+)
 def test_target_modules(value, expected):
     assert TrainConfig(task="sentiment", target_modules=value).target_modules == expected
 
 
-@pytest.mark.parametrize("value, message", [
-    (["query", "q.*"], r"'q\.\*' is a regex or 'all-linear', which must be given alone"),
-    (["all-linear", "query"], r"'all-linear' is a regex or 'all-linear', which must be given alone"),
-    ("", "names no module"),
-    (" , ", "names no module"),
-    ([], "must be module names"),
-    (3, "must be module names"),
-    ("lin[", r"target_modules='lin\[' is not a valid regular expression"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (["query", "q.*"], r"'q\.\*' is a regex or 'all-linear', which must be given alone"),
+        (["all-linear", "query"], r"'all-linear' is a regex or 'all-linear', which must be given alone"),
+        ("", "names no module"),
+        (" , ", "names no module"),
+        ([], "must be module names"),
+        (3, "must be module names"),
+        ("lin[", r"target_modules='lin\[' is not a valid regular expression"),
+    ],
+)
 def test_bad_target_modules(value, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(task="sentiment", target_modules=value)
@@ -222,40 +300,73 @@ def test_target_modules_flag_takes_several_names(argv):
 
 
 # -- trainer_args --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("given, stored", [
-    ({"optim": "ADAFACTOR"}, {"optim": "adafactor"}),
-    ({"gradient_checkpointing": "true"}, {"gradient_checkpointing": True}),
-    ({"gradient_checkpointing": True}, {"gradient_checkpointing": True}),
-    ({"adam_beta1": "0.8", "dataloader_num_workers": 2}, {"adam_beta1": 0.8, "dataloader_num_workers": 2}),
-    ({"report_to": "tensorboard,wandb"}, {"report_to": ["tensorboard", "wandb"]}),
-    ({"report_to": ["none"]}, {"report_to": ["none"]}),
-    ({"lr_scheduler_kwargs": '{"min_lr": 1e-5}'}, {"lr_scheduler_kwargs": {"min_lr": 1e-5}}),
-    ({"lr_scheduler_kwargs": {"min_lr": 1e-5}}, {"lr_scheduler_kwargs": {"min_lr": 1e-5}}),
-    ({"torch_compile_mode": None}, {"torch_compile_mode": None}),
-])
+@pytest.mark.parametrize(
+    "given, stored",
+    [
+        ({"optim": "ADAFACTOR"}, {"optim": "adafactor"}),
+        ({"gradient_checkpointing": "true"}, {"gradient_checkpointing": True}),
+        ({"gradient_checkpointing": True}, {"gradient_checkpointing": True}),
+        (
+            {"adam_beta1": "0.8", "dataloader_num_workers": 2},
+            {"adam_beta1": 0.8, "dataloader_num_workers": 2},
+        ),
+        ({"report_to": "tensorboard,wandb"}, {"report_to": ["tensorboard", "wandb"]}),
+        ({"report_to": ["none"]}, {"report_to": ["none"]}),
+        ({"lr_scheduler_kwargs": '{"min_lr": 1e-5}'}, {"lr_scheduler_kwargs": {"min_lr": 1e-5}}),
+        ({"lr_scheduler_kwargs": {"min_lr": 1e-5}}, {"lr_scheduler_kwargs": {"min_lr": 1e-5}}),
+        ({"torch_compile_mode": None}, {"torch_compile_mode": None}),
+    ],
+)
 def test_trainer_args_are_converted_by_their_own_types(given, stored):
     config = TrainConfig(task="sentiment", trainer_args=given)
     assert config.trainer_args == stored
     assert TrainConfig.from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
 
 
-@pytest.mark.parametrize("given, message", [
-    ({"optimm": "sgd"}, (r"trainer_args key 'optimm' is not a transformers TrainingArguments field; "
-                         r"did you mean 'optim' or 'optim_args'\?")),
-    ({"learning_rate": 1e-3}, (r"trainer_args key 'learning_rate' is set by moreft's lr setting; give it as "
-                               r"--lr \(recipe key lr\)")),
-    ({"per_device_train_batch_size": 4}, r"is set by moreft's batch_size setting; give it as --batch-size"),
-    ({"lr": 1e-3}, r"trainer_args key 'lr' is a moreft setting; give it as --lr"),
-    ({"push_to_hub": True}, r"trainer_args key 'push_to_hub' cannot be changed: moreft never uploads"),
-    ({"optim": "bogus"}, r"trainer_args optim='bogus' is not one of \["),
-    ({"adam_beta1": "x"}, r"trainer_args adam_beta1='x' must be a number"),
-    ({"gradient_checkpointing": "maybe"}, r"trainer_args gradient_checkpointing='maybe' must be true or false"),
-    ({"adam_beta1": [0.8, 0.9]}, r"trainer_args adam_beta1=\[0\.8, 0\.9\] takes one value"),
-    ({"adam_beta1": None}, r"trainer_args adam_beta1=None: this option cannot be null"),
-    ({"report_to": "tensorbord"}, (r"report_to='tensorbord' is not one of transformers' integrations "
-                                   r".*did you mean 'tensorboard'\?")),
-    ({"lr_scheduler_kwargs": "{min_lr"}, r"trainer_args lr_scheduler_kwargs='\{min_lr' is not a valid JSON object"),
-])
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        (
+            {"optimm": "sgd"},
+            (
+                r"trainer_args key 'optimm' is not a transformers TrainingArguments field; "
+                r"did you mean 'optim' or 'optim_args'\?"
+            ),
+        ),
+        (
+            {"learning_rate": 1e-3},
+            (
+                r"trainer_args key 'learning_rate' is set by moreft's lr setting; give it as "
+                r"--lr \(recipe key lr\)"
+            ),
+        ),
+        (
+            {"per_device_train_batch_size": 4},
+            r"is set by moreft's batch_size setting; give it as --batch-size",
+        ),
+        ({"lr": 1e-3}, r"trainer_args key 'lr' is a moreft setting; give it as --lr"),
+        ({"push_to_hub": True}, r"trainer_args key 'push_to_hub' cannot be changed: moreft never uploads"),
+        ({"optim": "bogus"}, r"trainer_args optim='bogus' is not one of \["),
+        ({"adam_beta1": "x"}, r"trainer_args adam_beta1='x' must be a number"),
+        (
+            {"gradient_checkpointing": "maybe"},
+            r"trainer_args gradient_checkpointing='maybe' must be true or false",
+        ),
+        ({"adam_beta1": [0.8, 0.9]}, r"trainer_args adam_beta1=\[0\.8, 0\.9\] takes one value"),
+        ({"adam_beta1": None}, r"trainer_args adam_beta1=None: this option cannot be null"),
+        (
+            {"report_to": "tensorbord"},
+            (
+                r"report_to='tensorbord' is not one of transformers' integrations "
+                r".*did you mean 'tensorboard'\?"
+            ),
+        ),
+        (
+            {"lr_scheduler_kwargs": "{min_lr"},
+            r"trainer_args lr_scheduler_kwargs='\{min_lr' is not a valid JSON object",
+        ),
+    ],
+)
 def test_bad_trainer_args(given, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(task="sentiment", trainer_args=given)
@@ -272,11 +383,23 @@ def test_trainer_args_reach_training_arguments(monkeypatch):
         return real(**kwargs)
 
     monkeypatch.setattr(transformers, "TrainingArguments", recording)
-    config = TrainConfig(task="sentiment", max_steps=4, trainer_args={
-        "optim": "sgd", "gradient_checkpointing": True, "report_to": "none", "adam_beta2": 0.95})
+    config = TrainConfig(
+        task="sentiment",
+        max_steps=4,
+        trainer_args={
+            "optim": "sgd",
+            "gradient_checkpointing": True,
+            "report_to": "none",
+            "adam_beta2": 0.95,
+        },
+    )
     arguments = loop.training_arguments(config)
-    assert (arguments.optim.value, arguments.gradient_checkpointing, arguments.report_to, arguments.adam_beta2) == (
-        "sgd", True, [], 0.95)
+    assert (
+        arguments.optim.value,
+        arguments.gradient_checkpointing,
+        arguments.report_to,
+        arguments.adam_beta2,
+    ) == ("sgd", True, [], 0.95)
     assert arguments.learning_rate == config.lr and arguments.run_name == config.run_name
     owned = {key for s in SPECS.values() for key in s.trainer_keys}
     moreft_keys = set(passed) - set(config.trainer_args)
@@ -288,21 +411,37 @@ def test_run_time_checks_of_training_arguments():
     with pytest.raises(ConfigError, match=r"lr_scheduler='cosine_with_min_lr' cannot be built .*min_lr"):
         loop.training_arguments(config)
     loop.training_arguments(config.replace(trainer_args={"lr_scheduler_kwargs": {"min_lr": 1e-6}}))
-    with pytest.raises(ConfigError, match=r"transformers refused this run's training arguments: "
-                                          r"lr_scheduler_type reduce_lr_on_plateau requires an eval strategy"):
+    with pytest.raises(
+        ConfigError,
+        match=r"transformers refused this run's training arguments: "
+        r"lr_scheduler_type reduce_lr_on_plateau requires an eval strategy",
+    ):
         loop.training_arguments(config.replace(lr_scheduler="reduce_lr_on_plateau"))
     try:
         import tensorboard  # noqa: F401
     except ImportError:
-        with pytest.raises(ConfigError, match=r"report_to='tensorboard' needs its package, which is not installed"):
-            loop.training_arguments(config.replace(lr_scheduler="cosine", trainer_args={"report_to": "tensorboard"}))
+        with pytest.raises(
+            ConfigError, match=r"report_to='tensorboard' needs its package, which is not installed"
+        ):
+            loop.training_arguments(
+                config.replace(lr_scheduler="cosine", trainer_args={"report_to": "tensorboard"})
+            )
 
 
 def test_trainer_arg_flags_add_to_the_recipe(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("task: sentiment\ntrainer_args: {optim: sgd, adam_beta1: 0.8}\n")
-    args = build_parser().parse_args(["train", "--config", str(recipe), "--trainer-arg", "adam_beta1=0.7",
-                                      "--trainer-arg", "gradient_checkpointing=true"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--config",
+            str(recipe),
+            "--trainer-arg",
+            "adam_beta1=0.7",
+            "--trainer-arg",
+            "gradient_checkpointing=true",
+        ]
+    )
     config = resolve_config(args.config, overrides(args, TrainConfig))
     assert config.trainer_args == {"optim": "sgd", "adam_beta1": 0.7, "gradient_checkpointing": True}
 
@@ -316,16 +455,29 @@ def bert(tmp_path_factory) -> str:
 def test_a_tiny_run_with_trainer_args(bert, tmp_path, capsys):
     """optim, gradient checkpointing and reporting reach the Trainer; trainer_args cannot change on resume."""
     flags = train_flags(bert, tmp_path, run_name="r", save_every=2, max_steps=2)
-    extra = ["--trainer-arg", "optim=sgd", "--trainer-arg", "gradient_checkpointing=true",
-             "--trainer-arg", "report_to=none"]
+    extra = [
+        "--trainer-arg",
+        "optim=sgd",
+        "--trainer-arg",
+        "gradient_checkpointing=true",
+        "--trainer-arg",
+        "report_to=none",
+    ]
     assert main([*flags, *extra]) == 0
     saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert saved["trainer_args"] == {"optim": "sgd", "gradient_checkpointing": True, "report_to": "none"}
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["global_step"] == 2 and metrics["train_loss"] == metrics["train_loss"]  # finite
     capsys.readouterr()
-    line = error_line(capsys, [*train_flags(bert, tmp_path, run_name="r", save_every=2, max_steps=4), "--resume",
-                               "--trainer-arg", "optim=adafactor"])
+    line = error_line(
+        capsys,
+        [
+            *train_flags(bert, tmp_path, run_name="r", save_every=2, max_steps=4),
+            "--resume",
+            "--trainer-arg",
+            "optim=adafactor",
+        ],
+    )
     assert "cannot resume" in line and "trainer_args" in line
 
 
@@ -336,7 +488,9 @@ def test_tensorboard_logs_go_into_the_run(bert, tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         assert main([*flags, "--trainer-arg", "report_to=tensorboard"]) == 0
         assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
-        assert main([*flags, "--trainer-arg", "report_to=tensorboard", "--overwrite"]) == 0  # moreft's to delete
+        assert (
+            main([*flags, "--trainer-arg", "report_to=tensorboard", "--overwrite"]) == 0
+        )  # moreft's to delete
 
 
 def test_a_new_adapter_option_needs_one_field():
@@ -355,4 +509,8 @@ def test_a_new_adapter_option_needs_one_field():
         CONFIG_CLASSES.update(original)
     spec = declared.metadata[SETTING]
     assert (declared.default, spec.group, spec.methods, spec.help) == (
-        False, Group.ADAPTER, (Method.MORE,), "MoRe: Learn an output scalar.")
+        False,
+        Group.ADAPTER,
+        (Method.MORE,),
+        "MoRe: Learn an output scalar.",
+    )

@@ -36,8 +36,9 @@ def group_matrix(segs, width: int, r: int) -> torch.Tensor:
 @pytest.mark.parametrize("in_f,out_f,r", SHAPES)
 def test_segments_are_the_reference_groups(in_f, out_f, r, layout):
     group, source = input_groups(in_f, r, layout, torch.device("cpu"))
-    expected_in = torch.zeros(r, in_f, dtype=torch.float64).index_put_((group, source), torch.ones(len(group),
-                                                                       dtype=torch.float64), accumulate=True)
+    expected_in = torch.zeros(r, in_f, dtype=torch.float64).index_put_(
+        (group, source), torch.ones(len(group), dtype=torch.float64), accumulate=True
+    )
     assert torch.equal(group_matrix(sharing.segments(in_f, r, layout, True), in_f, r), expected_in)
     out_group = output_groups(out_f, r, layout, torch.device("cpu"))
     expected_out = F.one_hot(out_group, r).T.double()  # (r, out)
@@ -55,8 +56,9 @@ def test_gradcheck_and_reference(in_f, out_f, r, layout):
     for tokens in (3, 2 * in_f):
         x, w, m = t(tokens, in_f), t(out_f, in_f), t(r, r)
         for bias in (t(out_f), None):
-            assert torch.autograd.gradcheck(lambda *args: sharing.sharing_linear(*args, layout), (x, w, bias, m),
-                                            fast_mode=True)
+            assert torch.autograd.gradcheck(
+                lambda *args: sharing.sharing_linear(*args, layout), (x, w, bias, m), fast_mode=True
+            )
         y = sharing.sharing_linear(x, w, None, m, layout)
         ref = F.linear(x, w) + mora_reference(x, m, in_f, out_f, MoRAOperator.SHARING, layout)
         g = torch.randn(y.shape, dtype=torch.float64, generator=gen)
@@ -86,14 +88,18 @@ def test_mora_linear_without_grad_keeps_no_graph():
     with torch.no_grad():
         y = mora_linear(x, w, None, m, MoRAOperator.SHARING, SharingLayout.ADJACENT)
     assert y.grad_fn is None and y.shape == (5, 7)
-    expected = F.linear(x, w) + mora_reference(x, m.detach(), 9, 7, MoRAOperator.SHARING, SharingLayout.ADJACENT)
+    expected = F.linear(x, w) + mora_reference(
+        x, m.detach(), 9, 7, MoRAOperator.SHARING, SharingLayout.ADJACENT
+    )
     torch.testing.assert_close(y, expected)
 
 
 MIXED = [(SharingLayout.STRIDED, SharingLayout.ADJACENT), (SharingLayout.ADJACENT, SharingLayout.STRIDED)]
 
 
-@pytest.mark.parametrize("layout,output_layout", MIXED, ids=["strided-in-adjacent-out", "adjacent-in-strided-out"])
+@pytest.mark.parametrize(
+    "layout,output_layout", MIXED, ids=["strided-in-adjacent-out", "adjacent-in-strided-out"]
+)
 @pytest.mark.parametrize("in_f,out_f,r", [(9, 9, 4), (23, 37, 6), (37, 23, 5)])
 def test_mixed_layouts_fused_equal_reference(in_f, out_f, r, layout, output_layout):
     """The authors' mora_type 3/4 (one grouping for inputs, the other for outputs): forward, grads, merge."""
@@ -107,8 +113,12 @@ def test_mixed_layouts_fused_equal_reference(in_f, out_f, r, layout, output_layo
     assert not torch.allclose(ref, same)  # the mixed grouping is a different operator
     g = torch.randn(y.shape, dtype=torch.float64, generator=gen)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-    for got, want in zip(torch.autograd.grad(y, (x, w, m), g), torch.autograd.grad(ref, (x, w, m), g), strict=True):
+    for got, want in zip(
+        torch.autograd.grad(y, (x, w, m), g), torch.autograd.grad(ref, (x, w, m), g), strict=True
+    ):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     merged = mora_delta_add_(w.detach().clone(), m.detach(), MoRAOperator.SHARING, layout, 1.0, output_layout)
-    closed = w.detach() + mora_delta_weight(m.detach(), in_f, out_f, MoRAOperator.SHARING, layout, output_layout)
+    closed = w.detach() + mora_delta_weight(
+        m.detach(), in_f, out_f, MoRAOperator.SHARING, layout, output_layout
+    )
     torch.testing.assert_close(merged, closed, rtol=0, atol=1e-13)

@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 import moreft
 from moreft import Method, SharingLayout
-from moreft.layers import LAYER_CLASSES
 from moreft.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+from moreft.layers import LAYER_CLASSES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,7 +85,9 @@ def test_saved_files_hold_only_safetensors_and_json(case, tmp_path):
         keys = set(f.keys())
         for k in keys:
             assert f.get_tensor(k).dtype == torch.float32
-    assert keys == {f"lin.{n}" for n in model.lin.adapter_state()}  # no base weight (frozen adapter buffers kept)
+    assert keys == {
+        f"lin.{n}" for n in model.lin.adapter_state()
+    }  # no base weight (frozen adapter buffers kept)
     meta = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
     assert meta["format"] == "moreft-adapter" and meta["method"] == case.method.value
     assert meta["modules"] == {"lin": [case.out_features, case.in_features]}

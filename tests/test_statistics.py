@@ -19,12 +19,16 @@ from moreft.train.statistics import (
 
 
 def labelled(predictions, labels, first_id=0):
-    return [{"id": first_id + i, "prediction": int(p), "label": int(y), "correct": int(p) == int(y)}
-            for i, (p, y) in enumerate(zip(predictions, labels, strict=True))]
+    return [
+        {"id": first_id + i, "prediction": int(p), "label": int(y), "correct": int(p) == int(y)}
+        for i, (p, y) in enumerate(zip(predictions, labels, strict=True))
+    ]
 
 
 def scored(scores, first_id=0):
-    return [{"id": first_id + i, "prediction": "x", "label": "x", "score": float(s)} for i, s in enumerate(scores)]
+    return [
+        {"id": first_id + i, "prediction": "x", "label": "x", "score": float(s)} for i, s in enumerate(scores)
+    ]
 
 
 def test_identical_arms_give_a_degenerate_interval_at_zero():
@@ -89,7 +93,9 @@ def test_metrics_from_confusion_counts_equal_the_tasks(classes):
     assert metric_from_confusion(confusion, "macro_f1") == pytest.approx(expected["macro_f1"])
     assert metric_from_confusion(confusion, "matthews") == pytest.approx(matthews_corrcoef(labels, preds))
     constant = np.zeros((classes, classes), dtype=np.int64)
-    constant[0] = np.bincount(labels, minlength=classes)  # always predicts class 0: Matthews is 0 by convention
+    constant[0] = np.bincount(
+        labels, minlength=classes
+    )  # always predicts class 0: Matthews is 0 by convention
     assert metric_from_confusion(constant, "matthews") == 0.0
 
 
@@ -107,10 +113,16 @@ def test_unpaired_arms_are_refused():
         paired_bootstrap(arm, arm, "accuracy", resamples=0)
 
 
-@pytest.mark.parametrize("low, high, expected", [
-    (-0.004, 0.005, "within"), (0.006, 0.02, "better"), (-0.03, -0.006, "worse"), (-0.002, 0.03, "not worse"),
-    (-0.02, 0.01, "undecided"),
-])
+@pytest.mark.parametrize(
+    "low, high, expected",
+    [
+        (-0.004, 0.005, "within"),
+        (0.006, 0.02, "better"),
+        (-0.03, -0.006, "worse"),
+        (-0.002, 0.03, "not worse"),
+        (-0.02, 0.01, "undecided"),
+    ],
+)
 def test_verdicts(low, high, expected):
     interval = Interval((low + high) / 2, low, high, 0.95, 10, 1, 10)
     assert verdict(interval) == expected

@@ -29,16 +29,34 @@ def write_plan(path: Path, model: str, **changes) -> Path:
         "description": "tiny study",
         "name": "tiny",
         "output_dir": str(path.parent / "out"),
-        "settings": {"model": model, "max_steps": 4, "batch_size": 8, "max_examples": 120, "eval_examples": 8,
-                     "max_length": 32, "eval_every": 2, "save_every": 2, "best_checkpoint": True, "log_every": 2},
+        "settings": {
+            "model": model,
+            "max_steps": 4,
+            "batch_size": 8,
+            "max_examples": 120,
+            "eval_examples": 8,
+            "max_length": 32,
+            "eval_every": 2,
+            "save_every": 2,
+            "best_checkpoint": True,
+            "log_every": 2,
+        },
         "tasks": {"sent": {"settings": {"task": "sentiment", "eval_fraction": 0.2}}},
         "arms": ["lora:rank=2", "peft:vera:r=8", "more:block_rank=1"],
         "reference": "lora:rank=2",
         "search": {"trials": 2, "sampler": "random", "pruner": "none"},
-        "space": {"lr": {"low": 1e-3, "high": 1e-2}, "lr_by_method": {"peft:vera": [1e-2, 1e-1]}, "batch_size": [8]},
+        "space": {
+            "lr": {"low": 1e-3, "high": 1e-2},
+            "lr_by_method": {"peft:vera": [1e-2, 1e-1]},
+            "batch_size": [8],
+        },
         "seeds": 2,
-        "budget": {"seconds_per_step": {"default": 0.5, "peft:vera": 1.0}, "seconds_per_eval_example": 0.01,
-                   "seconds_per_run": 2, "measured": "made up for the test"},
+        "budget": {
+            "seconds_per_step": {"default": 0.5, "peft:vera": 1.0},
+            "seconds_per_eval_example": 0.01,
+            "seconds_per_run": 2,
+            "measured": "made up for the test",
+        },
     }
     plan.update(changes)
     path.write_text(yaml.safe_dump(plan, sort_keys=False))
@@ -48,16 +66,19 @@ def write_plan(path: Path, model: str, **changes) -> Path:
 def test_plans_are_checked(tiny_bert, tmp_path):
     plan = read_plan(write_plan(tmp_path / "p.yaml", tiny_bert))
     assert plan.selected(("peft",)) == ("peft:vera:r=8",) and plan.selected((), ("more", "lora:rank=2")) == (
-        "peft:vera:r=8",)
+        "peft:vera:r=8",
+    )
     with pytest.raises(ConfigError, match="arm pattern 'full' matches none"):
         plan.selected(("full",))
-    for changes, message in [({"arms": ["lora:rank=2", "lora:rank=2"]}, "repeat an arm"),
-                             ({"search": {"trials": 2, "name": "x"}}, r"search has key\(s\) \['name'\]"),
-                             ({"space": {"arms": ["lora"]}}, "may not list arms"),
-                             ({"seeds": 0}, "seeds=0 must be an integer >= 1"),
-                             ({"tasks": {}}, "needs tasks"),
-                             ({"budget": {"seconds_per_step": -1}}, "must be a number of seconds"),
-                             ({"colour": 1}, r"unknown key\(s\) \['colour'\]")]:
+    for changes, message in [
+        ({"arms": ["lora:rank=2", "lora:rank=2"]}, "repeat an arm"),
+        ({"search": {"trials": 2, "name": "x"}}, r"search has key\(s\) \['name'\]"),
+        ({"space": {"arms": ["lora"]}}, "may not list arms"),
+        ({"seeds": 0}, "seeds=0 must be an integer >= 1"),
+        ({"tasks": {}}, "needs tasks"),
+        ({"budget": {"seconds_per_step": -1}}, "must be a number of seconds"),
+        ({"colour": 1}, r"unknown key\(s\) \['colour'\]"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             read_plan(write_plan(tmp_path / "bad.yaml", tiny_bert, **changes))
     with pytest.raises(ConfigError, match=r"unknown method 'dora'.*--skip-arms dora"):
@@ -67,14 +88,31 @@ def test_plans_are_checked(tiny_bert, tmp_path):
 
 
 def test_the_estimate_counts_steps_evaluations_and_runs(tiny_bert, tmp_path):
-    plan = read_plan(write_plan(tmp_path / "p.yaml", tiny_bert, settings={
-        "model": tiny_bert, "epochs": 2, "batch_size": 8, "max_examples": 120, "eval_every": 5, "save_every": 5,
-        "best_checkpoint": True}))
+    plan = read_plan(
+        write_plan(
+            tmp_path / "p.yaml",
+            tiny_bert,
+            settings={
+                "model": tiny_bert,
+                "epochs": 2,
+                "batch_size": 8,
+                "max_examples": 120,
+                "eval_every": 5,
+                "save_every": 5,
+                "best_checkpoint": True,
+            },
+        )
+    )
     config = task_configs(plan)["sent"]
     assert config.output_dir == str(tmp_path / "out" / "tiny" / "sent") and config.eval_fraction == 0.2
     cost = run_cost(config)  # 120 examples: 72 / 24 / 24; 9 batches of 8 per epoch, 2 epochs
-    assert (cost.train_examples, cost.validation_examples, cost.test_examples, cost.steps, cost.evaluations) == (
-        72, 24, 24, 18, 4)
+    assert (
+        cost.train_examples,
+        cost.validation_examples,
+        cost.test_examples,
+        cost.steps,
+        cost.evaluations,
+    ) == (72, 24, 24, 18, 4)
     budget = plan.task_budget("sent")
     assert run_seconds(cost, budget, "lora") == pytest.approx(18 * 0.5 + (4 * 24 + 24) * 0.01 + 2)
     assert run_seconds(cost, budget, "peft:vera") == pytest.approx(18 * 1.0 + (4 * 24 + 24) * 0.01 + 2)
@@ -86,7 +124,9 @@ def test_a_study_searches_each_arm_runs_seeds_reports_and_continues(tiny_bert, t
     path = write_plan(tmp_path / "p.yaml", tiny_bert)
     assert main(["study", "--plan", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "study tiny: 1 task(s) x 3 arms, 2 trials per arm, 2 seeds" in out and "| sent | 72 / 8 / 8 |" in out
+    assert (
+        "study tiny: 1 task(s) x 3 arms, 2 trials per arm, 2 seeds" in out and "| sent | 72 / 8 / 8 |" in out
+    )
     assert not (tmp_path / "out").exists()  # a dry run trains nothing
 
     assert main(["study", "--plan", str(path)]) == 0
@@ -94,7 +134,13 @@ def test_a_study_searches_each_arm_runs_seeds_reports_and_continues(tiny_bert, t
     assert "[sent] search 1/3 lora:rank=2: 2 trials" in out and "study: 12/12 runs done" in out
     folder = tmp_path / "out" / "tiny" / "sent"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "final", "search-lora-rank2", "search-more-blockrank1", "search-peft-vera-r8", "study.json", "study.md"]
+        "final",
+        "search-lora-rank2",
+        "search-more-blockrank1",
+        "search-peft-vera-r8",
+        "study.json",
+        "study.md",
+    ]
     rows = json.loads((folder / "study.json").read_text())["rows"]
     assert [r["arm"] for r in rows] == ["lora:rank=2", "peft:vera:r=8", "more:block_rank=1"]
     vera = rows[1]
@@ -116,8 +162,9 @@ def test_a_study_searches_each_arm_runs_seeds_reports_and_continues(tiny_bert, t
 
 
 def test_an_interrupted_study_continues_where_it_stopped(tiny_bert, tmp_path, capsys, monkeypatch):
-    path = write_plan(tmp_path / "p.yaml", tiny_bert, arms=["lora:rank=2", "more:block_rank=1"],
-                      reference=None, seeds=2)
+    path = write_plan(
+        tmp_path / "p.yaml", tiny_bert, arms=["lora:rank=2", "more:block_rank=1"], reference=None, seeds=2
+    )
     real, calls = loop.train, []
 
     def stop_at_the_second_final_run(config, callbacks=(), quiet=False):
@@ -130,7 +177,9 @@ def test_an_interrupted_study_continues_where_it_stopped(tiny_bert, tmp_path, ca
     assert main(["study", "--plan", str(path)]) == 130
     assert "run the same command again" in capsys.readouterr().err
     trained = []
-    monkeypatch.setattr(loop, "train", lambda config, **k: trained.append(config.run_name) or real(config, **k))
+    monkeypatch.setattr(
+        loop, "train", lambda config, **k: trained.append(config.run_name) or real(config, **k)
+    )
     assert main(["study", "--plan", str(path)]) == 0
     # the searches and the first final run were done: the 3 other final runs train, nothing else
     assert len(trained) == 3 and trained[0].startswith("lora-rank2-lr") and trained[0].endswith("-seed1")

@@ -44,8 +44,16 @@ IDS = [f"{n}-{','.join(f'{k}={v}' for k, v in o.items())}" for n, o in CASES]
 
 
 def test_registry_lists_all_tasks():
-    assert list(TASKS) == ["sentiment", "spam", "news", "math", "uuid", "file-classification", "file-generation",
-                           "pretrain"]
+    assert list(TASKS) == [
+        "sentiment",
+        "spam",
+        "news",
+        "math",
+        "uuid",
+        "file-classification",
+        "file-generation",
+        "pretrain",
+    ]
 
 
 @pytest.mark.parametrize(("name", "options"), CASES, ids=IDS)
@@ -63,8 +71,12 @@ def test_load_real_data(name, options):
         assert task.num_labels is None and task.labels == ()
         assert all(isinstance(ex, PromptExample) and ex.prompt and ex.answer.startswith(" ") for ex in every)
     assert task.metric_name in task.compute_metrics(
-        *([[ex.label for ex in splits.test]] * 2 if task.kind is TaskKind.CLASSIFICATION
-          else [[ex.answer for ex in splits.test]] * 2))
+        *(
+            [[ex.label for ex in splits.test]] * 2
+            if task.kind is TaskKind.CLASSIFICATION
+            else [[ex.answer for ex in splits.test]] * 2
+        )
+    )
 
 
 @pytest.mark.parametrize(("name", "options"), CASES, ids=IDS)
@@ -83,17 +95,22 @@ def test_split_is_seeded_and_disjoint(name, options):
     assert not (train & val or train & test or val & test)
     examples = task.examples()
     assert all(examples[i].id == i for i in range(len(examples)))
-    texts = [{getattr(ex, "text", None) or ex.prompt for ex in part}
-             for part in (first.train, first.validation, first.test)]
+    texts = [
+        {getattr(ex, "text", None) or ex.prompt for ex in part}
+        for part in (first.train, first.validation, first.test)
+    ]
     assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
 
 
-@pytest.mark.parametrize(("name", "options", "count", "positives"), [
-    ("sentiment", {}, 10566, 5241),
-    ("sentiment", {"source": "all"}, 23246, None),
-    ("spam", {}, 4512, 557),
-    ("news", {}, 2127, None),
-])
+@pytest.mark.parametrize(
+    ("name", "options", "count", "positives"),
+    [
+        ("sentiment", {}, 10566, 5241),
+        ("sentiment", {"source": "all"}, 23246, None),
+        ("spam", {}, 4512, 557),
+        ("news", {}, 2127, None),
+    ],
+)
 def test_full_sizes_and_split_fractions(name, options, count, positives):
     task = get_task(name, **options)
     examples = task.examples()
@@ -114,13 +131,18 @@ def test_max_examples_caps_and_default_uses_everything():
 
 def test_split_does_not_depend_on_hash_seed():
     # A stub parent package skips moreft/__init__ (torch...): moreft.tasks needs only the stdlib.
-    code = (f"import json, sys, types; pkg = types.ModuleType('moreft'); pkg.__path__ = {moreft.__path__!r};"
-            "sys.modules['moreft'] = pkg; from moreft.tasks import get_task;"
-            "print(json.dumps([get_task('sentiment', source='all').load(5, 300).split_ids,"
-            " get_task('news').load(5, 300).split_ids]))")
+    code = (
+        f"import json, sys, types; pkg = types.ModuleType('moreft'); pkg.__path__ = {moreft.__path__!r};"
+        "sys.modules['moreft'] = pkg; from moreft.tasks import get_task;"
+        "print(json.dumps([get_task('sentiment', source='all').load(5, 300).split_ids,"
+        " get_task('news').load(5, 300).split_ids]))"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    here = [get_task("sentiment", source="all").load(5, 300).split_ids, get_task("news").load(5, 300).split_ids]
+    here = [
+        get_task("sentiment", source="all").load(5, 300).split_ids,
+        get_task("news").load(5, 300).split_ids,
+    ]
     assert json.loads(out.stdout) == here
 
 
@@ -130,7 +152,10 @@ def test_math_problems_fixed_by_data_seed_not_split_seed():
     assert sorted(itertools.chain(*a.split_ids.values())) == sorted(itertools.chain(*b.split_ids.values()))
     assert get_task("math", size=40, data_seed=1).examples() != task.examples()
     cot = get_task("math", size=40, cot=True).examples()
-    assert all(extract_answer(c.answer) == extract_answer(p.answer) for c, p in zip(cot, task.examples(), strict=True))
+    assert all(
+        extract_answer(c.answer) == extract_answer(p.answer)
+        for c, p in zip(cot, task.examples(), strict=True)
+    )
     assert all("####" in c.answer for c in cot)
 
 
@@ -167,11 +192,20 @@ def test_classification_metric_errors():
         task.compute_metrics(["positive", "negative"], [0, 1])
 
 
-@pytest.mark.parametrize(("text", "number"), [
-    ("The answer is 42.", "42"), ("#### 1,234", "1234"), ("x = 3.50 dollars", "3.5"),
-    ("she had -7 left", "-7"), ("18-3=15", "15"), ("10 - 4 = 6.0", "6"), ("no digits", None),
-    ("first 12 then 2047.5", "2047.5"), ("", None),
-])
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ("The answer is 42.", "42"),
+        ("#### 1,234", "1234"),
+        ("x = 3.50 dollars", "3.5"),
+        ("she had -7 left", "-7"),
+        ("18-3=15", "15"),
+        ("10 - 4 = 6.0", "6"),
+        ("no digits", None),
+        ("first 12 then 2047.5", "2047.5"),
+        ("", None),
+    ],
+)
 def test_extract_answer(text, number):
     assert extract_answer(text) == number
 
@@ -179,7 +213,10 @@ def test_extract_answer(text, number):
 def test_math_metrics():
     task = get_task("math", size=20)
     refs = [ex.answer for ex in task.examples()[:5]]
-    assert task.compute_metrics([f"So the result is{r}." for r in refs], refs) == {"accuracy": 1.0, "answered": 1.0}
+    assert task.compute_metrics([f"So the result is{r}." for r in refs], refs) == {
+        "accuracy": 1.0,
+        "answered": 1.0,
+    }
     assert task.compute_metrics(["I do not know"] * 5, refs) == {"accuracy": 0.0, "answered": 0.0}
     assert task.compute_metrics(["1,000", "1000.0", "999"], ["1000", " 1000", "1000"])["accuracy"] == 2 / 3
     with pytest.raises(ValueError, match=r"references\[0\] = 'none' contains no number"):
@@ -194,7 +231,9 @@ def test_uuid_chars_keeps_a_prefix_of_each_uuid():
     assert short[0].prompt == full[0].prompt.replace(full[0].prompt[5:41], full[0].prompt[5:13])
     with pytest.raises(ConfigError, match=r"uuid chars must be <= 36 \(a UUID's length\), got 40"):
         get_task("uuid", chars=40)
-    with pytest.raises(ConfigError, match="uuid num_pairs=17 needs more than chars=1: there are only 16 distinct"):
+    with pytest.raises(
+        ConfigError, match="uuid num_pairs=17 needs more than chars=1: there are only 16 distinct"
+    ):
         get_task("uuid", num_pairs=17, chars=1)
 
 
@@ -212,9 +251,14 @@ def test_uuid_metrics():
 
 # ------------------------------------------------------------------------------------ errors
 def test_bad_task_name_and_options():
-    with pytest.raises(ValueError, match=r"unknown task 'nope'; valid tasks are \['file-classification', 'file-generation', 'math', 'news'"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown task 'nope'; valid tasks are \['file-classification', 'file-generation', 'math', 'news'",
+    ):
         get_task("nope")
-    with pytest.raises(ConfigError, match=r"task 'spam' has no option\(s\) \['source'\]; its options are none"):
+    with pytest.raises(
+        ConfigError, match=r"task 'spam' has no option\(s\) \['source'\]; its options are none"
+    ):
         get_task("spam", source="movie")
     with pytest.raises(ValueError, match=r"unknown sentiment source \['imdb'\]; choose from \['movie'"):
         get_task("sentiment", source="movie,imdb")

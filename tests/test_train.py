@@ -35,8 +35,14 @@ def tiny_bert(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
@@ -55,21 +61,43 @@ def tiny_llama(tmp_path_factory) -> str:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     fast.save_pretrained(path)
     return str(path)
 
 
 def tiny_config(model: str, out: Path, **changes) -> TrainConfig:
-    base = {"task": "sentiment", "model": model, "method": "more", "block_rank": 2, "max_steps": 6,
-            "batch_size": 8, "max_examples": 120, "eval_examples": 12, "max_length": 32, "lr": 1e-2,
-            "log_every": 2, "output_dir": str(out), "progress": False}
+    base = {
+        "task": "sentiment",
+        "model": model,
+        "method": "more",
+        "block_rank": 2,
+        "max_steps": 6,
+        "batch_size": 8,
+        "max_examples": 120,
+        "eval_examples": 12,
+        "max_length": 32,
+        "lr": 1e-2,
+        "log_every": 2,
+        "output_dir": str(out),
+        "progress": False,
+    }
     return resolve_config(None, {**base, **changes})
 
 
@@ -96,15 +124,18 @@ def test_unknown_recipe_key_is_named_with_valid_keys(tmp_path):
         resolve_config(recipe)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"block_rank": 0}, "block_rank=0 must be >= 1"),
-    ({"dropout": 1.5}, "dropout=1.5 must be < 1.0"),
-    ({"warmup_ratio": 0.1, "warmup_steps": 5}, "give only one"),
-    ({"lr": "fast"}, "lr='fast' must be a number"),
-    ({"method": "dora"}, "method='dora' is not one of"),
-    ({"task": "glue"}, "unknown task 'glue'"),
-    ({"method": "mora", "operator": "rotation", "r_hat": 7}, "r_hat=7 must be even"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"block_rank": 0}, "block_rank=0 must be >= 1"),
+        ({"dropout": 1.5}, "dropout=1.5 must be < 1.0"),
+        ({"warmup_ratio": 0.1, "warmup_steps": 5}, "give only one"),
+        ({"lr": "fast"}, "lr='fast' must be a number"),
+        ({"method": "dora"}, "method='dora' is not one of"),
+        ({"task": "glue"}, "unknown task 'glue'"),
+        ({"method": "mora", "operator": "rotation", "r_hat": 7}, "r_hat=7 must be even"),
+    ],
+)
 def test_bad_values_name_the_field_and_rule(changes, message):
     with pytest.raises(ConfigError, match=message):
         resolve_config(None, {"task": "sentiment", **changes})
@@ -112,8 +143,9 @@ def test_bad_values_name_the_field_and_rule(changes, message):
 
 def test_placeholders_need_their_variables(tmp_path):
     recipe = tmp_path / "gpu.yaml"
-    recipe.write_text("requires: {MODEL_PATH: local directory of roberta-large}\n"
-                      "task: sentiment\nmodel: ${MODEL_PATH}\n")
+    recipe.write_text(
+        "requires: {MODEL_PATH: local directory of roberta-large}\ntask: sentiment\nmodel: ${MODEL_PATH}\n"
+    )
     with pytest.raises(ConfigError, match=r"needs MODEL_PATH: local directory of roberta-large.*--model"):
         resolve_config(recipe, env={})
     assert resolve_config(recipe, env={"MODEL_PATH": "/models/rl"}).model == "/models/rl"
@@ -136,7 +168,11 @@ def test_every_recipe_is_valid_and_gpu_recipes_say_what_to_supply():
 
 
 def test_method_specs():
-    assert parse_method_spec("more:block_rank=4,nblocks=2") == {"method": "more", "block_rank": 4, "nblocks": 2}
+    assert parse_method_spec("more:block_rank=4,nblocks=2") == {
+        "method": "more",
+        "block_rank": 4,
+        "nblocks": 2,
+    }
     assert parse_method_spec("lora") == {"method": "lora"}
     with pytest.raises(ConfigError, match="unknown method 'dora'"):
         parse_method_spec("dora:rank=8")
@@ -159,8 +195,15 @@ def test_generation_labels_mask_the_prompt(tiny_llama):
 def test_tiny_run_writes_every_run_file(tiny_bert, tmp_path):
     result = train(tiny_config(tiny_bert, tmp_path, run_name="r", eval_every=3, save_every=3), quiet=True)
     run = result.run_dir
-    for name in ("config.yaml", "metrics.jsonl", "metrics.json", "split.json", "loss.png",
-                 "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "metrics.json",
+        "split.json",
+        "loss.png",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+    ):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     # MoRe on query/key/value of 2 layers (32x32), block_rank 2: 2 * (32 + 32) per layer; head excluded
@@ -195,8 +238,14 @@ class StopAt(TrainerCallback):
 
 @pytest.mark.parametrize("group_by_length", [False, True])
 def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny_bert, tmp_path, group_by_length):
-    common = {"max_steps": 8, "save_every": 4, "grad_accum": 2, "dropout": 0.1, "eval_examples": 4,
-              "group_by_length": group_by_length}
+    common = {
+        "max_steps": 8,
+        "save_every": 4,
+        "grad_accum": 2,
+        "dropout": 0.1,
+        "eval_examples": 4,
+        "group_by_length": group_by_length,
+    }
     full = train(tiny_config(tiny_bert, tmp_path, run_name="full", **common), quiet=True)
     part = tiny_config(tiny_bert, tmp_path, run_name="part", **common)
     assert train(part, callbacks=[StopAt(4)], quiet=True).metrics["global_step"] == 4
@@ -214,8 +263,19 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny_bert, tmp_pa
 
 
 def test_generation_run_on_tiny_llama(tiny_llama, tmp_path):
-    config = tiny_config(tiny_llama, tmp_path, task="uuid", task_options={"num_pairs": 4}, method="mora",
-                         rank=2, max_examples=None, max_steps=3, batch_size=4, max_length=96, max_new_tokens=8)
+    config = tiny_config(
+        tiny_llama,
+        tmp_path,
+        task="uuid",
+        task_options={"num_pairs": 4},
+        method="mora",
+        rank=2,
+        max_examples=None,
+        max_steps=3,
+        batch_size=4,
+        max_length=96,
+        max_new_tokens=8,
+    )
     metrics = train(config, quiet=True).metrics
     assert metrics["metric"] == "char_accuracy" and 0.0 <= metrics["test_char_accuracy"] <= 1.0
     assert metrics["other_trainable_params"] == 0
@@ -235,8 +295,9 @@ def test_eval_merge_export_inspect(tiny_bert, tmp_path, capsys):
 
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     _, _, model, _ = load_trained(run.run_dir)
-    batch = AutoTokenizer.from_pretrained(tmp_path / "merged")(["a fine film", "dull"], return_tensors="pt",
-                                                                  padding=True)
+    batch = AutoTokenizer.from_pretrained(tmp_path / "merged")(
+        ["a fine film", "dull"], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-5)
     assert main(["merge", str(run.run_dir), str(tmp_path / "merged")]) == 2  # refuses to overwrite
@@ -256,14 +317,18 @@ def test_eval_merge_export_inspect(tiny_bert, tmp_path, capsys):
     assert main(["inspect", str(run.run_dir), *flags]) == 0
     report = json.loads(capsys.readouterr().out)
     _, _, model, _ = load_trained(run.run_dir)
-    for entry in report["layers"]:  # the JSON's numbers are the definitions' (tests/test_analysis.py has more)
+    for entry in report[
+        "layers"
+    ]:  # the JSON's numbers are the definitions' (tests/test_analysis.py has more)
         delta = model.get_submodule(entry["name"]).delta_weight().detach().double()
         assert entry["sv_above"] == int((torch.linalg.svdvals(delta) > 1e-3).sum()) > 0
         assert 1 <= entry["subspace"]["rank"] <= 4 and 0 <= entry["subspace"]["output"] <= 1
     assert set(report["weights"]) == {"blkdiag1", "blkdiag2"} and report["sv_threshold"] == 1e-3
     from moreft.train.plots import is_moreft_png
 
-    assert report["weights_plot"] == str(run.run_dir / "weights.png") and is_moreft_png(run.run_dir / "weights.png")
+    assert report["weights_plot"] == str(run.run_dir / "weights.png") and is_moreft_png(
+        run.run_dir / "weights.png"
+    )
 
 
 def test_compare_writes_table_and_plot(tiny_bert, tmp_path, monkeypatch):
@@ -272,15 +337,49 @@ def test_compare_writes_table_and_plot(tiny_bert, tmp_path, monkeypatch):
     table = (result.path / "compare.md").read_text()
     assert "| lora:rank=2 | 768 |" in table and "| more:block_rank=1 | 384 |" in table and " ± " in table
     assert (result.path / "compare.png").is_file() and len(result.rows[0]["values"]) == 2
-    again = compare(base, ["lora:rank=2"], seeds=2, name="cmp",
-                    run=lambda config: pytest.fail("a finished run was trained again"))
+    again = compare(
+        base,
+        ["lora:rank=2"],
+        seeds=2,
+        name="cmp",
+        run=lambda config: pytest.fail("a finished run was trained again"),
+    )
     assert again.rows[0]["values"] == result.rows[0]["values"]
     # The CLI reuses the same finished runs and puts its command line at the top of compare.md.
     monkeypatch.setattr("moreft.train.comparison.train", lambda config: pytest.fail("trained again"))
-    argv = ["compare", "--task", "sentiment", "--model", tiny_bert, "--methods", "lora:rank=2", "more:block_rank=1",
-            "--seeds", "2", "--name", "cmp", "--output-dir", str(tmp_path), "--max-steps", "2", "--batch-size", "8",
-            "--max-examples", "120", "--eval-examples", "4", "--max-length", "32", "--lr", "1e-2",
-            "--log-every", "2", "--block-rank", "2", "--no-progress"]
+    argv = [
+        "compare",
+        "--task",
+        "sentiment",
+        "--model",
+        tiny_bert,
+        "--methods",
+        "lora:rank=2",
+        "more:block_rank=1",
+        "--seeds",
+        "2",
+        "--name",
+        "cmp",
+        "--output-dir",
+        str(tmp_path),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-examples",
+        "120",
+        "--eval-examples",
+        "4",
+        "--max-length",
+        "32",
+        "--lr",
+        "1e-2",
+        "--log-every",
+        "2",
+        "--block-rank",
+        "2",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     table = (result.path / "compare.md").read_text()
     assert table.splitlines()[2:5] == ["```", "moreft " + " ".join(argv), "```"]
@@ -291,10 +390,24 @@ def test_compare_writes_table_and_plot(tiny_bert, tmp_path, monkeypatch):
 def test_compare_report_names_per_method_overrides(tmp_path):
     from moreft.train.comparison import write_report
 
-    row = {"label": "more:block_rank=4,lr=4e-3", "params": 10, "mean": 0.8, "std": 0.01, "eval_mean": 0.8,
-           "eval_std": 0.01, "values": [0.8], "seeds": [0], "seconds": 1.0, "overrides": {"lr": 0.004}}
-    write_report(tmp_path, [row, {**row, "label": "lora:rank=8", "overrides": {}}], "accuracy",
-                 TrainConfig(task="sentiment", model="minilm"))
+    row = {
+        "label": "more:block_rank=4,lr=4e-3",
+        "params": 10,
+        "mean": 0.8,
+        "std": 0.01,
+        "eval_mean": 0.8,
+        "eval_std": 0.01,
+        "values": [0.8],
+        "seeds": [0],
+        "seconds": 1.0,
+        "overrides": {"lr": 0.004},
+    }
+    write_report(
+        tmp_path,
+        [row, {**row, "label": "lora:rank=8", "overrides": {}}],
+        "accuracy",
+        TrainConfig(task="sentiment", model="minilm"),
+    )
     table = (tmp_path / "compare.md").read_text()
     assert "These methods override shared settings: more:block_rank=4,lr=4e-3 (lr=0.004)." in table
     assert "no per-method tuning" not in table
@@ -318,7 +431,9 @@ def test_monarch_row_order_lines_up_the_blocks():
     from moreft.train.inspection import monarch_row_order
 
     torch.manual_seed(0)
-    layer = MoReLinear(nn.Linear(40, 24), moreft.MoReConfig(nblocks=4, block_rank=1, target_modules=("x",)), name="x")
+    layer = MoReLinear(
+        nn.Linear(40, 24), moreft.MoReConfig(nblocks=4, block_rank=1, target_modules=("x",)), name="x"
+    )
     with torch.no_grad():
         layer.blkdiag2.normal_()
     order = monarch_row_order(24, 4)
@@ -330,13 +445,23 @@ def test_monarch_row_order_lines_up_the_blocks():
 
 def test_gpu_recipes_run_on_tiny_stand_ins(tiny_bert, tiny_llama, tmp_path):
     """The GPU recipes' tasks, paths and settings work end to end (tiny models, 2 steps)."""
+
     def jsonl(path, rows):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    small = {"epochs": 1.0, "max_steps": 2, "batch_size": 4, "grad_accum": 1, "eval_batch_size": 8,
-             "max_length": 32, "max_new_tokens": 4, "precision": "fp32", "output_dir": str(tmp_path / "runs"),
-             "progress": False}
+    small = {
+        "epochs": 1.0,
+        "max_steps": 2,
+        "batch_size": 4,
+        "grad_accum": 1,
+        "eval_batch_size": 8,
+        "max_length": 32,
+        "max_new_tokens": 4,
+        "precision": "fp32",
+        "output_dir": str(tmp_path / "runs"),
+        "progress": False,
+    }
     pairs = [{"sentence1": f"a {i}", "sentence2": f"b {i}", "label": i % 2, "idx": i} for i in range(16)]
     for split in ("train", "validation"):
         jsonl(tmp_path / "glue" / "rte" / f"{split}.jsonl", pairs)
@@ -347,13 +472,17 @@ def test_gpu_recipes_run_on_tiny_stand_ins(tiny_bert, tiny_llama, tmp_path):
     assert glue.metrics["eval_accuracy"] == glue.metrics["test_accuracy"]
 
     answers = ["true" if i % 2 == 0 else "false" for i in range(12)]
-    rows = [{"instruction": f"Is {i} even?", "input": "", "output": f"the correct answer is {a}", "answer": a}
-            for i, a in enumerate(answers)]
+    rows = [
+        {"instruction": f"Is {i} even?", "input": "", "output": f"the correct answer is {a}", "answer": a}
+        for i, a in enumerate(answers)
+    ]
     for name in ("commonsense_170k.json", "tuning_10k.json", "boolq/test.json"):
         (tmp_path / "cs" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "cs" / name).write_text(json.dumps(rows))
     env = {"COMMONSENSE_DIR": str(tmp_path / "cs"), "LLAMA_7B": tiny_llama}
-    config = resolve_config(RECIPES / "gpu-commonsense-llama-more.yaml", {**small, "max_length": 160}, env=env)
+    config = resolve_config(
+        RECIPES / "gpu-commonsense-llama-more.yaml", {**small, "max_length": 160}, env=env
+    )
     metrics = train(config, quiet=True).metrics
     assert metrics["metric"] == "accuracy" and metrics["test_examples"] == 12
     assert 0 <= metrics["test_accuracy"] <= 1 and 0 <= metrics["test_answered"] <= 1

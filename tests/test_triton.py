@@ -30,16 +30,18 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _INTERPRET_ENV = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 needs_triton = pytest.mark.skipif(not _HAS_TRITON, reason="triton is not installed (pip install triton)")
-needs_cuda = pytest.mark.skipif(not (_HAS_TRITON and torch.cuda.is_available() and not _INTERPRET_ENV),
-                                reason="needs triton and a CUDA GPU (full-size kernels)")
+needs_cuda = pytest.mark.skipif(
+    not (_HAS_TRITON and torch.cuda.is_available() and not _INTERPRET_ENV),
+    reason="needs triton and a CUDA GPU (full-size kernels)",
+)
 
 
 def _factors(n_in: int, n_out: int, nblocks: int, rank: int, dtype, device="cpu", seed=0):
     """Random ``blkdiag1 (N, r, I)``, ``blkdiag2 (N, O, r)`` (blkdiag2 nonzero, unlike at init)."""
     in_blk, out_blk = block_sizes(n_in, n_out, nblocks)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    w1 = torch.randn(nblocks, rank, in_blk, generator=gen) / in_blk ** 0.5
-    w2 = torch.randn(nblocks, out_blk, rank, generator=gen) / rank ** 0.5
+    w1 = torch.randn(nblocks, rank, in_blk, generator=gen) / in_blk**0.5
+    w2 = torch.randn(nblocks, out_blk, rank, generator=gen) / rank**0.5
     return w1.to(device=device, dtype=dtype), w2.to(device=device, dtype=dtype)
 
 
@@ -59,8 +61,9 @@ def _compare(fn, x, w1, w2, n_out, tol, ref_fn=more_reference):
     refs = [t.detach().double().requires_grad_() for t in (x, w1, w2)]
     y_ref = ref_fn(*refs, n_out)
     grads_ref = torch.autograd.grad(y_ref, refs, dy.double())
-    for name, got, ref, inp in zip(("y", "dx", "dblkdiag1", "dblkdiag2"), (y, *grads), (y_ref, *grads_ref),
-                                   (y, x, w1, w2), strict=True):
+    for name, got, ref, inp in zip(
+        ("y", "dx", "dblkdiag1", "dblkdiag2"), (y, *grads), (y_ref, *grads_ref), (y, x, w1, w2), strict=True
+    ):
         assert got.shape == ref.shape and got.dtype == inp.dtype, name
         err = _rel_err(got, ref)
         assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
@@ -96,11 +99,28 @@ if not _CHILD:
         """All interpreter cases, in a child pytest with TRITON_INTERPRET=1 (see module docstring)."""
         env = dict(os.environ, TRITON_INTERPRET="1", MOREFT_TRITON_CHILD="1")
         env.pop("PYTEST_ADDOPTS", None)  # e.g. a CI --junitxml must not be overwritten by the child
-        cmd = [sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-rfEs",
-               "-p", "no:cacheprovider", "--durations=3"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            __file__,
+            "-o",
+            "addopts=",
+            "-q",
+            "-rfEs",
+            "-p",
+            "no:cacheprovider",
+            "--durations=3",
+        ]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        proc = subprocess.run(
+            cmd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
         out = proc.stdout + proc.stderr
         print(f"interpreter suite ({time.perf_counter() - start:.1f} s):\n{out[-3000:]}")
         assert proc.returncode == 0, f"interpreter suite failed (rc={proc.returncode}):\n{out[-12000:]}"
@@ -123,12 +143,18 @@ if not _CHILD:
             (tm._more_up_kernel, {"BT": bt, "BO": 64, "BF": f_tile}),
             (tm._more_dh_kernel, {"BT": bt, "BO": 64, "BF": f_tile}),
             (tm._more_dw2_kernel, {"BT": bt, "BO": 64, "BF": f_tile}),
-            (tm._more_dx_dw1_kernel, {"BT": bt, "BI": 64, "BR": rank_tile, "COMPUTE_DX": True,
-                                      "COMPUTE_DW1": True}),
-            (tm._more_dx_dw1_kernel, {"BT": bt, "BI": 64, "BR": rank_tile, "COMPUTE_DX": True,
-                                      "COMPUTE_DW1": False}),
-            (tm._more_dx_dw1_kernel, {"BT": bt, "BI": 64, "BR": rank_tile, "COMPUTE_DX": False,
-                                      "COMPUTE_DW1": True}),
+            (
+                tm._more_dx_dw1_kernel,
+                {"BT": bt, "BI": 64, "BR": rank_tile, "COMPUTE_DX": True, "COMPUTE_DW1": True},
+            ),
+            (
+                tm._more_dx_dw1_kernel,
+                {"BT": bt, "BI": 64, "BR": rank_tile, "COMPUTE_DX": True, "COMPUTE_DW1": False},
+            ),
+            (
+                tm._more_dx_dw1_kernel,
+                {"BT": bt, "BI": 64, "BR": rank_tile, "COMPUTE_DX": False, "COMPUTE_DW1": True},
+            ),
         ]
         built = set()
         for fn, const in kernels:
@@ -141,8 +167,11 @@ if not _CHILD:
                 ptr = "*fp32" if name == "part_ptr" else f"*{dtype}"
                 sig[name] = ptr if name.endswith("_ptr") else "i32"
                 attrs[(idx,)] = [["tt.divisibility", 16]]  # aligned, as for 4096-wide layers
-            compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
-                                      options={"num_warps": 4, "num_stages": 3})
+            compiled = triton.compile(
+                ASTSource(fn, sig, const, attrs),
+                target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": 4, "num_stages": 3},
+            )
             assert compiled.asm["cubin"], fn.__name__
             if dtype != "fp32" and arch >= 80:
                 assert "mma" in compiled.asm["ptx"], f"{fn.__name__}: no tensor-core instruction"
@@ -151,12 +180,15 @@ if not _CHILD:
 
     @needs_triton
     @pytest.mark.skipif(_INTERPRET_ENV, reason="TRITON_INTERPRET=1: kernels are interpreted, not compiled")
-    @pytest.mark.parametrize("arch,dtype,bt,rank_tile,f_tile", [
-        (90, "bf16", 64, 16, 16),   # H100/H200, MoRe default N=4, r=4
-        (90, "bf16", 16, 32, 64),   # short T (smallest token tile), r=32 / N*r=64
-        (90, "fp32", 64, 16, 16),   # IEEE fp32 dots (FMA, no tensor cores)
-        (80, "fp16", 64, 16, 32),   # A100, N*r=32
-    ])
+    @pytest.mark.parametrize(
+        "arch,dtype,bt,rank_tile,f_tile",
+        [
+            (90, "bf16", 64, 16, 16),  # H100/H200, MoRe default N=4, r=4
+            (90, "bf16", 16, 32, 64),  # short T (smallest token tile), r=32 / N*r=64
+            (90, "fp32", 64, 16, 16),  # IEEE fp32 dots (FMA, no tensor cores)
+            (80, "fp16", 64, 16, 32),  # A100, N*r=32
+        ],
+    )
     def test_kernels_compile_to_cubin(arch, dtype, bt, rank_tile, f_tile):
         """No GPU needed: Triton lowers to PTX and runs its bundled ptxas for the target.
 
@@ -168,11 +200,16 @@ if not _CHILD:
 
         from moreft.ops import triton_kernels
 
-        defined = {name for name, obj in vars(triton_kernels).items()
-                   if name.endswith("_kernel") and isinstance(obj, triton.runtime.JITFunction)}
+        defined = {
+            name
+            for name, obj in vars(triton_kernels).items()
+            if name.endswith("_kernel") and isinstance(obj, triton.runtime.JITFunction)
+        }
         assert "_more_dx_dw1_kernel" in defined
         expected = {(name, None, None) for name in defined - {"_more_dx_dw1_kernel"}}
-        expected |= {("_more_dx_dw1_kernel", dx, dw1) for dx, dw1 in ((True, True), (True, False), (False, True))}
+        expected |= {
+            ("_more_dx_dw1_kernel", dx, dw1) for dx, dw1 in ((True, True), (True, False), (False, True))
+        }
         assert _compile_all(arch, dtype, bt, rank_tile, f_tile) == expected
 
 
@@ -207,9 +244,15 @@ if _CHILD:
         x = torch.randn(*lead, n_in, generator=torch.Generator().manual_seed(2)).to(dtype)
         _compare(more_triton, x, w1, w2, n_out, _TOL[dtype])
 
-    @pytest.mark.parametrize("n_in,n_out,nblocks,rank,rule", [
-        (20, 36, 8, 2, "official"), (37, 13, 4, 3, "official"), (12, 12, 4, 5, "official"),
-        (13, 40, 4, 2, "official-int")])
+    @pytest.mark.parametrize(
+        "n_in,n_out,nblocks,rank,rule",
+        [
+            (20, 36, 8, 2, "official"),
+            (37, 13, 4, 3, "official"),
+            (12, 12, 4, 5, "official"),
+            (13, 40, 4, 2, "official-int"),
+        ],
+    )
     def test_official_block_shapes_match_reference(n_in, n_out, nblocks, rank, rule):
         """The MoRe repository's block shapes (dropped blocks, larger out blocks, rank above a block)."""
         from moreft.config import BlockRule
@@ -217,8 +260,8 @@ if _CHILD:
 
         n, in_blk, out_blk = block_shapes(n_in, n_out, nblocks, BlockRule(rule))
         gen = torch.Generator().manual_seed(0)
-        w1 = torch.randn(n, rank, in_blk, generator=gen) / in_blk ** 0.5
-        w2 = torch.randn(n, out_blk, rank, generator=gen) / rank ** 0.5
+        w1 = torch.randn(n, rank, in_blk, generator=gen) / in_blk**0.5
+        w2 = torch.randn(n, out_blk, rank, generator=gen) / rank**0.5
         x = torch.randn(2, 9, n_in, generator=gen)
         _compare(more_triton, x, w1, w2, n_out, _TOL[torch.float32])
 
@@ -242,11 +285,13 @@ if _CHILD:
             assert torch.allclose(more_triton(x, w1, w2, 45), ref, atol=1e-5)
         for wanted in ((True, False, False), (False, True, False), (False, False, True), (False, True, True)):
             inputs = [t.clone().requires_grad_(w) for t, w in zip((x, w1, w2), wanted, strict=True)]
-            got = torch.autograd.grad(more_triton(*inputs, 45).square().sum(),
-                                      [t for t in inputs if t.requires_grad])
+            got = torch.autograd.grad(
+                more_triton(*inputs, 45).square().sum(), [t for t in inputs if t.requires_grad]
+            )
             refs = [t.clone().requires_grad_(w) for t, w in zip((x, w1, w2), wanted, strict=True)]
-            exp = torch.autograd.grad(more_reference(*refs, 45).square().sum(),
-                                      [t for t in refs if t.requires_grad])
+            exp = torch.autograd.grad(
+                more_reference(*refs, 45).square().sum(), [t for t in refs if t.requires_grad]
+            )
             for g, e in zip(got, exp, strict=True):
                 assert torch.allclose(g, e, rtol=1e-4, atol=1e-5), wanted
 
@@ -284,14 +329,17 @@ if _CHILD:
 if not _CHILD:
 
     @needs_cuda
-    @pytest.mark.parametrize("n_in,n_out,nblocks,rank,lead,dtype", [
-        pytest.param(4096, 4096, 4, 4, (2048,), torch.bfloat16, id="llama-qkvo-T2048-bf16"),
-        pytest.param(4096, 11008, 4, 8, (2, 512), torch.bfloat16, id="llama-up-2x512-bf16"),
-        pytest.param(11008, 4096, 4, 8, (2, 512), torch.bfloat16, id="llama-down-2x512-bf16"),
-        pytest.param(4096, 4096, 32, 2, (8, 256), torch.bfloat16, id="nblocks32-bf16"),
-        pytest.param(4000, 3001, 3, 7, (1000,), torch.float16, id="nondiv-fp16"),
-        pytest.param(1536, 1000, 4, 4, (2, 300), torch.float32, id="nondiv-fp32"),
-    ])
+    @pytest.mark.parametrize(
+        "n_in,n_out,nblocks,rank,lead,dtype",
+        [
+            pytest.param(4096, 4096, 4, 4, (2048,), torch.bfloat16, id="llama-qkvo-T2048-bf16"),
+            pytest.param(4096, 11008, 4, 8, (2, 512), torch.bfloat16, id="llama-up-2x512-bf16"),
+            pytest.param(11008, 4096, 4, 8, (2, 512), torch.bfloat16, id="llama-down-2x512-bf16"),
+            pytest.param(4096, 4096, 32, 2, (8, 256), torch.bfloat16, id="nblocks32-bf16"),
+            pytest.param(4000, 3001, 3, 7, (1000,), torch.float16, id="nondiv-fp16"),
+            pytest.param(1536, 1000, 4, 4, (2, 300), torch.float32, id="nondiv-fp32"),
+        ],
+    )
     def test_gpu_full_size(n_in, n_out, nblocks, rank, lead, dtype):
         from moreft.ops.triton_more import more_triton, triton_available
 
@@ -335,11 +383,18 @@ if _CHILD:
                 xi = x.clone().requires_grad_()
                 y = layer(xi)
                 y.square().sum().backward()
-                results[mode] = (y.detach(), xi.grad, layer.blkdiag1.grad.clone(), layer.blkdiag2.grad.clone())
+                results[mode] = (
+                    y.detach(),
+                    xi.grad,
+                    layer.blkdiag1.grad.clone(),
+                    layer.blkdiag2.grad.clone(),
+                )
                 layer.zero_grad()
             finally:
                 triton_more.set_triton_mode(previous)
-        for name, got, ref in zip(("y", "dx", "dblkdiag1", "dblkdiag2"), results["on"], results["off"], strict=True):
+        for name, got, ref in zip(
+            ("y", "dx", "dblkdiag1", "dblkdiag2"), results["on"], results["off"], strict=True
+        ):
             assert _rel_err(got, ref) <= _TOL[torch.float32], name
 
 
@@ -352,7 +407,9 @@ if not _CHILD:
         previous = triton_more.set_triton_mode("off")
         try:
             assert not triton_more.use_triton(torch.randn(2, 3))
-            with pytest.raises(ValueError, match=r"triton mode 'fast' must be one of \('auto', 'off', 'on'\)"):
+            with pytest.raises(
+                ValueError, match=r"triton mode 'fast' must be one of \('auto', 'off', 'on'\)"
+            ):
                 triton_more.set_triton_mode("fast")
             triton_more.set_triton_mode("auto")
             assert not triton_more.use_triton(torch.randn(2, 3))  # auto: CUDA tensors only

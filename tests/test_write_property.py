@@ -20,16 +20,18 @@ from hypothesis import strategies as st
 from test_writes import adapted, bert, cli, copy_run, trained_run, tree  # noqa: F401 - fixtures
 
 import moreft
-from moreft.errors import MoreftError
 from moreft.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+from moreft.errors import MoreftError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- property: any output situation, any writer --------------------------------------------------------
-def _situations(root: Path, run: Path, own: Callable[[Path], None], other: Callable[[Path], None],
-                extra: str, data: bytes) -> dict[str, Callable[[], tuple[Path, bool]]]:
+def _situations(
+    root: Path, run: Path, own: Callable[[Path], None], other: Callable[[Path], None], extra: str, data: bytes
+) -> dict[str, Callable[[], tuple[Path, bool]]]:
     """Setups by name -> (OUT, whether a library writer may succeed there)."""
+
     def mk(path: Path, files: dict[str, bytes] = {}) -> Path:  # noqa: B006 - read only
         path.mkdir(parents=True, exist_ok=True)
         for name, content in files.items():
@@ -66,18 +68,39 @@ WRITERS = {  # name -> (is a CLI command, names its output may hold (None: per i
     "export-lora": (True, {CONFIG_NAME, WEIGHTS_NAME}),
     "merge": (True, None),
 }
-SITUATIONS = ["missing", "missing-parents", "empty", "ours", "other-kind", "foreign", "file", "link-to-empty",
-              "link-to-ours", "link-to-foreign", "dangling-link", "under-a-file", "run", "run-subfolder",
-              "run-adapter", "run-parent"]
+SITUATIONS = [
+    "missing",
+    "missing-parents",
+    "empty",
+    "ours",
+    "other-kind",
+    "foreign",
+    "file",
+    "link-to-empty",
+    "link-to-ours",
+    "link-to-foreign",
+    "dangling-link",
+    "under-a-file",
+    "run",
+    "run-subfolder",
+    "run-adapter",
+    "run-parent",
+]
 
 
 @pytest.mark.parametrize("situation", SITUATIONS)
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                 HealthCheck.function_scoped_fixture])
-@given(writer=st.sampled_from(sorted(WRITERS)),
-       extra=st.from_regex(r"[A-Za-z][A-Za-z0-9_.-]{0,15}", fullmatch=True).filter(
-           lambda n: n not in (CONFIG_NAME, WEIGHTS_NAME, "moreft_merged.json")),
-       data=st.binary(min_size=1, max_size=64))
+@settings(
+    max_examples=4,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    writer=st.sampled_from(sorted(WRITERS)),
+    extra=st.from_regex(r"[A-Za-z][A-Za-z0-9_.-]{0,15}", fullmatch=True).filter(
+        lambda n: n not in (CONFIG_NAME, WEIGHTS_NAME, "moreft_merged.json")
+    ),
+    data=st.binary(min_size=1, max_size=64),
+)
 def test_any_output_path_changes_only_our_files_or_nothing(trained_run, writer, situation, extra, data):  # noqa: F811 - the fixture
     model = adapted()
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,7 +141,8 @@ def test_any_output_path_changes_only_our_files_or_nothing(trained_run, writer, 
             if key not in inside:
                 assert after.get(key) == value, (situation, key)  # nothing else changed; links stay links
         allowed = names or set(json.loads((root / real / "moreft_merged.json").read_text())["files"]) | {
-            "moreft_merged.json"}
+            "moreft_merged.json"
+        }
         assert {Path(k).name for k in inside} <= allowed and all(after[k][0] == "file" for k in inside)
         new = set(after) - set(before) - inside
         assert all(after[k] == ("dir",) and str(real).startswith(k) for k in new), new  # only OUT's parents

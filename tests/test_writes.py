@@ -24,11 +24,11 @@ from conftest import make_net, randomize_adapters
 from tiny import SUBPROCESS_ENV, make_tiny_bert, train_flags
 
 import moreft
+from moreft.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from moreft.cli import main
 from moreft.errors import OutputError
-from moreft.safe_write import atomic_write_text
 from moreft.lock import LOCK_NAME, FolderLock
-from moreft.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+from moreft.safe_write import atomic_write_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -94,8 +94,11 @@ def test_save_adapter_keeps_other_files_in_the_folder(tmp_path):
     (tmp_path / "ad").mkdir()
     (tmp_path / "ad" / "tokenizer.json").write_text('{"a tokenizer": true}')
     before = tree(tmp_path)
-    with pytest.raises(OutputError, match=r"holds files moreft did not write there as a moreft adapter "
-                                          r"\(tokenizer.json\)"):
+    with pytest.raises(
+        OutputError,
+        match=r"holds files moreft did not write there as a moreft adapter "
+        r"\(tokenizer.json\)",
+    ):
         moreft.save_adapter(adapted(), tmp_path / "ad")
     assert tree(tmp_path) == before
 
@@ -160,8 +163,12 @@ def test_text_writes_follow_a_link_and_refuse_a_folder(tmp_path):
 
 
 def test_the_sweep_removes_only_temp_files_moreft_made(tmp_path):
-    user = {".ad.tmp-notes": b"1", ".ad.tmp-999999999-x": b"2", ".ad.tmp-999999999-abcdefgh.bak": b"3",
-            ".ad.old-backup": b"4"}
+    user = {
+        ".ad.tmp-notes": b"1",
+        ".ad.tmp-999999999-x": b"2",
+        ".ad.tmp-999999999-abcdefgh.bak": b"3",
+        ".ad.old-backup": b"4",
+    }
     for name, data in user.items():
         (tmp_path / name).write_bytes(data)
     (tmp_path / ".ad.tmp-999999999-abcd_f12").mkdir()  # what a killed writer (pid gone) leaves
@@ -255,8 +262,12 @@ time.sleep(60)
 
 def test_a_second_writer_is_refused_and_a_killed_writer_frees_the_run(trained_run, bert, tmp_path):
     run = copy_run(trained_run, tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(src=str(SRC), path=str(run))],
-                              env=SUBPROCESS_ENV, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER.format(src=str(SRC), path=str(run))],
+        env=SUBPROCESS_ENV,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = tree(tmp_path)
@@ -276,8 +287,11 @@ def test_a_second_writer_is_refused_and_a_killed_writer_frees_the_run(trained_ru
 
 def test_two_locks_on_one_folder_in_one_process(tmp_path):
     first = FolderLock(tmp_path / "r", "run directory").acquire()
-    with pytest.raises(OutputError, match=r"run directory .* is being written by another moreft process "
-                                          rf"\(pid {os.getpid()}\)"):
+    with pytest.raises(
+        OutputError,
+        match=r"run directory .* is being written by another moreft process "
+        rf"\(pid {os.getpid()}\)",
+    ):
         FolderLock(tmp_path / "r", "run directory").acquire()
     first.release()
     assert os.listdir(tmp_path) == []  # the folder the lock made, empty again, is removed
@@ -296,9 +310,11 @@ def test_a_gguf_conversion_never_replaces_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "cache" / "smollm2").mkdir(parents=True)
     (tmp_path / "cache" / "smollm2" / "my-weights.safetensors").write_bytes(b"mine")
     before = tree(tmp_path)
-    refusals = {tmp_path / "cache" / "smollm2": r"holds files moreft did not write there as a GGUF conversion "
-                                                r"\(my-weights\.safetensors\)",
-                tmp_path / "model.gguf": "is a file, not a folder; moreft does not replace a file with the GGUF"}
+    refusals = {
+        tmp_path / "cache" / "smollm2": r"holds files moreft did not write there as a GGUF conversion "
+        r"\(my-weights\.safetensors\)",
+        tmp_path / "model.gguf": "is a file, not a folder; moreft does not replace a file with the GGUF",
+    }
     for target, message in refusals.items():
         with pytest.raises(OutputError, match=message):
             convert_gguf(tmp_path / "model.gguf", target)
@@ -328,8 +344,15 @@ def _tiny_llama_and_tokenizer():
 
     from moreft.models import minilm_dir
 
-    config = LlamaConfig(vocab_size=30522, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config), AutoTokenizer.from_pretrained(minilm_dir())
 
 

@@ -12,8 +12,14 @@ from pathlib import Path
 import torch
 
 #: Every subprocess gets the same environment: one thread (bit-stable maths) and no hub access.
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                  "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+SUBPROCESS_ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PYTHONWARNINGS": "ignore",
+}
 
 
 def make_tiny_bert(path: Path, dropout: float = 0.0) -> str:
@@ -24,9 +30,16 @@ def make_tiny_bert(path: Path, dropout: float = 0.0) -> str:
 
     tok = AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
-                     attention_probs_dropout_prob=dropout)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
     BertForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
@@ -34,9 +47,20 @@ def make_tiny_bert(path: Path, dropout: float = 0.0) -> str:
 
 def train_flags(model: str, out: Path, **flags: object) -> list[str]:
     """``moreft train`` flags for a short sentiment run on ``model``; ``flags`` add or override (``None`` drops)."""
-    base: dict[str, object] = {"task": "sentiment", "model": model, "method": "more", "block_rank": 2,
-                               "max_steps": 4, "batch_size": 8, "max_examples": 120, "eval_examples": 4,
-                               "max_length": 32, "lr": 1e-2, "log_every": 1, "output_dir": str(out)}
+    base: dict[str, object] = {
+        "task": "sentiment",
+        "model": model,
+        "method": "more",
+        "block_rank": 2,
+        "max_steps": 4,
+        "batch_size": 8,
+        "max_examples": 120,
+        "eval_examples": 4,
+        "max_length": 32,
+        "lr": 1e-2,
+        "log_every": 1,
+        "output_dir": str(out),
+    }
     base.update(flags)
     argv = ["train", "--no-progress"]
     for key, value in base.items():
@@ -65,12 +89,23 @@ def make_char_llama(path: Path, tie: bool = True) -> str:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=tie,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     fast.save_pretrained(path)
     return str(path)

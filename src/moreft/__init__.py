@@ -13,6 +13,8 @@ Importing moreft has one effect on the process, on purpose: it registers the pef
 so that peft, transformers and TRL can build, save and load these adapters.
 """
 
+from . import quant  # noqa: F401 - moreft.quant.merge_quantized is public
+from .adapter_files import load_adapter, read_adapter_config, save_adapter
 from .config import (
     AdapterConfig,
     BlockRule,
@@ -27,23 +29,29 @@ from .config import (
     SharingLayout,
     config_from_dict,
 )
-from .errors import AdapterFileError, ConfigError, ExportError, MergeError, MoreftError, OutputError, TargetError
+from .errors import (
+    AdapterFileError,
+    ConfigError,
+    ExportError,
+    MergeError,
+    MoreftError,
+    OutputError,
+    TargetError,
+)
 from .export import ExportReport, export_lora
 from .inject import (
     ParameterCounts,
     adapter_config,
     adapter_layers,
+    count_parameters,
     eject,
     inject,
     merge,
     resolve_targets,
-    count_parameters,
     trainable_parameters,
 )
 from .layers import AdapterLayer, AdapterModule, LoRALinear, MoRALinear, MoReLinear
-from . import quant  # noqa: F401 - moreft.quant.merge_quantized is public
 from .peft_files import convert_to_peft
-from .adapter_files import load_adapter, read_adapter_config, save_adapter
 from .tuners import LoRAModel, MoRAModel, MoReModel
 from .tuners.registration import register as _register_peft_types
 from .version import __version__

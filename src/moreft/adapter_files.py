@@ -22,9 +22,9 @@ from torch import nn
 
 from .config import PEFT_CONFIG_FIELDS, AdapterConfig, Method, SharingLayout, config_from_dict
 from .errors import AdapterFileError, ConfigError
-from .safe_write import FolderKind, atomic_dir_write
 from .inject import adapter_config, adapter_layers, eject, inject, modules_to_save_names
 from .layers import MoRALinear, is_linear, linear_shape
+from .safe_write import FolderKind, atomic_dir_write
 from .shapes import adapter_shapes
 from .version import __version__
 
@@ -112,20 +112,31 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     layers = adapter_layers(model)
     shapes = {n: list(linear_shape(layer.base_layer)) for n, layer in layers.items()}
     meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "moreft_version": __version__,
-        "method": config.method.value, "config": config.to_dict(),
-        "base_model": base_model_name(model), "modules": shapes, "fingerprint": fingerprint(shapes),
-        "layer_state": {n: _layer_state(layer) for n, layer in layers.items() if isinstance(layer, MoRALinear)},
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "moreft_version": __version__,
+        "method": config.method.value,
+        "config": config.to_dict(),
+        "base_model": base_model_name(model),
+        "modules": shapes,
+        "fingerprint": fingerprint(shapes),
+        "layer_state": {
+            n: _layer_state(layer) for n, layer in layers.items() if isinstance(layer, MoRALinear)
+        },
     }
     gathered = {k: _gathered(v.detach()) for k, v in adapter_state_dict(model).items()}
     tensors = {k: t.to("cpu").contiguous() for k, (t, _) in gathered.items()}
     path = Path(path)
     if any(sharded for _, sharded in gathered.values()) and torch.distributed.get_rank() != 0:
         return path
-    atomic_dir_write(path, {
-        WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
-        CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"),
-    }, ADAPTER_KIND)
+    atomic_dir_write(
+        path,
+        {
+            WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+            CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"),
+        },
+        ADAPTER_KIND,
+    )
     return path
 
 
@@ -146,37 +157,65 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[dict[str, Any], Adapte
     """
     path = Path(path)
     if not path.is_dir():
-        raise AdapterFileError(f"{str(path)!r} is not a directory; an adapter is a directory with "
-                               f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise AdapterFileError(
+            f"{str(path)!r} is not a directory; an adapter is a directory with "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     unsafe = sorted(p.name for p in path.iterdir() if p.suffix in UNSAFE_SUFFIXES)
     if not (path / WEIGHTS_NAME).is_file() or not (path / CONFIG_NAME).is_file():
-        why = (f"; found {unsafe}, which moreft refuses to read: pickle files can run code when "
-               "loaded, only safetensors is accepted") if unsafe else ""
-        raise AdapterFileError(f"{str(path)!r} is not a moreft adapter directory: it needs {CONFIG_NAME} "
-                               f"and {WEIGHTS_NAME}{why}")
+        why = (
+            (
+                f"; found {unsafe}, which moreft refuses to read: pickle files can run code when "
+                "loaded, only safetensors is accepted"
+            )
+            if unsafe
+            else ""
+        )
+        raise AdapterFileError(
+            f"{str(path)!r} is not a moreft adapter directory: it needs {CONFIG_NAME} and {WEIGHTS_NAME}{why}"
+        )
     size = (path / CONFIG_NAME).stat().st_size
     if size > MAX_CONFIG_BYTES:
-        raise AdapterFileError(f"{str(path / CONFIG_NAME)!r} is {size:,} bytes; an adapter config is at most "
-                               f"{MAX_CONFIG_BYTES:,} bytes")
+        raise AdapterFileError(
+            f"{str(path / CONFIG_NAME)!r} is {size:,} bytes; an adapter config is at most "
+            f"{MAX_CONFIG_BYTES:,} bytes"
+        )
     try:
         meta = json.loads((path / CONFIG_NAME).read_bytes().decode("utf-8"), parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise AdapterFileError(f"{str(path / CONFIG_NAME)!r} is not valid JSON: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise AdapterFileError(f"{str(path / CONFIG_NAME)!r} is not a {FORMAT!r} file (format="
-                               f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+        raise AdapterFileError(
+            f"{str(path / CONFIG_NAME)!r} is not a {FORMAT!r} file (format="
+            f"{meta.get('format') if isinstance(meta, dict) else None!r})"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise AdapterFileError(f"format_version={meta.get('format_version')!r} is not supported "
-                               f"(this moreft reads version {FORMAT_VERSION})")
+        raise AdapterFileError(
+            f"format_version={meta.get('format_version')!r} is not supported "
+            f"(this moreft reads version {FORMAT_VERSION})"
+        )
     modules = meta.get("modules")
-    if not isinstance(modules, dict) or not modules or not all(
-            isinstance(n, str) and n and isinstance(s, list) and len(s) == 2
-            and all(type(d) is int and d > 0 for d in s) for n, s in modules.items()):
-        raise AdapterFileError(f"'modules' in {str(path / CONFIG_NAME)!r} must map module names to "
-                               "[out_features, in_features] positive integer pairs")
+    if (
+        not isinstance(modules, dict)
+        or not modules
+        or not all(
+            isinstance(n, str)
+            and n
+            and isinstance(s, list)
+            and len(s) == 2
+            and all(type(d) is int and d > 0 for d in s)
+            for n, s in modules.items()
+        )
+    ):
+        raise AdapterFileError(
+            f"'modules' in {str(path / CONFIG_NAME)!r} must map module names to "
+            "[out_features, in_features] positive integer pairs"
+        )
     if meta.get("fingerprint") != fingerprint(modules):
-        raise AdapterFileError(f"fingerprint={meta.get('fingerprint')!r} in {str(path / CONFIG_NAME)!r} does not "
-                               f"match its 'modules' ({fingerprint(modules)!r}); the file was edited or is corrupt")
+        raise AdapterFileError(
+            f"fingerprint={meta.get('fingerprint')!r} in {str(path / CONFIG_NAME)!r} does not "
+            f"match its 'modules' ({fingerprint(modules)!r}); the file was edited or is corrupt"
+        )
     if not isinstance(meta.get("base_model"), (str, type(None))):
         raise AdapterFileError(f"base_model={meta.get('base_model')!r} must be a model name or null")
     try:
@@ -184,8 +223,9 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[dict[str, Any], Adapte
     except ConfigError as exc:
         raise AdapterFileError(f"bad config in {str(path / CONFIG_NAME)!r}: {exc}") from None
     if config.method.value != meta.get("method"):
-        raise AdapterFileError(f"method={meta.get('method')!r} disagrees with config method "
-                               f"{config.method.value!r}")
+        raise AdapterFileError(
+            f"method={meta.get('method')!r} disagrees with config method {config.method.value!r}"
+        )
     _check_layer_state(meta.get("layer_state", {}), modules, config)
     return meta, config
 
@@ -194,43 +234,64 @@ def _check_layer_state(state: Any, modules: dict[str, Any], config: AdapterConfi
     """``layer_state`` may only set a valid MoRA ``sharing_layout`` on modules the file lists."""
     valid = [layout.value for layout in SharingLayout]
     if not isinstance(state, dict) or (state and config.method is not Method.MORA):
-        raise AdapterFileError(f"'layer_state' must be a mapping, and only MoRA adapters have one; got {state!r}")
+        raise AdapterFileError(
+            f"'layer_state' must be a mapping, and only MoRA adapters have one; got {state!r}"
+        )
     for name, entry in state.items():
         if name not in modules:
             raise AdapterFileError(f"'layer_state' names module {name!r}, which is not in 'modules'")
-        if (not isinstance(entry, dict) or "sharing_layout" not in entry
-                or not set(entry) <= {"sharing_layout", "sharing_output_layout"}
-                or any(v not in valid for v in entry.values())):
-            raise AdapterFileError(f"'layer_state' of {name!r} is {entry!r}; it must be "
-                                   f"{{'sharing_layout': one of {valid}}}, optionally with "
-                                   "'sharing_output_layout'")
+        if (
+            not isinstance(entry, dict)
+            or "sharing_layout" not in entry
+            or not set(entry) <= {"sharing_layout", "sharing_output_layout"}
+            or any(v not in valid for v in entry.values())
+        ):
+            raise AdapterFileError(
+                f"'layer_state' of {name!r} is {entry!r}; it must be "
+                f"{{'sharing_layout': one of {valid}}}, optionally with "
+                "'sharing_output_layout'"
+            )
 
 
-def _check_model_fits(model: nn.Module, meta: dict[str, Any], config: AdapterConfig,
-                      check_base: bool) -> None:
+def _check_model_fits(
+    model: nn.Module, meta: dict[str, Any], config: AdapterConfig, check_base: bool
+) -> None:
     saved_base, base = meta.get("base_model"), base_model_name(model)
     if check_base and saved_base and base and saved_base != base:
-        raise AdapterFileError(f"adapter was trained on base model {saved_base!r} but this model is "
-                               f"{base!r}; pass check_base=False to load it anyway")
+        raise AdapterFileError(
+            f"adapter was trained on base model {saved_base!r} but this model is "
+            f"{base!r}; pass check_base=False to load it anyway"
+        )
     existing = adapter_layers(model)
     if existing:
         current = adapter_config(model)
         if current is None or current.method is not config.method or set(existing) != set(meta["modules"]):
-            raise AdapterFileError(f"model already carries a different adapter "
-                                   f"({current.method.value if current else '?'} on {len(existing)} "
-                                   f"modules); the file holds {config.method.value} on "
-                                   f"{len(meta['modules'])} modules")
+            raise AdapterFileError(
+                f"model already carries a different adapter "
+                f"({current.method.value if current else '?'} on {len(existing)} "
+                f"modules); the file holds {config.method.value} on "
+                f"{len(meta['modules'])} modules"
+            )
         # Hyperparameters the tensor shapes do not pin down (LoRA alpha, MoRA operator) change
         # what the loaded tensors mean, so they must agree too.
-        ignored = {"target_modules", "modules_to_save", "dropout", "sharing_layout", "sharing_output_layout",
-                   "init_weights", *PEFT_CONFIG_FIELDS}
+        ignored = {
+            "target_modules",
+            "modules_to_save",
+            "dropout",
+            "sharing_layout",
+            "sharing_output_layout",
+            "init_weights",
+            *PEFT_CONFIG_FIELDS,
+        }
         ours, theirs = current.to_dict(), config.to_dict()
         differ = sorted(k for k in theirs if k not in ignored and ours.get(k) != theirs[k])
         if differ:
             mine = ", ".join(f"{k}={ours.get(k)!r}" for k in differ)
             filed = ", ".join(f"{k}={theirs[k]!r}" for k in differ)
-            raise AdapterFileError(f"model already carries a {current.method.value} adapter with {mine}; "
-                                   f"the file was saved with {filed}")
+            raise AdapterFileError(
+                f"model already carries a {current.method.value} adapter with {mine}; "
+                f"the file was saved with {filed}"
+            )
         return
     modules = dict(model.named_modules())
     for name, shape in meta["modules"].items():
@@ -238,8 +299,10 @@ def _check_model_fits(model: nn.Module, meta: dict[str, Any], config: AdapterCon
         if module is None or not is_linear(module):
             raise AdapterFileError(f"adapter module {name!r} is not a linear layer of this model")
         if list(linear_shape(module)) != shape:
-            raise AdapterFileError(f"adapter module {name!r} was made for shape {shape} (out, in) but "
-                                   f"this model's is {list(linear_shape(module))}")
+            raise AdapterFileError(
+                f"adapter module {name!r} was made for shape {shape} (out, in) but "
+                f"this model's is {list(linear_shape(module))}"
+            )
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> nn.Module:
@@ -293,16 +356,22 @@ def _check_header(file: Path, meta: dict[str, Any], config: AdapterConfig) -> No
     try:
         implied = adapter_shapes(config, meta["modules"])
     except ConfigError as exc:
-        raise AdapterFileError(f"config in {str(file.parent / CONFIG_NAME)!r} does not fit its modules: {exc}") from None
+        raise AdapterFileError(
+            f"config in {str(file.parent / CONFIG_NAME)!r} does not fit its modules: {exc}"
+        ) from None
     header = _read_header(file)
     for key, (_shape, dtype) in sorted(header.items()):
         if dtype not in FLOAT_DTYPES:
-            raise AdapterFileError(f"tensor {key!r} in {str(file)!r} has dtype {dtype}; adapter tensors must be "
-                                   f"floating point ({', '.join(FLOAT_DTYPES)})")
+            raise AdapterFileError(
+                f"tensor {key!r} in {str(file)!r} has dtype {dtype}; adapter tensors must be "
+                f"floating point ({', '.join(FLOAT_DTYPES)})"
+            )
     for key, shape in implied.items():
         if key in header and header[key][0] != list(shape):
-            raise AdapterFileError(f"tensor {key!r} has shape {header[key][0]} in {str(file)!r} but the "
-                                   f"model expects {list(shape)} (the shape its config implies)")
+            raise AdapterFileError(
+                f"tensor {key!r} has shape {header[key][0]} in {str(file)!r} but the "
+                f"model expects {list(shape)} (the shape its config implies)"
+            )
 
 
 def _load_tensors(model: nn.Module, file: Path, meta: dict[str, Any]) -> None:
@@ -312,13 +381,17 @@ def _load_tensors(model: nn.Module, file: Path, meta: dict[str, Any]) -> None:
             keys = set(f.keys())
             missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
             if missing or unexpected:
-                raise AdapterFileError(f"{str(file)!r} does not fit the model: missing keys {missing[:5]}, "
-                                       f"unexpected keys {unexpected[:5]}")
+                raise AdapterFileError(
+                    f"{str(file)!r} does not fit the model: missing keys {missing[:5]}, "
+                    f"unexpected keys {unexpected[:5]}"
+                )
             for key in sorted(keys):
                 shape = list(f.get_slice(key).get_shape())
                 if shape != list(expected[key].shape):
-                    raise AdapterFileError(f"tensor {key!r} has shape {shape} in {str(file)!r} but the "
-                                           f"model expects {list(expected[key].shape)}")
+                    raise AdapterFileError(
+                        f"tensor {key!r} has shape {shape} in {str(file)!r} but the "
+                        f"model expects {list(expected[key].shape)}"
+                    )
             tensors = {k: f.get_tensor(k) for k in keys}
     except AdapterFileError:
         raise
@@ -326,8 +399,10 @@ def _load_tensors(model: nn.Module, file: Path, meta: dict[str, Any]) -> None:
         raise AdapterFileError(f"{str(file)!r} is not a readable safetensors file: {exc}") from None
     bad = sorted(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
     if bad:
-        raise AdapterFileError(f"{str(file)!r} holds NaN/Inf values in {len(bad)} tensor(s) (e.g. {bad[:3]}); "
-                               "an adapter must be finite: the run that saved it diverged or the file is corrupt")
+        raise AdapterFileError(
+            f"{str(file)!r} holds NaN/Inf values in {len(bad)} tensor(s) (e.g. {bad[:3]}); "
+            "an adapter must be finite: the run that saved it diverged or the file is corrupt"
+        )
     with torch.no_grad():
         for key, value in tensors.items():
             expected[key].copy_(value)
@@ -335,4 +410,6 @@ def _load_tensors(model: nn.Module, file: Path, meta: dict[str, Any]) -> None:
         layer = adapter_layers(model).get(name)
         if isinstance(layer, MoRALinear):
             layer.sharing_layout = SharingLayout(state["sharing_layout"])
-            layer.sharing_output_layout = SharingLayout(state.get("sharing_output_layout", state["sharing_layout"]))
+            layer.sharing_output_layout = SharingLayout(
+                state.get("sharing_output_layout", state["sharing_layout"])
+            )

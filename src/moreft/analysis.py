@@ -38,7 +38,11 @@ def singular_values_above(delta: Tensor, threshold: float = DEFAULT_SV_THRESHOLD
     Raises:
         ConfigError: ``threshold`` not a finite number >= 0.
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not 0 <= threshold < math.inf
+    ):
         raise ConfigError(f"sv threshold={threshold!r} must be a finite number >= 0")
     return int((torch.linalg.svdvals(delta.detach().double()) > threshold).sum())
 
@@ -72,7 +76,9 @@ class SubspaceSimilarity:
         return asdict(self)
 
 
-def subspace_similarity(delta: Tensor, weight: Tensor, rank: int = DEFAULT_SUBSPACE_RANK) -> SubspaceSimilarity | None:
+def subspace_similarity(
+    delta: Tensor, weight: Tensor, rank: int = DEFAULT_SUBSPACE_RANK
+) -> SubspaceSimilarity | None:
     """``φ = ||U_ΔW[:, :r]ᵀ U_W[:, :r]||_F² / r`` (and the same for the right vectors ``V``).
 
     Args:
@@ -144,5 +150,6 @@ def gaussian_fit(values: Tensor) -> GaussianFit:
     n = x.numel()
     steps = torch.arange(n + 1, dtype=torch.float64) / n  # F_n just after each sorted value
     ks = torch.maximum((steps[1:] - cdf).abs().max(), (cdf - steps[:-1]).abs().max())
-    return GaussianFit(n, float(mean), float(std), float(z.pow(3).mean()), float(z.pow(4).mean() - 3.0),
-                       float(ks))
+    return GaussianFit(
+        n, float(mean), float(std), float(z.pow(3).mean()), float(z.pow(4).mean() - 3.0), float(ks)
+    )

@@ -18,7 +18,16 @@ import regex
 from peft.config import PeftConfig
 
 from .errors import ConfigError
-from .options import BlockRule, Composition, InitMode, Method, MoRAOperator, RHatRounding, SharingLayout, check_variant
+from .options import (
+    BlockRule,
+    Composition,
+    InitMode,
+    Method,
+    MoRAOperator,
+    RHatRounding,
+    SharingLayout,
+    check_variant,
+)
 
 ALL_LINEAR = "all-linear"
 #: A ``target_modules`` regex longer than this is refused (names are better listed).
@@ -77,8 +86,10 @@ def _targets(value: Any) -> tuple[str, ...] | str | None:
         return value
     if isinstance(value, str):
         if len(value) > MAX_PATTERN_CHARS:
-            raise ConfigError(f"target_modules is a regex of {len(value):,} characters; at most "
-                              f"{MAX_PATTERN_CHARS:,} are accepted (list the names instead)")
+            raise ConfigError(
+                f"target_modules is a regex of {len(value):,} characters; at most "
+                f"{MAX_PATTERN_CHARS:,} are accepted (list the names instead)"
+            )
         try:
             regex.compile(value)
         except (regex.error, RecursionError, OverflowError) as exc:
@@ -109,7 +120,10 @@ class MoreftPeftType(str, enum.Enum):
 
 #: The peft type of each method (``peft.mapping`` keys; see :mod:`moreft.tuners.registration`).
 PEFT_TYPES: dict[Method, MoreftPeftType] = {
-    Method.MORE: MoreftPeftType.MORE, Method.MORA: MoreftPeftType.MORA, Method.LORA: MoreftPeftType.MOREFT_LORA}
+    Method.MORE: MoreftPeftType.MORE,
+    Method.MORA: MoreftPeftType.MORA,
+    Method.LORA: MoreftPeftType.MOREFT_LORA,
+}
 
 
 #: Fields every peft config has (bookkeeping: type, version, base model, mode), not hyperparameters.
@@ -134,22 +148,34 @@ class AdapterConfig(PeftConfig):
     """
 
     method: ClassVar[Method]
-    target_modules: tuple[str, ...] | str | None = field(default=None, metadata={
-        "help": "Modules to adapt: names (exact or dotted suffix), a regex (full match), 'all-linear', "
-                "or None for the model family's default."})
-    modules_to_save: list[str] = field(default_factory=list, metadata={
-        "help": "Extra modules trained in full and saved with the adapter (e.g. a classifier head)."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout probability in the adapter branch, in [0, 1)."})
-    init_weights: bool = field(default=True, metadata={
-        "help": "True: ΔW = 0 at the start. False: a random non-zero ΔW (for tests)."})
+    target_modules: tuple[str, ...] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Modules to adapt: names (exact or dotted suffix), a regex (full match), 'all-linear', "
+            "or None for the model family's default."
+        },
+    )
+    modules_to_save: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Extra modules trained in full and saved with the adapter (e.g. a classifier head)."
+        },
+    )
+    dropout: float = field(
+        default=0.0, metadata={"help": "Dropout probability in the adapter branch, in [0, 1)."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: ΔW = 0 at the start. False: a random non-zero ΔW (for tests)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PEFT_TYPES[self.method]
         self.target_modules = _targets(self.target_modules)
         # a list, as peft's: PeftModelForSequenceClassification appends its head names to it
-        self.modules_to_save = list(_names("modules_to_save", [] if self.modules_to_save is None
-                                           else self.modules_to_save))
+        self.modules_to_save = list(
+            _names("modules_to_save", [] if self.modules_to_save is None else self.modules_to_save)
+        )
         self.dropout = _probability("dropout", self.dropout)
         if not isinstance(self.init_weights, bool):
             raise ConfigError(f"init_weights={self.init_weights!r} must be True or False")
@@ -159,8 +185,11 @@ class AdapterConfig(PeftConfig):
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = value.value if isinstance(value, enum.Enum) else (
-                list(value) if isinstance(value, (tuple, set)) else value)
+            out[f.name] = (
+                value.value
+                if isinstance(value, enum.Enum)
+                else (list(value) if isinstance(value, (tuple, set)) else value)
+            )
         return out
 
 
@@ -182,24 +211,52 @@ class MoReConfig(AdapterConfig):
     """
 
     method: ClassVar[Method] = Method.MORE
-    nblocks: int = field(default=4, metadata={"help": "Number of diagonal blocks (integer >= 1, <= in_features)."})
-    block_rank: int = field(default=4, metadata={
-        "help": "Rank of each block (integer >= 1); ΔW has rank up to nblocks * block_rank."})
-    block_rule: BlockRule = field(default=BlockRule.MOREFT, metadata={
-        "help": "Block shapes: 'moreft' (default), or the MoRe authors' 'official' / 'official-int' rules "
-                "(docs/interop.md)."})
-    composition: Composition = field(default=Composition.ADDITIVE, metadata={
-        "help": "'additive' (W + c·M, the paper's) or 'multiplicative' ((I + c·M)·W, Appendix C; M is out x out)."})
-    alpha: float = field(default=1.0, metadata={
-        "help": "Fixed scale on the adapter output (ΔW·alpha; Appendix C's 'scaler α'); a number > 0, 1 = none."})
-    learnable_scale: bool = field(default=False, metadata={
-        "help": "Multiply the adapter output by a trained scalar s (Appendix C's 'scaler parameter')."})
-    scale_init: float = field(default=0.0, metadata={
-        "help": "Start value of the learnable scalar (the authors' code: 0, with both factors random); "
-                "only with learnable_scale."})
-    init_mode: InitMode = field(default=InitMode.ZERO, metadata={
-        "help": "'zero' (the paper's init) or 'principal' (start from W's best MoRe approximation, "
-                "Appendix E; the same product is subtracted, so the model is unchanged at step 0)."})
+    nblocks: int = field(
+        default=4, metadata={"help": "Number of diagonal blocks (integer >= 1, <= in_features)."}
+    )
+    block_rank: int = field(
+        default=4,
+        metadata={"help": "Rank of each block (integer >= 1); ΔW has rank up to nblocks * block_rank."},
+    )
+    block_rule: BlockRule = field(
+        default=BlockRule.MOREFT,
+        metadata={
+            "help": "Block shapes: 'moreft' (default), or the MoRe authors' 'official' / 'official-int' rules "
+            "(docs/interop.md)."
+        },
+    )
+    composition: Composition = field(
+        default=Composition.ADDITIVE,
+        metadata={
+            "help": "'additive' (W + c·M, the paper's) or 'multiplicative' ((I + c·M)·W, Appendix C; M is out x out)."
+        },
+    )
+    alpha: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fixed scale on the adapter output (ΔW·alpha; Appendix C's 'scaler α'); a number > 0, 1 = none."
+        },
+    )
+    learnable_scale: bool = field(
+        default=False,
+        metadata={
+            "help": "Multiply the adapter output by a trained scalar s (Appendix C's 'scaler parameter')."
+        },
+    )
+    scale_init: float = field(
+        default=0.0,
+        metadata={
+            "help": "Start value of the learnable scalar (the authors' code: 0, with both factors random); "
+            "only with learnable_scale."
+        },
+    )
+    init_mode: InitMode = field(
+        default=InitMode.ZERO,
+        metadata={
+            "help": "'zero' (the paper's init) or 'principal' (start from W's best MoRe approximation, "
+            "Appendix E; the same product is subtracted, so the model is unchanged at step 0)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -208,14 +265,19 @@ class MoReConfig(AdapterConfig):
         self.block_rule = coerce_enum(BlockRule, self.block_rule, "block_rule")
         self.composition = coerce_enum(Composition, self.composition, "composition")
         self.init_mode = coerce_enum(InitMode, self.init_mode, "init_mode")
-        self.alpha, self.scale_init = check_variant(self.composition, self.alpha, self.learnable_scale,
-                                                    self.scale_init, self.init_mode)
+        self.alpha, self.scale_init = check_variant(
+            self.composition, self.alpha, self.learnable_scale, self.scale_init, self.init_mode
+        )
 
     @property
     def is_default_variant(self) -> bool:
         """True for the paper's adapter (additive, no scale, zero init): the fused and Triton paths apply."""
-        return (self.composition is Composition.ADDITIVE and self.alpha == 1.0 and not self.learnable_scale
-                and self.init_mode is InitMode.ZERO)
+        return (
+            self.composition is Composition.ADDITIVE
+            and self.alpha == 1.0
+            and not self.learnable_scale
+            and self.init_mode is InitMode.ZERO
+        )
 
 
 @dataclass(kw_only=True)
@@ -238,20 +300,40 @@ class MoRAConfig(AdapterConfig):
     """
 
     method: ClassVar[Method] = Method.MORA
-    rank: int = field(default=8, metadata={"help": "LoRA rank whose parameter count r_hat matches (integer >= 1)."})
-    r_hat: int | None = field(default=None, metadata={
-        "help": "Explicit side of the square matrix; None derives it per layer from rank."})
-    operator: MoRAOperator = field(default=MoRAOperator.ROTATION, metadata={
-        "help": "Compress/decompress pair: 'truncation', 'sharing', 'decouple' or 'rotation'."})
-    sharing_layout: SharingLayout = field(default=SharingLayout.STRIDED, metadata={
-        "help": "Grouping of the 'sharing' operator: 'strided' or 'adjacent' (inputs, and outputs unless "
-                "sharing_output_layout is set)."})
-    sharing_output_layout: SharingLayout | None = field(default=None, metadata={
-        "help": "Output grouping of 'sharing' when it differs from the input's (the authors' mora_type 3/4)."})
-    r_hat_rounding: RHatRounding = field(default=RHatRounding.FLOOR, metadata={
-        "help": "How r_hat is rounded from sqrt((in + out) * rank): 'floor' (the paper) or 'round' (the authors' code)."})
-    cap_r_hat: bool = field(default=True, metadata={
-        "help": "Cap a derived r_hat at min(in, out) for 'sharing' (the authors' code does not)."})
+    rank: int = field(
+        default=8, metadata={"help": "LoRA rank whose parameter count r_hat matches (integer >= 1)."}
+    )
+    r_hat: int | None = field(
+        default=None,
+        metadata={"help": "Explicit side of the square matrix; None derives it per layer from rank."},
+    )
+    operator: MoRAOperator = field(
+        default=MoRAOperator.ROTATION,
+        metadata={"help": "Compress/decompress pair: 'truncation', 'sharing', 'decouple' or 'rotation'."},
+    )
+    sharing_layout: SharingLayout = field(
+        default=SharingLayout.STRIDED,
+        metadata={
+            "help": "Grouping of the 'sharing' operator: 'strided' or 'adjacent' (inputs, and outputs unless "
+            "sharing_output_layout is set)."
+        },
+    )
+    sharing_output_layout: SharingLayout | None = field(
+        default=None,
+        metadata={
+            "help": "Output grouping of 'sharing' when it differs from the input's (the authors' mora_type 3/4)."
+        },
+    )
+    r_hat_rounding: RHatRounding = field(
+        default=RHatRounding.FLOOR,
+        metadata={
+            "help": "How r_hat is rounded from sqrt((in + out) * rank): 'floor' (the paper) or 'round' (the authors' code)."
+        },
+    )
+    cap_r_hat: bool = field(
+        default=True,
+        metadata={"help": "Cap a derived r_hat at min(in, out) for 'sharing' (the authors' code does not)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -261,14 +343,16 @@ class MoRAConfig(AdapterConfig):
         self.operator = coerce_enum(MoRAOperator, self.operator, "operator")
         self.sharing_layout = coerce_enum(SharingLayout, self.sharing_layout, "sharing_layout")
         if self.sharing_output_layout is not None:
-            self.sharing_output_layout = coerce_enum(SharingLayout, self.sharing_output_layout,
-                                                     "sharing_output_layout")
+            self.sharing_output_layout = coerce_enum(
+                SharingLayout, self.sharing_output_layout, "sharing_output_layout"
+            )
         self.r_hat_rounding = coerce_enum(RHatRounding, self.r_hat_rounding, "r_hat_rounding")
         if not isinstance(self.cap_r_hat, bool):
             raise ConfigError(f"cap_r_hat={self.cap_r_hat!r} must be true or false")
         if self.operator is MoRAOperator.ROTATION and self.r_hat is not None and self.r_hat % 2:
-            raise ConfigError(f"r_hat={self.r_hat} must be even for operator 'rotation' "
-                              "(it rotates pairs of coordinates)")
+            raise ConfigError(
+                f"r_hat={self.r_hat} must be even for operator 'rotation' (it rotates pairs of coordinates)"
+            )
 
 
 @dataclass(kw_only=True)
@@ -286,13 +370,20 @@ class LoRAConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         positive_int("rank", self.rank)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
+        if (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, (int, float))
+            or not 0 < self.alpha < math.inf
+        ):
             raise ConfigError(f"alpha={self.alpha!r} must be a number > 0 and finite")
         self.alpha = float(self.alpha)
 
 
 CONFIG_CLASSES: dict[Method, type[AdapterConfig]] = {
-    Method.MORE: MoReConfig, Method.MORA: MoRAConfig, Method.LORA: LoRAConfig}
+    Method.MORE: MoReConfig,
+    Method.MORA: MoRAConfig,
+    Method.LORA: LoRAConfig,
+}
 
 
 def config_from_dict(data: object) -> AdapterConfig:
@@ -313,13 +404,17 @@ def config_from_dict(data: object) -> AdapterConfig:
     if method_value is None and "peft_type" in data:
         peft_type = data["peft_type"]
         if not isinstance(peft_type, str) or peft_type not in by_peft_type:
-            raise ConfigError(f"peft_type={peft_type!r} must be one of {sorted(by_peft_type)} (moreft's peft types)")
+            raise ConfigError(
+                f"peft_type={peft_type!r} must be one of {sorted(by_peft_type)} (moreft's peft types)"
+            )
         method_value = by_peft_type[peft_type]
     method = coerce_enum(Method, method_value, "method")
     cls = CONFIG_CLASSES[method]
     if data.get("peft_type", PEFT_TYPES[method].value) != PEFT_TYPES[method].value:
-        raise ConfigError(f"peft_type={data['peft_type']!r} disagrees with method {method.value!r} "
-                          f"(whose peft type is {PEFT_TYPES[method].value!r})")
+        raise ConfigError(
+            f"peft_type={data['peft_type']!r} disagrees with method {method.value!r} "
+            f"(whose peft type is {PEFT_TYPES[method].value!r})"
+        )
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -337,8 +432,12 @@ def config_from_dict(data: object) -> AdapterConfig:
 
 #: Types of peft's bookkeeping fields in a saved config (peft itself does not check them).
 _BOOKKEEPING_TYPES: dict[str, tuple[type, ...]] = {
-    "peft_type": (str, type(None)), "task_type": (str, type(None)), "peft_version": (str, type(None)),
-    "base_model_name_or_path": (str, type(None)), "revision": (str, type(None)),
-    "inference_mode": (bool,), "auto_mapping": (dict, type(None)),
+    "peft_type": (str, type(None)),
+    "task_type": (str, type(None)),
+    "peft_version": (str, type(None)),
+    "base_model_name_or_path": (str, type(None)),
+    "revision": (str, type(None)),
+    "inference_mode": (bool,),
+    "auto_mapping": (dict, type(None)),
 }
 _KIND_NAMES = {str: "a string", type(None): "null", bool: "true or false", dict: "a mapping"}

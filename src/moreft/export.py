@@ -24,12 +24,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, base_model_name
 from .config import AdapterConfig, InitMode, LoRAConfig, Method, MoRAConfig, MoReConfig
 from .errors import AdapterFileError, ConfigError, ExportError
-from .safe_write import FolderKind, atomic_dir_write
 from .inject import adapter_config, adapter_layers, modules_to_save_names
 from .layers import AdapterLayer, LoRALinear, MoReLinear, is_conv1d, linear_shape
-from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, base_model_name
+from .safe_write import FolderKind, atomic_dir_write
 from .version import __version__
 
 #: safetensors metadata key that marks an export as moreft's (peft ignores it).
@@ -87,8 +87,10 @@ class ExportReport:
         ranked = sorted(self.relative_errors.items(), key=lambda kv: kv[1])
         (low, lo), (high, hi) = ranked[0], ranked[-1]
         median = ranked[len(ranked) // 2][1]
-        return (f"{head}: lossy, relative Frobenius error ||ΔW - B·A|| / ||ΔW|| per layer: max {hi:.3g} "
-                f"({high}), median {median:.3g}, min {lo:.3g} ({low})")
+        return (
+            f"{head}: lossy, relative Frobenius error ||ΔW - B·A|| / ||ΔW|| per layer: max {hi:.3g} "
+            f"({high}), median {median:.3g}, min {lo:.3g} ({low})"
+        )
 
 
 def export_rank(config: AdapterConfig, rank: int | None) -> int:
@@ -108,8 +110,9 @@ def export_rank(config: AdapterConfig, rank: int | None) -> int:
     else:
         raise TypeError(f"{type(config).__name__} is not a moreft adapter config")
     if rank not in (None, natural):
-        raise ConfigError(f"rank={rank} cannot be used to export {config.method.value}: its exact "
-                          f"LoRA rank is {natural}")
+        raise ConfigError(
+            f"rank={rank} cannot be used to export {config.method.value}: its exact LoRA rank is {natural}"
+        )
     return natural
 
 
@@ -121,10 +124,16 @@ def check_tolerance(tolerance: float | None) -> None:
     """
     if tolerance is None:
         return
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) \
-            or tolerance < 0:
-        raise ConfigError(f"tolerance={tolerance!r} must be a finite number >= 0 (the largest relative "
-                          "Frobenius error ||ΔW - B·A|| / ||ΔW|| accepted per layer)")
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, (int, float))
+        or not math.isfinite(tolerance)
+        or tolerance < 0
+    ):
+        raise ConfigError(
+            f"tolerance={tolerance!r} must be a finite number >= 0 (the largest relative "
+            "Frobenius error ||ΔW - B·A|| / ||ΔW|| accepted per layer)"
+        )
 
 
 def accept_loss(report: ExportReport, rank: int | None, tolerance: float | None, exact_rank: int) -> None:
@@ -145,14 +154,18 @@ def accept_loss(report: ExportReport, rank: int | None, tolerance: float | None,
     if tolerance is not None:
         if report.max_relative_error <= tolerance:
             return
-        raise ExportError(f"{report.summary()}: more than tolerance={tolerance:g}. Export at a higher rank "
-                          f"(rank={exact_rank} is exact; CLI --rank) or accept a larger tolerance; nothing was written")
+        raise ExportError(
+            f"{report.summary()}: more than tolerance={tolerance:g}. Export at a higher rank "
+            f"(rank={exact_rank} is exact; CLI --rank) or accept a larger tolerance; nothing was written"
+        )
     if rank is not None:
         return
-    raise ExportError(f"{report.summary()}. A MoRA adapter is high rank, so a LoRA of rank {report.rank} "
-                      f"loses part of it: pass rank=R to accept the loss at rank R (rank={exact_rank} is exact) "
-                      "or tolerance=T to accept a relative error up to T (CLI: --rank / --tolerance); "
-                      "nothing was written")
+    raise ExportError(
+        f"{report.summary()}. A MoRA adapter is high rank, so a LoRA of rank {report.rank} "
+        f"loses part of it: pass rank=R to accept the loss at rank R (rank={exact_rank} is exact) "
+        "or tolerance=T to accept a relative error up to T (CLI: --rank / --tolerance); "
+        "nothing was written"
+    )
 
 
 def lora_factors(layer: AdapterLayer, rank: int) -> tuple[Tensor, Tensor, float]:
@@ -179,8 +192,9 @@ def lora_factors(layer: AdapterLayer, rank: int) -> tuple[Tensor, Tensor, float]
         return a.to(layer.weight_dtype), b.to(layer.weight_dtype), err
 
 
-def export_lora(model: nn.Module, path: str | os.PathLike, rank: int | None = None,
-                tolerance: float | None = None) -> ExportReport:
+def export_lora(
+    model: nn.Module, path: str | os.PathLike, rank: int | None = None, tolerance: float | None = None
+) -> ExportReport:
     """Write ``model``'s adapter as a peft LoRA directory that ``PeftModel.from_pretrained`` loads.
 
     MoRe and LoRA export exactly. A MoRA export is a truncated SVD; when it is not exact
@@ -218,8 +232,10 @@ def export_lora(model: nn.Module, path: str | os.PathLike, rank: int | None = No
     check_tolerance(tolerance)
     widest = max(min(linear_shape(layer.base_layer)) for layer in layers.values())
     if config.method is Method.MORA and r > widest:  # every layer would get zero rank-1 terms only
-        raise ConfigError(f"rank={r} is more than any adapted layer can hold: min(out_features, in_features) is "
-                          f"at most {widest} over the {len(layers)} layers; export at rank <= {widest}")
+        raise ConfigError(
+            f"rank={r} is more than any adapted layer can hold: min(out_features, in_features) is "
+            f"at most {widest} over the {len(layers)} layers; export at rank <= {widest}"
+        )
     fan_in_fan_out = {is_conv1d(layer.base_layer) for layer in layers.values()}
     if len(fan_in_fan_out) > 1:
         raise AdapterFileError("cannot export a mix of Linear and Conv1D targets as one peft adapter")
@@ -234,17 +250,29 @@ def export_lora(model: nn.Module, path: str | os.PathLike, rank: int | None = No
         for p, t in model.get_submodule(n).named_parameters():
             tensors[f"base_model.model.{n}.{p}"] = t.detach().cpu().contiguous()
     peft_config = {
-        "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": r, "lora_dropout": 0.0,
-        "target_modules": sorted(layers), "fan_in_fan_out": fan_in_fan_out.pop(), "bias": "none",
-        "modules_to_save": list(config.modules_to_save) or None, "init_lora_weights": True,
-        "base_model_name_or_path": base_model_name(model), "inference_mode": True,
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": r,
+        "lora_alpha": r,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(layers),
+        "fan_in_fan_out": fan_in_fan_out.pop(),
+        "bias": "none",
+        "modules_to_save": list(config.modules_to_save) or None,
+        "init_lora_weights": True,
+        "base_model_name_or_path": base_model_name(model),
+        "inference_mode": True,
     }
     out = Path(path)
     report = ExportReport(out, r, errors)
     accept_loss(report, rank, tolerance, widest)
     mark = {"format": "pt", EXPORT_MARK: __version__}
-    atomic_dir_write(out, {
-        WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata=mark),
-        CONFIG_NAME: lambda p: p.write_text(json.dumps(peft_config, indent=2) + "\n"),
-    }, EXPORT_KIND)
+    atomic_dir_write(
+        out,
+        {
+            WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata=mark),
+            CONFIG_NAME: lambda p: p.write_text(json.dumps(peft_config, indent=2) + "\n"),
+        },
+        EXPORT_KIND,
+    )
     return report

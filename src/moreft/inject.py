@@ -23,8 +23,19 @@ from .layers.quantized import refuse_quantized_layers
 from .targets import DEFAULT_TARGETS, HEAD_NAMES, check_disjoint, modules_to_save_names, resolve_targets
 from .tuners.registration import TUNERS
 
-__all__ = ["DEFAULT_TARGETS", "HEAD_NAMES", "ParameterCounts", "adapter_config", "adapter_layers", "eject",
-           "inject", "merge", "modules_to_save_names", "resolve_targets", "trainable_parameters"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "HEAD_NAMES",
+    "ParameterCounts",
+    "adapter_config",
+    "adapter_layers",
+    "eject",
+    "inject",
+    "merge",
+    "modules_to_save_names",
+    "resolve_targets",
+    "trainable_parameters",
+]
 
 CONFIG_ATTR = "moreft_config"
 ADAPTER_NAME = "default"
@@ -54,10 +65,14 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     names = resolve_targets(model, config)
     if existing:
         again = sorted(set(names) & set(existing)) or sorted(existing)[:3]
-        raise TargetError(f"model already carries a moreft adapter (e.g. on {again}); merge it with "
-                          "moreft.merge(model) or load a fresh model before injecting again")
+        raise TargetError(
+            f"model already carries a moreft adapter (e.g. on {again}); merge it with "
+            "moreft.merge(model) or load a fresh model before injecting again"
+        )
     save_names = modules_to_save_names(model, config)
-    missing = [t for t in config.modules_to_save if not any(n == t or n.endswith("." + t) for n in save_names)]
+    missing = [
+        t for t in config.modules_to_save if not any(n == t or n.endswith("." + t) for n in save_names)
+    ]
     if missing:
         raise TargetError(f"modules_to_save {missing} match no module of the model")
     check_disjoint(names, save_names)
@@ -100,8 +115,10 @@ class ParameterCounts:
 
     def __str__(self) -> str:
         share = 100.0 * self.trainable / max(self.total, 1)
-        return (f"adapter params: {self.adapter:,} | other trainable: {self.other_trainable:,} | "
-                f"trainable: {self.trainable:,} of {self.total:,} ({share:.3f}%)")
+        return (
+            f"adapter params: {self.adapter:,} | other trainable: {self.other_trainable:,} | "
+            f"trainable: {self.trainable:,} of {self.total:,} ({share:.3f}%)"
+        )
 
 
 def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
@@ -113,8 +130,12 @@ def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
 
 def count_parameters(model: nn.Module) -> ParameterCounts:
     """Count adapter, other trainable, and all parameters (shared tensors counted once)."""
-    adapter_ids = {id(p) for layer in adapter_layers(model).values()
-                   for p in layer.adapter_params().values() if p.requires_grad}
+    adapter_ids = {
+        id(p)
+        for layer in adapter_layers(model).values()
+        for p in layer.adapter_params().values()
+        if p.requires_grad
+    }
     params = _unique(model.parameters())
     adapter = sum(p.numel() for p in params if id(p) in adapter_ids)
     trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -123,8 +144,11 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
 
 def trainable_parameters(model: nn.Module) -> ParameterCounts:
     """Deprecated name of :func:`count_parameters` (it returns counts, not parameters)."""
-    warnings.warn("moreft.trainable_parameters is deprecated: use moreft.count_parameters (same result)",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "moreft.trainable_parameters is deprecated: use moreft.count_parameters (same result)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return count_parameters(model)
 
 

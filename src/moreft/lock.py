@@ -41,8 +41,9 @@ class FolderLock:
                 lock file cannot be created there.
         """
         if os.path.lexists(self.folder) and not self.folder.is_dir():
-            raise OutputError(f"{self.what} {str(self.folder)!r} is a file, not a folder; "
-                              "choose another name")
+            raise OutputError(
+                f"{self.what} {str(self.folder)!r} is a file, not a folder; choose another name"
+            )
         self._created_dirs = [p for p in (self.folder, *self.folder.parents) if not os.path.lexists(p)]
         try:
             try:
@@ -53,16 +54,19 @@ class FolderLock:
                 try:
                     fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
                 except OSError as exc:  # unwritable folder, or the lock file is a link (O_NOFOLLOW)
-                    raise OutputError(f"cannot lock {self.what} {str(self.folder)!r}: {exc.strerror} "
-                                      f"({str(self.file)!r})") from None
+                    raise OutputError(
+                        f"cannot lock {self.what} {str(self.folder)!r}: {exc.strerror} ({str(self.file)!r})"
+                    ) from None
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
                     os.close(fd)
-                    raise OutputError(f"{self.what} {str(self.folder)!r} is being written by another moreft "
-                                      f"process (pid {holder}); wait for it to finish, or choose another "
-                                      "name") from None
+                    raise OutputError(
+                        f"{self.what} {str(self.folder)!r} is being written by another moreft "
+                        f"process (pid {holder}); wait for it to finish, or choose another "
+                        "name"
+                    ) from None
                 try:
                     same = os.fstat(fd).st_ino == os.stat(self.file, follow_symlinks=False).st_ino
                 except FileNotFoundError:
@@ -73,8 +77,9 @@ class FolderLock:
                     self._fd = fd
                     return self
                 os.close(fd)
-            raise OutputError(f"could not lock {self.what} {str(self.folder)!r}: "
-                              "its lock file keeps changing")
+            raise OutputError(
+                f"could not lock {self.what} {str(self.folder)!r}: its lock file keeps changing"
+            )
         except BaseException:
             self._remove_created()
             raise

@@ -98,8 +98,9 @@ class InitMode(str, enum.Enum):
     PRINCIPAL = "principal"
 
 
-def check_variant(composition: Composition, alpha: Any, learnable_scale: Any, scale_init: Any,
-                  init_mode: InitMode) -> tuple[float, float]:
+def check_variant(
+    composition: Composition, alpha: Any, learnable_scale: Any, scale_init: Any, init_mode: InitMode
+) -> tuple[float, float]:
     """Validate the options together; returns ``(alpha, scale_init)`` as floats.
 
     Raises:
@@ -111,15 +112,25 @@ def check_variant(composition: Composition, alpha: Any, learnable_scale: Any, sc
         raise ConfigError(f"alpha={alpha!r} must be a number > 0 and finite")
     if not isinstance(learnable_scale, bool):
         raise ConfigError(f"learnable_scale={learnable_scale!r} must be true or false")
-    if isinstance(scale_init, bool) or not isinstance(scale_init, (int, float)) or not math.isfinite(scale_init):
+    if (
+        isinstance(scale_init, bool)
+        or not isinstance(scale_init, (int, float))
+        or not math.isfinite(scale_init)
+    ):
         raise ConfigError(f"scale_init={scale_init!r} must be a finite number")
     if scale_init != 0.0 and not learnable_scale:
-        raise ConfigError(f"scale_init={scale_init!r} needs learnable_scale=True (it is the start value of the "
-                          "learnable scalar)")
+        raise ConfigError(
+            f"scale_init={scale_init!r} needs learnable_scale=True (it is the start value of the "
+            "learnable scalar)"
+        )
     if init_mode is InitMode.PRINCIPAL and composition is Composition.MULTIPLICATIVE:
-        raise ConfigError("init_mode='principal' needs composition='additive': the multiplicative factor "
-                          "M (out x out) has no principal part of W to start from")
+        raise ConfigError(
+            "init_mode='principal' needs composition='additive': the multiplicative factor "
+            "M (out x out) has no principal part of W to start from"
+        )
     if init_mode is InitMode.PRINCIPAL and learnable_scale and scale_init == 0.0:
-        raise ConfigError("init_mode='principal' with learnable_scale needs scale_init != 0: a scale of 0 "
-                          "would multiply the principal components away")
+        raise ConfigError(
+            "init_mode='principal' with learnable_scale needs scale_init != 0: a scale of 0 "
+            "would multiply the principal components away"
+        )
     return float(alpha), float(scale_init)

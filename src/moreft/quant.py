@@ -23,7 +23,13 @@ from .inject import adapter_layers, merge
 from .layers import is_conv1d
 from .layers.quantized import quantized_kind, refuse_quantized, refuse_quantized_layers
 
-__all__ = ["QuantizedMerge", "merge_quantized", "quantized_kind", "refuse_quantized", "refuse_quantized_layers"]
+__all__ = [
+    "QuantizedMerge",
+    "merge_quantized",
+    "quantized_kind",
+    "refuse_quantized",
+    "refuse_quantized_layers",
+]
 
 
 @dataclass(frozen=True)
@@ -51,8 +57,10 @@ def _dense(weight: Any) -> torch.Tensor:
     kind = quantized_kind(weight)
     dequantize = getattr(weight, "dequantize", None)
     if kind is None or not callable(dequantize) or kind.startswith(("Params4bit", "Int8Params")):
-        raise MergeError(f"cannot dequantise a {kind or type(weight).__name__} weight here; only torchao "
-                         "quantised weights can be merged into (load a bitsandbytes base unquantised to merge)")
+        raise MergeError(
+            f"cannot dequantise a {kind or type(weight).__name__} weight here; only torchao "
+            "quantised weights can be merged into (load a bitsandbytes base unquantised to merge)"
+        )
     return dequantize()
 
 
@@ -96,8 +104,15 @@ def merge_quantized(model: nn.Module, requantize: Any) -> list[QuantizedMerge]:
         merged = base.weight.dequantize().float()
         scale = float(delta.abs().max())
         lost = float(((merged - dense.float()) - delta).abs().max())
-        reports.append(QuantizedMerge(name, str(kind), float((merged - exact).abs().max()), scale,
-                                      lost / scale if scale > 0 else 0.0))
+        reports.append(
+            QuantizedMerge(
+                name,
+                str(kind),
+                float((merged - exact).abs().max()),
+                scale,
+                lost / scale if scale > 0 else 0.0,
+            )
+        )
         layer.merged = True
     merge(model)  # every layer is merged now: this only puts the base layers back
     return reports

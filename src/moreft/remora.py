@@ -52,8 +52,9 @@ _NEXT = {
 
 
 @torch.no_grad()
-def merge_and_reinit(model: nn.Module, switch_sharing_layout: bool = True,
-                     cycle: RemoraCycle = RemoraCycle.ALTERNATE) -> list[nn.Parameter]:
+def merge_and_reinit(
+    model: nn.Module, switch_sharing_layout: bool = True, cycle: RemoraCycle = RemoraCycle.ALTERNATE
+) -> list[nn.Parameter]:
     """Merge every adapter into its base weight, then re-initialise it (ΔW = 0 again).
 
     Every layer is checked for NaN/Inf before any weight is written.
@@ -77,8 +78,7 @@ def merge_and_reinit(model: nn.Module, switch_sharing_layout: bool = True,
         layer.merge()
         layer.reset_parameters()
         layer.merged = False  # the old ΔW now lives in the base weight; the new one starts at 0
-        if (switch_sharing_layout and isinstance(layer, MoRALinear)
-                and layer.operator is MoRAOperator.SHARING):
+        if switch_sharing_layout and isinstance(layer, MoRALinear) and layer.operator is MoRAOperator.SHARING:
             pair = _NEXT[RemoraCycle(cycle)][layer.sharing_layout, layer.sharing_output_layout]
             layer.sharing_layout, layer.sharing_output_layout = pair
         params.extend(layer.adapter_params().values())

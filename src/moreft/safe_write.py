@@ -124,7 +124,9 @@ def _make_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot create folder {str(path.parent)!r} for {str(path)!r}: {exc.strerror}") from None
+        raise OutputError(
+            f"cannot create folder {str(path.parent)!r} for {str(path)!r}: {exc.strerror}"
+        ) from None
 
 
 def _temp_prefix(path: Path) -> str:
@@ -228,19 +230,25 @@ def writable_folder(path: str | os.PathLike, kind: FolderKind) -> Path:
     if path.is_symlink():
         real = Path(os.path.realpath(path))
         if not real.is_dir():
-            raise OutputError(f"{str(path)!r} is a symbolic link to {str(real)!r}, which is not a folder; "
-                              f"moreft writes the {kind.what} through a link only to an existing folder")
+            raise OutputError(
+                f"{str(path)!r} is a symbolic link to {str(real)!r}, which is not a folder; "
+                f"moreft writes the {kind.what} through a link only to an existing folder"
+            )
         path = real
     if os.path.lexists(path) and not path.is_dir():
-        raise OutputError(f"{str(path)!r} is a file, not a folder; moreft does not replace a file with the "
-                          f"{kind.what} (choose another path, or move the file away yourself)")
+        raise OutputError(
+            f"{str(path)!r} is a file, not a folder; moreft does not replace a file with the "
+            f"{kind.what} (choose another path, or move the file away yourself)"
+        )
     if path.is_dir():
         foreign = foreign_entries(path, kind)
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise OutputError(f"{str(path)!r} holds files moreft did not write there as a {kind.what} "
-                              f"({shown}); moreft replaces a folder only when it is empty or holds nothing "
-                              f"but its own earlier {kind.what}. Choose a new or empty folder")
+            raise OutputError(
+                f"{str(path)!r} holds files moreft did not write there as a {kind.what} "
+                f"({shown}); moreft replaces a folder only when it is empty or holds nothing "
+                f"but its own earlier {kind.what}. Choose a new or empty folder"
+            )
     return path
 
 
@@ -279,8 +287,9 @@ def write_folder(path: str | os.PathLike, fill: Callable[[Path], Any], kind: Fol
     return path
 
 
-def atomic_dir_write(path: str | os.PathLike, files: dict[str, Callable[[Path], Any]],
-                     kind: FolderKind | None = None) -> Path:
+def atomic_dir_write(
+    path: str | os.PathLike, files: dict[str, Callable[[Path], Any]], kind: FolderKind | None = None
+) -> Path:
     """Write ``files`` (name -> callable(path)) into ``path`` via a sibling temp dir and rename.
 
     On any exception (or a kill) the previous contents of ``path``, if any, stay as they were.
@@ -296,6 +305,7 @@ def atomic_dir_write(path: str | os.PathLike, files: dict[str, Callable[[Path], 
     Raises:
         OutputError: see :func:`writable_folder`; nothing is written then.
     """
+
     def fill(tmp: Path) -> None:
         for name, write in files.items():
             write(tmp / name)

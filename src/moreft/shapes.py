@@ -35,8 +35,10 @@ def adapter_shapes(config: AdapterConfig, modules: Mapping[str, Sequence[int]]) 
         except ConfigError:
             raise
         except (RuntimeError, OverflowError, MemoryError, TypeError, ValueError) as exc:  # beyond int64
-            raise ConfigError(f"{config.method.value} config implies impossible sizes on {name!r} "
-                              f"({in_features}->{out_features}): {str(exc).splitlines()[0]}") from None
+            raise ConfigError(
+                f"{config.method.value} config implies impossible sizes on {name!r} "
+                f"({in_features}->{out_features}): {str(exc).splitlines()[0]}"
+            ) from None
         shapes.update({f"{name}.{p}": tuple(t.shape) for p, t in layer.adapter_state().items()})
     return shapes
 
@@ -56,7 +58,9 @@ def check_adapter_size(model: nn.Module, config: AdapterConfig, names: Sequence[
     count = sum(math.prod(shape) for shape in adapter_shapes(config, modules).values())
     total = sum(p.numel() for p in model.parameters())
     if count > total:
-        raise ConfigError(f"this {config.method.value} config would give {count:,} adapter parameters on "
-                          f"{len(names)} layers of a model with {total:,}; an adapter larger than its base "
-                          "model is refused (a rank or r_hat too large for these layers?)")
+        raise ConfigError(
+            f"this {config.method.value} config would give {count:,} adapter parameters on "
+            f"{len(names)} layers of a model with {total:,}; an adapter larger than its base "
+            "model is refused (a rank or r_hat too large for these layers?)"
+        )
     return count

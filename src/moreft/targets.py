@@ -43,8 +43,11 @@ def _output_head_names(model: nn.Module) -> set[str]:
     """The output embedding and any module inside a task head (``HEAD_NAMES`` at top level)."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    return {n for n, m in model.named_modules()
-            if (head is not None and m is head) or n.split(".")[0] in HEAD_NAMES}
+    return {
+        n
+        for n, m in model.named_modules()
+        if (head is not None and m is head) or n.split(".")[0] in HEAD_NAMES
+    }
 
 
 def _regex_matches(spec: str, candidates: list[str]) -> list[str]:
@@ -64,9 +67,11 @@ def _regex_matches(spec: str, candidates: list[str]) -> list[str]:
             if pattern.fullmatch(n, timeout=max(deadline - time.monotonic(), 1e-6)):
                 names.append(n)
     except TimeoutError:
-        raise TargetError(f"target_modules={spec!r} took more than {MATCH_SECONDS:g} s to match "
-                          f"{len(candidates):,} module names (nested repetition backtracks exponentially); "
-                          "simplify the regex or list the names") from None
+        raise TargetError(
+            f"target_modules={spec!r} took more than {MATCH_SECONDS:g} s to match "
+            f"{len(candidates):,} module names (nested repetition backtracks exponentially); "
+            "simplify the regex or list the names"
+        ) from None
     return names
 
 
@@ -81,18 +86,30 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     if spec is None:
         model_type = _model_type(model)
         if model_type not in DEFAULT_TARGETS:
-            raise TargetError(f"no default target_modules for model type {model_type!r}; pass "
-                              f"target_modules (names, a regex, or {ALL_LINEAR!r}). Known defaults: "
-                              f"{sorted(DEFAULT_TARGETS)}")
+            raise TargetError(
+                f"no default target_modules for model type {model_type!r}; pass "
+                f"target_modules (names, a regex, or {ALL_LINEAR!r}). Known defaults: "
+                f"{sorted(DEFAULT_TARGETS)}"
+            )
         spec = DEFAULT_TARGETS[model_type]
     modules = dict(model.named_modules())
-    inside_adapter = {f"{n}.{sub}" for n, m in modules.items() if isinstance(m, AdapterLayer)
-                      for sub, _ in m.named_modules() if sub}
+    inside_adapter = {
+        f"{n}.{sub}"
+        for n, m in modules.items()
+        if isinstance(m, AdapterLayer)
+        for sub, _ in m.named_modules()
+        if sub
+    }
     candidates = [n for n in modules if n and n not in inside_adapter]
     if spec == ALL_LINEAR:
-        skip = _output_head_names(model) | {n for n in candidates if _matches(n, config.modules_to_save or ())}
-        names = [n for n in candidates if (is_linear(modules[n]) or isinstance(modules[n], AdapterLayer))
-                 and n not in skip]
+        skip = _output_head_names(model) | {
+            n for n in candidates if _matches(n, config.modules_to_save or ())
+        }
+        names = [
+            n
+            for n in candidates
+            if (is_linear(modules[n]) or isinstance(modules[n], AdapterLayer)) and n not in skip
+        ]
     elif isinstance(spec, str):
         names = _regex_matches(spec, candidates)
     else:
@@ -103,8 +120,10 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         raise TargetError(f"target_modules={spec!r} matches no module; linear layers are: {shown or 'none'}")
     for n in names:
         if not (is_linear(modules[n]) or isinstance(modules[n], AdapterLayer)):
-            raise TargetError(f"target module {n!r} is a {type(modules[n]).__name__}; moreft adapts "
-                              "only nn.Linear and transformers Conv1D layers")
+            raise TargetError(
+                f"target module {n!r} is a {type(modules[n]).__name__}; moreft adapts "
+                "only nn.Linear and transformers Conv1D layers"
+            )
     return names
 
 
@@ -123,5 +142,7 @@ def check_disjoint(targets: list[str], saved: list[str]) -> None:
     for t in targets:
         for s in saved:
             if t == s or t.startswith(s + ".") or s.startswith(t + "."):
-                raise TargetError(f"target module {t!r} overlaps modules_to_save module {s!r}; a module is either "
-                                  "adapted (target_modules) or trained in full (modules_to_save), not both")
+                raise TargetError(
+                    f"target module {t!r} overlaps modules_to_save module {s!r}; a module is either "
+                    "adapted (target_modules) or trained in full (modules_to_save), not both"
+                )

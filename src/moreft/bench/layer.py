@@ -27,8 +27,9 @@ def _runner(v: Variant, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def bench_shape(in_f: int, out_f: int, tokens: int, methods: tuple[str, ...], rounds: int,
-                warmup: int, seed: int = 0) -> dict[str, Any]:
+def bench_shape(
+    in_f: int, out_f: int, tokens: int, methods: tuple[str, ...], rounds: int, warmup: int, seed: int = 0
+) -> dict[str, Any]:
     """Time one training step of every variant on ``x (tokens, in_f)``, interleaved; and its peak memory.
 
     Returns:
@@ -54,9 +55,16 @@ def bench_shape(in_f: int, out_f: int, tokens: int, methods: tuple[str, ...], ro
         t = times[v.name]
         peak, how = memory[v.name]
         row: dict[str, Any] = {
-            "method": v.name, "note": v.note, "trainable_params": v.params,
-            "median_ms": statistics.median(t) * MS, "min_ms": min(t) * MS, "times_ms": [s * MS for s in t],
-            "flop_floor": v.flop_floor, "peak_mib": peak / MIB, "memory_method": how}
+            "method": v.name,
+            "note": v.note,
+            "trainable_params": v.params,
+            "median_ms": statistics.median(t) * MS,
+            "min_ms": min(t) * MS,
+            "times_ms": [s * MS for s in t],
+            "flop_floor": v.flop_floor,
+            "peak_mib": peak / MIB,
+            "memory_method": how,
+        }
         if "base" in times:
             row["x_base"] = paired_ratio(t, times["base"])
             row["x_floor"] = row["x_base"] / v.flop_floor
@@ -80,9 +88,11 @@ def bench_merge(size: int, rounds: int, seed: int = 0) -> dict[str, Any]:
     """
     torch.manual_seed(seed)
     base = nn.Linear(size, size, bias=False).requires_grad_(False)
-    layers = {"lora": LoRALinear(copy.deepcopy(base), LoRAConfig(rank=RANK)),
-              "more-r8": MoReLinear(copy.deepcopy(base), MoReConfig(nblocks=MORE_NBLOCKS, block_rank=8)),
-              "mora": MoRALinear(copy.deepcopy(base), MoRAConfig(rank=RANK))}
+    layers = {
+        "lora": LoRALinear(copy.deepcopy(base), LoRAConfig(rank=RANK)),
+        "more-r8": MoReLinear(copy.deepcopy(base), MoReConfig(nblocks=MORE_NBLOCKS, block_rank=8)),
+        "mora": MoRALinear(copy.deepcopy(base), MoRAConfig(rank=RANK)),
+    }
     for layer in layers.values():
         with torch.no_grad():
             for p in layer.adapter_params().values():
@@ -105,16 +115,22 @@ def bench_merge(size: int, rounds: int, seed: int = 0) -> dict[str, Any]:
     runs = {"W.add_(D)": add_sub, **{k: merge_unmerge(v) for k, v in layers.items()}}
     times = interleaved_times(runs, rounds, warmup=1, seed=seed)
     ref = times["W.add_(D)"]
-    return {"size": size, "rounds": rounds,
-            "rows": [{"what": k, "median_ms": statistics.median(t) * MS / 2, "x_add": paired_ratio(t, ref)}
-                     for k, t in times.items()]}
+    return {
+        "size": size,
+        "rounds": rounds,
+        "rows": [
+            {"what": k, "median_ms": statistics.median(t) * MS / 2, "x_add": paired_ratio(t, ref)}
+            for k, t in times.items()
+        ],
+    }
 
 
 INFERENCE_METHODS = ("lora", "more-r8", "mora", "mora-sharing")
 
 
-def bench_inference(in_f: int, out_f: int, tokens: int, methods: tuple[str, ...], rounds: int, warmup: int,
-                    seed: int = 0) -> dict[str, Any]:
+def bench_inference(
+    in_f: int, out_f: int, tokens: int, methods: tuple[str, ...], rounds: int, warmup: int, seed: int = 0
+) -> dict[str, Any]:
     """Forward-only times of a layer: merged and unmerged adapters against the frozen layer, interleaved.
 
     Per method: ``merged`` (``layer.merge()``, then ``no_grad``: what serving runs), ``no_grad``
@@ -144,8 +160,11 @@ def bench_inference(in_f: int, out_f: int, tokens: int, methods: tuple[str, ...]
     times = interleaved_times(runs, rounds, warmup, seed=seed)
     rows = []
     for name, t in times.items():
-        row: dict[str, Any] = {"what": name, "median_ms": statistics.median(t) * MS,
-                               "x_base": paired_ratio(t, times["base"])}
+        row: dict[str, Any] = {
+            "what": name,
+            "median_ms": statistics.median(t) * MS,
+            "x_base": paired_ratio(t, times["base"]),
+        }
         if name.endswith(" no_grad"):
             row["x_train_fwd"] = paired_ratio(t, times[name.replace(" no_grad", " train-fwd")])
         rows.append(row)

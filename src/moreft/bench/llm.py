@@ -59,10 +59,12 @@ def _adapt(model: torch.nn.Module, method: str) -> torch.nn.Module:
         import peft
 
         return peft.get_peft_model(model, _peft_config(method))
-    configs = {"lora": LoRAConfig(rank=8, alpha=16.0, target_modules="all-linear"),
-               "more": MoReConfig(nblocks=4, block_rank=8, target_modules="all-linear"),
-               "mora": MoRAConfig(rank=8, target_modules="all-linear"),
-               "mora-sharing": MoRAConfig(rank=8, operator=MoRAOperator.SHARING, target_modules="all-linear")}
+    configs = {
+        "lora": LoRAConfig(rank=8, alpha=16.0, target_modules="all-linear"),
+        "more": MoReConfig(nblocks=4, block_rank=8, target_modules="all-linear"),
+        "mora": MoRAConfig(rank=8, target_modules="all-linear"),
+        "mora-sharing": MoRAConfig(rank=8, operator=MoRAOperator.SHARING, target_modules="all-linear"),
+    }
     return inject(model, configs[method])
 
 
@@ -74,8 +76,14 @@ def _batches(tokenizer: Any, batch: int, seq: int, count: int) -> list[dict[str,
     texts = [examples[i % len(examples)].text for i in range(batch * count)]
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-    return [{"input_ids": enc["input_ids"][i:i + batch], "attention_mask": enc["attention_mask"][i:i + batch],
-             "labels": labels[i:i + batch]} for i in range(0, batch * count, batch)]
+    return [
+        {
+            "input_ids": enc["input_ids"][i : i + batch],
+            "attention_mask": enc["attention_mask"][i : i + batch],
+            "labels": labels[i : i + batch],
+        }
+        for i in range(0, batch * count, batch)
+    ]
 
 
 def _timed(fn: Callable[[], None], count: int) -> list[float]:
@@ -106,7 +114,11 @@ def llm_child(spec: str, model_name: str, batch: int, seq: int, steps: int) -> d
     model = _adapt(model, method)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     params = [p for p in model.parameters() if p.requires_grad]
-    out: dict[str, Any] = {"method": method, "precision": precision, "trainable_params": sum(p.numel() for p in params)}
+    out: dict[str, Any] = {
+        "method": method,
+        "precision": precision,
+        "trainable_params": sum(p.numel() for p in params),
+    }
     reset_peak_rss()
     if params:
         model.train()
@@ -141,8 +153,17 @@ def _median(runs: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def bench_llm(methods: tuple[str, ...], precisions: tuple[str, ...], model_name: str, batch: int, seq: int,
-              steps: int, repeats: int, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
+def bench_llm(
+    methods: tuple[str, ...],
+    precisions: tuple[str, ...],
+    model_name: str,
+    batch: int,
+    seq: int,
+    steps: int,
+    repeats: int,
+    threads: int,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     """Run :func:`llm_child` ``repeats`` times per method and precision in fresh subprocesses, interleaved.
 
     Raises:
@@ -154,22 +175,43 @@ def bench_llm(methods: tuple[str, ...], precisions: tuple[str, ...], model_name:
         for (m, p), done in runs.items():
             if (m, p) in skipped:
                 continue
-            cmd = [sys.executable, "-m", "moreft.bench", "--llm-child", f"{m}:{p}", "--llm-model", model_name,
-                   "--llm-batch", str(batch), "--llm-seq", str(seq), "--llm-steps", str(steps),
-                   "--threads", str(threads)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "moreft.bench",
+                "--llm-child",
+                f"{m}:{p}",
+                "--llm-model",
+                model_name,
+                "--llm-batch",
+                str(batch),
+                "--llm-seq",
+                str(seq),
+                "--llm-steps",
+                str(steps),
+                "--threads",
+                str(threads),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 if not m.startswith("peft-"):
                     raise RuntimeError(f"LLM run of {m!r} ({p}) failed:\n{proc.stderr[-2000:]}")
-                skipped[(m, p)] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "failed"
+                skipped[(m, p)] = (
+                    proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "failed"
+                )
                 log(f"  llm {m} {p}: skipped ({skipped[(m, p)]})")
                 continue
             done.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             last = done[-1]
-            trained = (f"{statistics.median(last['step_s']):.2f} s/step, peak RSS {last['peak_rss_mib']:.0f} MiB"
-                       if "step_s" in last else "inference only")
-            log(f"  llm {m} {p} ({rep + 1}/{repeats}): {trained}, "
-                f"no_grad forward {statistics.median(last['forward_s']):.2f} s")
+            trained = (
+                f"{statistics.median(last['step_s']):.2f} s/step, peak RSS {last['peak_rss_mib']:.0f} MiB"
+                if "step_s" in last
+                else "inference only"
+            )
+            log(
+                f"  llm {m} {p} ({rep + 1}/{repeats}): {trained}, "
+                f"no_grad forward {statistics.median(last['forward_s']):.2f} s"
+            )
     rows = []
     for (m, p), rs in runs.items():
         row: dict[str, Any] = {"method": m, "precision": p, "runs": rs}

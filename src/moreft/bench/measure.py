@@ -103,8 +103,9 @@ def quiet(fn: Callable[[], Any]) -> Any:
             os.close(fd)
 
 
-def interleaved_times(runs: dict[str, Callable[[], None]], rounds: int, warmup: int,
-                      seed: int = 0) -> dict[str, list[float]]:
+def interleaved_times(
+    runs: dict[str, Callable[[], None]], rounds: int, warmup: int, seed: int = 0
+) -> dict[str, list[float]]:
     """Seconds per call of each runnable: ``warmup`` untimed calls each, then ``rounds`` rounds.
 
     Each round calls every runnable once, in a fresh random order (seeded), so that no variant

@@ -26,13 +26,23 @@ MORE_NBLOCKS = 4  # the MoRe paper's default
 MORE_BLOCK_RANKS = (1, 4, 8)
 BOFT_BLOCK_SIZE = 4  # BOFT_{b=4}^{m=4}, the MoRe paper's Table 3/4 configuration
 BOFT_BUTTERFLY = 4
-MORA_OPERATORS = {"mora": (MoRAOperator.ROTATION, SharingLayout.STRIDED),  # the default operator
-                  "mora-truncation": (MoRAOperator.TRUNCATION, SharingLayout.STRIDED),
-                  "mora-sharing": (MoRAOperator.SHARING, SharingLayout.STRIDED),
-                  "mora-sharing-adjacent": (MoRAOperator.SHARING, SharingLayout.ADJACENT),
-                  "mora-decouple": (MoRAOperator.DECOUPLE, SharingLayout.STRIDED)}
-LAYER_METHODS = ("base", "lora", *(f"more-r{r}" for r in MORE_BLOCK_RANKS), "more-r8-unfused",
-                 "more-r8-paper", *MORA_OPERATORS, "peft-lora", "peft-boft")
+MORA_OPERATORS = {
+    "mora": (MoRAOperator.ROTATION, SharingLayout.STRIDED),  # the default operator
+    "mora-truncation": (MoRAOperator.TRUNCATION, SharingLayout.STRIDED),
+    "mora-sharing": (MoRAOperator.SHARING, SharingLayout.STRIDED),
+    "mora-sharing-adjacent": (MoRAOperator.SHARING, SharingLayout.ADJACENT),
+    "mora-decouple": (MoRAOperator.DECOUPLE, SharingLayout.STRIDED),
+}
+LAYER_METHODS = (
+    "base",
+    "lora",
+    *(f"more-r{r}" for r in MORE_BLOCK_RANKS),
+    "more-r8-unfused",
+    "more-r8-paper",
+    *MORA_OPERATORS,
+    "peft-lora",
+    "peft-boft",
+)
 #: ``torch.compile``d twins (``--compile``): ours with ``fullgraph=True``, peft's as peft allows.
 COMPILED_METHODS = tuple(f"{m}-compiled" for m in ("lora", "more-r8", "mora-sharing", "peft-lora"))
 ADAPTER_INIT_STD = 0.02  # nonzero adapters, as after some training (values do not change the speed)
@@ -89,8 +99,12 @@ def peft_layer(base: nn.Linear, which: str) -> tuple[nn.Module, str]:
         cfg = peft.LoraConfig(r=RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=["proj"])
         note = f"HF peft {peft.__version__} LoRA r={RANK}"
     else:
-        cfg = peft.BOFTConfig(boft_block_size=BOFT_BLOCK_SIZE, boft_n_butterfly_factor=BOFT_BUTTERFLY,
-                              boft_dropout=0.0, target_modules=["proj"])
+        cfg = peft.BOFTConfig(
+            boft_block_size=BOFT_BLOCK_SIZE,
+            boft_n_butterfly_factor=BOFT_BUTTERFLY,
+            boft_dropout=0.0,
+            target_modules=["proj"],
+        )
         note = f"HF peft {peft.__version__} BOFT b={BOFT_BLOCK_SIZE} m={BOFT_BUTTERFLY}"
     with warnings.catch_warnings():  # BOFT warns that its CUDA extension is missing (noted below)
         warnings.simplefilter("ignore")
@@ -100,8 +114,9 @@ def peft_layer(base: nn.Linear, which: str) -> tuple[nn.Module, str]:
     return layer, note
 
 
-def build_variants(in_f: int, out_f: int, tokens: int, methods: tuple[str, ...],
-                   seed: int = 0) -> list[Variant]:
+def build_variants(
+    in_f: int, out_f: int, tokens: int, methods: tuple[str, ...], seed: int = 0
+) -> list[Variant]:
     """An identical frozen ``nn.Linear(in_f, out_f)`` copy wrapped by each method in ``methods``.
 
     Raises:
@@ -109,7 +124,9 @@ def build_variants(in_f: int, out_f: int, tokens: int, methods: tuple[str, ...],
     """
     unknown = [m for m in methods if m not in LAYER_METHODS + COMPILED_METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(LAYER_METHODS + COMPILED_METHODS)}")
+        raise ValueError(
+            f"unknown method(s) {unknown}; choose from {', '.join(LAYER_METHODS + COMPILED_METHODS)}"
+        )
     torch.manual_seed(seed)
     base = nn.Linear(in_f, out_f).requires_grad_(False)
     base_flops = 4.0 * tokens * in_f * out_f  # forward and input gradient
@@ -127,8 +144,13 @@ def compiled_variant(v: Variant) -> Variant:
     """``v`` under ``torch.compile`` (default inductor): ``fullgraph=True`` for moreft's layers."""
     fullgraph = not v.name.startswith("peft-")
     module = torch.compile(v.module, fullgraph=fullgraph)
-    return Variant(f"{v.name}-compiled", module, v.params, v.flop_floor,
-                   f"{v.note}; torch.compile(fullgraph={fullgraph})")
+    return Variant(
+        f"{v.name}-compiled",
+        module,
+        v.params,
+        v.flop_floor,
+        f"{v.note}; torch.compile(fullgraph={fullgraph})",
+    )
 
 
 def mora_flop_floor(layer: MoRALinear, tokens: int, base_flops: float) -> float:
@@ -137,7 +159,7 @@ def mora_flop_floor(layer: MoRALinear, tokens: int, base_flops: float) -> float:
     """
     form = layer.block_form()
     if form is None:
-        adapter = 6.0 * tokens * layer.r_hat ** 2 + 2.0 * tokens * (layer.in_features + layer.out_features)
+        adapter = 6.0 * tokens * layer.r_hat**2 + 2.0 * tokens * (layer.in_features + layer.out_features)
     else:
         nnz = sum(s.count * (s.row1 - s.row0) * (s.col1 - s.col0) for s in form[1])  # non-zeros of ΔW
         adapter = 3 * 2.0 * tokens * nnz

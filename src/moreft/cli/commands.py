@@ -68,8 +68,12 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"run_dir": str(args.run_dir), "metric": task.metric_name}
     for name, examples in chosen.items():
         examples = examples[:cap]
-        result[name] = {"examples": len(examples), **evaluate(model, tokenizer, task, examples, batch,
-                                                               config.max_length, config.max_new_tokens, autocast)}
+        result[name] = {
+            "examples": len(examples),
+            **evaluate(
+                model, tokenizer, task, examples, batch, config.max_length, config.max_new_tokens, autocast
+            ),
+        }
     return result
 
 
@@ -102,8 +106,10 @@ def _outside_run(out: Path, run_dir: Path) -> None:
     o, r = Path(os.path.realpath(out)), Path(os.path.realpath(run_dir))
     where = "is" if o == r else "is inside" if r in o.parents else "holds" if o in r.parents else None
     if where:
-        raise OutputError(f"output {str(out)!r} {where} the run being read ({str(run_dir)!r}); moreft never "
-                          "writes into or over the run it reads. Choose a path outside it")
+        raise OutputError(
+            f"output {str(out)!r} {where} the run being read ({str(run_dir)!r}); moreft never "
+            "writes into or over the run it reads. Choose a path outside it"
+        )
 
 
 def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,8 +124,9 @@ def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
     _outside_run(out, Path(args.run_dir))
     real = writable_folder(out, MERGED_KIND)
     if real.is_dir() and any(real.iterdir()) and not args.overwrite:
-        raise ConfigError(f"output {str(out)!r} already exists; pass --overwrite to replace it or choose "
-                          "another path")
+        raise ConfigError(
+            f"output {str(out)!r} already exists; pass --overwrite to replace it or choose another path"
+        )
     config, _, model, tokenizer = load_trained(args.run_dir, moreft_only="moreft merge")
     if not config.full:
         moreft.merge(model, safe=True)
@@ -128,14 +135,20 @@ def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.iterdir())
-        mark = {"format": "moreft-merged", "moreft_version": moreft.__version__, "run": str(args.run_dir),
-                "files": files}
+        mark = {
+            "format": "moreft-merged",
+            "moreft_version": moreft.__version__,
+            "run": str(args.run_dir),
+            "files": files,
+        }
         (tmp / MERGED_MARK).write_text(json.dumps(mark, indent=2) + "\n")
 
     write_folder(out, fill, MERGED_KIND)  # an existing OUT (ours) is swapped out atomically, never missing
     result = {"merged": str(out), "base_model": config.model, "method": config.method_label()}
     if config.full:
-        result["note"] = "full fine-tuning has no adapter: nothing was merged, OUT holds the trained model as it is"
+        result["note"] = (
+            "full fine-tuning has no adapter: nothing was merged, OUT holds the trained model as it is"
+        )
     return result
 
 
@@ -153,18 +166,27 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from moreft.train.rundir import load_trained, read_run_config
 
     if read_run_config(args.run_dir).full:
-        raise ConfigError(f"{args.run_dir!r} is full fine-tuning: it trained every weight, so there is no low-rank "
-                          "adapter to export; use `moreft merge` to save the trained model")
+        raise ConfigError(
+            f"{args.run_dir!r} is full fine-tuning: it trained every weight, so there is no low-rank "
+            "adapter to export; use `moreft merge` to save the trained model"
+        )
     if (Path(args.run_dir) / MERGED_BASE_FILE).is_file():
-        raise ConfigError(f"{args.run_dir!r} was trained with merge_every: its update is the merged cycles in "
-                          f"{MERGED_BASE_FILE} plus the last adapter, not one LoRA; use `moreft merge` instead")
+        raise ConfigError(
+            f"{args.run_dir!r} was trained with merge_every: its update is the merged cycles in "
+            f"{MERGED_BASE_FILE} plus the last adapter, not one LoRA; use `moreft merge` instead"
+        )
     _outside_run(Path(args.out), Path(args.run_dir))
     writable_folder(Path(args.out), EXPORT_KIND)  # refuse before the slow model load
     config, _, model, _ = load_trained(args.run_dir, moreft_only="moreft export-lora")
     report = moreft.export_lora(model, args.out, rank=args.rank, tolerance=args.tolerance)
     print(f"moreft: {report.summary()}", file=sys.stderr)
-    return {"exported": str(report.path), "method": config.method_label(), "lora_rank": report.rank,
-            "exact": report.exact, "max_relative_error": report.max_relative_error}
+    return {
+        "exported": str(report.path),
+        "method": config.method_label(),
+        "lora_rank": report.rank,
+        "exact": report.exact,
+        "max_relative_error": report.max_relative_error,
+    }
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -172,8 +194,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from moreft.train.choices import RunMethod
     from moreft.train.inspection import inspect_run
 
-    report = inspect_run(args.run_dir, layer=args.layer, heatmap=args.heatmap, sv_threshold=args.sv_threshold,
-                         subspace_rank=args.subspace_rank, plots=args.plots, weights_plot=args.weights_plot)
+    report = inspect_run(
+        args.run_dir,
+        layer=args.layer,
+        heatmap=args.heatmap,
+        sv_threshold=args.sv_threshold,
+        subspace_rank=args.subspace_rank,
+        plots=args.plots,
+        weights_plot=args.weights_plot,
+    )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -183,8 +212,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print(f"adapter: {settings} on {len(report.layers)} layers")
     print(report.to_markdown())
-    print(f"φ: subspace similarity of the top-r singular vectors of ΔW and W (1 = inside W's top directions; "
-          f"random subspaces give about r / width), r = min({report.subspace_rank}, rank of ΔW)")
+    print(
+        f"φ: subspace similarity of the top-r singular vectors of ΔW and W (1 = inside W's top directions; "
+        f"random subspaces give about r / width), r = min({report.subspace_rank}, rank of ΔW)"
+    )
     if report.weights:
         print(report.weights_markdown())
     print(f"heat map of |ΔW| for {report.heatmap_layer}: {report.heatmap}")
@@ -206,7 +237,9 @@ def parse_seeds(text: str) -> int | list[int]:
             return [int(s) for s in text.split(",") if s.strip()]
         return int(text)
     except ValueError:
-        raise ConfigError(f"--seeds {text[:80]!r} must be a count (e.g. 3) or a comma list (e.g. 0,1,2)") from None
+        raise ConfigError(
+            f"--seeds {text[:80]!r} must be a count (e.g. 3) or a comma list (e.g. 0,1,2)"
+        ) from None
 
 
 def command_line(args: argparse.Namespace) -> str | None:
@@ -225,8 +258,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for spec in args.methods:  # fail on a bad spec before anything trains
         parse_method_spec(spec)
     base = resolve_config(args.config, run_overrides(args))
-    result = compare(base, args.methods, seeds, name=args.name, command=command_line(args), reference=args.reference,
-                     log=lambda line: print(line, flush=True), jobs=args.jobs)
+    result = compare(
+        base,
+        args.methods,
+        seeds,
+        name=args.name,
+        command=command_line(args),
+        reference=args.reference,
+        log=lambda line: print(line, flush=True),
+        jobs=args.jobs,
+    )
     print((result.path / "compare.md").read_text(), end="")
     print(f"wrote {result.path / 'compare.md'} and {result.path / 'compare.png'}")
     return 0

@@ -51,27 +51,37 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (``bench`` is added when ``moreft.bench`` provides it)."""
-    parser = _Parser(prog="moreft", description="Fine-tune models with MoRe / MoRA / LoRA "
-                                     "adapters, offline.")
+    parser = _Parser(prog="moreft", description="Fine-tune models with MoRe / MoRA / LoRA adapters, offline.")
     from moreft.version import __version__
 
     parser.add_argument("--version", action="version", version=f"moreft {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("train", help="fine-tune a model; writes runs/<name>/",
-                       description="Fine-tune a model. Precedence: defaults < --config recipe < flags. "
-                       "Each flag may be given once; choices are accepted in any case; 'none' clears an "
-                       "optional setting. Every setting is listed in docs/settings.md.")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model; writes runs/<name>/",
+        description="Fine-tune a model. Precedence: defaults < --config recipe < flags. "
+        "Each flag may be given once; choices are accepted in any case; 'none' clears an "
+        "optional setting. Every setting is listed in docs/settings.md.",
+    )
     add_config_flags(p)
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan (parameters "
-                   "counted on a meta-device model, steps, tokens) and exit; reads no data, writes nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config and the plan (parameters "
+        "counted on a meta-device model, steps, tokens) and exit; reads no data, writes nothing",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="re-evaluate a run's saved adapter on its saved split")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--split", choices=("validation", "test", "both"), default="both")
-    p.add_argument("--eval-examples", type=int, default=None, help="cap on examples per split (default: "
-                   "the run's eval_examples)")
+    p.add_argument(
+        "--eval-examples",
+        type=int,
+        default=None,
+        help="cap on examples per split (default: the run's eval_examples)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
     p.set_defaults(func=cmd_eval)
 
@@ -84,70 +94,140 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-lora", help="export the adapter as a peft LoRA directory")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("out", metavar="OUT")
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank for MoRA (SVD; accepts its loss); MoRe/LoRA "
-                   "are exact")
-    p.add_argument("--tolerance", type=float, default=None, metavar="ERR", help="largest relative Frobenius error "
-                   "accepted per layer; a lossy MoRA export needs --rank or --tolerance")
+    p.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="LoRA rank for MoRA (SVD; accepts its loss); MoRe/LoRA are exact",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        metavar="ERR",
+        help="largest relative Frobenius error "
+        "accepted per layer; a lossy MoRA export needs --rank or --tolerance",
+    )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("inspect",
-                       help="per-layer params, rank, norm, spectrum and φ of ΔW, weight fits, a |ΔW| heat map")
+    p = sub.add_parser(
+        "inspect", help="per-layer params, rank, norm, spectrum and φ of ΔW, weight fits, a |ΔW| heat map"
+    )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--layer", default=None, help="layer for the heat map (default: the first)")
-    p.add_argument("--heatmap", default=None, metavar="PNG", help="heat map path (default RUN_DIR/delta_<layer>.png)")
-    p.add_argument("--sv-threshold", type=float, default=0.1, metavar="T",
-                   help="count singular values of ΔW above T per layer (default 0.1, as MoRA Figure 5)")
-    p.add_argument("--subspace-rank", type=int, default=8, metavar="R",
-                   help="top-R singular vectors of ΔW and W compared by φ (LoRA Section 7; default 8, capped at "
-                        "rank(ΔW))")
-    p.add_argument("--plots", action="store_true",
-                   help="also plot the adapter weights against fitted Gaussians (RUN_DIR/weights.png)")
+    p.add_argument(
+        "--heatmap", default=None, metavar="PNG", help="heat map path (default RUN_DIR/delta_<layer>.png)"
+    )
+    p.add_argument(
+        "--sv-threshold",
+        type=float,
+        default=0.1,
+        metavar="T",
+        help="count singular values of ΔW above T per layer (default 0.1, as MoRA Figure 5)",
+    )
+    p.add_argument(
+        "--subspace-rank",
+        type=int,
+        default=8,
+        metavar="R",
+        help="top-R singular vectors of ΔW and W compared by φ (LoRA Section 7; default 8, capped at "
+        "rank(ΔW))",
+    )
+    p.add_argument(
+        "--plots",
+        action="store_true",
+        help="also plot the adapter weights against fitted Gaussians (RUN_DIR/weights.png)",
+    )
     p.add_argument("--weights-plot", default=None, metavar="PNG", help="that plot's path (implies --plots)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("compare", help="train several methods x seeds; writes compare.md and compare.png",
-                       description="Train each method spec with each seed and tabulate the test metric.")
-    p.add_argument("--methods", nargs="+", required=True, metavar="SPEC",
-                   help="method specs, e.g. lora:rank=8 more:block_rank=4 mora:rank=8,operator=sharing, or any peft "
-                        "method: peft:vera:r=256 peft:boft:boft_block_size=4")
+    p = sub.add_parser(
+        "compare",
+        help="train several methods x seeds; writes compare.md and compare.png",
+        description="Train each method spec with each seed and tabulate the test metric.",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        required=True,
+        metavar="SPEC",
+        help="method specs, e.g. lora:rank=8 more:block_rank=4 mora:rank=8,operator=sharing, or any peft "
+        "method: peft:vera:r=256 peft:boft:boft_block_size=4",
+    )
     p.add_argument("--seeds", default="3", help="number of seeds (0..N-1) or a comma list, e.g. 0,1,2")
     p.add_argument("--name", default=None, help="comparison folder name (default compare-<task>-<model>)")
-    p.add_argument("--reference", default=None, metavar="SPEC", help="the arm the others are compared with "
-                   "(paired bootstrap interval; default lora:rank=8 when it is an arm, else the first)")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, in worker processes that share the "
-                   "CPU threads (default 1)")
-    add_config_flags(p, skip=("method", "peft_type", "peft_options", "run_name", "resume", "overwrite", "seed"))
+    p.add_argument(
+        "--reference",
+        default=None,
+        metavar="SPEC",
+        help="the arm the others are compared with "
+        "(paired bootstrap interval; default lora:rank=8 when it is an arm, else the first)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, in worker processes that share the CPU threads (default 1)",
+    )
+    add_config_flags(
+        p, skip=("method", "peft_type", "peft_options", "run_name", "resume", "overwrite", "seed")
+    )
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("search", help="search adapter architectures, lr and batch size (Optuna, ASHA pruning)",
-                       description="Search methods / architectures / lr / batch size; writes search.md, search.png "
-                       "and best.yaml. --config is the train recipe every trial shares.")
+    p = sub.add_parser(
+        "search",
+        help="search adapter architectures, lr and batch size (Optuna, ASHA pruning)",
+        description="Search methods / architectures / lr / batch size; writes search.md, search.png "
+        "and best.yaml. --config is the train recipe every trial shares.",
+    )
     add_config_flags(p, skip=SEARCHED_FIELDS)
     add_search_flags(p)
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("study", help="per task: the same lr search for every arm, seeds at each best lr, a report",
-                       description="Run (or continue) a study plan: per task, a learning-rate search per arm on "
-                       "validation (the same trials for each), then seeds at each arm's best lr on test, with mean ± "
-                       "std and a paired bootstrap interval against the reference arm. Prints the estimated cost "
-                       "first; running it again skips what is done.")
+    p = sub.add_parser(
+        "study",
+        help="per task: the same lr search for every arm, seeds at each best lr, a report",
+        description="Run (or continue) a study plan: per task, a learning-rate search per arm on "
+        "validation (the same trials for each), then seeds at each arm's best lr on test, with mean ± "
+        "std and a paired bootstrap interval against the reference arm. Prints the estimated cost "
+        "first; running it again skips what is done.",
+    )
     add_study_flags(p)
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("convert", help="convert an adapter trained with the papers' code to a moreft adapter",
-                       description="Read an adapter of the MoRA authors' peft fork (kongds-mora) or a checkpoint of "
-                       "the MoRe authors' code (sprocketlab-more) and write a moreft adapter directory; prints the "
-                       "mapping and the options chosen (docs/interop.md).")
+    p = sub.add_parser(
+        "convert",
+        help="convert an adapter trained with the papers' code to a moreft adapter",
+        description="Read an adapter of the MoRA authors' peft fork (kongds-mora) or a checkpoint of "
+        "the MoRe authors' code (sprocketlab-more) and write a moreft adapter directory; prints the "
+        "mapping and the options chosen (docs/interop.md).",
+    )
     p.add_argument("src", metavar="SRC", help="their adapter directory / checkpoint file or directory")
     p.add_argument("out", metavar="OUT", help="moreft adapter directory to write")
-    p.add_argument("--from", dest="source", required=True, choices=("kongds-mora", "sprocketlab-more"),
-                   help="the format: kongds/MoRA's peft fork, or SprocketLab/sparse_matrix_fine_tuning (MoRe)")
-    p.add_argument("--base", default=None, metavar="MODEL", help="local base model directory (or minilm/smollm2); "
-                   "default: the base the file names")
-    p.add_argument("--allow-bin", action="store_true", help="read a pickle .bin with torch.load(weights_only=True)")
-    p.add_argument("--modules-to-save", nargs="+", default=(), metavar="NAME",
-                   help="sprocketlab-more: modules trained in full to take from the checkpoint (e.g. classifier)")
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        choices=("kongds-mora", "sprocketlab-more"),
+        help="the format: kongds/MoRA's peft fork, or SprocketLab/sparse_matrix_fine_tuning (MoRe)",
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        metavar="MODEL",
+        help="local base model directory (or minilm/smollm2); default: the base the file names",
+    )
+    p.add_argument(
+        "--allow-bin", action="store_true", help="read a pickle .bin with torch.load(weights_only=True)"
+    )
+    p.add_argument(
+        "--modules-to-save",
+        nargs="+",
+        default=(),
+        metavar="NAME",
+        help="sprocketlab-more: modules trained in full to take from the checkpoint (e.g. classifier)",
+    )
     p.set_defaults(func=cmd_convert)
 
     _add_bench(sub)
@@ -159,8 +239,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from moreft.interop import convert
     from moreft.models import model_dir
 
-    report = convert(args.source, args.src, args.out, base=args.base, allow_bin=args.allow_bin,
-                     modules_to_save=tuple(args.modules_to_save), resolve=model_dir)
+    report = convert(
+        args.source,
+        args.src,
+        args.out,
+        base=args.base,
+        allow_bin=args.allow_bin,
+        modules_to_save=tuple(args.modules_to_save),
+        resolve=model_dir,
+    )
     print("\n".join(report.lines()))
     return 0
 
@@ -184,8 +271,11 @@ def _add_bench(sub: Any) -> None:
         p.set_defaults(func=broken)
         return
     if callable(getattr(bench, "add_arguments", None)) and callable(getattr(bench, "run", None)):
-        p = sub.add_parser("bench", help="training-step speed and memory of adapted layers, merging and a "
-                                         "real fine-tune, side by side with peft")
+        p = sub.add_parser(
+            "bench",
+            help="training-step speed and memory of adapted layers, merging and a "
+            "real fine-tune, side by side with peft",
+        )
         bench.add_arguments(p)
         p.set_defaults(func=bench.run)
 
@@ -215,7 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"moreft: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("moreft: interrupted (a run with --save-every checkpoints continues with --resume)", file=sys.stderr)
+        print(
+            "moreft: interrupted (a run with --save-every checkpoints continues with --resume)",
+            file=sys.stderr,
+        )
         return 130
     if isinstance(result, dict):
         print(json.dumps(result, indent=2))

@@ -111,9 +111,9 @@ def read_search_file(path: str | None) -> dict[str, Any]:
 def cmd_search(args: argparse.Namespace) -> int:
     """``moreft search``: resolve base config, space and settings, run (or resume) the search."""
     from moreft.cli.commands import command_line, run_overrides
-    from moreft.train.recipes import resolve_config
     from moreft.search import SearchSettings, run_search
     from moreft.search.space import SearchSpace
+    from moreft.train.recipes import resolve_config
 
     data = read_search_file(args.space)
     space_data = dict(data.get("space") or {})

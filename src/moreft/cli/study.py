@@ -1,7 +1,7 @@
 """``moreft study`` flags and command (heavy imports happen when it runs).
 
-    moreft study --plan recipes/fidelity/sentiment.yaml --dry-run
-    moreft study --plan recipes/fidelity/sentiment.yaml --skip-arms full
+moreft study --plan recipes/fidelity/sentiment.yaml --dry-run
+moreft study --plan recipes/fidelity/sentiment.yaml --skip-arms full
 """
 
 from __future__ import annotations
@@ -12,13 +12,29 @@ import sys
 
 def add_study_flags(parser: argparse.ArgumentParser) -> None:
     """The study's flags."""
-    parser.add_argument("--plan", required=True, metavar="PLAN.yaml", help="the study plan (moreft.search.studyplan)")
-    parser.add_argument("--dry-run", action="store_true", help="print the arms and the estimated cost, then stop")
-    parser.add_argument("--arms", nargs="+", default=(), metavar="PATTERN",
-                        help="run only these arms: a spec, a method (more) or a peft family (peft:vera)")
-    parser.add_argument("--skip-arms", nargs="+", default=(), metavar="PATTERN",
-                        help="leave these arms out (same patterns), e.g. full where this moreft lacks it")
-    parser.add_argument("--tasks", nargs="+", default=(), metavar="TASK", help="run only these tasks of the plan")
+    parser.add_argument(
+        "--plan", required=True, metavar="PLAN.yaml", help="the study plan (moreft.search.studyplan)"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the arms and the estimated cost, then stop"
+    )
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=(),
+        metavar="PATTERN",
+        help="run only these arms: a spec, a method (more) or a peft family (peft:vera)",
+    )
+    parser.add_argument(
+        "--skip-arms",
+        nargs="+",
+        default=(),
+        metavar="PATTERN",
+        help="leave these arms out (same patterns), e.g. full where this moreft lacks it",
+    )
+    parser.add_argument(
+        "--tasks", nargs="+", default=(), metavar="TASK", help="run only these tasks of the plan"
+    )
     parser.add_argument("--output-dir", default=None, help="parent of the study folder (default: the plan's)")
 
 
@@ -35,8 +51,14 @@ def cmd_study(args: argparse.Namespace) -> int:
         return 2
     configs = task_configs(plan, output_dir=args.output_dir, only=args.tasks)
     try:
-        run_study(plan, configs, arms, dry_run=args.dry_run, command=command_line(args),
-                  say=lambda line: print(line, flush=True))
+        run_study(
+            plan,
+            configs,
+            arms,
+            dry_run=args.dry_run,
+            command=command_line(args),
+            say=lambda line: print(line, flush=True),
+        )
     except KeyboardInterrupt:
         print("moreft: study interrupted; run the same command again to continue it", file=sys.stderr)
         return 130

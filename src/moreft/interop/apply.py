@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapter_files import adapter_state_dict, save_adapter
 from ..config import AdapterConfig
 from ..errors import AdapterFileError, ConfigError
 from ..inject import adapter_layers, eject, inject
 from ..layers import is_linear, linear_shape
 from ..shapes import adapter_shapes
-from ..adapter_files import adapter_state_dict, save_adapter
 from .common import Imported
 
 
@@ -86,7 +86,9 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     # an adapter tensor ``<layer>.<short name>`` lives in the layer's per-adapter dict, under the adapter's name
     slots: dict[str, tuple[Any, str]] = {
         f"{n}.{p}": (getattr(layer, layer.prefix + p), layer.resolve_adapter())
-        for n, layer in adapter_layers(model).items() for p in layer.adapter_param_names}
+        for n, layer in adapter_layers(model).items()
+        for p in layer.adapter_param_names
+    }
     targets = []
     for key, value in tensors.items():
         module_name, _, leaf = key.rpartition(".")

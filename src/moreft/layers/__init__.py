@@ -8,7 +8,10 @@ from .mora import MoRALinear, resolve_r_hat
 from .more import MoReLinear
 
 LAYER_CLASSES: dict[Method, type[AdapterLayer]] = {
-    Method.MORE: MoReLinear, Method.MORA: MoRALinear, Method.LORA: LoRALinear}
+    Method.MORE: MoReLinear,
+    Method.MORA: MoRALinear,
+    Method.LORA: LoRALinear,
+}
 
 __all__ = [
     "LAYER_CLASSES",

@@ -30,8 +30,8 @@ from ..config import AdapterConfig, Method
 from ..errors import MergeError, TargetError
 from ..ops import fused as _fused
 from .linear import adapter_dtype, conv1d_type, is_conv1d, is_linear, linear_shape
-from .quantized import refuse_quantized
 from .merging import DeltaAdder, accumulate_dtype, add_delta_, count_nonfinite, dense_adder
+from .quantized import refuse_quantized
 
 _PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
 #: The config class of a concrete layer (``MoReLinear`` holds ``MoReConfig`` s).
@@ -40,10 +40,18 @@ ConfigT = TypeVar("ConfigT", bound=AdapterConfig)
 
 def _has_hooks(module: nn.Module) -> bool:
     """Hooks the fused path would skip: on ``module`` itself or global, forward or backward."""
-    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
-           module._backward_pre_hooks)
-    global_ = (registry._global_forward_hooks, registry._global_forward_pre_hooks,
-               registry._global_backward_hooks, registry._global_backward_pre_hooks)
+    own = (
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        module._backward_hooks,
+        module._backward_pre_hooks,
+    )
+    global_ = (
+        registry._global_forward_hooks,
+        registry._global_forward_pre_hooks,
+        registry._global_backward_hooks,
+        registry._global_backward_pre_hooks,
+    )
     return any(own) or any(global_)
 
 
@@ -91,17 +99,26 @@ class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
         super().__init_subclass__(**kwargs)
         if "adapter_param_names" in cls.__dict__:
             cls.adapter_layer_names = tuple(cls.prefix + n for n in cls.adapter_param_names)
-        cls._setters = frozenset(n for k in cls.__mro__ for n, v in vars(k).items()
-                                 if isinstance(v, property) and v.fset is not None)
+        cls._setters = frozenset(
+            n
+            for k in cls.__mro__
+            for n, v in vars(k).items()
+            if isinstance(v, property) and v.fset is not None
+        )
 
-    def __init__(self, base_layer: nn.Module, config: ConfigT, name: str = "",
-                 adapter_name: str = "default") -> None:
+    def __init__(
+        self, base_layer: nn.Module, config: ConfigT, name: str = "", adapter_name: str = "default"
+    ) -> None:
         if isinstance(base_layer, AdapterLayer):
-            raise TargetError(f"module {name!r} already has a {base_layer.method.value} adapter; "
-                              "merge it or start from a fresh model before injecting again")
+            raise TargetError(
+                f"module {name!r} already has a {base_layer.method.value} adapter; "
+                "merge it or start from a fresh model before injecting again"
+            )
         if not is_linear(base_layer):
-            raise TargetError(f"module {name!r} is a {type(base_layer).__name__}; moreft adapts only "
-                              "nn.Linear and transformers Conv1D layers")
+            raise TargetError(
+                f"module {name!r} is a {type(base_layer).__name__}; moreft adapts only "
+                "nn.Linear and transformers Conv1D layers"
+            )
         nn.Module.__init__(self)
         self.base_layer = base_layer
         self.name = name
@@ -140,7 +157,9 @@ class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
         """One adapter's branch ``x · ΔWᵀ`` (with dropout when training), in the adapter's dtype."""
         raise NotImplementedError
 
-    def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, adapter_name: str) -> Tensor | None:
+    def _fused_forward(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, adapter_name: str
+    ) -> Tensor | None:
         """``base(x) + adapter(x)`` through one fused Function, or None where this layer has none.
 
         Called only when :meth:`_base_weight_bias` allows it; ``weight`` is the base weight as
@@ -165,8 +184,13 @@ class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
         """
         params = self._new_params(config, adapter_name)
         self.adapter_configs[adapter_name] = config
-        self.adapter_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        for short in (*self.adapter_param_names, *self.adapter_buffer_names):  # a replaced adapter's old tensors
+        self.adapter_dropout[adapter_name] = (
+            nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        )
+        for short in (
+            *self.adapter_param_names,
+            *self.adapter_buffer_names,
+        ):  # a replaced adapter's old tensors
             if adapter_name in getattr(self, self.prefix + short):
                 del getattr(self, self.prefix + short)[adapter_name]
         for short, tensor in params.items():
@@ -187,8 +211,10 @@ class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
         """
         if adapter_name is not None:
             if adapter_name not in self.adapter_configs:
-                raise KeyError(f"layer {self.name!r} has no adapter {adapter_name!r} "
-                               f"(it has {sorted(self.adapter_configs)})")
+                raise KeyError(
+                    f"layer {self.name!r} has no adapter {adapter_name!r} "
+                    f"(it has {sorted(self.adapter_configs)})"
+                )
             return adapter_name
         active = self._active_here()
         if len(active) != 1:
@@ -214,14 +240,20 @@ class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
     def adapter_params(self, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
         """One adapter's trainable parameters by short name (``blkdiag1``, ...); default: the active one."""
         name = self.resolve_adapter(adapter_name)
-        return {n: getattr(self, self.prefix + n)[name] for n in self.adapter_param_names
-                if name in getattr(self, self.prefix + n)}
+        return {
+            n: getattr(self, self.prefix + n)[name]
+            for n in self.adapter_param_names
+            if name in getattr(self, self.prefix + n)
+        }
 
     def adapter_state(self, adapter_name: str | None = None) -> dict[str, Tensor]:
         """What an adapter file holds of one adapter: its parameters and frozen buffers, by short name."""
         name = self.resolve_adapter(adapter_name)
-        buffers = {n: getattr(self, self.prefix + n)[name] for n in self.adapter_buffer_names
-                   if name in getattr(self, self.prefix + n)}
+        buffers = {
+            n: getattr(self, self.prefix + n)[name]
+            for n in self.adapter_buffer_names
+            if name in getattr(self, self.prefix + n)
+        }
         return {**self.adapter_params(name), **buffers}
 
     def delta_weight(self, adapter_name: str | None = None) -> Tensor:
@@ -243,13 +275,17 @@ class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
         for name in [adapter_name] if adapter_name is not None else self._active_here():
             self._init_params(name, True)
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+    def _move_adapter_to_device_of_base_layer(
+        self, adapter_name: str, device: torch.device | None = None
+    ) -> None:
         """Move an adapter to the base layer's device; it stays fp32 on bf16/fp16 bases (peft would cast it)."""
         weight = self._base_weight()
         for dict_name in (*self.adapter_layer_names, *(self.prefix + n for n in self.adapter_buffer_names)):
             params = getattr(self, dict_name)
             if adapter_name in params and params[adapter_name].device != torch.device("meta"):
-                params[adapter_name] = params[adapter_name].to(device or weight.device, dtype=adapter_dtype(weight))
+                params[adapter_name] = params[adapter_name].to(
+                    device or weight.device, dtype=adapter_dtype(weight)
+                )
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -349,12 +385,15 @@ class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
         refuse_quantized(self)
         bad = count_nonfinite(self._oriented_weight(), self._adder(names), +1.0)
         if bad:
-            raise MergeError(f"merging adapter layer {self.name!r} would write {bad} NaN/Inf values "
-                             f"into its {self._base_weight().dtype} weight; nothing was merged")
+            raise MergeError(
+                f"merging adapter layer {self.name!r} would write {bad} NaN/Inf values "
+                f"into its {self._base_weight().dtype} weight; nothing was merged"
+            )
 
     @torch.no_grad()
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, *,
-              safe: bool | None = None) -> None:
+    def merge(
+        self, safe_merge: bool = False, adapter_names: list[str] | None = None, *, safe: bool | None = None
+    ) -> None:
         """Add ΔW of the active (or named) adapters into the base weight, in place, from the factors.
 
         Idempotent: merged adapters are skipped. ``safe`` (peft: ``safe_merge``) checks for NaN/Inf
@@ -382,5 +421,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
             self.merged_adapters.pop()
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"adapters={sorted(self.adapter_configs)}, merged={self.merged}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"adapters={sorted(self.adapter_configs)}, merged={self.merged}"
+        )

@@ -7,7 +7,9 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-_CONV1D: list[type[nn.Module] | None] = []  # looked up once; a plain list, not functools.cache, for torch.compile
+_CONV1D: list[
+    type[nn.Module] | None
+] = []  # looked up once; a plain list, not functools.cache, for torch.compile
 
 
 def conv1d_type() -> type[nn.Module] | None:

@@ -28,9 +28,15 @@ class LoRALinear(AdapterLayer[LoRAConfig]):
     moreft_lora_lora_A: nn.ParameterDict
     moreft_lora_lora_B: nn.ParameterDict
 
-    lora_A = property(lambda self: self.moreft_lora_lora_A[self.resolve_adapter()], doc="The active adapter's A.")
-    lora_B = property(lambda self: self.moreft_lora_lora_B[self.resolve_adapter()], doc="The active adapter's B.")
-    scaling = property(lambda self: self._scaling(self.resolve_adapter()), doc="The active adapter's alpha / rank.")
+    lora_A = property(
+        lambda self: self.moreft_lora_lora_A[self.resolve_adapter()], doc="The active adapter's A."
+    )
+    lora_B = property(
+        lambda self: self.moreft_lora_lora_B[self.resolve_adapter()], doc="The active adapter's B."
+    )
+    scaling = property(
+        lambda self: self._scaling(self.resolve_adapter()), doc="The active adapter's alpha / rank."
+    )
 
     def _scaling(self, adapter_name: str) -> float:
         config = self.adapter_configs[adapter_name]
@@ -39,8 +45,10 @@ class LoRALinear(AdapterLayer[LoRAConfig]):
     def _new_params(self, config: LoRAConfig, adapter_name: str) -> dict[str, Tensor]:
         weight = self._base_weight()
         device, dtype = weight.device, adapter_dtype(weight)
-        return {"lora_A": torch.empty(config.rank, self.in_features, device=device, dtype=dtype),
-                "lora_B": torch.empty(self.out_features, config.rank, device=device, dtype=dtype)}
+        return {
+            "lora_A": torch.empty(config.rank, self.in_features, device=device, dtype=dtype),
+            "lora_B": torch.empty(self.out_features, config.rank, device=device, dtype=dtype),
+        }
 
     @torch.no_grad()
     def _init_params(self, adapter_name: str, init_weights: bool) -> None:
@@ -66,5 +74,11 @@ class LoRALinear(AdapterLayer[LoRAConfig]):
         return lowrank_adder(b, a, self._scaling(adapter_name))
 
     def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, adapter_name: str) -> Tensor:
-        return lora_linear(x, weight, bias, self.moreft_lora_lora_A[adapter_name],
-                           self.moreft_lora_lora_B[adapter_name], self._scaling(adapter_name))
+        return lora_linear(
+            x,
+            weight,
+            bias,
+            self.moreft_lora_lora_A[adapter_name],
+            self.moreft_lora_lora_B[adapter_name],
+            self._scaling(adapter_name),
+        )

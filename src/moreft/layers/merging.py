@@ -62,7 +62,7 @@ def dense_adder(delta: Tensor) -> DeltaAdder:
     """The adder of an explicit ``ΔW (out, in)`` (for layers without a cheaper structure)."""
 
     def add(out: Tensor, row0: int, alpha: float) -> None:
-        out.add_(delta[row0:row0 + out.shape[0]], alpha=alpha)
+        out.add_(delta[row0 : row0 + out.shape[0]], alpha=alpha)
 
     return add
 
@@ -71,7 +71,7 @@ def lowrank_adder(b: Tensor, a: Tensor, scale: float) -> DeltaAdder:
     """The adder of ``ΔW = scale · B @ A`` with ``B (out, k)``, ``A (k, in)``: one ``addmm_``."""
 
     def add(out: Tensor, row0: int, alpha: float) -> None:
-        out.addmm_(b[row0:row0 + out.shape[0]], a, alpha=alpha * scale)  # (h, k) @ (k, in)
+        out.addmm_(b[row0 : row0 + out.shape[0]], a, alpha=alpha * scale)  # (h, k) @ (k, in)
 
     return add
 
@@ -87,8 +87,7 @@ def blocked_lowrank_adder(b: Tensor, blkdiag1: Tensor) -> DeltaAdder:
     def add(out: Tensor, row0: int, alpha: float) -> None:
         rows = out.shape[0]
         out_blocks = out.unflatten(1, (nblocks, in_block)).transpose(0, 1)  # (N, h, I)
-        b_blocks = b[row0:row0 + rows].unflatten(1, (nblocks, r)).transpose(0, 1)  # (N, h, r)
+        b_blocks = b[row0 : row0 + rows].unflatten(1, (nblocks, r)).transpose(0, 1)  # (N, h, r)
         out_blocks.baddbmm_(b_blocks, blkdiag1, alpha=alpha)
 
     return add
-

@@ -29,15 +29,23 @@ def resolve_r_hat(config: MoRAConfig, in_features: int, out_features: int, name:
     limit = min(in_features, out_features)
     if config.r_hat is not None:
         if config.r_hat > max(in_features, out_features):
-            raise ConfigError(f"r_hat={config.r_hat} must be <= max(in_features, out_features)="
-                              f"{max(in_features, out_features)} on {name!r}")
-        if config.r_hat > limit and (config.operator is MoRAOperator.TRUNCATION or (
-                config.operator is MoRAOperator.SHARING and config.cap_r_hat)):
-            raise ConfigError(f"r_hat={config.r_hat} must be <= min(in_features, out_features)={limit} "
-                              f"for operator {config.operator.value!r} on {name!r}")
+            raise ConfigError(
+                f"r_hat={config.r_hat} must be <= max(in_features, out_features)="
+                f"{max(in_features, out_features)} on {name!r}"
+            )
+        if config.r_hat > limit and (
+            config.operator is MoRAOperator.TRUNCATION
+            or (config.operator is MoRAOperator.SHARING and config.cap_r_hat)
+        ):
+            raise ConfigError(
+                f"r_hat={config.r_hat} must be <= min(in_features, out_features)={limit} "
+                f"for operator {config.operator.value!r} on {name!r}"
+            )
         return config.r_hat
     r_hat = square_size(in_features, out_features, config.rank, config.r_hat_rounding)
-    if config.operator is MoRAOperator.TRUNCATION or (config.operator is MoRAOperator.SHARING and config.cap_r_hat):
+    if config.operator is MoRAOperator.TRUNCATION or (
+        config.operator is MoRAOperator.SHARING and config.cap_r_hat
+    ):
         r_hat = min(r_hat, limit)
     if config.operator is MoRAOperator.ROTATION:
         r_hat = max(2, r_hat - r_hat % 2)
@@ -56,12 +64,20 @@ class MoRALinear(AdapterLayer[MoRAConfig]):
     prefix = "mora_"
     adapter_param_names = ("matrix",)
     mora_matrix: nn.ParameterDict
-    other_param_names = (*AdapterLayer.other_param_names, "mora_r_hat", "mora_sharing_layout",
-                         "mora_sharing_output_layout")
+    other_param_names = (
+        *AdapterLayer.other_param_names,
+        "mora_r_hat",
+        "mora_sharing_layout",
+        "mora_sharing_output_layout",
+    )
 
-    matrix = property(lambda self: self.mora_matrix[self.resolve_adapter()], doc="The active adapter's square matrix.")
+    matrix = property(
+        lambda self: self.mora_matrix[self.resolve_adapter()], doc="The active adapter's square matrix."
+    )
     r_hat = property(lambda self: self.mora_r_hat[self.resolve_adapter()], doc="The active adapter's r_hat.")
-    operator = property(lambda self: self.adapter_configs[self.resolve_adapter()].operator, doc="The active operator.")
+    operator = property(
+        lambda self: self.adapter_configs[self.resolve_adapter()].operator, doc="The active operator."
+    )
 
     @property
     def sharing_layout(self) -> SharingLayout:
@@ -102,16 +118,25 @@ class MoRALinear(AdapterLayer[MoRAConfig]):
 
     def _op(self, adapter_name: str) -> tuple[MoRAOperator, SharingLayout, SharingLayout]:
         """``(operator, input layout, output layout)`` of one adapter."""
-        return (self.adapter_configs[adapter_name].operator, self.mora_sharing_layout[adapter_name],
-                self.mora_sharing_output_layout[adapter_name])
+        return (
+            self.adapter_configs[adapter_name].operator,
+            self.mora_sharing_layout[adapter_name],
+            self.mora_sharing_output_layout[adapter_name],
+        )
 
     def _delta_weight(self, adapter_name: str) -> Tensor:
-        return mora_delta_weight(self.mora_matrix[adapter_name], self.in_features, self.out_features,
-                                 *self._op(adapter_name))
+        return mora_delta_weight(
+            self.mora_matrix[adapter_name], self.in_features, self.out_features, *self._op(adapter_name)
+        )
 
     def _adapter_forward(self, x: Tensor, adapter_name: str) -> Tensor:
-        return mora_reference(self.adapter_dropout[adapter_name](x), self.mora_matrix[adapter_name],
-                              self.in_features, self.out_features, *self._op(adapter_name))
+        return mora_reference(
+            self.adapter_dropout[adapter_name](x),
+            self.mora_matrix[adapter_name],
+            self.in_features,
+            self.out_features,
+            *self._op(adapter_name),
+        )
 
     def block_form(self, adapter_name: str | None = None) -> tuple[Tensor, tuple[Span, ...]] | None:
         """``(blocks (c, r, r), spans)`` with ΔW their placement (``moreft.ops.blocks``); None for SHARING."""
@@ -123,15 +148,18 @@ class MoRALinear(AdapterLayer[MoRAConfig]):
             return None
         return blocks, spans
 
-    def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, adapter_name: str) -> Tensor | None:
+    def _fused_forward(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, adapter_name: str
+    ) -> Tensor | None:
         if not self._fusable(adapter_name):
             return None
         return mora_linear(x, weight, bias, self.mora_matrix[adapter_name], *self._op(adapter_name))
 
     def _fusable(self, adapter_name: str) -> bool:
         """The fused SHARING ops take ``r_hat <= min(in, out)``; an uncapped one (``cap_r_hat=False``) runs the reference."""
-        return (self.adapter_configs[adapter_name].operator is not MoRAOperator.SHARING
-                or self.mora_r_hat[adapter_name] <= min(self.in_features, self.out_features))
+        return self.adapter_configs[adapter_name].operator is not MoRAOperator.SHARING or self.mora_r_hat[
+            adapter_name
+        ] <= min(self.in_features, self.out_features)
 
     def _delta_adder(self, dtype: torch.dtype, adapter_name: str) -> DeltaAdder:
         if not self._fusable(adapter_name):
@@ -146,15 +174,22 @@ class MoRALinear(AdapterLayer[MoRAConfig]):
                 mora_delta_add_(out, matrix, operator, layout, alpha, output_layout)
                 return
             if dense is None:  # row chunks (low-precision weights): one dense ΔW, built once
-                dense = mora_delta_add_(matrix.new_zeros(self.out_features, self.in_features), matrix,
-                                        operator, layout, output_layout=output_layout)
-            out.add_(dense[row0:row0 + out.shape[0]], alpha=alpha)
+                dense = mora_delta_add_(
+                    matrix.new_zeros(self.out_features, self.in_features),
+                    matrix,
+                    operator,
+                    layout,
+                    output_layout=output_layout,
+                )
+            out.add_(dense[row0 : row0 + out.shape[0]], alpha=alpha)
 
         return add
 
     def extra_repr(self) -> str:
-        layers = {a: f"r_hat={self.mora_r_hat[a]}, operator={c.operator.value}, "
-                     f"sharing_layout={self.mora_sharing_layout[a].value}, "
-                     f"sharing_output_layout={self.mora_sharing_output_layout[a].value}"
-                  for a, c in self.adapter_configs.items()}
+        layers = {
+            a: f"r_hat={self.mora_r_hat[a]}, operator={c.operator.value}, "
+            f"sharing_layout={self.mora_sharing_layout[a].value}, "
+            f"sharing_output_layout={self.mora_sharing_output_layout[a].value}"
+            for a, c in self.adapter_configs.items()
+        }
         return f"{super().extra_repr()}, {layers}"

@@ -12,7 +12,14 @@ from torch import Tensor, nn
 from ..config import BlockRule, Composition, InitMode, Method, MoReConfig
 from ..errors import ConfigError, MergeError
 from ..ops.fused import more_linear
-from ..ops.monarch import block_shapes, fold_factors, fold_more_a, fold_more_b, more_delta_weight, more_forward
+from ..ops.monarch import (
+    block_shapes,
+    fold_factors,
+    fold_more_a,
+    fold_more_b,
+    more_delta_weight,
+    more_forward,
+)
 from ..ops.monarch_project import monarch_project
 from ..ops.more_variants import (
     Term,
@@ -23,10 +30,10 @@ from ..ops.more_variants import (
     terms_lora,
 )
 from ..ops.triton_more import more_triton, use_triton
-from .quantized import quantized_kind
 from .base import AdapterLayer
 from .linear import adapter_dtype
 from .merging import DeltaAdder, blocked_lowrank_adder, lowrank_adder
+from .quantized import quantized_kind
 
 
 class MoReLinear(AdapterLayer[MoReConfig]):
@@ -79,28 +86,38 @@ class MoReLinear(AdapterLayer[MoReConfig]):
     more_init_blkdiag1: BufferDict
     more_init_blkdiag2: BufferDict
 
-    blkdiag1 = property(lambda self: self.more_blkdiag1[self.resolve_adapter()], doc="The active adapter's blkdiag1.")
-    blkdiag2 = property(lambda self: self.more_blkdiag2[self.resolve_adapter()], doc="The active adapter's blkdiag2.")
+    blkdiag1 = property(
+        lambda self: self.more_blkdiag1[self.resolve_adapter()], doc="The active adapter's blkdiag1."
+    )
+    blkdiag2 = property(
+        lambda self: self.more_blkdiag2[self.resolve_adapter()], doc="The active adapter's blkdiag2."
+    )
 
     def _new_params(self, config: MoReConfig, adapter_name: str) -> dict[str, Tensor]:
         n, r, name = config.nblocks, config.block_rank, self.name
         multiplicative = config.composition is Composition.MULTIPLICATIVE
-        in_f = self.out_features if multiplicative else self.in_features  # M is (out, out) when multiplicative
+        in_f = (
+            self.out_features if multiplicative else self.in_features
+        )  # M is (out, out) when multiplicative
         side = "out_features (the multiplicative factor is out x out)" if multiplicative else "in_features"
         moreft_rule = config.block_rule is BlockRule.MOREFT
         if moreft_rule and n > in_f:
             raise ConfigError(f"nblocks={n} must be <= {side}={in_f} of {name!r}")
         n, in_block, out_block = block_shapes(in_f, self.out_features, n, config.block_rule)
         if moreft_rule and r > min(in_block, out_block):
-            raise ConfigError(f"block_rank={r} must be <= min(in_block, out_block)="
-                              f"{min(in_block, out_block)} for {name!r} "
-                              f"({in_f}->{self.out_features} in {n} blocks)")
+            raise ConfigError(
+                f"block_rank={r} must be <= min(in_block, out_block)="
+                f"{min(in_block, out_block)} for {name!r} "
+                f"({in_f}->{self.out_features} in {n} blocks)"
+            )
         weight = self._base_weight()
         kind = quantized_kind(weight)
         if kind is not None and (multiplicative or config.init_mode is InitMode.PRINCIPAL):
-            raise ConfigError(f"composition={config.composition.value!r} with init_mode={config.init_mode.value!r} "
-                              f"reads the dense base weight, but {name!r} has a quantised one ({kind}); use "
-                              "the default MoRe adapter on quantised bases")
+            raise ConfigError(
+                f"composition={config.composition.value!r} with init_mode={config.init_mode.value!r} "
+                f"reads the dense base weight, but {name!r} has a quantised one ({kind}); use "
+                "the default MoRe adapter on quantised bases"
+            )
         device, dtype = weight.device, adapter_dtype(weight)
         shapes: dict[str, tuple[int, ...]] = {"blkdiag1": (n, r, in_block), "blkdiag2": (n, out_block, r)}
         if config.learnable_scale:
@@ -170,8 +187,10 @@ class MoReLinear(AdapterLayer[MoReConfig]):
         if multiplicative and adapter_name in self.merged_adapters:
             terms = self._merged_terms().get(adapter_name)
             if terms is None:
-                raise MergeError(f"multiplicative MoRe adapter {adapter_name!r} of {self.name!r} is marked merged "
-                                 "but was not merged by merge(); its ΔW = c·M·W needs the pre-merge W")
+                raise MergeError(
+                    f"multiplicative MoRe adapter {adapter_name!r} of {self.name!r} is marked merged "
+                    "but was not merged by merge(); its ΔW = c·M·W needs the pre-merge W"
+                )
             return terms
         b1, b2 = self.more_blkdiag1[adapter_name], self.more_blkdiag2[adapter_name]
         coeff, coeff0 = self._coeffs(adapter_name)
@@ -179,8 +198,16 @@ class MoReLinear(AdapterLayer[MoReConfig]):
             return [multiplicative_term(b1, b2, self._unmerged_weight(b1.dtype), coeff)]
         terms = [additive_term(b1, b2, self.in_features, self.out_features, coeff)]
         if config.init_mode is InitMode.PRINCIPAL:
-            terms.append(additive_term(self.more_init_blkdiag1[adapter_name], self.more_init_blkdiag2[adapter_name],
-                                       self.in_features, self.out_features, coeff0, sign=-1.0))
+            terms.append(
+                additive_term(
+                    self.more_init_blkdiag1[adapter_name],
+                    self.more_init_blkdiag2[adapter_name],
+                    self.in_features,
+                    self.out_features,
+                    coeff0,
+                    sign=-1.0,
+                )
+            )
         return terms
 
     def lora_factors(self, adapter_name: str | None = None) -> tuple[Tensor, Tensor]:
@@ -190,19 +217,22 @@ class MoReLinear(AdapterLayer[MoReConfig]):
         """
         name = self.resolve_adapter(adapter_name)
         if self.adapter_configs[name].is_default_variant:
-            return fold_factors(self.more_blkdiag1[name], self.more_blkdiag2[name], self.in_features,
-                                self.out_features)
+            return fold_factors(
+                self.more_blkdiag1[name], self.more_blkdiag2[name], self.in_features, self.out_features
+            )
         return terms_lora(self._terms(name))
 
     @torch.no_grad()
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, *,
-              safe: bool | None = None) -> None:
+    def merge(
+        self, safe_merge: bool = False, adapter_names: list[str] | None = None, *, safe: bool | None = None
+    ) -> None:
         """:meth:`AdapterLayer.merge`, keeping the terms a multiplicative adapter adds (``unmerge`` subtracts them)."""
         names = self._to_merge(adapter_names)
         for name in names:
             if self.adapter_configs[name].composition is Composition.MULTIPLICATIVE:
-                self._merged_terms()[name] = [Term(t.b.detach().clone(), t.a.detach().clone(), t.sign)
-                                              for t in self._terms(name)]
+                self._merged_terms()[name] = [
+                    Term(t.b.detach().clone(), t.a.detach().clone(), t.sign) for t in self._terms(name)
+                ]
         super().merge(safe_merge, names, safe=safe)
 
     @torch.no_grad()
@@ -219,8 +249,12 @@ class MoReLinear(AdapterLayer[MoReConfig]):
     def _delta_weight(self, adapter_name: str) -> Tensor:
         if not self.adapter_configs[adapter_name].is_default_variant:
             return terms_delta(self._terms(adapter_name))
-        return more_delta_weight(self.more_blkdiag1[adapter_name], self.more_blkdiag2[adapter_name],
-                                 self.in_features, self.out_features)
+        return more_delta_weight(
+            self.more_blkdiag1[adapter_name],
+            self.more_blkdiag2[adapter_name],
+            self.in_features,
+            self.out_features,
+        )
 
     def _adapter_forward(self, x: Tensor, adapter_name: str) -> Tensor:
         dropout = self.adapter_dropout[adapter_name]
@@ -233,7 +267,9 @@ class MoReLinear(AdapterLayer[MoReConfig]):
 
     def _delta_adder(self, dtype: torch.dtype, adapter_name: str) -> DeltaAdder:
         if not self.adapter_configs[adapter_name].is_default_variant:
-            return super()._delta_adder(dtype, adapter_name)  # the dense ΔW, exactly what delta_weight() gives
+            return super()._delta_adder(
+                dtype, adapter_name
+            )  # the dense ΔW, exactly what delta_weight() gives
         device = self._base_weight().device
         b1 = self.more_blkdiag1[adapter_name].detach().to(device=device, dtype=dtype)
         b2 = self.more_blkdiag2[adapter_name].detach().to(device=device, dtype=dtype)
@@ -242,7 +278,9 @@ class MoReLinear(AdapterLayer[MoReConfig]):
             return blocked_lowrank_adder(b, b1)
         return lowrank_adder(b, fold_more_a(b1, self.in_features), 1.0)
 
-    def _fused_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, adapter_name: str) -> Tensor | None:
+    def _fused_forward(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, adapter_name: str
+    ) -> Tensor | None:
         if not self.adapter_configs[adapter_name].is_default_variant:
             return None  # no fused kernel for the variants: the reference path
         b1, b2 = self.more_blkdiag1[adapter_name], self.more_blkdiag2[adapter_name]

@@ -38,8 +38,11 @@ def refuse_quantized_layers(layers: Mapping[str, Any]) -> None:
     Raises:
         MergeError: naming every layer whose base weight is quantised (and its kind); nothing was merged.
     """
-    bad = {name: kind for name, layer in layers.items()
-           if (kind := quantized_kind(layer.base_layer.weight)) is not None}
+    bad = {
+        name: kind
+        for name, layer in layers.items()
+        if (kind := quantized_kind(layer.base_layer.weight)) is not None
+    }
     if not bad:
         return
     if len(bad) == 1:
@@ -48,6 +51,8 @@ def refuse_quantized_layers(layers: Mapping[str, Any]) -> None:
     else:
         listed = ", ".join(f"{name!r} ({kind})" for name, kind in bad.items())
         what = f"{len(bad)} adapter layers sit on quantised base weights: {listed}"
-    raise MergeError(f"{what}; ΔW cannot be added into it in place. Use moreft.quant.merge_quantized(model, "
-                     "requantize=<torchao config>) to dequantise, add and requantise (it reports the rounding "
-                     "error), or merge into a bf16/fp32 copy of the base model; nothing was merged")
+    raise MergeError(
+        f"{what}; ΔW cannot be added into it in place. Use moreft.quant.merge_quantized(model, "
+        "requantize=<torchao config>) to dequantise, add and requantise (it reports the rounding "
+        "error), or merge into a bf16/fp32 copy of the base model; nothing was merged"
+    )

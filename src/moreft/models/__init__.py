@@ -23,6 +23,22 @@ from .packaged import (
 from .scratch import ARCHITECTURES, Architecture, build_random, init_digest
 from .skeleton import model_skeleton
 
-__all__ = ["ARCHITECTURES", "MARKER", "MODELS", "Architecture", "ModelSpec", "build_random", "cached_gguf_dir",
-           "convert_gguf", "default_cache_dir", "head_modules", "init_digest", "load_model", "load_tokenizer",
-           "minilm_dir", "model_dir", "model_skeleton", "smollm2_gguf"]
+__all__ = [
+    "ARCHITECTURES",
+    "MARKER",
+    "MODELS",
+    "Architecture",
+    "ModelSpec",
+    "build_random",
+    "cached_gguf_dir",
+    "convert_gguf",
+    "default_cache_dir",
+    "head_modules",
+    "init_digest",
+    "load_model",
+    "load_tokenizer",
+    "minilm_dir",
+    "model_dir",
+    "model_skeleton",
+    "smollm2_gguf",
+]

@@ -19,7 +19,12 @@ import torch
 
 from moreft.errors import ConfigError
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 #: config.json of a model is a few KB; anything this large is not one.
 MAX_MODEL_CONFIG_BYTES = 16 * 2**20
 
@@ -35,15 +40,23 @@ def check_model_dir(path: Path) -> None:
     try:
         size = config_file.stat().st_size
         if size > MAX_MODEL_CONFIG_BYTES:
-            raise ConfigError(f"model folder {str(path)!r}: config.json is {size:,} bytes, not a model config")
+            raise ConfigError(
+                f"model folder {str(path)!r}: config.json is {size:,} bytes, not a model config"
+            )
         config = json.loads(config_file.read_bytes().decode("utf-8"))
     except OSError as exc:
-        raise ConfigError(f"model folder {str(path)!r}: config.json cannot be read ({exc.strerror or exc})") from None
+        raise ConfigError(
+            f"model folder {str(path)!r}: config.json cannot be read ({exc.strerror or exc})"
+        ) from None
     except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON
-        raise ConfigError(f"model folder {str(path)!r}: config.json is not valid JSON ({str(exc)[:200]})") from None
+        raise ConfigError(
+            f"model folder {str(path)!r}: config.json is not valid JSON ({str(exc)[:200]})"
+        ) from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise ConfigError(f"model folder {str(path)!r}: config.json must be a JSON object with a 'model_type' "
-                          "(as save_pretrained writes it)")
+        raise ConfigError(
+            f"model folder {str(path)!r}: config.json must be a JSON object with a 'model_type' "
+            "(as save_pretrained writes it)"
+        )
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise ConfigError(f"model folder {str(path)!r} has no weights: none of {list(WEIGHT_FILES)}")
 
@@ -67,11 +80,15 @@ def model_dir_errors(path: Path, num_labels: int | None) -> Iterator[None]:
     except Exception as exc:  # noqa: BLE001 - transformers/safetensors/tokenizers raise many types here
         text = " ".join(str(exc).split())[:300] or type(exc).__name__
         if "mismatch" in text.lower() and num_labels is not None:
-            raise ConfigError(f"model folder {str(path)!r} holds a classifier for {_saved_labels(path)} labels; this "
-                              f"task has {num_labels}. Train on the base model (without the head), or use a task "
-                              "with the same labels") from None
-        raise ConfigError(f"model folder {str(path)!r} cannot be loaded ({type(exc).__name__}: {text}); its "
-                          "weights or tokenizer files are missing, truncated or of another model") from None
+            raise ConfigError(
+                f"model folder {str(path)!r} holds a classifier for {_saved_labels(path)} labels; this "
+                f"task has {num_labels}. Train on the base model (without the head), or use a task "
+                "with the same labels"
+            ) from None
+        raise ConfigError(
+            f"model folder {str(path)!r} cannot be loaded ({type(exc).__name__}: {text}); its "
+            "weights or tokenizer files are missing, truncated or of another model"
+        ) from None
 
 
 #: Parameters a model may have beyond one per byte of its weights files (a new task head, tied weights).
@@ -90,7 +107,11 @@ def check_size_fits_weights(path: Path, auto: Any, extra: dict[str, Any]) -> Non
     with torch.device("meta"):
         model = auto.from_config(config)
     params = sum(p.numel() for p in model.parameters())
-    stored = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin"))
+    stored = sum(
+        f.stat().st_size for f in path.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin")
+    )
     if params > stored + HEAD_SLACK_PARAMS:
-        raise ConfigError(f"model folder {str(path)!r}: config.json implies {params:,} parameters but the weights "
-                          f"files hold {stored:,} bytes; the config is not the one the weights were saved with")
+        raise ConfigError(
+            f"model folder {str(path)!r}: config.json implies {params:,} parameters but the weights "
+            f"files hold {stored:,} bytes; the config is not the one the weights were saved with"
+        )

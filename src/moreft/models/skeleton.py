@@ -42,9 +42,18 @@ def model_skeleton(name_or_path: str | Path, kind: TaskKind, num_labels: int | N
     gguf = smollm2_gguf() if str(name_or_path) == "smollm2" else Path(name_or_path).expanduser()
     extra = {"num_labels": num_labels} if kind is TaskKind.CLASSIFICATION else {}
     with _quiet_transformers():
-        if gguf.suffix == ".gguf" and gguf.is_file() and not _is_cached(default_cache_dir() / (
-                SMOLLM2_CACHE_NAME if str(name_or_path) == "smollm2" else gguf.stem.lower()), gguf):
-            hf_config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True, **extra)
+        if (
+            gguf.suffix == ".gguf"
+            and gguf.is_file()
+            and not _is_cached(
+                default_cache_dir()
+                / (SMOLLM2_CACHE_NAME if str(name_or_path) == "smollm2" else gguf.stem.lower()),
+                gguf,
+            )
+        ):
+            hf_config = AutoConfig.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, local_files_only=True, **extra
+            )
         else:
             path = model_dir(name_or_path)
             with model_dir_errors(path, num_labels):

@@ -93,8 +93,8 @@ def _view(t: Tensor, first: int, count: int, stride: int, width: int) -> Tensor:
     ``count > 1`` only for whole blocks (``width == stride``).
     """
     if count == 1:
-        return t[:, first:first + width].unsqueeze(0)  # (1, T, width)
-    return t[:, first:first + count * stride].unflatten(1, (count, stride)).transpose(0, 1)  # (count, T, r)
+        return t[:, first : first + width].unsqueeze(0)  # (1, T, width)
+    return t[:, first : first + count * stride].unflatten(1, (count, stride)).transpose(0, 1)  # (count, T, r)
 
 
 def _rows(t: Tensor, s: Span, r: int) -> Tensor:
@@ -106,7 +106,7 @@ def _cols(t: Tensor, s: Span, r: int) -> Tensor:
 
 
 def _sub(blocks: Tensor, s: Span) -> Tensor:
-    return blocks[s.block:s.block + s.count, s.row0:s.row1, s.col0:s.col1]  # (count, rows, cols)
+    return blocks[s.block : s.block + s.count, s.row0 : s.row1, s.col0 : s.col1]  # (count, rows, cols)
 
 
 def merged_pays(tokens: int, in_features: int) -> bool:
@@ -126,10 +126,14 @@ def add_blocks_(weight: Tensor, blocks: Tensor, spans: tuple[Span, ...], alpha: 
         sub = _sub(blocks, s).to(weight.dtype)  # (count, rows, cols)
         rows, cols = s.row1 - s.row0, s.col1 - s.col0
         if s.count == 1:
-            weight[s.out0:s.out0 + rows, s.in0:s.in0 + cols].add_(sub[0], alpha=alpha)
+            weight[s.out0 : s.out0 + rows, s.in0 : s.in0 + cols].add_(sub[0], alpha=alpha)
             continue
-        square = weight[s.out0:s.out0 + s.count * r, s.in0:s.in0 + s.count * r]  # whole blocks on its diagonal
-        diagonal = square.unflatten(0, (s.count, r)).unflatten(2, (s.count, r)).diagonal(dim1=0, dim2=2)  # (r, r, count)
+        square = weight[
+            s.out0 : s.out0 + s.count * r, s.in0 : s.in0 + s.count * r
+        ]  # whole blocks on its diagonal
+        diagonal = (
+            square.unflatten(0, (s.count, r)).unflatten(2, (s.count, r)).diagonal(dim1=0, dim2=2)
+        )  # (r, r, count)
         diagonal.add_(sub.permute(1, 2, 0), alpha=alpha)
     return weight
 
@@ -139,8 +143,9 @@ def _merged(weight: Tensor, blocks: Tensor, spans: tuple[Span, ...]) -> Tensor:
     return add_blocks_(weight.clone(memory_format=torch.contiguous_format), blocks, spans)
 
 
-def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, blocks: Tensor,
-             spans: tuple[Span, ...]) -> Tensor:
+def _forward(
+    x2: Tensor, weight: Tensor, bias: Tensor | None, blocks: Tensor, spans: tuple[Span, ...]
+) -> Tensor:
     """``y = x (W + ΔW)ᵀ + bias`` for ``x2 (T, in)``: through ``W + ΔW`` when that pays, else in place."""
     r = blocks.shape[-1]
     if merged_pays(x2.shape[0], x2.shape[1]):
@@ -156,15 +161,31 @@ def spans_of(in_features: int, out_features: int, r: int, cyclic: bool) -> tuple
     return cyclic_spans(in_features, out_features, r) if cyclic else truncation_spans(r)
 
 
-def _blocks_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, blocks: Tensor, _: None,
-                    ints: Sequence[int], floats: Sequence[float]) -> tuple[Tensor, Tensor]:
+def _blocks_forward(
+    x2: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    blocks: Tensor,
+    _: None,
+    ints: Sequence[int],
+    floats: Sequence[float],
+) -> tuple[Tensor, Tensor]:
     spans = spans_of(x2.shape[1], weight.shape[0], blocks.shape[-1], bool(ints[0]))
     return _forward(x2, weight, bias, blocks, spans), x2.new_empty(0)  # nothing kept
 
 
-def _blocks_backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | None, blocks: Tensor, _: None,
-                     saved: Tensor, ints: Sequence[int], floats: Sequence[float],
-                     needs: tuple[bool, ...]) -> dispatch.Grads:
+def _blocks_backward(
+    g2: Tensor,
+    x2: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    blocks: Tensor,
+    _: None,
+    saved: Tensor,
+    ints: Sequence[int],
+    floats: Sequence[float],
+    needs: tuple[bool, ...],
+) -> dispatch.Grads:
     """Gradients of ``(x2, weight, bias, blocks)``."""
     spans = spans_of(x2.shape[1], weight.shape[0], blocks.shape[-1], bool(ints[0]))
     need_x, need_w, need_bias, need_blocks = needs[:4]
@@ -184,8 +205,11 @@ def _blocks_backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | None
     return dx, dw, dbias, dblocks, None
 
 
-BLOCKS = dispatch.register(dispatch.FusedImpl(
-    "blocks_linear", _blocks_forward, _blocks_backward, lambda tokens, weight, blocks, _, ints: (0,)))
+BLOCKS = dispatch.register(
+    dispatch.FusedImpl(
+        "blocks_linear", _blocks_forward, _blocks_backward, lambda tokens, weight, blocks, _, ints: (0,)
+    )
+)
 
 
 def blocks_linear(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: Tensor, cyclic: bool) -> Tensor:

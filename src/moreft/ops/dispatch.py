@@ -36,10 +36,14 @@ Ints = Sequence[int]
 Floats = Sequence[float]
 Grads = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]
 
-_FORWARD_SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, Tensor p1, Tensor? p2, int[] ints, float[] floats)"
-                   " -> (Tensor, Tensor)")
-_BACKWARD_SCHEMA = ("(Tensor gy, Tensor x, Tensor weight, Tensor? bias, Tensor p1, Tensor? p2, Tensor saved, "
-                    "int[] ints, float[] floats, bool[] needs) -> Tensor[]")
+_FORWARD_SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor p1, Tensor? p2, int[] ints, float[] floats)"
+    " -> (Tensor, Tensor)"
+)
+_BACKWARD_SCHEMA = (
+    "(Tensor gy, Tensor x, Tensor weight, Tensor? bias, Tensor p1, Tensor? p2, Tensor saved, "
+    "int[] ints, float[] floats, bool[] needs) -> Tensor[]"
+)
 
 
 @dataclass(frozen=True)
@@ -63,16 +67,36 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])  # (T, in)
 
 
-def _run_forward(impl: FusedImpl, x: Tensor, weight: Tensor, bias: Tensor | None, p1: Tensor,
-                 p2: Tensor | None, ints: Ints, floats: Floats) -> tuple[Tensor, Tensor]:
+def _run_forward(
+    impl: FusedImpl,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    p1: Tensor,
+    p2: Tensor | None,
+    ints: Ints,
+    floats: Floats,
+) -> tuple[Tensor, Tensor]:
     y2, saved = impl.forward(_flat(x), weight, bias, p1, p2, ints, floats)
     return y2.view(*x.shape[:-1], y2.shape[-1]), saved  # (..., out)
 
 
-def _run_backward(impl: FusedImpl, gy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, p1: Tensor,
-                  p2: Tensor | None, saved: Tensor, ints: Ints, floats: Floats, needs: Sequence[bool]) -> Grads:
-    dx, dw, dbias, dp1, dp2 = impl.backward(_flat(gy), _flat(x), weight, bias, p1, p2, saved, ints, floats,
-                                            tuple(needs))
+def _run_backward(
+    impl: FusedImpl,
+    gy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    p1: Tensor,
+    p2: Tensor | None,
+    saved: Tensor,
+    ints: Ints,
+    floats: Floats,
+    needs: Sequence[bool],
+) -> Grads:
+    dx, dw, dbias, dp1, dp2 = impl.backward(
+        _flat(gy), _flat(x), weight, bias, p1, p2, saved, ints, floats, tuple(needs)
+    )
     return (None if dx is None else dx.view(x.shape)), dw, dbias, dp1, dp2
 
 
@@ -80,8 +104,17 @@ class _Fused(torch.autograd.Function):
     """The eager path: ``impl``'s forward and backward as one autograd node."""
 
     @staticmethod
-    def forward(ctx, impl: FusedImpl, x: Tensor, weight: Tensor, bias: Tensor | None, p1: Tensor,
-                p2: Tensor | None, ints: Ints, floats: Floats) -> Tensor:
+    def forward(
+        ctx,
+        impl: FusedImpl,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        p1: Tensor,
+        p2: Tensor | None,
+        ints: Ints,
+        floats: Floats,
+    ) -> Tensor:
         y, saved = _run_forward(impl, x, weight, bias, p1, p2, ints, floats)
         ctx.impl, ctx.ints, ctx.floats = impl, ints, floats
         ctx.save_for_backward(x, weight, bias, p1, p2, saved)
@@ -90,8 +123,9 @@ class _Fused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy: Tensor):
         x, weight, bias, p1, p2, saved = ctx.saved_tensors
-        grads = _run_backward(ctx.impl, gy, x, weight, bias, p1, p2, saved, ctx.ints, ctx.floats,
-                              ctx.needs_input_grad[1:6])
+        grads = _run_backward(
+            ctx.impl, gy, x, weight, bias, p1, p2, saved, ctx.ints, ctx.floats, ctx.needs_input_grad[1:6]
+        )
         return (None, *grads, None, None)
 
 
@@ -119,20 +153,25 @@ def register(impl: FusedImpl) -> FusedImpl:
 
     def forward_fake(x, weight, bias, p1, p2, ints, floats):
         tokens = math.prod(x.shape[:-1])
-        return (x.new_empty(*x.shape[:-1], weight.shape[0]),
-                x.new_empty(impl.saved_shape(tokens, weight, p1, p2, ints)))
+        return (
+            x.new_empty(*x.shape[:-1], weight.shape[0]),
+            x.new_empty(impl.saved_shape(tokens, weight, p1, p2, ints)),
+        )
 
     def backward_op(gy, x, weight, bias, p1, p2, saved, ints, floats, needs):
         grads = _run_backward(impl, gy, x, weight, bias, p1, p2, saved, ints, floats, needs)
         return [_grad_or_empty(gy, g if n else None) for n, g in zip(needs, grads, strict=True)]
 
     def backward_fake(gy, x, weight, bias, p1, p2, saved, ints, floats, needs):
-        return [t.new_empty(t.shape) if n and t is not None else gy.new_empty(0)
-                for t, n in zip((x, weight, bias, p1, p2), needs, strict=True)]
+        return [
+            t.new_empty(t.shape) if n and t is not None else gy.new_empty(0)
+            for t, n in zip((x, weight, bias, p1, p2), needs, strict=True)
+        ]
 
     fwd = torch.library.custom_op(f"moreft::{impl.name}", forward_op, mutates_args=(), schema=_FORWARD_SCHEMA)
-    bwd = torch.library.custom_op(f"moreft::{impl.name}_backward", backward_op, mutates_args=(),
-                                  schema=_BACKWARD_SCHEMA)
+    bwd = torch.library.custom_op(
+        f"moreft::{impl.name}_backward", backward_op, mutates_args=(), schema=_BACKWARD_SCHEMA
+    )
     fwd.register_fake(forward_fake)
     bwd.register_fake(backward_fake)
 
@@ -152,8 +191,16 @@ def register(impl: FusedImpl) -> FusedImpl:
     return impl
 
 
-def apply(impl: FusedImpl, x: Tensor, weight: Tensor, bias: Tensor | None, p1: Tensor, p2: Tensor | None,
-          ints: Ints, floats: Floats = ()) -> Tensor:
+def apply(
+    impl: FusedImpl,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    p1: Tensor,
+    p2: Tensor | None,
+    ints: Ints,
+    floats: Floats = (),
+) -> Tensor:
     """``y (..., out)`` of ``impl`` on ``x (..., in)``: custom op under ``torch.compile``, else eager.
 
     Without a graph to record (no grad mode, or nothing requires grad) the forward runs directly

@@ -89,6 +89,7 @@ def fusable(x: Tensor, weight: Tensor, *others: Tensor) -> bool:
 
 # -- the Function -----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Factors:
     """How the Function reads its ``a`` and ``b`` inputs.
@@ -124,8 +125,9 @@ def _gb_t(g2: Tensor, b: Tensor) -> Tensor:
     return (g2 @ b).T
 
 
-def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
-             spec: _Factors) -> tuple[Tensor, tuple[Tensor, Tensor | None, Tensor]]:
+def _forward(
+    x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, spec: _Factors
+) -> tuple[Tensor, tuple[Tensor, Tensor | None, Tensor]]:
     """``y (T, out)`` and what the backward pass needs: ``(B, dense A or None, hᵀ)``."""
     if spec.more:
         b_full = fold_more_b(b, weight.shape[0])  # (out, N·r)
@@ -142,15 +144,31 @@ def _spec(ints: Sequence[int], floats: Sequence[float]) -> _Factors:
     return _Factors(more=bool(ints[0]), scale=float(floats[0]), blocked=bool(ints[1]))
 
 
-def _lowrank_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
-                     ints: Sequence[int], floats: Sequence[float]) -> tuple[Tensor, Tensor]:
+def _lowrank_forward(
+    x2: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    a: Tensor,
+    b: Tensor,
+    ints: Sequence[int],
+    floats: Sequence[float],
+) -> tuple[Tensor, Tensor]:
     y, (_, _, h_t) = _forward(x2, weight, bias, a, b, _spec(ints, floats))
     return y, h_t  # (T, out), (k, T)
 
 
-def _lowrank_backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
-                      h_t: Tensor, ints: Sequence[int], floats: Sequence[float],
-                      needs: tuple[bool, ...]) -> dispatch.Grads:
+def _lowrank_backward(
+    g2: Tensor,
+    x2: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    a: Tensor,
+    b: Tensor,
+    h_t: Tensor,
+    ints: Sequence[int],
+    floats: Sequence[float],
+    needs: tuple[bool, ...],
+) -> dispatch.Grads:
     """Gradients of ``(x2, weight, bias, a, b)``; nothing token-sized is allocated but ``∂x``."""
     spec = _spec(ints, floats)
     need_x, need_w, need_bias, need_a, need_b = needs
@@ -165,16 +183,20 @@ def _lowrank_backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | Non
         if need_x:
             dx = g2 @ weight  # (T, in): what the frozen layer computes anyway
             if spec.blocked:  # gB viewed (N, T, r)
-                _x_blocks(dx, a.shape[0]).baddbmm_(gb_t.view(a.shape[0], a.shape[1], x2.shape[0]).transpose(1, 2), a)
+                _x_blocks(dx, a.shape[0]).baddbmm_(
+                    gb_t.view(a.shape[0], a.shape[1], x2.shape[0]).transpose(1, 2), a
+                )
             else:
                 assert a_dense is not None  # dense whenever not blocked
                 dx.addmm_(gb_t.T, a_dense)
         if need_a:
             if spec.blocked:
-                da = torch.bmm(gb_t.view(a.shape[0], a.shape[1], x2.shape[0]), _x_blocks(x2, a.shape[0]))  # (N, r, I)
+                da = torch.bmm(
+                    gb_t.view(a.shape[0], a.shape[1], x2.shape[0]), _x_blocks(x2, a.shape[0])
+                )  # (N, r, I)
             elif spec.more:
                 da_pad = x2.new_zeros(a.shape[0] * a.shape[1], a.shape[0] * a.shape[2])  # (N·r, N·I)
-                da_pad[:, :x2.shape[1]].addmm_(gb_t, x2)
+                da_pad[:, : x2.shape[1]].addmm_(gb_t, x2)
                 da = more_a_grad(da_pad, a)
             else:
                 da = gb_t @ x2  # (r, in)
@@ -182,7 +204,7 @@ def _lowrank_backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | Non
     if need_b:
         if spec.more:
             db_pad = x2.new_zeros(h_t.shape[0], b.shape[0] * b.shape[1])  # (N·r, N·O)
-            db_pad[:, :g2.shape[1]].addmm_(h_t, g2)
+            db_pad[:, : g2.shape[1]].addmm_(h_t, g2)
             db = more_b_grad(db_pad, b)
         else:
             db = (h_t @ g2).T.mul_(spec.scale)  # (out, r)
@@ -190,20 +212,25 @@ def _lowrank_backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | Non
     return dx, dw, dbias, da, db
 
 
-def _saved_shape(tokens: int, weight: Tensor, a: Tensor, b: Tensor | None, ints: Sequence[int]) -> tuple[int, ...]:
+def _saved_shape(
+    tokens: int, weight: Tensor, a: Tensor, b: Tensor | None, ints: Sequence[int]
+) -> tuple[int, ...]:
     k = a.shape[0] * a.shape[1] if ints[0] else a.shape[0]
     return (k, tokens)  # hᵀ
 
 
-LOWRANK = dispatch.register(dispatch.FusedImpl("lowrank_linear", _lowrank_forward, _lowrank_backward, _saved_shape))
+LOWRANK = dispatch.register(
+    dispatch.FusedImpl("lowrank_linear", _lowrank_forward, _lowrank_backward, _saved_shape)
+)
 
 
 def _apply(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, spec: _Factors) -> Tensor:
     return dispatch.apply(LOWRANK, x, weight, bias, a, b, (int(spec.more), int(spec.blocked)), (spec.scale,))
 
 
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
-                scale: float) -> Tensor:
+def lora_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float
+) -> Tensor:
     """``F.linear(x, weight, bias) + scale · x lora_aᵀ lora_bᵀ``, fused.
 
     Args:

@@ -37,8 +37,9 @@ def block_sizes(in_features: int, out_features: int, nblocks: int) -> tuple[int,
     return ceil_div(in_features, nblocks), ceil_div(out_features, nblocks)
 
 
-def block_shapes(in_features: int, out_features: int, nblocks: int,
-                 rule: BlockRule = BlockRule.MOREFT) -> tuple[int, int, int]:
+def block_shapes(
+    in_features: int, out_features: int, nblocks: int, rule: BlockRule = BlockRule.MOREFT
+) -> tuple[int, int, int]:
     """``(blocks, in_block, out_block)`` of a MoRe layer asked for ``nblocks`` blocks under ``rule``.
 
     MOREFT keeps all ``N`` blocks of ``ceil(in / N)`` inputs and ``ceil(out / N)`` outputs. The
@@ -92,7 +93,9 @@ def fold_more_a(blkdiag1: Tensor, in_features: int) -> Tensor:
     """
     nblocks, rank, in_block = blkdiag1.shape
     a = blkdiag1.new_zeros(nblocks * rank, nblocks * in_block)  # (N·r, N·I)
-    a.view(nblocks, rank, nblocks, in_block).diagonal(dim1=0, dim2=2).copy_(blkdiag1.permute(1, 2, 0))  # (r, I, N)
+    a.view(nblocks, rank, nblocks, in_block).diagonal(dim1=0, dim2=2).copy_(
+        blkdiag1.permute(1, 2, 0)
+    )  # (r, I, N)
     return a[:, :in_features]
 
 
@@ -104,7 +107,9 @@ def fold_more_b(blkdiag2: Tensor, out_features: int) -> Tensor:
     """
     nblocks, out_block, rank = blkdiag2.shape
     b = blkdiag2.new_zeros(out_block * nblocks, rank * nblocks)  # (N·O, N·r)
-    b.view(out_block, nblocks, rank, nblocks).diagonal(dim1=1, dim2=3).copy_(blkdiag2.permute(1, 2, 0))  # (O, r, N)
+    b.view(out_block, nblocks, rank, nblocks).diagonal(dim1=1, dim2=3).copy_(
+        blkdiag2.permute(1, 2, 0)
+    )  # (O, r, N)
     return b[:out_features]
 
 
@@ -122,8 +127,9 @@ def more_b_grad(db_t: Tensor, blkdiag2: Tensor) -> Tensor:
     return diag.permute(2, 1, 0).contiguous()  # (N, O, r)
 
 
-def fold_factors(blkdiag1: Tensor, blkdiag2: Tensor, in_features: int,
-                 out_features: int) -> tuple[Tensor, Tensor]:
+def fold_factors(
+    blkdiag1: Tensor, blkdiag2: Tensor, in_features: int, out_features: int
+) -> tuple[Tensor, Tensor]:
     """Fold the permutations into dense factors ``A (N*r, in)`` and ``B (out, N*r)``.
 
     The one fold every caller uses (:func:`more_forward`, :func:`more_delta_weight`, the fused
@@ -136,8 +142,9 @@ def fold_factors(blkdiag1: Tensor, blkdiag2: Tensor, in_features: int,
     return fold_more_a(blkdiag1, in_features), fold_more_b(blkdiag2, out_features)
 
 
-def fold_factors_reference(blkdiag1: Tensor, blkdiag2: Tensor, in_features: int,
-                           out_features: int) -> tuple[Tensor, Tensor]:
+def fold_factors_reference(
+    blkdiag1: Tensor, blkdiag2: Tensor, in_features: int, out_features: int
+) -> tuple[Tensor, Tensor]:
     """:func:`fold_factors` written from its definition (slow; for the tests).
 
     ``A`` is ``blkdiag(blkdiag1)`` with the padded input columns dropped (row ``k*r + j`` is rank

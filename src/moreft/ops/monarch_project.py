@@ -50,8 +50,9 @@ def _svd_dtype(weight: Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-def monarch_project(weight: Tensor, nblocks: int, block_rank: int,
-                    rule: BlockRule = BlockRule.MOREFT) -> tuple[Tensor, Tensor]:
+def monarch_project(
+    weight: Tensor, nblocks: int, block_rank: int, rule: BlockRule = BlockRule.MOREFT
+) -> tuple[Tensor, Tensor]:
     """Factors ``(blkdiag1 (N, r, I), blkdiag2 (N, O, r))`` whose MoRe product is closest to ``weight``.
 
     Args:
@@ -94,13 +95,16 @@ def monarch_project(weight: Tensor, nblocks: int, block_rank: int,
     blkdiag1[k_idx, m % r] = rows
     blkdiag2[b_idx, :, m // n] = cols
     real_in = torch.arange(n * in_blk, device=w.device).reshape(n, 1, in_blk) < in_f  # (N, 1, I)
-    real_out = (torch.arange(out_blk, device=w.device)[None, :, None] * n
-                + torch.arange(n, device=w.device)[:, None, None]) < out_f  # (N, O, 1): row p*N + b
+    real_out = (
+        torch.arange(out_blk, device=w.device)[None, :, None] * n
+        + torch.arange(n, device=w.device)[:, None, None]
+    ) < out_f  # (N, O, 1): row p*N + b
     return blkdiag1 * real_in, blkdiag2 * real_out
 
 
-def monarch_project_reference(weight: Tensor, nblocks: int, block_rank: int,
-                              rule: BlockRule = BlockRule.MOREFT) -> tuple[Tensor, Tensor]:
+def monarch_project_reference(
+    weight: Tensor, nblocks: int, block_rank: int, rule: BlockRule = BlockRule.MOREFT
+) -> tuple[Tensor, Tensor]:
     """:func:`monarch_project` by a loop over the real sub-blocks, one SVD each (slow, for tests)."""
     _check(weight, nblocks, block_rank)
     out_f, in_f = weight.shape
@@ -115,7 +119,7 @@ def monarch_project_reference(weight: Tensor, nblocks: int, block_rank: int,
             continue
         sub = w[[p * n + b for p in rows]][:, [k * in_blk + i for i in cols]]  # (rows, cols)
         u, s, vh = torch.linalg.svd(sub, full_matrices=False)
-        for t, m in enumerate(ms[:s.numel()]):
+        for t, m in enumerate(ms[: s.numel()]):
             root = s[t].sqrt()
             blkdiag2[b, rows, m // n] = u[:, t] * root
             blkdiag1[k, m % block_rank, cols] = vh[t] * root

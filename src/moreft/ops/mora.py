@@ -22,8 +22,9 @@ from ..config import MoRAOperator, RHatRounding, SharingLayout
 from . import ceil_div
 
 
-def square_size(in_features: int, out_features: int, rank: int,
-                rounding: RHatRounding = RHatRounding.FLOOR) -> int:
+def square_size(
+    in_features: int, out_features: int, rank: int, rounding: RHatRounding = RHatRounding.FLOOR
+) -> int:
     """``sqrt((in + out) * rank)`` as an integer: the square of LoRA-rank-``rank`` parameter parity.
 
     FLOOR is exact integer arithmetic (the paper's floor). ROUND is the authors' expression
@@ -43,8 +44,9 @@ def _adjacent_groups(width: int, r: int, device: torch.device) -> Tensor:
     return torch.repeat_interleave(torch.arange(r, device=device), sizes)  # (width,)
 
 
-def input_groups(in_features: int, r: int, layout: SharingLayout,
-                 device: torch.device) -> tuple[Tensor, Tensor]:
+def input_groups(
+    in_features: int, r: int, layout: SharingLayout, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """SHARING compress as index maps over the (padded) input.
 
     Returns:
@@ -64,8 +66,7 @@ def output_groups(out_features: int, r: int, layout: SharingLayout, device: torc
     return torch.arange(out_features, device=device) % r  # tile
 
 
-def rotation_tables(n_chunks: int, r: int, device: torch.device,
-                    dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def rotation_tables(n_chunks: int, r: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``cos, sin`` of shape ``(n_chunks, r)`` for chunk ``i`` and ``θ_j = 10000^(-2j/r)`` (Eq. 11)."""
     inv_freq = 1.0 / (10000 ** (torch.arange(0, r, 2, device=device, dtype=torch.float64) / r))  # (r/2,)
     freqs = torch.outer(torch.arange(n_chunks, device=device, dtype=torch.float64), inv_freq)  # (c, r/2)
@@ -79,9 +80,12 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def mora_blocks(matrix: Tensor, in_features: int, operator: MoRAOperator,
-                tables: Callable[[int, int, torch.device, torch.dtype], tuple[Tensor, Tensor]] = rotation_tables,
-                ) -> Tensor | None:
+def mora_blocks(
+    matrix: Tensor,
+    in_features: int,
+    operator: MoRAOperator,
+    tables: Callable[[int, int, torch.device, torch.dtype], tuple[Tensor, Tensor]] = rotation_tables,
+) -> Tensor | None:
     """The blocks ``(c, r, r)`` whose placement is ΔW, or None for SHARING (differentiable in ``matrix``).
 
     TRUNCATION: ``M`` once (``c = 1``); DECOUPLE: ``M`` for each of ``c = ceil(in / r)`` chunks;
@@ -106,9 +110,15 @@ def _decouple_rows(out_features: int, n_chunks: int, r: int, device: torch.devic
     return torch.arange(out_features, device=device) % (n_chunks * r)
 
 
-def mora_reference(x: Tensor, matrix: Tensor, in_features: int, out_features: int,
-                   operator: MoRAOperator, layout: SharingLayout,
-                   output_layout: SharingLayout | None = None) -> Tensor:
+def mora_reference(
+    x: Tensor,
+    matrix: Tensor,
+    in_features: int,
+    out_features: int,
+    operator: MoRAOperator,
+    layout: SharingLayout,
+    output_layout: SharingLayout | None = None,
+) -> Tensor:
     """MoRA adapter output ``f_decomp(M · f_comp(x))`` of shape ``(..., out)``, literally.
 
     SHARING groups the inputs by ``layout`` and the outputs by ``output_layout`` (default: the
@@ -134,9 +144,14 @@ def mora_reference(x: Tensor, matrix: Tensor, in_features: int, out_features: in
     return y[..., _decouple_rows(out_features, c, r, dev)]  # (..., out)
 
 
-def mora_delta_weight(matrix: Tensor, in_features: int, out_features: int,
-                      operator: MoRAOperator, layout: SharingLayout,
-                      output_layout: SharingLayout | None = None) -> Tensor:
+def mora_delta_weight(
+    matrix: Tensor,
+    in_features: int,
+    out_features: int,
+    operator: MoRAOperator,
+    layout: SharingLayout,
+    output_layout: SharingLayout | None = None,
+) -> Tensor:
     """Closed-form ``ΔW (out, in)`` such that ``mora_reference(x) == x @ ΔW.T`` (same arguments)."""
     r = matrix.shape[0]
     dev = matrix.device

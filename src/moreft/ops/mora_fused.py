@@ -28,7 +28,9 @@ def _tables(n_chunks: int, r: int, device: torch.device, dtype: torch.dtype) -> 
         return rotation_tables(n_chunks, r, device, dtype)
 
 
-def cached_rotation_tables(n_chunks: int, r: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def cached_rotation_tables(
+    n_chunks: int, r: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """:func:`moreft.ops.mora.rotation_tables`, built once per key in eager mode (constants, never written).
 
     Under ``torch.compile`` they are built in the graph instead (constants the compiler folds), so
@@ -44,15 +46,24 @@ def clear_rotation_tables() -> None:
     _tables.cache_clear()
 
 
-def mora_spans(in_features: int, out_features: int, r: int, operator: MoRAOperator) -> tuple[Span, ...] | None:
+def mora_spans(
+    in_features: int, out_features: int, r: int, operator: MoRAOperator
+) -> tuple[Span, ...] | None:
     """Where :func:`moreft.ops.mora.mora_blocks` go in ΔW (``moreft.ops.blocks``); None for SHARING."""
     if operator is MoRAOperator.SHARING:
         return None
     return spans_of(in_features, out_features, r, operator is not MoRAOperator.TRUNCATION)
 
 
-def mora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, operator: MoRAOperator,
-                layout: SharingLayout, output_layout: SharingLayout | None = None) -> Tensor:
+def mora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    matrix: Tensor,
+    operator: MoRAOperator,
+    layout: SharingLayout,
+    output_layout: SharingLayout | None = None,
+) -> Tensor:
     """``F.linear(x, weight, bias) + mora_reference(x, matrix, in, out, operator, layout, output_layout)``, fused.
 
     Args:
@@ -74,8 +85,14 @@ def mora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, 
     return blocks_linear(x, weight, bias, blocks, operator is not MoRAOperator.TRUNCATION)
 
 
-def mora_delta_add_(weight: Tensor, matrix: Tensor, operator: MoRAOperator, layout: SharingLayout,
-                    alpha: float = 1.0, output_layout: SharingLayout | None = None) -> Tensor:
+def mora_delta_add_(
+    weight: Tensor,
+    matrix: Tensor,
+    operator: MoRAOperator,
+    layout: SharingLayout,
+    alpha: float = 1.0,
+    output_layout: SharingLayout | None = None,
+) -> Tensor:
     """``weight (out, in) += alpha · ΔW`` in place (any strides), from ``M`` with no dense ``ΔW``; returns it."""
     if operator is MoRAOperator.SHARING:
         return sharing_delta_add_(weight, matrix, layout, alpha, output_layout)

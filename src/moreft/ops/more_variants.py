@@ -41,8 +41,14 @@ def scaled(b: Tensor, coeff: Tensor | float) -> Tensor:
     return b if isinstance(coeff, float) and coeff == 1.0 else b * coeff
 
 
-def additive_term(blkdiag1: Tensor, blkdiag2: Tensor, in_features: int, out_features: int,
-                  coeff: Tensor | float, sign: float = 1.0) -> Term:
+def additive_term(
+    blkdiag1: Tensor,
+    blkdiag2: Tensor,
+    in_features: int,
+    out_features: int,
+    coeff: Tensor | float,
+    sign: float = 1.0,
+) -> Term:
     """``sign · c · P1·blkdiag2·P2·blkdiag1`` as a term of rank ``N*r``."""
     a, b = fold_factors(blkdiag1, blkdiag2, in_features, out_features)  # (N*r, in), (out, N*r)
     return Term(scaled(b, coeff), a, sign)
@@ -85,9 +91,16 @@ def terms_lora(terms: list[Term]) -> tuple[Tensor, Tensor]:
     return a, b
 
 
-def variant_reference(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor, out_features: int,
-                      coeff: Tensor | float, *, weight: Tensor | None = None,
-                      init: tuple[Tensor, Tensor, Tensor | float] | None = None) -> Tensor:
+def variant_reference(
+    x: Tensor,
+    blkdiag1: Tensor,
+    blkdiag2: Tensor,
+    out_features: int,
+    coeff: Tensor | float,
+    *,
+    weight: Tensor | None = None,
+    init: tuple[Tensor, Tensor, Tensor | float] | None = None,
+) -> Tensor:
     """Slow ``x · ΔWᵀ`` of a variant, literally from the Appendix G pseudocode (:func:`more_reference`).
 
     Args:
@@ -100,7 +113,9 @@ def variant_reference(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor, out_feature
         init: ``(L0, R0, c0)`` for the principal init: ``c · M x - c0 · M0 x``.
     """
     if weight is not None:
-        return coeff * more_reference(F.linear(x, weight), blkdiag1, blkdiag2, out_features)  # M applied to W x
+        return coeff * more_reference(
+            F.linear(x, weight), blkdiag1, blkdiag2, out_features
+        )  # M applied to W x
     y = coeff * more_reference(x, blkdiag1, blkdiag2, out_features)
     if init is not None:
         init1, init2, coeff0 = init
@@ -108,9 +123,16 @@ def variant_reference(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor, out_feature
     return y
 
 
-def variant_delta_reference(blkdiag1: Tensor, blkdiag2: Tensor, in_features: int, out_features: int,
-                            coeff: Tensor | float, *, weight: Tensor | None = None,
-                            init: tuple[Tensor, Tensor, Tensor | float] | None = None) -> Tensor:
+def variant_delta_reference(
+    blkdiag1: Tensor,
+    blkdiag2: Tensor,
+    in_features: int,
+    out_features: int,
+    coeff: Tensor | float,
+    *,
+    weight: Tensor | None = None,
+    init: tuple[Tensor, Tensor, Tensor | float] | None = None,
+) -> Tensor:
     """Slow dense ``ΔW (out, in)``: :func:`variant_reference` on the identity, transposed."""
     eye = torch.eye(in_features, dtype=blkdiag1.dtype, device=blkdiag1.device)
     return variant_reference(eye, blkdiag1, blkdiag2, out_features, coeff, weight=weight, init=init).T

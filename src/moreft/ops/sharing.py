@@ -68,7 +68,7 @@ def segments(width: int, r: int, layout: SharingLayout, pad: bool) -> tuple[Segm
 
 
 def _view(wide: Tensor, s: Segment) -> Tensor:
-    return wide[:, s.pos:s.pos + s.count * s.width].unflatten(1, (s.count, s.width))  # (T, count, width)
+    return wide[:, s.pos : s.pos + s.count * s.width].unflatten(1, (s.count, s.width))  # (T, count, width)
 
 
 def _group_sums(view: Tensor, repeat: bool) -> Tensor:
@@ -91,7 +91,7 @@ def compress(wide: Tensor, segs: tuple[Segment, ...], r: int) -> Tensor:
             continue
         if narrow is None:
             narrow = wide.new_zeros(wide.shape[0], r)  # (T, r)
-        narrow[:, s.group:s.group + part.shape[1]] += part
+        narrow[:, s.group : s.group + part.shape[1]] += part
     return narrow if narrow is not None else wide.new_zeros(wide.shape[0], r)  # no segments: no sums
 
 
@@ -99,23 +99,32 @@ def expand_add_(wide: Tensor, narrow: Tensor, segs: tuple[Segment, ...]) -> Tens
     """``wide (T, width) += narrow (T, r)`` copied to each group's columns, in place (any strides)."""
     for s in segs:
         if s.repeat:
-            _view(wide, s).add_(narrow[:, s.group:s.group + s.count].unsqueeze(2))  # (T, count, 1)
+            _view(wide, s).add_(narrow[:, s.group : s.group + s.count].unsqueeze(2))  # (T, count, 1)
         else:
-            _view(wide, s).add_(narrow[:, s.group:s.group + s.width].unsqueeze(1))  # (T, 1, width)
+            _view(wide, s).add_(narrow[:, s.group : s.group + s.width].unsqueeze(1))  # (T, 1, width)
     return wide
 
 
-def _segs(in_features: int, out_features: int, r: int, codes: Sequence[int]) -> tuple[tuple[Segment, ...], ...]:
+def _segs(
+    in_features: int, out_features: int, r: int, codes: Sequence[int]
+) -> tuple[tuple[Segment, ...], ...]:
     """Input and output segments; ``codes`` = (input layout, output layout) as indices of ``_LAYOUTS``."""
-    return segments(in_features, r, _LAYOUTS[codes[0]], True), segments(out_features, r, _LAYOUTS[codes[1]], False)
+    return segments(in_features, r, _LAYOUTS[codes[0]], True), segments(
+        out_features, r, _LAYOUTS[codes[1]], False
+    )
 
 
 def _codes(layout: SharingLayout, output_layout: SharingLayout | None) -> tuple[int, int]:
     return _LAYOUTS.index(layout), _LAYOUTS.index(output_layout or layout)
 
 
-def sharing_delta_add_(weight: Tensor, matrix: Tensor, layout: SharingLayout, alpha: float = 1.0,
-                       output_layout: SharingLayout | None = None) -> Tensor:
+def sharing_delta_add_(
+    weight: Tensor,
+    matrix: Tensor,
+    layout: SharingLayout,
+    alpha: float = 1.0,
+    output_layout: SharingLayout | None = None,
+) -> Tensor:
     """``weight (out, in) += alpha · ΔW`` of SHARING in place (any strides), with no dense ``ΔW``; returns it.
 
     ``output_layout`` groups the outputs (default: ``layout``; the authors' ``mora_type`` 3/4 mix them).
@@ -128,8 +137,9 @@ def sharing_delta_add_(weight: Tensor, matrix: Tensor, layout: SharingLayout, al
     return weight
 
 
-def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor,
-             codes: Sequence[int]) -> tuple[Tensor, Tensor]:
+def _forward(
+    x2: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, codes: Sequence[int]
+) -> tuple[Tensor, Tensor]:
     """``y (T, out)`` and ``h = C x (T, r)`` (kept for ``∂M``)."""
     r = matrix.shape[0]
     segs_in, segs_out = _segs(x2.shape[1], weight.shape[0], r, codes)
@@ -138,14 +148,30 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor,
     return expand_add_(y, h @ matrix.T, segs_out), h  # z = h Mᵀ (T, r) copied to the output groups
 
 
-def _sharing_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, _: None,
-                     ints: Sequence[int], floats: Sequence[float]) -> tuple[Tensor, Tensor]:
+def _sharing_forward(
+    x2: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    matrix: Tensor,
+    _: None,
+    ints: Sequence[int],
+    floats: Sequence[float],
+) -> tuple[Tensor, Tensor]:
     return _forward(x2, weight, bias, matrix, ints)
 
 
-def _backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, _: None,
-              h: Tensor, ints: Sequence[int], floats: Sequence[float],
-              needs: tuple[bool, ...]) -> dispatch.Grads:
+def _backward(
+    g2: Tensor,
+    x2: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    matrix: Tensor,
+    _: None,
+    h: Tensor,
+    ints: Sequence[int],
+    floats: Sequence[float],
+    needs: tuple[bool, ...],
+) -> dispatch.Grads:
     """Gradients of ``(x2, weight, bias, matrix)``: ``gz = Dᵀ g``, ``∂x = g W + Cᵀ(gz M)``, ``∂M = gzᵀ h``."""
     r = matrix.shape[0]
     segs_in, segs_out = _segs(x2.shape[1], weight.shape[0], r, ints)
@@ -161,12 +187,24 @@ def _backward(g2: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | None, matri
     return dx, dw, dbias, dm, None
 
 
-SHARING = dispatch.register(dispatch.FusedImpl(
-    "sharing_linear", _sharing_forward, _backward, lambda tokens, weight, matrix, _, ints: (tokens, matrix.shape[0])))
+SHARING = dispatch.register(
+    dispatch.FusedImpl(
+        "sharing_linear",
+        _sharing_forward,
+        _backward,
+        lambda tokens, weight, matrix, _, ints: (tokens, matrix.shape[0]),
+    )
+)
 
 
-def sharing_linear(x: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, layout: SharingLayout,
-                   output_layout: SharingLayout | None = None) -> Tensor:
+def sharing_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    matrix: Tensor,
+    layout: SharingLayout,
+    output_layout: SharingLayout | None = None,
+) -> Tensor:
     """``F.linear(x, weight, bias) + mora_reference(x, matrix, ..., SHARING, layout)``, fused.
 
     Args:

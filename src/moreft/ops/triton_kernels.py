@@ -29,9 +29,22 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _more_down_kernel(x_ptr, w1_ptr, h_ptr, T, IN, IBLK, RANK, R, stride_xt,
-                          BT: tl.constexpr, BI: tl.constexpr, BR: tl.constexpr,
-                          PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    def _more_down_kernel(
+        x_ptr,
+        w1_ptr,
+        h_ptr,
+        T,
+        IN,
+        IBLK,
+        RANK,
+        R,
+        stride_xt,
+        BT: tl.constexpr,
+        BI: tl.constexpr,
+        BR: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
         """h[t, k*r + j] = sum_i x[t, k*IBLK + i] * w1[k, j, i]; grid (T tiles, N)."""
         pid_t = tl.program_id(0)
         k = tl.program_id(1)
@@ -45,19 +58,42 @@ if triton is not None:
             i = i0 + tl.arange(0, BI)
             col = k * IBLK + i
             imask = (i < IBLK) & (col < IN)  # col >= IN is the zero padding
-            xt = tl.load(x_ptr + rows64[:, None] * stride_xt + col[None, :],
-                         mask=rmask[:, None] & imask[None, :], other=0.0)
-            wt = tl.load(w1_ptr + k * RANK * IBLK + j[None, :] * IBLK + i[:, None],
-                         mask=imask[:, None] & jmask[None, :], other=0.0)  # (BI, BR) = w1[k]ᵀ
+            xt = tl.load(
+                x_ptr + rows64[:, None] * stride_xt + col[None, :],
+                mask=rmask[:, None] & imask[None, :],
+                other=0.0,
+            )
+            wt = tl.load(
+                w1_ptr + k * RANK * IBLK + j[None, :] * IBLK + i[:, None],
+                mask=imask[:, None] & jmask[None, :],
+                other=0.0,
+            )  # (BI, BR) = w1[k]ᵀ
             acc = _dot(xt, wt, acc, PRECISION, UPCAST)
         f = k * RANK + j
-        tl.store(h_ptr + rows64[:, None] * R + f[None, :], acc.to(h_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & jmask[None, :])
+        tl.store(
+            h_ptr + rows64[:, None] * R + f[None, :],
+            acc.to(h_ptr.dtype.element_ty),
+            mask=rmask[:, None] & jmask[None, :],
+        )
 
     @triton.jit
-    def _more_up_kernel(h_ptr, w2_ptr, y_ptr, T, OUT, NB, OBLK, RANK, R, stride_yt,
-                        BT: tl.constexpr, BO: tl.constexpr, BF: tl.constexpr,
-                        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    def _more_up_kernel(
+        h_ptr,
+        w2_ptr,
+        y_ptr,
+        T,
+        OUT,
+        NB,
+        OBLK,
+        RANK,
+        R,
+        stride_yt,
+        BT: tl.constexpr,
+        BO: tl.constexpr,
+        BF: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
         """y[t, o] = sum_{f % N == o % N} h[t, f] * w2[o % N, o // N, f // N]; grid (T, out tiles)."""
         pid_t = tl.program_id(0)
         pid_o = tl.program_id(1)
@@ -72,19 +108,41 @@ if triton is not None:
         for f0 in range(0, R, BF):
             f = f0 + tl.arange(0, BF)
             fmask = f < R
-            ht = tl.load(h_ptr + rows64[:, None] * R + f[None, :],
-                         mask=rmask[:, None] & fmask[None, :], other=0.0)  # (BT, BF)
+            ht = tl.load(
+                h_ptr + rows64[:, None] * R + f[None, :], mask=rmask[:, None] & fmask[None, :], other=0.0
+            )  # (BT, BF)
             bmask = fmask[:, None] & omask[None, :] & ((f % NB)[:, None] == c_o[None, :])
-            bt = tl.load(w2_ptr + c_o[None, :] * (OBLK * RANK) + p[None, :] * RANK + (f // NB)[:, None],
-                         mask=bmask, other=0.0)  # (BF, BO) = folded Bᵀ tile
+            bt = tl.load(
+                w2_ptr + c_o[None, :] * (OBLK * RANK) + p[None, :] * RANK + (f // NB)[:, None],
+                mask=bmask,
+                other=0.0,
+            )  # (BF, BO) = folded Bᵀ tile
             acc = _dot(ht, bt, acc, PRECISION, UPCAST)
-        tl.store(y_ptr + rows64[:, None] * stride_yt + o[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & omask[None, :])
+        tl.store(
+            y_ptr + rows64[:, None] * stride_yt + o[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=rmask[:, None] & omask[None, :],
+        )
 
     @triton.jit
-    def _more_dh_kernel(dy_ptr, w2_ptr, part_ptr, T, OUT, NB, OBLK, RANK, R, stride_dyt, tiles_per_split,
-                        BT: tl.constexpr, BO: tl.constexpr, BF: tl.constexpr,
-                        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    def _more_dh_kernel(
+        dy_ptr,
+        w2_ptr,
+        part_ptr,
+        T,
+        OUT,
+        NB,
+        OBLK,
+        RANK,
+        R,
+        stride_dyt,
+        tiles_per_split,
+        BT: tl.constexpr,
+        BO: tl.constexpr,
+        BF: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
         """part[s, t, f] = sum_{o in split s, o % N == f % N} dy[t, o] * w2[o % N, o // N, f // N].
 
         Grid (T tiles, R tiles, S): the reduction over ``out`` is split so that short sequences
@@ -105,20 +163,44 @@ if triton is not None:
             o = (s * tiles_per_split + it) * BO + tl.arange(0, BO)
             omask = o < OUT
             c_o = o % NB
-            dyt = tl.load(dy_ptr + rows64[:, None] * stride_dyt + o[None, :],
-                          mask=rmask[:, None] & omask[None, :], other=0.0)  # (BT, BO)
+            dyt = tl.load(
+                dy_ptr + rows64[:, None] * stride_dyt + o[None, :],
+                mask=rmask[:, None] & omask[None, :],
+                other=0.0,
+            )  # (BT, BO)
             bmask = omask[:, None] & fmask[None, :] & (c_o[:, None] == c_f[None, :])
-            bt = tl.load(w2_ptr + c_o[:, None] * (OBLK * RANK) + (o // NB)[:, None] * RANK + a[None, :],
-                         mask=bmask, other=0.0)  # (BO, BF) = folded B tile
+            bt = tl.load(
+                w2_ptr + c_o[:, None] * (OBLK * RANK) + (o // NB)[:, None] * RANK + a[None, :],
+                mask=bmask,
+                other=0.0,
+            )  # (BO, BF) = folded B tile
             acc = _dot(dyt, bt, acc, PRECISION, UPCAST)
-        tl.store(part_ptr + s.to(tl.int64) * T * R + rows64[:, None] * R + f[None, :], acc,
-                 mask=rmask[:, None] & fmask[None, :])
+        tl.store(
+            part_ptr + s.to(tl.int64) * T * R + rows64[:, None] * R + f[None, :],
+            acc,
+            mask=rmask[:, None] & fmask[None, :],
+        )
 
     @triton.jit
-    def _more_dw2_kernel(dy_ptr, h_ptr, part_ptr, T, OUT, NB, OBLK, RANK, R, stride_dyt,
-                         n_f_tiles, tiles_per_split,
-                         BT: tl.constexpr, BO: tl.constexpr, BF: tl.constexpr,
-                         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    def _more_dw2_kernel(
+        dy_ptr,
+        h_ptr,
+        part_ptr,
+        T,
+        OUT,
+        NB,
+        OBLK,
+        RANK,
+        R,
+        stride_dyt,
+        n_f_tiles,
+        tiles_per_split,
+        BT: tl.constexpr,
+        BO: tl.constexpr,
+        BF: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
         """part[s, c, p, a] = sum_{t in split s} dy[t, p*N + c] * h[t, a*N + c]; grid (out x R tiles, S)."""
         pid = tl.program_id(0)
         s = tl.program_id(1)
@@ -133,23 +215,49 @@ if triton is not None:
             rows = (s * tiles_per_split + it) * BT + tl.arange(0, BT)
             rmask = rows < T
             rows64 = rows.to(tl.int64)
-            dyt = tl.load(dy_ptr + rows64[:, None] * stride_dyt + o[None, :],
-                          mask=rmask[:, None] & omask[None, :], other=0.0)  # (BT, BO)
-            ht = tl.load(h_ptr + rows64[:, None] * R + f[None, :],
-                         mask=rmask[:, None] & fmask[None, :], other=0.0)  # (BT, BF)
+            dyt = tl.load(
+                dy_ptr + rows64[:, None] * stride_dyt + o[None, :],
+                mask=rmask[:, None] & omask[None, :],
+                other=0.0,
+            )  # (BT, BO)
+            ht = tl.load(
+                h_ptr + rows64[:, None] * R + f[None, :], mask=rmask[:, None] & fmask[None, :], other=0.0
+            )  # (BT, BF)
             acc = _dot(tl.trans(dyt), ht, acc, PRECISION, UPCAST)
         c_o = o % NB
         keep = omask[:, None] & fmask[None, :] & (c_o[:, None] == (f % NB)[None, :])
-        dst = (s.to(tl.int64) * (NB * OBLK * RANK) + c_o[:, None] * (OBLK * RANK)
-               + (o // NB)[:, None] * RANK + (f // NB)[None, :])
+        dst = (
+            s.to(tl.int64) * (NB * OBLK * RANK)
+            + c_o[:, None] * (OBLK * RANK)
+            + (o // NB)[:, None] * RANK
+            + (f // NB)[None, :]
+        )
         tl.store(part_ptr + dst, acc, mask=keep)
 
     @triton.jit
-    def _more_dx_dw1_kernel(dh_ptr, w1_ptr, x_ptr, dx_ptr, part_ptr, T, IN, IBLK, RANK, R,
-                            stride_xt, stride_dxt, n_i_tiles, tiles_per_split,
-                            BT: tl.constexpr, BI: tl.constexpr, BR: tl.constexpr,
-                            COMPUTE_DX: tl.constexpr, COMPUTE_DW1: tl.constexpr,
-                            PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    def _more_dx_dw1_kernel(
+        dh_ptr,
+        w1_ptr,
+        x_ptr,
+        dx_ptr,
+        part_ptr,
+        T,
+        IN,
+        IBLK,
+        RANK,
+        R,
+        stride_xt,
+        stride_dxt,
+        n_i_tiles,
+        tiles_per_split,
+        BT: tl.constexpr,
+        BI: tl.constexpr,
+        BR: tl.constexpr,
+        COMPUTE_DX: tl.constexpr,
+        COMPUTE_DW1: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
         """dx[t, k*IBLK + i] = sum_j dh[t, k*r + j] w1[k, j, i]; part[s, k, j, i] = sum_t dh x."""
         pid = tl.program_id(0)
         s = tl.program_id(1)
@@ -161,22 +269,32 @@ if triton is not None:
         j = tl.arange(0, BR)
         jmask = j < RANK
         f = k * RANK + j
-        w1t = tl.load(w1_ptr + k * RANK * IBLK + j[:, None] * IBLK + i[None, :],
-                      mask=jmask[:, None] & imask[None, :], other=0.0)  # (BR, BI)
+        w1t = tl.load(
+            w1_ptr + k * RANK * IBLK + j[:, None] * IBLK + i[None, :],
+            mask=jmask[:, None] & imask[None, :],
+            other=0.0,
+        )  # (BR, BI)
         acc = tl.zeros((BR, BI), dtype=tl.float32)
         for it in range(tiles_per_split):
             rows = (s * tiles_per_split + it) * BT + tl.arange(0, BT)
             rmask = rows < T
             rows64 = rows.to(tl.int64)
-            dht = tl.load(dh_ptr + rows64[:, None] * R + f[None, :],
-                          mask=rmask[:, None] & jmask[None, :], other=0.0)  # (BT, BR)
+            dht = tl.load(
+                dh_ptr + rows64[:, None] * R + f[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0
+            )  # (BT, BR)
             if COMPUTE_DX:
                 dxt = _dot(dht, w1t, tl.zeros((BT, BI), dtype=tl.float32), PRECISION, UPCAST)
-                tl.store(dx_ptr + rows64[:, None] * stride_dxt + col[None, :],
-                         dxt.to(dx_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+                tl.store(
+                    dx_ptr + rows64[:, None] * stride_dxt + col[None, :],
+                    dxt.to(dx_ptr.dtype.element_ty),
+                    mask=rmask[:, None] & cmask[None, :],
+                )
             if COMPUTE_DW1:
-                xt = tl.load(x_ptr + rows64[:, None] * stride_xt + col[None, :],
-                             mask=rmask[:, None] & cmask[None, :], other=0.0)  # (BT, BI)
+                xt = tl.load(
+                    x_ptr + rows64[:, None] * stride_xt + col[None, :],
+                    mask=rmask[:, None] & cmask[None, :],
+                    other=0.0,
+                )  # (BT, BI)
                 acc = _dot(tl.trans(dht), xt, acc, PRECISION, UPCAST)
         if COMPUTE_DW1:
             dst = s.to(tl.int64) * (R * IBLK) + k * RANK * IBLK + j[:, None] * IBLK + i[None, :]

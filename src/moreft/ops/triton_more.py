@@ -60,8 +60,16 @@ except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
     tl = None
 
-__all__ = ["SUPPORTED_DTYPES", "TRITON_MODES", "check_triton_env", "more_triton", "set_triton_mode",
-           "triton_available", "triton_mode", "use_triton"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "TRITON_MODES",
+    "check_triton_env",
+    "more_triton",
+    "set_triton_mode",
+    "triton_available",
+    "triton_mode",
+    "use_triton",
+]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -172,6 +180,7 @@ if triton is not None:
 # Launch configuration: fixed heuristics, not yet tuned on hardware (see docs/triton.md).
 # ----------------------------------------------------------------------------------------------
 
+
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
@@ -219,12 +228,16 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _check(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor, out_features: int) -> None:
     if blkdiag1.dim() != 3 or blkdiag2.dim() != 3:
-        raise ValueError(f"blkdiag1 (N, r, I) and blkdiag2 (N, O, r) must be 3-D, got "
-                         f"{tuple(blkdiag1.shape)} and {tuple(blkdiag2.shape)}")
+        raise ValueError(
+            f"blkdiag1 (N, r, I) and blkdiag2 (N, O, r) must be 3-D, got "
+            f"{tuple(blkdiag1.shape)} and {tuple(blkdiag2.shape)}"
+        )
     nb, rank, in_blk = blkdiag1.shape
     if blkdiag2.shape[0] != nb or blkdiag2.shape[2] != rank:
-        raise ValueError(f"blkdiag2 {tuple(blkdiag2.shape)} does not match blkdiag1 "
-                         f"{tuple(blkdiag1.shape)}: expected ({nb}, O, {rank})")
+        raise ValueError(
+            f"blkdiag2 {tuple(blkdiag2.shape)} does not match blkdiag1 "
+            f"{tuple(blkdiag1.shape)}: expected ({nb}, O, {rank})"
+        )
     if x.dim() < 1 or x.shape[-1] > nb * in_blk:
         raise ValueError(f"x of shape {tuple(x.shape)} has more features than N * I = {nb * in_blk}")
     if not 0 < out_features <= nb * blkdiag2.shape[1]:
@@ -244,26 +257,33 @@ def _forward(x2: Tensor, w1: Tensor, w2: Tensor, out_features: int) -> tuple[Ten
     t, n = x2.shape
     r_tot = nb * rank
     cfg, target = _cfg(x2), _target_programs(x2)
-    kw = {"PRECISION": _precision(x2.dtype), "UPCAST": _INTERPRETED and x2.dtype == torch.bfloat16,
-          "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    kw = {
+        "PRECISION": _precision(x2.dtype),
+        "UPCAST": _INTERPRETED and x2.dtype == torch.bfloat16,
+        "num_warps": cfg["num_warps"],
+        "num_stages": cfg["num_stages"],
+    }
     h = torch.empty(t, r_tot, device=x2.device, dtype=x2.dtype)
     y = torch.empty(t, out_features, device=x2.device, dtype=x2.dtype)
 
     bt = _token_tile(t, nb, cfg["BT"], target)
     bi = min(cfg["BI"], _pow2(in_blk))
     _more_down_kernel[(triton.cdiv(t, bt), nb)](
-        x2, w1, h, t, n, in_blk, rank, r_tot, x2.stride(0), BT=bt, BI=bi, BR=_pow2(rank), **kw)
+        x2, w1, h, t, n, in_blk, rank, r_tot, x2.stride(0), BT=bt, BI=bi, BR=_pow2(rank), **kw
+    )
 
     bo = min(cfg["BO"], _pow2(out_features))
     bf = min(cfg["BF_MAX"], _pow2(r_tot))
     bt = _token_tile(t, triton.cdiv(out_features, bo), cfg["BT"], target)
     _more_up_kernel[(triton.cdiv(t, bt), triton.cdiv(out_features, bo))](
-        h, w2, y, t, out_features, nb, out_blk, rank, r_tot, y.stride(0), BT=bt, BO=bo, BF=bf, **kw)
+        h, w2, y, t, out_features, nb, out_blk, rank, r_tot, y.stride(0), BT=bt, BO=bo, BF=bf, **kw
+    )
     return y, h
 
 
-def _backward(dy2: Tensor, x2: Tensor, w1: Tensor, w2: Tensor, h: Tensor, need_dx: bool,
-              need_dw1: bool, need_dw2: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def _backward(
+    dy2: Tensor, x2: Tensor, w1: Tensor, w2: Tensor, h: Tensor, need_dx: bool, need_dw1: bool, need_dw2: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients for ``x2 (T, in)``, ``w1 (N, r, I)`` and ``w2 (N, O, r)``; the dW are fp32."""
     nb, rank, in_blk = w1.shape
     out_blk = w2.shape[1]
@@ -271,8 +291,12 @@ def _backward(dy2: Tensor, x2: Tensor, w1: Tensor, w2: Tensor, h: Tensor, need_d
     out_features = dy2.shape[1]
     r_tot = nb * rank
     cfg, target = _cfg(x2), _target_programs(x2)
-    kw = {"PRECISION": _precision(x2.dtype), "UPCAST": _INTERPRETED and x2.dtype == torch.bfloat16,
-          "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    kw = {
+        "PRECISION": _precision(x2.dtype),
+        "UPCAST": _INTERPRETED and x2.dtype == torch.bfloat16,
+        "num_warps": cfg["num_warps"],
+        "num_stages": cfg["num_stages"],
+    }
     bo = min(cfg["BO"], _pow2(out_features))
     bf = min(cfg["BF_MAX"], _pow2(r_tot))
     o_tiles, f_tiles = triton.cdiv(out_features, bo), triton.cdiv(r_tot, bf)
@@ -286,8 +310,23 @@ def _backward(dy2: Tensor, x2: Tensor, w1: Tensor, w2: Tensor, h: Tensor, need_d
         splits, per = _splits(t_tiles, o_tiles * f_tiles, target)
         part = torch.zeros(splits, nb, out_blk, rank, device=x2.device, dtype=torch.float32)
         _more_dw2_kernel[(o_tiles * f_tiles, splits)](
-            dy2, h, part, t, out_features, nb, out_blk, rank, r_tot, dy2.stride(0), f_tiles, per,
-            BT=bt, BO=bo, BF=bf, **kw)
+            dy2,
+            h,
+            part,
+            t,
+            out_features,
+            nb,
+            out_blk,
+            rank,
+            r_tot,
+            dy2.stride(0),
+            f_tiles,
+            per,
+            BT=bt,
+            BO=bo,
+            BF=bf,
+            **kw,
+        )
         dw2 = part.sum(0)
 
     if need_dx or need_dw1:
@@ -297,8 +336,22 @@ def _backward(dy2: Tensor, x2: Tensor, w1: Tensor, w2: Tensor, h: Tensor, need_d
         splits, per = _splits(o_tiles, t_tiles * f_tiles, target)
         part = torch.empty(splits, t, r_tot, device=x2.device, dtype=torch.float32)
         _more_dh_kernel[(t_tiles, f_tiles, splits)](
-            dy2, w2, part, t, out_features, nb, out_blk, rank, r_tot, dy2.stride(0), per,
-            BT=bt, BO=bo, BF=bf, **kw)
+            dy2,
+            w2,
+            part,
+            t,
+            out_features,
+            nb,
+            out_blk,
+            rank,
+            r_tot,
+            dy2.stride(0),
+            per,
+            BT=bt,
+            BO=bo,
+            BF=bf,
+            **kw,
+        )
         dh = part.sum(0).to(x2.dtype) if splits > 1 else part[0].to(x2.dtype)
 
         # one pass per (block, input tile, T split): dx tile and d blkdiag1 partial together
@@ -308,12 +361,31 @@ def _backward(dy2: Tensor, x2: Tensor, w1: Tensor, w2: Tensor, h: Tensor, need_d
         t_tiles = triton.cdiv(t, bt)
         splits, per = _splits(t_tiles, nb * i_tiles, target) if need_dw1 else (t_tiles, 1)
         dx = torch.empty(t, n, device=x2.device, dtype=x2.dtype) if need_dx else None
-        part_w1 = (torch.empty(splits, nb, rank, in_blk, device=x2.device, dtype=torch.float32)
-                   if need_dw1 else None)
+        part_w1 = (
+            torch.empty(splits, nb, rank, in_blk, device=x2.device, dtype=torch.float32) if need_dw1 else None
+        )
         _more_dx_dw1_kernel[(nb * i_tiles, splits)](
-            dh, w1, x2, dx if dx is not None else dh, part_w1 if part_w1 is not None else dh, t, n, in_blk,
-            rank, r_tot, x2.stride(0), dx.stride(0) if dx is not None else 0, i_tiles, per,
-            BT=bt, BI=bi, BR=_pow2(rank), COMPUTE_DX=need_dx, COMPUTE_DW1=need_dw1, **kw)
+            dh,
+            w1,
+            x2,
+            dx if dx is not None else dh,
+            part_w1 if part_w1 is not None else dh,
+            t,
+            n,
+            in_blk,
+            rank,
+            r_tot,
+            x2.stride(0),
+            dx.stride(0) if dx is not None else 0,
+            i_tiles,
+            per,
+            BT=bt,
+            BI=bi,
+            BR=_pow2(rank),
+            COMPUTE_DX=need_dx,
+            COMPUTE_DW1=need_dw1,
+            **kw,
+        )
         if part_w1 is not None:
             dw1 = part_w1.sum(0)
     return dx, dw1, dw2
@@ -390,6 +462,8 @@ def more_triton(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor, out_features: int
         raise RuntimeError("more_triton needs the optional dependency 'triton' (pip install triton)")
     _check(x, blkdiag1, blkdiag2, out_features)
     if not triton_available(x):
-        raise RuntimeError(f"more_triton cannot run on a {x.device.type} tensor: it needs CUDA, or "
-                           "TRITON_INTERPRET=1 set before triton and moreft.ops.triton_more are imported")
+        raise RuntimeError(
+            f"more_triton cannot run on a {x.device.type} tensor: it needs CUDA, or "
+            "TRITON_INTERPRET=1 set before triton and moreft.ops.triton_more are imported"
+        )
     return _MoReTriton.apply(x, blkdiag1, blkdiag2, out_features)

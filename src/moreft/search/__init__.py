@@ -15,5 +15,14 @@ from .driver import SearchResult, candidates, count_adapter_params, run_search
 from .settings import Candidate, Pruner, Sampler, SearchSettings
 from .space import SearchSpace
 
-__all__ = ["Candidate", "Pruner", "Sampler", "SearchResult", "SearchSettings", "SearchSpace", "candidates",
-           "count_adapter_params", "run_search"]
+__all__ = [
+    "Candidate",
+    "Pruner",
+    "Sampler",
+    "SearchResult",
+    "SearchSettings",
+    "SearchSpace",
+    "candidates",
+    "count_adapter_params",
+    "run_search",
+]

@@ -78,8 +78,14 @@ def count_adapter_params(config: TrainConfig) -> int:
         from moreft.train import peft_arm
 
         kind = get_task(config.task, **config.task_options).kind
-        model, _ = peft_arm.attach(model, str(config.peft_type), config.peft_options, config.target_modules or targets,
-                                   heads, kind is TaskKind.CLASSIFICATION)
+        model, _ = peft_arm.attach(
+            model,
+            str(config.peft_type),
+            config.peft_options,
+            config.target_modules or targets,
+            heads,
+            kind is TaskKind.CLASSIFICATION,
+        )
         return peft_arm.count_parameters(model).adapter
     moreft.inject(model, config.adapter_config(targets, heads))
     return moreft.count_parameters(model).adapter

@@ -11,11 +11,11 @@ import optuna
 import yaml
 
 from moreft.safe_write import atomic_write_text
+from moreft.search.settings import INTERRUPTED, RETRY_OF, Candidate, SearchSettings
+from moreft.search.space import ON, SearchSpace, family_of
 from moreft.train.config import TrainConfig
 from moreft.train.plots import save_png, subplots
 from moreft.train.recipes import dump_config
-from moreft.search.settings import INTERRUPTED, RETRY_OF, Candidate, SearchSettings
-from moreft.search.space import ON, SearchSpace, family_of
 
 BEST_TRIALS_SHOWN = 5
 _METHOD_COLOURS = {"more": "tab:blue", "lora": "tab:orange", "mora": "tab:green"}
@@ -110,7 +110,10 @@ def plot_search(
             ax.scatter(r["params"], r["value"], marker="x", color="0.65", zorder=2)
     families = sorted({r.get("family", r["method"]) for r in rows if r["state"] == "complete"})
     others = [f for f in families if f not in _METHOD_COLOURS]
-    colours = {**_METHOD_COLOURS, **{f: _OTHER_COLOURS[i % len(_OTHER_COLOURS)] for i, f in enumerate(others)}}
+    colours = {
+        **_METHOD_COLOURS,
+        **{f: _OTHER_COLOURS[i % len(_OTHER_COLOURS)] for i, f in enumerate(others)},
+    }
     for method in families:
         colour = colours[method]
         done = [r for r in rows if r["state"] == "complete" and r.get("family", r["method"]) == method]
@@ -156,23 +159,47 @@ def plot_search(
     return save_png(fig, path)
 
 
-def lr_edges(rows: Sequence[dict[str, Any]], space: SearchSpace, share: float = EDGE_SHARE) -> list[dict[str, Any]]:
+def lr_edges(
+    rows: Sequence[dict[str, Any]], space: SearchSpace, share: float = EDGE_SHARE
+) -> list[dict[str, Any]]:
     """Per method family (``more``, ``peft:vera``, ...), its best complete trial's learning rate against the
     family's range: ``family``, ``low``, ``high``, ``log``, ``best_trial``, ``best_lr``, ``position`` (0 at low,
     1 at high), ``edge`` (``"low"``, ``"high"`` or None) and ``warning`` (None, or "widen the range ...")."""
     out = []
-    for family in dict.fromkeys(r.get("family") or family_of(r["label"]) for r in rows if r["state"] == "complete"):
-        done = [r for r in rows if r["state"] == "complete" and (r.get("family") or family_of(r["label"])) == family]
+    for family in dict.fromkeys(
+        r.get("family") or family_of(r["label"]) for r in rows if r["state"] == "complete"
+    ):
+        done = [
+            r
+            for r in rows
+            if r["state"] == "complete" and (r.get("family") or family_of(r["label"])) == family
+        ]
         best = max(done, key=lambda r: (r["value"], -r["number"]))
         rng = space.lr_for(family)
         position = rng.position(best["lr"])
         edge = "low" if position <= share else "high" if position >= 1 - share else None
-        warning = None if edge is None else (
-            f"best lr {best['lr']:.2e} lies in the {'lowest' if edge == 'low' else 'highest'} {share:.0%} of the "
-            f"range [{rng.low:.2e}, {rng.high:.2e}]: widen the range {'below' if edge == 'low' else 'above'} it")
-        out.append({"family": family, "low": rng.low, "high": rng.high, "log": rng.log, "best_trial": best["number"],
-                    "best_lr": best["lr"], "value": best["value"], "position": round(position, 4), "edge": edge,
-                    "warning": warning})
+        warning = (
+            None
+            if edge is None
+            else (
+                f"best lr {best['lr']:.2e} lies in the {'lowest' if edge == 'low' else 'highest'} {share:.0%} of the "
+                f"range [{rng.low:.2e}, {rng.high:.2e}]: widen the range {'below' if edge == 'low' else 'above'} it"
+            )
+        )
+        out.append(
+            {
+                "family": family,
+                "low": rng.low,
+                "high": rng.high,
+                "log": rng.log,
+                "best_trial": best["number"],
+                "best_lr": best["lr"],
+                "value": best["value"],
+                "position": round(position, 4),
+                "edge": edge,
+                "warning": warning,
+            }
+        )
     return out
 
 
@@ -260,13 +287,23 @@ def write_report(
             "",
         ]
     if edges:
-        lines += [f"## Learning rate against its range (best eval {metric} per method)", "",
-                  "| method | lr range | best trial | best lr | position in range | |", "|---|---|---:|---:|---:|---|"]
-        lines += [f"| {e['family']} | [{e['low']:.2e}, {e['high']:.2e}]{' log' if e['log'] else ''} | {e['best_trial']} "
-                  f"| {e['best_lr']:.2e} | {e['position']:.2f} | {'**widen the range**: ' + e['warning'] if e['warning'] else 'inside'} |"
-                  for e in edges]
-        lines += ["", f"Position 0 is the low end, 1 the high end (log scale); a best value in the outer "
-                  f"{EDGE_SHARE:.0%} at either end suggests the optimum may lie outside the range.", ""]
+        lines += [
+            f"## Learning rate against its range (best eval {metric} per method)",
+            "",
+            "| method | lr range | best trial | best lr | position in range | |",
+            "|---|---|---:|---:|---:|---|",
+        ]
+        lines += [
+            f"| {e['family']} | [{e['low']:.2e}, {e['high']:.2e}]{' log' if e['log'] else ''} | {e['best_trial']} "
+            f"| {e['best_lr']:.2e} | {e['position']:.2f} | {'**widen the range**: ' + e['warning'] if e['warning'] else 'inside'} |"
+            for e in edges
+        ]
+        lines += [
+            "",
+            f"Position 0 is the low end, 1 the high end (log scale); a best value in the outer "
+            f"{EDGE_SHARE:.0%} at either end suggests the optimum may lie outside the range.",
+            "",
+        ]
     lines += [
         "## All trials",
         "",

@@ -114,6 +114,7 @@ class SearchSettings:
             for f in fields(self)
         }
 
+
 #: Trial user attributes (what the report reads).
 INTERRUPTED, RETRY_OF = "interrupted", "retry_of"
 TRIALS_DIR = "trials"

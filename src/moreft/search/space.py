@@ -211,19 +211,29 @@ class SearchSpace:
         arms = self.arms if isinstance(self.arms, (list, tuple)) else (self.arms,)
         if arms:
             object.__setattr__(self, "arms", _arms(arms))
-        methods = _choices("methods", [m.lower() if isinstance(m, str) else m for m in given], str) if (
-            given or not arms) else ()  # any case
+        methods = (
+            _choices("methods", [m.lower() if isinstance(m, str) else m for m in given], str)
+            if (given or not arms)
+            else ()
+        )  # any case
         for m in methods:
             if m not in SIZED_METHODS:
-                raise ConfigError(f"search space methods: {m!r} is not one of {list(SIZED_METHODS)} (other methods, and "
-                                  "peft ones, go in arms: e.g. peft:vera:r=256)")
+                raise ConfigError(
+                    f"search space methods: {m!r} is not one of {list(SIZED_METHODS)} (other methods, and "
+                    "peft ones, go in arms: e.g. peft:vera:r=256)"
+                )
         object.__setattr__(self, "methods", methods)
         object.__setattr__(self, "lr", _range("lr", self.lr))
         if not isinstance(self.lr_by_method, Mapping):
-            raise ConfigError(f"search space lr_by_method={self.lr_by_method!r} must map a method (or peft:<type>) "
-                              "to {low, high, log}")
-        object.__setattr__(self, "lr_by_method", {_family_key(k): _range(f"lr_by_method.{k}", v)
-                                                  for k, v in self.lr_by_method.items()})
+            raise ConfigError(
+                f"search space lr_by_method={self.lr_by_method!r} must map a method (or peft:<type>) "
+                "to {low, high, log}"
+            )
+        object.__setattr__(
+            self,
+            "lr_by_method",
+            {_family_key(k): _range(f"lr_by_method.{k}", v) for k, v in self.lr_by_method.items()},
+        )
         object.__setattr__(self, "batch_size", _choices("batch_size", self.batch_size, int, positive_int))
         object.__setattr__(self, "target_modules", _choices("target_modules", self.target_modules, str))
         for name, cls in (("more", MoReSpace), ("lora", LoRASpace), ("mora", MoRASpace)):
@@ -353,12 +363,16 @@ def family_of(key: str) -> str:
 def _family_key(key: Any) -> str:
     """Check a ``lr_by_method`` key: a method, or ``peft:<type>`` of a known peft type."""
     if not isinstance(key, str) or key.split(":")[0].lower() not in TRAIN_METHODS:
-        raise ConfigError(f"search space lr_by_method key {key!r} must be a method ({', '.join(TRAIN_METHODS)}) or "
-                          "peft:<type>, e.g. peft:vera")
+        raise ConfigError(
+            f"search space lr_by_method key {key!r} must be a method ({', '.join(TRAIN_METHODS)}) or "
+            "peft:<type>, e.g. peft:vera"
+        )
     method, _, peft_type = key.lower().partition(":")
     if peft_type:
         if method != "peft":
-            raise ConfigError(f"search space lr_by_method key {key!r}: only peft arms have a type (peft:<type>)")
+            raise ConfigError(
+                f"search space lr_by_method key {key!r}: only peft arms have a type (peft:<type>)"
+            )
         from moreft.train.peft_arm import config_class
 
         peft_type = config_class(peft_type)[0]
@@ -382,8 +396,10 @@ def _arms(arms: Any) -> tuple[str, ...]:
         parsed = parse_method_spec(spec)
         extra = overrides(parsed)
         if extra:
-            raise ConfigError(f"search space arm {spec!r} sets {sorted(extra)}; a search arm chooses the adapter "
-                              "only (the search samples lr and batch_size; per-method lr ranges: lr_by_method)")
+            raise ConfigError(
+                f"search space arm {spec!r} sets {sorted(extra)}; a search arm chooses the adapter "
+                "only (the search samples lr and batch_size; per-method lr ranges: lr_by_method)"
+            )
         key = repr(sorted(adapter_part(parsed).items()))
         if key in seen:
             raise ConfigError(f"search space arms {seen[key]!r} and {spec!r} are the same arm")

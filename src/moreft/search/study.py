@@ -18,7 +18,6 @@ from transformers import TrainerCallback
 
 from moreft.errors import MoreftError
 from moreft.safe_write import atomic_write_text
-from moreft.train.config import TrainConfig
 from moreft.search.settings import (
     GRACE_SECONDS,
     HEARTBEAT_SECONDS,
@@ -31,7 +30,7 @@ from moreft.search.settings import (
     SearchSettings,
 )
 from moreft.search.space import SearchSpace
-
+from moreft.train.config import TrainConfig
 
 
 def make_pruner(settings: SearchSettings, base: TrainConfig) -> optuna.pruners.BasePruner:

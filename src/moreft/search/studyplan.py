@@ -44,8 +44,21 @@ from moreft.train.bounded import load_yaml, read_text_file
 from moreft.train.config import TrainConfig
 from moreft.train.value_checks import check_folder_name
 
-PLAN_KEYS = ("description", "name", "output_dir", "requires", "settings", "tasks", "arms", "reference", "search",
-             "space", "seeds", "jobs", "budget")
+PLAN_KEYS = (
+    "description",
+    "name",
+    "output_dir",
+    "requires",
+    "settings",
+    "tasks",
+    "arms",
+    "reference",
+    "search",
+    "space",
+    "seeds",
+    "jobs",
+    "budget",
+)
 TASK_KEYS = ("recipe", "settings", "budget")
 BUDGET_KEYS = ("seconds_per_step", "seconds_per_eval_example", "seconds_per_run", "measured")
 #: Search settings a plan may give (the study names each arm's search itself).
@@ -79,9 +92,14 @@ class StudyPlan:
         """
         for pattern in (*only, *skip):
             if not any(matches(a, pattern) for a in self.arms):
-                raise ConfigError(f"arm pattern {pattern!r} matches none of the plan's arms {list(self.arms)}")
-        return tuple(a for a in self.arms if (not only or any(matches(a, p) for p in only))
-                     and not any(matches(a, p) for p in skip))
+                raise ConfigError(
+                    f"arm pattern {pattern!r} matches none of the plan's arms {list(self.arms)}"
+                )
+        return tuple(
+            a
+            for a in self.arms
+            if (not only or any(matches(a, p) for p in only)) and not any(matches(a, p) for p in skip)
+        )
 
     def search_space(self, arm: str) -> SearchSpace:
         """The space of one arm's search: the plan's space with that arm alone."""
@@ -107,8 +125,10 @@ def _budget(value: Any, what: str) -> dict[str, Any]:
         raise ConfigError(f"{what} has unknown key(s) {unknown}; valid keys are {list(BUDGET_KEYS)}")
     step = budget.get("seconds_per_step")
     steps = step if isinstance(step, Mapping) else ({} if step is None else {"default": step})
-    for key, number in [*steps.items(), *((k, budget[k]) for k in ("seconds_per_eval_example", "seconds_per_run")
-                                           if k in budget)]:
+    for key, number in [
+        *steps.items(),
+        *((k, budget[k]) for k in ("seconds_per_eval_example", "seconds_per_run") if k in budget),
+    ]:
         if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number < math.inf:
             raise ConfigError(f"{what} {key}={number!r} must be a number of seconds >= 0")
     return budget
@@ -124,10 +144,14 @@ def read_plan(path: str | os.PathLike) -> StudyPlan:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study plan {str(path)!r} does not exist")
-    data = _mapping(load_yaml(read_text_file(path, "study plan"), f"study plan {str(path)!r}"), "a study plan")
+    data = _mapping(
+        load_yaml(read_text_file(path, "study plan"), f"study plan {str(path)!r}"), "a study plan"
+    )
     unknown = sorted(set(data) - set(PLAN_KEYS))
     if unknown:
-        raise ConfigError(f"study plan {str(path)!r} has unknown key(s) {unknown}; valid keys are {list(PLAN_KEYS)}")
+        raise ConfigError(
+            f"study plan {str(path)!r} has unknown key(s) {unknown}; valid keys are {list(PLAN_KEYS)}"
+        )
     tasks = _mapping(data.get("tasks"), "tasks")
     if not tasks:
         raise ConfigError(f"study plan {str(path)!r} needs tasks: {{<name>: {{recipe: ..., settings: ...}}}}")
@@ -143,14 +167,20 @@ def read_plan(path: str | os.PathLike) -> StudyPlan:
     if not isinstance(arms, list) or not arms or not all(isinstance(a, str) and a.strip() for a in arms):
         raise ConfigError(f"study plan {str(path)!r} needs arms: a list of method specs (e.g. lora:rank=8)")
     if len(set(arms)) != len(arms):
-        raise ConfigError(f"study plan arms repeat an arm: {sorted(a for a in set(arms) if arms.count(a) > 1)}")
+        raise ConfigError(
+            f"study plan arms repeat an arm: {sorted(a for a in set(arms) if arms.count(a) > 1)}"
+        )
     search = _mapping(data.get("search"), "search")
     bad = sorted(set(search) - set(SEARCH_KEYS))
     if bad:
-        raise ConfigError(f"study plan search has key(s) {bad} a study sets itself; valid keys are {list(SEARCH_KEYS)}")
+        raise ConfigError(
+            f"study plan search has key(s) {bad} a study sets itself; valid keys are {list(SEARCH_KEYS)}"
+        )
     space = _mapping(data.get("space"), "space")
     if "arms" in space or "methods" in space:
-        raise ConfigError("study plan space may not list arms or methods: the plan's arms are searched one by one")
+        raise ConfigError(
+            "study plan space may not list arms or methods: the plan's arms are searched one by one"
+        )
     SearchSpace.from_dict({**space, "methods": ["lora"]})  # checks the space's keys and ranges
     seeds = data.get("seeds", 5)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
@@ -162,11 +192,22 @@ def read_plan(path: str | os.PathLike) -> StudyPlan:
     reference = data.get("reference")
     if reference is not None and not isinstance(reference, str):
         raise ConfigError(f"study plan reference={reference!r} must be a method spec, e.g. lora:rank=8")
-    return StudyPlan(path=path, name=check_folder_name("study name", name), description=str(data.get("description") or ""),
-                     output_dir=data.get("output_dir"), requires=_mapping(data.get("requires"), "requires"),
-                     settings=_mapping(data.get("settings"), "settings"), tasks=tasks, arms=tuple(arms),
-                     reference=reference, search=SearchSettings.from_dict(search), space=space, seeds=seeds,
-                     jobs=jobs, budget=_budget(data.get("budget"), "budget"))
+    return StudyPlan(
+        path=path,
+        name=check_folder_name("study name", name),
+        description=str(data.get("description") or ""),
+        output_dir=data.get("output_dir"),
+        requires=_mapping(data.get("requires"), "requires"),
+        settings=_mapping(data.get("settings"), "settings"),
+        tasks=tasks,
+        arms=tuple(arms),
+        reference=reference,
+        search=SearchSettings.from_dict(search),
+        space=space,
+        seeds=seeds,
+        jobs=jobs,
+        budget=_budget(data.get("budget"), "budget"),
+    )
 
 
 def check_arms(arms: Sequence[str], reference: str | None) -> list[dict[str, Any]]:
@@ -192,8 +233,12 @@ def check_arms(arms: Sequence[str], reference: str | None) -> list[dict[str, Any
     return parsed
 
 
-def task_configs(plan: StudyPlan, env: Mapping[str, str] | None = None, output_dir: str | None = None,
-                 only: Sequence[str] = ()) -> dict[str, TrainConfig]:
+def task_configs(
+    plan: StudyPlan,
+    env: Mapping[str, str] | None = None,
+    output_dir: str | None = None,
+    only: Sequence[str] = (),
+) -> dict[str, TrainConfig]:
     """Each task's shared run settings (before the arm and its lr), written under the study folder.
 
     Raises:
@@ -238,7 +283,9 @@ def run_cost(config: TrainConfig) -> RunCost:
     """
     from moreft.tasks import get_task
 
-    sizes = get_task(config.task, **config.task_options).load(0, config.max_examples, config.eval_fraction).sizes
+    sizes = (
+        get_task(config.task, **config.task_options).load(0, config.max_examples, config.eval_fraction).sizes
+    )
     cap = config.eval_examples or 10**12
     per_epoch = math.ceil(math.ceil(sizes["train"] / config.batch_size) / config.grad_accum)
     steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))

@@ -49,39 +49,67 @@ def estimate(plan: StudyPlan, configs: dict[str, TrainConfig], arms: Sequence[st
         try:
             cost = run_cost(base)
         except (ConfigError, OSError, ValueError) as exc:
-            rows.append({"task": task, "runs": len(arms) * (plan.search.trials + plan.seeds), "seconds": None,
-                         "note": f"cannot size the data here: {str(exc)[:120]}"})
+            rows.append(
+                {
+                    "task": task,
+                    "runs": len(arms) * (plan.search.trials + plan.seeds),
+                    "seconds": None,
+                    "note": f"cannot size the data here: {str(exc)[:120]}",
+                }
+            )
             continue
         per_arm = {arm: run_seconds(cost, budget, family_of_spec(arm)) for arm in arms}
         known = all(s is not None for s in per_arm.values())
         # jobs runs at a time: a search's trials, and the final runs, share the CPU cores
-        total = sum((plan.search.trials + plan.seeds) * s for s in per_arm.values()) / plan.jobs if known else None
-        rows.append({"task": task, "model": base.model, "train": cost.train_examples,
-                     "validation": cost.validation_examples, "test": cost.test_examples, "steps": cost.steps,
-                     "evaluations": cost.evaluations, "runs": len(arms) * (plan.search.trials + plan.seeds),
-                     "seconds": total, "per_arm": per_arm,
-                     "note": None if known else "the plan's budget has no seconds_per_step for every arm"})
+        total = (
+            sum((plan.search.trials + plan.seeds) * s for s in per_arm.values()) / plan.jobs
+            if known
+            else None
+        )
+        rows.append(
+            {
+                "task": task,
+                "model": base.model,
+                "train": cost.train_examples,
+                "validation": cost.validation_examples,
+                "test": cost.test_examples,
+                "steps": cost.steps,
+                "evaluations": cost.evaluations,
+                "runs": len(arms) * (plan.search.trials + plan.seeds),
+                "seconds": total,
+                "per_arm": per_arm,
+                "note": None if known else "the plan's budget has no seconds_per_step for every arm",
+            }
+        )
     return rows
 
 
 def budget_lines(plan: StudyPlan, rows: Sequence[dict[str, Any]]) -> list[str]:
     """The estimate as a Markdown table with a total."""
-    lines = ["| task | train / validation / test examples | steps per run | evaluations per run | runs | "
-             "estimated hours |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| task | train / validation / test examples | steps per run | evaluations per run | runs | "
+        "estimated hours |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if "steps" not in r:
             lines.append(f"| {r['task']} | – | – | – | {r['runs']} | – ({r['note']}) |")
             continue
         hours = "–" if r["seconds"] is None else f"{r['seconds'] / 3600:.2f}"
-        lines.append(f"| {r['task']} | {r['train']:,} / {r['validation']:,} / {r['test']:,} | {r['steps']:,} | "
-                     f"{r['evaluations']} | {r['runs']} | {hours} |")
+        lines.append(
+            f"| {r['task']} | {r['train']:,} / {r['validation']:,} / {r['test']:,} | {r['steps']:,} | "
+            f"{r['evaluations']} | {r['runs']} | {hours} |"
+        )
     known = [r["seconds"] for r in rows if r.get("seconds") is not None]
     total = f"{sum(known) / 3600:.2f}" + ("" if len(known) == len(rows) else " (known tasks only)")
     lines.append(f"| **all** | | | | **{sum(r['runs'] for r in rows)}** | **{total}** |")
     measured = plan.budget.get("measured")
-    lines += ["", f"Runs: arms x ({plan.search.trials} search trials + {plan.seeds} seeds), {plan.jobs} at a time. "
-              "Seconds per run: steps x seconds per step + evaluated examples x seconds per example + overhead, "
-              "from the plan's budget" + (f" ({measured})" if measured else "") + "; hours: their sum / jobs."]
+    lines += [
+        "",
+        f"Runs: arms x ({plan.search.trials} search trials + {plan.seeds} seeds), {plan.jobs} at a time. "
+        "Seconds per run: steps x seconds per step + evaluated examples x seconds per example + overhead, "
+        "from the plan's budget" + (f" ({measured})" if measured else "") + "; hours: their sum / jobs.",
+    ]
     return lines
 
 
@@ -100,7 +128,9 @@ class Progress:
     def line(self) -> str:
         elapsed = time.perf_counter() - self.start
         left = self.total - self.done
-        eta = f", about {left * elapsed / self.trained / 3600:.2f} h left" if self.trained and left > 0 else ""
+        eta = (
+            f", about {left * elapsed / self.trained / 3600:.2f} h left" if self.trained and left > 0 else ""
+        )
         return f"study: {self.done}/{self.total} runs done ({elapsed / 3600:.2f} h this session{eta})"
 
 
@@ -112,9 +142,15 @@ class StudyResult:
     tasks: dict[str, list[dict[str, Any]]]
 
 
-def run_study(plan: StudyPlan, configs: dict[str, TrainConfig], arms: Sequence[str], dry_run: bool = False,
-              say: Callable[[str], None] = print, train_fn: Callable[[TrainConfig], Any] | None = None,
-              command: str | None = None) -> StudyResult:
+def run_study(
+    plan: StudyPlan,
+    configs: dict[str, TrainConfig],
+    arms: Sequence[str],
+    dry_run: bool = False,
+    say: Callable[[str], None] = print,
+    train_fn: Callable[[TrainConfig], Any] | None = None,
+    command: str | None = None,
+) -> StudyResult:
     """Run (or continue) the study; see the module docstring.
 
     Args:
@@ -132,8 +168,10 @@ def run_study(plan: StudyPlan, configs: dict[str, TrainConfig], arms: Sequence[s
     check_arms(arms, plan.reference)
     rows = estimate(plan, configs, arms)
     path = Path(next(iter(configs.values())).output_dir).parent
-    say(f"study {plan.name}: {len(configs)} task(s) x {len(arms)} arms, {plan.search.trials} trials per arm, "
-        f"{plan.seeds} seeds; in {path}")
+    say(
+        f"study {plan.name}: {len(configs)} task(s) x {len(arms)} arms, {plan.search.trials} trials per arm, "
+        f"{plan.seeds} seeds; in {path}"
+    )
     say("\n".join(budget_lines(plan, rows)))
     if dry_run:
         return StudyResult(path, {})
@@ -145,8 +183,9 @@ def run_study(plan: StudyPlan, configs: dict[str, TrainConfig], arms: Sequence[s
     progress = Progress(sum(r["runs"] for r in rows), say)
     results = {}
     for task, base in configs.items():
-        results[task] = _task(plan, task, base, arms, progress, train_fn or (quietly if plan.jobs == 1 else None),
-                              command)
+        results[task] = _task(
+            plan, task, base, arms, progress, train_fn or (quietly if plan.jobs == 1 else None), command
+        )
     _write_index(plan, path, rows, results, command)
     say(f"wrote {path / 'study.md'}")
     return StudyResult(path, results)
@@ -159,8 +198,15 @@ def _searched_before(folder: Path) -> int:
         return 0
 
 
-def _task(plan: StudyPlan, task: str, base: TrainConfig, arms: Sequence[str], progress: Progress,
-          train_fn: Callable[[TrainConfig], Any] | None, command: str | None) -> list[dict[str, Any]]:
+def _task(
+    plan: StudyPlan,
+    task: str,
+    base: TrainConfig,
+    arms: Sequence[str],
+    progress: Progress,
+    train_fn: Callable[[TrainConfig], Any] | None,
+    command: str | None,
+) -> list[dict[str, Any]]:
     """One task: a search per arm, the final comparison, the task's report; its rows per arm."""
     from moreft.search import SearchSettings, run_search
     from moreft.search.report import lr_edges
@@ -171,28 +217,48 @@ def _task(plan: StudyPlan, task: str, base: TrainConfig, arms: Sequence[str], pr
     rows = []
     for i, arm in enumerate(arms, start=1):
         space = plan.search_space(arm)
-        settings = SearchSettings(**{**plan.search.to_dict(), "jobs": plan.jobs,
-                                     "name": f"search-{slug(parse_method_spec(arm))}"})
+        settings = SearchSettings(
+            **{**plan.search.to_dict(), "jobs": plan.jobs, "name": f"search-{slug(parse_method_spec(arm))}"}
+        )
         folder = Path(base.output_dir) / str(settings.name)
         family = family_of_spec(arm)
         lr = space.lr_for(family)
-        say(f"[{task}] search {i}/{len(arms)} {arm}: {settings.trials} trials, lr in [{lr.low:.1e}, {lr.high:.1e}]")
+        say(
+            f"[{task}] search {i}/{len(arms)} {arm}: {settings.trials} trials, lr in [{lr.low:.1e}, {lr.high:.1e}]"
+        )
         before = _searched_before(folder)
         result = run_search(base, space, settings, command=command, quiet=True)
         counted = sum(r["state"] in ("complete", "pruned") for r in result.rows)
         progress.add(settings.trials, max(0, counted - before))
         done = [r for r in result.rows if r["state"] == "complete"]
         if not done:
-            raise ConfigError(f"[{task}] the search of {arm} has no complete trial (see {folder / 'search.md'}); "
-                              "fix the arm or leave it out with --skip-arms")
+            raise ConfigError(
+                f"[{task}] the search of {arm} has no complete trial (see {folder / 'search.md'}); "
+                "fix the arm or leave it out with --skip-arms"
+            )
         best = max(done, key=lambda r: (r["value"], -r["number"]))
         edge = next(e for e in lr_edges(result.rows, space) if e["family"] == family)
-        rows.append({"arm": arm, "family": family, "params": best["params"], "lr_low": lr.low, "lr_high": lr.high,
-                     "best_trial": best["number"], "best_lr": best["lr"], "best_batch_size": best["batch_size"],
-                     "best_eval": best["value"], "edge": edge["edge"], "edge_warning": edge["warning"],
-                     "search": str(folder)})
-        say(f"[{task}] {arm}: best lr {best['lr']:.2e} (trial {best['number']}, eval {best['value']:.4f})"
-            + (f"; {edge['warning']}" if edge["warning"] else "") + f"\n{progress.line()}")
+        rows.append(
+            {
+                "arm": arm,
+                "family": family,
+                "params": best["params"],
+                "lr_low": lr.low,
+                "lr_high": lr.high,
+                "best_trial": best["number"],
+                "best_lr": best["lr"],
+                "best_batch_size": best["batch_size"],
+                "best_eval": best["value"],
+                "edge": edge["edge"],
+                "edge_warning": edge["warning"],
+                "search": str(folder),
+            }
+        )
+        say(
+            f"[{task}] {arm}: best lr {best['lr']:.2e} (trial {best['number']}, eval {best['value']:.4f})"
+            + (f"; {edge['warning']}" if edge["warning"] else "")
+            + f"\n{progress.line()}"
+        )
     finals = [with_settings(r["arm"], lr=r["best_lr"], batch_size=r["best_batch_size"]) for r in rows]
     count = [0]
 
@@ -201,14 +267,28 @@ def _task(plan: StudyPlan, task: str, base: TrainConfig, arms: Sequence[str], pr
         progress.add(1, 1)
         say(progress.line())
 
-    comparison = compare(base, finals, plan.seeds, output_dir=base.output_dir, name=FINAL_DIR, run=train_fn,
-                         command=command, reference=plan.reference, log=lambda line: say(f"[{task}] {line}"),
-                         jobs=plan.jobs, on_run=trained)
+    comparison = compare(
+        base,
+        finals,
+        plan.seeds,
+        output_dir=base.output_dir,
+        name=FINAL_DIR,
+        run=train_fn,
+        command=command,
+        reference=plan.reference,
+        log=lambda line: say(f"[{task}] {line}"),
+        jobs=plan.jobs,
+        on_run=trained,
+    )
     progress.add(len(finals) * plan.seeds - count[0], 0)  # the runs found finished
     say(f"[{task}] final runs done: {Path(base.output_dir) / FINAL_DIR / 'compare.md'}\n{progress.line()}")
     for row, final in zip(rows, comparison.rows, strict=True):
-        row.update({k: final.get(k) for k in ("mean", "std", "values", "seconds", "reference", "delta", "verdict",
-                                              "delta_note")})
+        row.update(
+            {
+                k: final.get(k)
+                for k in ("mean", "std", "values", "seconds", "reference", "delta", "verdict", "delta_note")
+            }
+        )
         row["metric"] = comparison.metric
     _write_task(plan, task, base, rows, comparison.metric, command)
     return rows
@@ -216,45 +296,78 @@ def _task(plan: StudyPlan, task: str, base: TrainConfig, arms: Sequence[str], pr
 
 def _task_table(rows: Sequence[dict[str, Any]], metric: str) -> list[str]:
     ref = next((r["arm"] for r in rows if r.get("reference")), rows[0]["arm"])
-    lines = [f"| arm | adapter params | lr range | best lr (trial: eval {metric}) | lr on the edge? | test {metric} "
-             f"(mean ± std) | Δ vs {ref}, pts [95% CI] | within 0.5 pt? |", "|---|---:|---|---:|---|---:|---:|---|"]
+    lines = [
+        f"| arm | adapter params | lr range | best lr (trial: eval {metric}) | lr on the edge? | test {metric} "
+        f"(mean ± std) | Δ vs {ref}, pts [95% CI] | within 0.5 pt? |",
+        "|---|---:|---|---:|---|---:|---:|---|",
+    ]
     for r in rows:
         d = r.get("delta")
-        delta = "reference" if r.get("reference") else (
-            f"{points(d['estimate'])} [{points(d['low'])}, {points(d['high'])}]" if d else "n/a")
-        lines.append(f"| {r['arm']} | {r['params']:,} | [{r['lr_low']:.1e}, {r['lr_high']:.1e}] | {r['best_lr']:.2e} "
-                     f"({r['best_trial']}: {r['best_eval']:.4f}) | {r['edge'] + ': widen' if r['edge'] else 'no'} | "
-                     f"{r['mean']:.4f} ± {r['std']:.4f} | {delta} | {'–' if r.get('reference') else r['verdict'] or '–'} |")
+        delta = (
+            "reference"
+            if r.get("reference")
+            else (f"{points(d['estimate'])} [{points(d['low'])}, {points(d['high'])}]" if d else "n/a")
+        )
+        lines.append(
+            f"| {r['arm']} | {r['params']:,} | [{r['lr_low']:.1e}, {r['lr_high']:.1e}] | {r['best_lr']:.2e} "
+            f"({r['best_trial']}: {r['best_eval']:.4f}) | {r['edge'] + ': widen' if r['edge'] else 'no'} | "
+            f"{r['mean']:.4f} ± {r['std']:.4f} | {delta} | {'–' if r.get('reference') else r['verdict'] or '–'} |"
+        )
     return lines
 
 
-def _write_task(plan: StudyPlan, task: str, base: TrainConfig, rows: Sequence[dict[str, Any]], metric: str,
-                command: str | None) -> None:
+def _write_task(
+    plan: StudyPlan,
+    task: str,
+    base: TrainConfig,
+    rows: Sequence[dict[str, Any]],
+    metric: str,
+    command: str | None,
+) -> None:
     folder = Path(base.output_dir)
     lines = [f"# Study {plan.name}: {task} ({base.model})", "", plan.description, ""]
     if command:
         lines += ["```", command, "```", ""]
-    lines += [f"Each arm: {plan.search.trials} search trials ({plan.search.sampler.value} sampler, pruner "
-              f"{plan.search.pruner.value}, seed {plan.search.seed}) choosing the learning rate on the validation "
-              f"split, then {plan.seeds} seeds at its best trial's learning rate scored on the test split "
-              f"(`{FINAL_DIR}/compare.md`). Shared settings: epochs={base.epochs:g}, max_steps={base.max_steps}, "
-              f"batch_size={base.batch_size}, max_length={base.max_length}, eval_fraction={base.eval_fraction}, "
-              f"best_checkpoint={base.best_checkpoint}.", "", *_task_table(rows, metric), "",
-              "*lr on the edge*: the best trial's learning rate lies in the outer 10% of the arm's range (log scale); "
-              "the optimum may lie outside it, so the range should be widened. The interval is the paired bootstrap "
-              "of `moreft compare` (seeds and test examples resampled jointly).", ""]
+    lines += [
+        f"Each arm: {plan.search.trials} search trials ({plan.search.sampler.value} sampler, pruner "
+        f"{plan.search.pruner.value}, seed {plan.search.seed}) choosing the learning rate on the validation "
+        f"split, then {plan.seeds} seeds at its best trial's learning rate scored on the test split "
+        f"(`{FINAL_DIR}/compare.md`). Shared settings: epochs={base.epochs:g}, max_steps={base.max_steps}, "
+        f"batch_size={base.batch_size}, max_length={base.max_length}, eval_fraction={base.eval_fraction}, "
+        f"best_checkpoint={base.best_checkpoint}.",
+        "",
+        *_task_table(rows, metric),
+        "",
+        "*lr on the edge*: the best trial's learning rate lies in the outer 10% of the arm's range (log scale); "
+        "the optimum may lie outside it, so the range should be widened. The interval is the paired bootstrap "
+        "of `moreft compare` (seeds and test examples resampled jointly).",
+        "",
+    ]
     atomic_write_text(folder / "study.md", "\n".join(lines))
-    atomic_write_text(folder / "study.json", json.dumps({"task": task, "metric": metric, "rows": list(rows)},
-                                                        indent=2) + "\n")
+    atomic_write_text(
+        folder / "study.json",
+        json.dumps({"task": task, "metric": metric, "rows": list(rows)}, indent=2) + "\n",
+    )
 
 
-def _write_index(plan: StudyPlan, path: Path, budget: Sequence[dict[str, Any]],
-                 results: dict[str, list[dict[str, Any]]], command: str | None) -> None:
+def _write_index(
+    plan: StudyPlan,
+    path: Path,
+    budget: Sequence[dict[str, Any]],
+    results: dict[str, list[dict[str, Any]]],
+    command: str | None,
+) -> None:
     lines = [f"# Study {plan.name}", "", plan.description, ""]
     if command:
         lines += ["```", command, "```", ""]
     lines += ["## Estimated cost (before running)", "", *budget_lines(plan, budget), ""]
     for task, rows in results.items():
-        lines += [f"## {task}", "", f"[{task}/study.md]({task}/study.md)", "", *_task_table(rows, rows[0]["metric"]),
-                  ""]
+        lines += [
+            f"## {task}",
+            "",
+            f"[{task}/study.md]({task}/study.md)",
+            "",
+            *_task_table(rows, rows[0]["metric"]),
+            "",
+        ]
     atomic_write_text(path / "study.md", "\n".join(lines))

@@ -51,8 +51,19 @@ from moreft.tasks.sentiment import SentimentTask
 from moreft.tasks.spam import SpamTask
 
 TASKS: Mapping[str, type[Task]] = MappingProxyType(
-    {cls.name: cls for cls in (SentimentTask, SpamTask, NewsTask, MathTask, UUIDTask,
-                               FileClassificationTask, FileGenerationTask, PretrainTask)}
+    {
+        cls.name: cls
+        for cls in (
+            SentimentTask,
+            SpamTask,
+            NewsTask,
+            MathTask,
+            UUIDTask,
+            FileClassificationTask,
+            FileGenerationTask,
+            PretrainTask,
+        )
+    }
 )
 """Task classes by name; ``list(TASKS)`` lists the valid names."""
 
@@ -78,9 +89,7 @@ def get_task(name: str, **options: Any) -> Task:
     allowed = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ConfigError(
-            f"task {name!r} has no option(s) {unknown}; its options are {allowed or 'none'}"
-        )
+        raise ConfigError(f"task {name!r} has no option(s) {unknown}; its options are {allowed or 'none'}")
     return cls(**options)
 
 

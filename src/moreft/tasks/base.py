@@ -140,8 +140,9 @@ class Splits:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
 
 
-def split_ids(ids: Sequence[int], seed: int, max_examples: int | None = None,
-              eval_fraction: float = EVAL_FRACTION) -> dict[str, list[int]]:
+def split_ids(
+    ids: Sequence[int], seed: int, max_examples: int | None = None, eval_fraction: float = EVAL_FRACTION
+) -> dict[str, list[int]]:
     """Sample and split ids with ``random.Random(seed)``: ``eval_fraction`` each to validation and test.
 
     Args:
@@ -188,8 +189,10 @@ def check_eval_fraction(value: Any) -> float:
         ConfigError: names the value and the rule.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_EVAL_FRACTION:
-        raise ConfigError(f"eval_fraction={value!r} must be a number in (0, {MAX_EVAL_FRACTION}] (the share of "
-                          "the examples in each of validation and test)")
+        raise ConfigError(
+            f"eval_fraction={value!r} must be a number in (0, {MAX_EVAL_FRACTION}] (the share of "
+            "the examples in each of validation and test)"
+        )
     return float(value)
 
 
@@ -265,7 +268,9 @@ class Task(ABC):
             ValueError: If the sequences are empty, of different lengths, or of the wrong type.
         """
 
-    def load(self, seed: int, max_examples: int | None = None, eval_fraction: float = EVAL_FRACTION) -> Splits:
+    def load(
+        self, seed: int, max_examples: int | None = None, eval_fraction: float = EVAL_FRACTION
+    ) -> Splits:
         """Read the data and split it (see the module docstring for the procedure).
 
         Args:

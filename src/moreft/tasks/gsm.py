@@ -110,7 +110,9 @@ class MathTask(Task):
                 continue
             seen.add(question)
             target = entry.get("metadata", {}).get("answer_cot", answer) if self.cot else answer
-            out.append(PromptExample(id=len(out), prompt=PROMPT.format(question=question), answer=f" {target}"))
+            out.append(
+                PromptExample(id=len(out), prompt=PROMPT.format(question=question), answer=f" {target}")
+            )
         return tuple(out)
 
     def compute_metrics(self, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:

@@ -93,7 +93,9 @@ class _FileSplits:
         options = [o for o in ("train_path", "eval_path", "test_path") if getattr(self, o) is not None]
         return [(o, read_records(data_path(getattr(self, o), o, self.name))) for o in options]
 
-    def load(self, seed: int, max_examples: int | None = None, eval_fraction: float = EVAL_FRACTION) -> Splits:
+    def load(
+        self, seed: int, max_examples: int | None = None, eval_fraction: float = EVAL_FRACTION
+    ) -> Splits:
         """The seeded split of ``train_path`` (``eval_fraction`` each to validation and test, 80/10/10
         by default), or the given files as splits (module docstring; ``eval_fraction`` unused).
 
@@ -240,15 +242,19 @@ def _check_template(template: str, task: str) -> None:
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise ConfigError(f"task {task!r} prompt_template={template[:80]!r} is not a valid format string: {exc} "
-                          "(write a literal brace as {{ or }})") from None
+        raise ConfigError(
+            f"task {task!r} prompt_template={template[:80]!r} is not a valid format string: {exc} "
+            "(write a literal brace as {{ or }})"
+        ) from None
     for _, name, spec, conversion in parts:
         if name is None:
             continue
         if not name or not _FIELD_NAME.fullmatch(name) or name.isdigit() or spec or conversion:
             shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-            raise ConfigError(f"task {task!r} prompt_template field {shown[:80]!r} must be a plain record field "
-                              "name like {question}: no position, index, attribute, conversion or format spec")
+            raise ConfigError(
+                f"task {task!r} prompt_template field {shown[:80]!r} must be a plain record field "
+                "name like {question}: no position, index, attribute, conversion or format spec"
+            )
 
 
 @dataclass(frozen=True)

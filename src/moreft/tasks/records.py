@@ -46,8 +46,10 @@ def data_path(path: str, option: str, task: str) -> Path:
     if p.suffix.lower() not in FORMATS:
         raise ConfigError(f"task {task!r} option {option}={path!r} must be a {'/'.join(FORMATS)} file")
     if not p.is_file():
-        raise ConfigError(f"task {task!r} option {option}={path!r} does not exist; point it at your local "
-                          "data file (moreft never downloads data)")
+        raise ConfigError(
+            f"task {task!r} option {option}={path!r} does not exist; point it at your local "
+            "data file (moreft never downloads data)"
+        )
     return p.resolve()
 
 
@@ -60,8 +62,10 @@ def read_records(path: Path) -> tuple[dict[str, Any], ...]:
     """
     stat = path.stat()
     if stat.st_size > MAX_FILE_BYTES:
-        raise DataFileError(f"{path}: {stat.st_size:,} bytes; a data file is read whole and may be at most "
-                            f"{MAX_FILE_BYTES:,} bytes (split it, or sample it with fewer records)")
+        raise DataFileError(
+            f"{path}: {stat.st_size:,} bytes; a data file is read whole and may be at most "
+            f"{MAX_FILE_BYTES:,} bytes (split it, or sample it with fewer records)"
+        )
     return _read(path, stat.st_mtime_ns, stat.st_size)
 
 
@@ -71,7 +75,9 @@ def _read(path: Path, mtime_ns: int, size: int) -> tuple[dict[str, Any], ...]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataFileError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+        raise DataFileError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        ) from None
     if suffix in (".csv", ".tsv"):
         return _read_table(path, text, "\t" if suffix == ".tsv" else ",")
     if suffix == ".json":
@@ -87,8 +93,10 @@ def _read(path: Path, mtime_ns: int, size: int) -> tuple[dict[str, Any], ...]:
         if not line.strip():
             continue
         if len(line) > MAX_RECORD_CHARS:
-            raise DataFileError(f"{path}:{number}: the line has {len(line):,} characters; a record may have at "
-                                f"most {MAX_RECORD_CHARS:,}")
+            raise DataFileError(
+                f"{path}:{number}: the line has {len(line):,} characters; a record may have at "
+                f"most {MAX_RECORD_CHARS:,}"
+            )
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -103,8 +111,11 @@ def _read(path: Path, mtime_ns: int, size: int) -> tuple[dict[str, Any], ...]:
 
 def _read_table(path: Path, text: str, delimiter: str) -> tuple[dict[str, Any], ...]:
     """Rows of a CSV (``,``, quoting) or TSV (tab, no quoting) text with a header line."""
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter,
-                            quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+    reader = csv.DictReader(
+        text.splitlines(),
+        delimiter=delimiter,
+        quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL,
+    )
     limit = csv.field_size_limit()
     csv.field_size_limit(MAX_RECORD_CHARS)
     rows = []
@@ -113,12 +124,16 @@ def _read_table(path: Path, text: str, delimiter: str) -> tuple[dict[str, Any], 
             raise DataFileError(f"{path}: no header line (the first line must name the columns)")
         for row in reader:
             if None in row or any(v is None for v in row.values()):
-                raise DataFileError(f"{path}:{reader.line_num}: the row has a different number of columns "
-                                    f"than the header {reader.fieldnames}")
+                raise DataFileError(
+                    f"{path}:{reader.line_num}: the row has a different number of columns "
+                    f"than the header {reader.fieldnames}"
+                )
             rows.append(dict(row))
     except csv.Error as exc:  # a field over the limit, a NUL byte, a stray quote
-        raise DataFileError(f"{path}:{reader.line_num}: not a valid row ({exc}; a field may have at most "
-                            f"{MAX_RECORD_CHARS:,} characters)") from None
+        raise DataFileError(
+            f"{path}:{reader.line_num}: not a valid row ({exc}; a field may have at most "
+            f"{MAX_RECORD_CHARS:,} characters)"
+        ) from None
     finally:
         csv.field_size_limit(limit)
     return tuple(rows)
@@ -131,11 +146,15 @@ def field(record: dict[str, Any], name: str, where: str) -> Any:
         ConfigError: The record has no field ``name``, or it holds null, a list or an object.
     """
     if name not in record:
-        raise ConfigError(f"{where}: no field {name!r}; the record has {sorted(record)} (set the task option "
-                          "that names this field)")
+        raise ConfigError(
+            f"{where}: no field {name!r}; the record has {sorted(record)} (set the task option "
+            "that names this field)"
+        )
     value = record[name]
     if not isinstance(value, SCALARS):
         shown = repr(value)
-        raise ConfigError(f"{where}: field {name!r} is {shown[:60] + ('...' if len(shown) > 60 else '')} "
-                          f"({type(value).__name__}); it must be text, a number or a boolean")
+        raise ConfigError(
+            f"{where}: field {name!r} is {shown[:60] + ('...' if len(shown) > 60 else '')} "
+            f"({type(value).__name__}); it must be text, a number or a boolean"
+        )
     return value

@@ -20,13 +20,22 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "CompareResult": "comparison", "compare": "comparison", "parse_method_spec": "arms",
-    "TrainConfig": "config", "field_names": "config",
-    "InspectReport": "inspection", "inspect_run": "inspection",
-    "RunResult": "loop", "train": "loop",
-    "dump_config": "recipes", "parse_task_options": "recipes", "read_recipe": "recipes",
+    "CompareResult": "comparison",
+    "compare": "comparison",
+    "parse_method_spec": "arms",
+    "TrainConfig": "config",
+    "field_names": "config",
+    "InspectReport": "inspection",
+    "inspect_run": "inspection",
+    "RunResult": "loop",
+    "train": "loop",
+    "dump_config": "recipes",
+    "parse_task_options": "recipes",
+    "read_recipe": "recipes",
     "resolve_config": "recipes",
-    "RunDir": "rundir", "load_trained": "rundir", "read_run_config": "rundir",
+    "RunDir": "rundir",
+    "load_trained": "rundir",
+    "read_run_config": "rundir",
 }
 
 __all__ = sorted(_EXPORTS)

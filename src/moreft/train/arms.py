@@ -22,12 +22,21 @@ from typing import Any
 
 from moreft.errors import ConfigError
 from moreft.train.bounded import load_yaml
-from moreft.train.choices import RunMethod, TRAIN_METHODS
+from moreft.train.choices import TRAIN_METHODS, RunMethod
 from moreft.train.config import ADAPTER_SETTINGS, PEFT_SETTINGS, field_names
 
 #: Fields a spec may not set (the comparison owns them).
-RESERVED = ("task", "task_options", "model", "seed", "run_name", "output_dir", "resume", "overwrite",
-            *PEFT_SETTINGS)
+RESERVED = (
+    "task",
+    "task_options",
+    "model",
+    "seed",
+    "run_name",
+    "output_dir",
+    "resume",
+    "overwrite",
+    *PEFT_SETTINGS,
+)
 
 
 def _items(spec: str, rest: str) -> list[tuple[str, str]]:
@@ -54,8 +63,10 @@ def parse_method_spec(spec: str) -> dict[str, Any]:
     method, _, rest = spec.strip().partition(":")
     method = method.lower()  # choices are accepted in any case, as everywhere
     if method not in TRAIN_METHODS:
-        raise ConfigError(f"method spec {spec!r}: unknown method {method!r}; valid methods are {list(TRAIN_METHODS)} "
-                          "(e.g. lora:rank=8, more:block_rank=4, mora:rank=8, peft:vera:r=256)")
+        raise ConfigError(
+            f"method spec {spec!r}: unknown method {method!r}; valid methods are {list(TRAIN_METHODS)} "
+            "(e.g. lora:rank=8, more:block_rank=4, mora:rank=8, peft:vera:r=256)"
+        )
     allowed = [k for k in field_names() if k not in RESERVED and k != "method"]
     out: dict[str, Any] = {"method": method}
     options: dict[str, Any] = {}
@@ -65,8 +76,10 @@ def parse_method_spec(spec: str) -> dict[str, Any]:
 
         peft_type, _, rest = rest.partition(":")
         if not peft_type.strip():
-            raise ConfigError(f"method spec {spec!r}: a peft arm names its type, peft:<type>:key=value,... "
-                              "(e.g. peft:vera:r=256)")
+            raise ConfigError(
+                f"method spec {spec!r}: a peft arm names its type, peft:<type>:key=value,... "
+                "(e.g. peft:vera:r=256)"
+            )
         name, cls = config_class(peft_type.strip())
         fields = list(option_fields(cls))
         out["peft_type"] = name
@@ -81,8 +94,10 @@ def parse_method_spec(spec: str) -> dict[str, Any]:
             close = difflib.get_close_matches(key, fields + allowed, n=3, cutoff=0.6)
             hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
             what = f"an option of peft:{out['peft_type']} nor " if method == RunMethod.PEFT else ""
-            raise ConfigError(f"method spec {spec!r}: {key!r} is not {what}a setting a method may change{hint} "
-                              f"Valid keys: {fields + allowed}")
+            raise ConfigError(
+                f"method spec {spec!r}: {key!r} is not {what}a setting a method may change{hint} "
+                f"Valid keys: {fields + allowed}"
+            )
     if method == RunMethod.PEFT:
         out["peft_options"] = convert_options(out["peft_type"], options)
     return out
@@ -112,8 +127,10 @@ def slug(spec: Mapping[str, Any]) -> str:
     if spec["method"] != RunMethod.PEFT:
         parts = [spec["method"]] + [f"{k}{v}" for k, v in spec.items() if k != "method"]
         return "-".join(str(p).replace("/", "_").replace("_", "") for p in parts)
-    items = [*spec["peft_options"].items(), *((k, v) for k, v in spec.items() if k not in (
-        "method", "peft_type", "peft_options"))]
+    items = [
+        *spec["peft_options"].items(),
+        *((k, v) for k, v in spec.items() if k not in ("method", "peft_type", "peft_options")),
+    ]
     parts = ["peft", spec["peft_type"], *(f"{k}{v}" for k, v in items)]
     return "-".join(re.sub(r"[^A-Za-z0-9.+]", "", str(p)) for p in parts)
 

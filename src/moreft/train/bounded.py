@@ -45,7 +45,9 @@ def read_text_file(path: str | os.PathLike, what: str, max_bytes: int = MAX_TEXT
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        raise ConfigError(
+            f"{what} {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason})"
+        ) from None
 
 
 def read_json_file(path: str | os.PathLike, what: str, max_bytes: int = MAX_TEXT_BYTES) -> Any:
@@ -78,8 +80,10 @@ def _expanded_size(root: yaml.Node, source: str, limit: int) -> int:
             children = _children(node)
             sizes[key] = 1 + sum(sizes[id(c)] for c in children)
             if sizes[key] > limit:
-                raise ConfigError(f"{source} expands to more than {limit:,} YAML nodes (through aliases, *name); "
-                                  "a recipe is a flat mapping of a few dozen values")
+                raise ConfigError(
+                    f"{source} expands to more than {limit:,} YAML nodes (through aliases, *name); "
+                    "a recipe is a flat mapping of a few dozen values"
+                )
             continue
         if key in sizes:
             continue

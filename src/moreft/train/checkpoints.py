@@ -54,23 +54,29 @@ def checkpoint_complete(path: Path) -> bool:
         return False
     full = (path / FULL_WEIGHTS).is_file() and not (path / "adapter").exists()
     try:
-        if not full and not all((path / name).is_file() and (path / name).stat().st_size > 0
-                                for name in ADAPTER_FILES):
+        if not full and not all(
+            (path / name).is_file() and (path / name).stat().st_size > 0 for name in ADAPTER_FILES
+        ):
             return False
         if not all(zipfile.is_zipfile(path / name) for name in (OPTIMIZER_FILE, SCHEDULER_FILE)):
             return False
         if (path / STATE_FILE).stat().st_size > MAX_STATE_BYTES:
             return False
         state = json.loads((path / STATE_FILE).read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError, zipfile.BadZipFile):  # a corrupt zip64 record; bad UTF-8/JSON
+    except (
+        OSError,
+        ValueError,
+        RecursionError,
+        zipfile.BadZipFile,
+    ):  # a corrupt zip64 record; bad UTF-8/JSON
         return False
     if not _valid_trainer_state(state, step):
         return False
     if full:
         return _safetensors_header_reads(path / FULL_WEIGHTS)
     from moreft.adapter_files import read_adapter_config
-    from moreft.train.peft_arm import is_peft_adapter
     from moreft.errors import AdapterFileError
+    from moreft.train.peft_arm import is_peft_adapter
 
     if is_peft_adapter(path / "adapter"):  # a peft arm's checkpoint (peft's save_pretrained)
         return True
@@ -95,13 +101,26 @@ def _safetensors_header_reads(path: Path) -> bool:
 _NUMBER, _INT, _BOOL, _TEXT, _DICT = (int, float), (int,), (bool,), (str,), (dict,)
 #: ``TrainerState`` fields and the types ``trainer_state.json`` may give them (None allowed where the default is).
 _STATE_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
-    "epoch": (_NUMBER, True), "global_step": (_INT, False), "max_steps": (_INT, False),
-    "logging_steps": (_NUMBER, False), "eval_steps": (_NUMBER, False), "save_steps": (_NUMBER, False),
-    "train_batch_size": (_INT, True), "num_train_epochs": (_NUMBER, False), "num_input_tokens_seen": (_INT, False),
-    "total_flos": (_NUMBER, False), "log_history": ((list,), False), "best_metric": (_NUMBER, True),
-    "best_global_step": (_INT, True), "best_model_checkpoint": (_TEXT, True), "is_local_process_zero": (_BOOL, False),
-    "is_world_process_zero": (_BOOL, False), "is_hyper_param_search": (_BOOL, False), "trial_name": (_TEXT, True),
-    "trial_params": (_DICT, True), "stateful_callbacks": (_DICT, True),
+    "epoch": (_NUMBER, True),
+    "global_step": (_INT, False),
+    "max_steps": (_INT, False),
+    "logging_steps": (_NUMBER, False),
+    "eval_steps": (_NUMBER, False),
+    "save_steps": (_NUMBER, False),
+    "train_batch_size": (_INT, True),
+    "num_train_epochs": (_NUMBER, False),
+    "num_input_tokens_seen": (_INT, False),
+    "total_flos": (_NUMBER, False),
+    "log_history": ((list,), False),
+    "best_metric": (_NUMBER, True),
+    "best_global_step": (_INT, True),
+    "best_model_checkpoint": (_TEXT, True),
+    "is_local_process_zero": (_BOOL, False),
+    "is_world_process_zero": (_BOOL, False),
+    "is_hyper_param_search": (_BOOL, False),
+    "trial_name": (_TEXT, True),
+    "trial_params": (_DICT, True),
+    "stateful_callbacks": (_DICT, True),
 }
 _CONTROL_FLAGS = ("should_training_stop", "should_epoch_stop", "should_save", "should_evaluate", "should_log")
 
@@ -126,7 +145,9 @@ def _valid_trainer_state(state: Any, step: int) -> bool:
         if not isinstance(entry, dict) or not set(entry) <= {"args", "attributes"}:
             return False
         for part in (entry.get("args", {}), entry.get("attributes", {})):
-            if not isinstance(part, dict) or not all(k in _CONTROL_FLAGS and isinstance(v, bool) for k, v in part.items()):
+            if not isinstance(part, dict) or not all(
+                k in _CONTROL_FLAGS and isinstance(v, bool) for k, v in part.items()
+            ):
                 return False
     return True
 
@@ -135,14 +156,17 @@ def _load(path: Path, what: str, max_bytes: int) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU, with a size cap and a clear error."""
     size = path.stat().st_size
     if size > max_bytes:
-        raise CheckpointError(f"{str(path)!r} is {size:,} bytes; the {what} of this model is at most "
-                              f"{max_bytes:,} bytes, so it belongs to another (larger) run")
+        raise CheckpointError(
+            f"{str(path)!r} is {size:,} bytes; the {what} of this model is at most "
+            f"{max_bytes:,} bytes, so it belongs to another (larger) run"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt or hostile file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{str(path)!r} is not a readable {what} (torch.load with weights_only=True: "
-                              f"{first[:300]})") from None
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable {what} (torch.load with weights_only=True: {first[:300]})"
+        ) from None
 
 
 def _finite_number(value: Any) -> bool:
@@ -170,24 +194,35 @@ def check_optimizer_state(state: Any, groups: Sequence[Sequence[torch.Tensor]], 
             another shape or dtype than its parameter, or a NaN/Inf value or hyperparameter.
     """
     where = repr(str(path))
-    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) or \
-            not isinstance(state.get("param_groups"), list):
-        raise CheckpointError(f"{where} is not an optimizer state (a mapping with 'state' and 'param_groups')")
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("state"), dict)
+        or not isinstance(state.get("param_groups"), list)
+    ):
+        raise CheckpointError(
+            f"{where} is not an optimizer state (a mapping with 'state' and 'param_groups')"
+        )
     saved = state["param_groups"]
     if len(saved) != len(groups) or not all(
-            isinstance(g, dict) and isinstance(g.get("params"), list)
-            and all(type(i) is int for i in g["params"]) for g in saved):
-        raise CheckpointError(f"{where} has {len(saved)} parameter groups (or malformed ones); this run's optimizer "
-                              f"has {len(groups)}: the checkpoint belongs to another run")
+        isinstance(g, dict) and isinstance(g.get("params"), list) and all(type(i) is int for i in g["params"])
+        for g in saved
+    ):
+        raise CheckpointError(
+            f"{where} has {len(saved)} parameter groups (or malformed ones); this run's optimizer "
+            f"has {len(groups)}: the checkpoint belongs to another run"
+        )
     params: dict[Any, torch.Tensor] = {}
     for number, (group, live) in enumerate(zip(saved, groups, strict=True)):
         if len(group["params"]) != len(live):
-            raise CheckpointError(f"{where}: parameter group {number} holds {len(group['params'])} parameters; this "
-                                  f"run trains {len(live)} there: the checkpoint belongs to another run")
+            raise CheckpointError(
+                f"{where}: parameter group {number} holds {len(group['params'])} parameters; this "
+                f"run trains {len(live)} there: the checkpoint belongs to another run"
+            )
         bad = sorted(k for k, v in group.items() if k != "params" and not _finite_number(v))
         if bad:
-            raise CheckpointError(f"{where}: parameter group {number} has non-finite or malformed "
-                                  f"hyperparameters {bad}")
+            raise CheckpointError(
+                f"{where}: parameter group {number} has non-finite or malformed hyperparameters {bad}"
+            )
         params.update(zip(group["params"], live, strict=True))
     for key, moments in state["state"].items():
         if key not in params or not isinstance(moments, dict):
@@ -196,17 +231,25 @@ def check_optimizer_state(state: Any, groups: Sequence[Sequence[torch.Tensor]], 
         for name, value in moments.items():
             if not isinstance(value, torch.Tensor):
                 if not _finite_number(value):
-                    raise CheckpointError(f"{where}: {name!r} of parameter {key} is {value!r}, not a finite number")
+                    raise CheckpointError(
+                        f"{where}: {name!r} of parameter {key} is {value!r}, not a finite number"
+                    )
                 continue
-            scalar = name == "step"  # AdamW's step count; every other entry is a moment shaped like the parameter
-            if (value.numel() != 1 if scalar else tuple(value.shape) != tuple(param.shape)) \
-                    or not value.is_floating_point():
-                raise CheckpointError(f"{where}: {name!r} of parameter {key} has shape {list(value.shape)} "
-                                      f"({value.dtype}); the parameter is {list(param.shape)} ({param.dtype}): the "
-                                      "checkpoint belongs to another run or model")
+            scalar = (
+                name == "step"
+            )  # AdamW's step count; every other entry is a moment shaped like the parameter
+            if (
+                value.numel() != 1 if scalar else tuple(value.shape) != tuple(param.shape)
+            ) or not value.is_floating_point():
+                raise CheckpointError(
+                    f"{where}: {name!r} of parameter {key} has shape {list(value.shape)} "
+                    f"({value.dtype}); the parameter is {list(param.shape)} ({param.dtype}): the "
+                    "checkpoint belongs to another run or model"
+                )
             if not bool(torch.isfinite(value).all()):
-                raise CheckpointError(f"{where}: {name!r} of parameter {key} holds NaN/Inf values; resuming would "
-                                      "train on them")
+                raise CheckpointError(
+                    f"{where}: {name!r} of parameter {key} holds NaN/Inf values; resuming would train on them"
+                )
 
 
 def _same_kind(saved: Any, live: Any) -> bool:
@@ -218,11 +261,16 @@ def _same_kind(saved: Any, live: Any) -> bool:
     if isinstance(live, float):
         return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
     if isinstance(live, list):
-        return isinstance(saved, list) and len(saved) == len(live) and all(
-            _same_kind(s, v) for s, v in zip(saved, live, strict=True))
+        return (
+            isinstance(saved, list)
+            and len(saved) == len(live)
+            and all(_same_kind(s, v) for s, v in zip(saved, live, strict=True))
+        )
     if isinstance(live, dict) or live is None:  # LambdaLR keeps {} (or None) per group for its lambdas
-        return saved is None or (isinstance(saved, dict) and all(
-            isinstance(k, str) and _finite_number(v) for k, v in saved.items()))
+        return saved is None or (
+            isinstance(saved, dict)
+            and all(isinstance(k, str) and _finite_number(v) for k, v in saved.items())
+        )
     return _finite_number(saved)
 
 
@@ -240,19 +288,25 @@ def check_scheduler_state(state: Any, live: dict[str, Any], path: Path) -> None:
     if not isinstance(state, dict):
         raise CheckpointError(f"{where} is not a learning-rate scheduler state (a mapping)")
     if set(state) != set(live):
-        raise CheckpointError(f"{where} has keys {sorted(map(str, state))}; this run's scheduler has "
-                              f"{sorted(live)}: the checkpoint belongs to another run or version")
+        raise CheckpointError(
+            f"{where} has keys {sorted(map(str, state))}; this run's scheduler has "
+            f"{sorted(live)}: the checkpoint belongs to another run or version"
+        )
     for key, value in live.items():
         if not _same_kind(state[key], value):
             shown = repr(state[key])
-            raise CheckpointError(f"{where}: {key}={shown[:80]} does not fit this run's scheduler, whose {key} is "
-                                  f"{value!r} ({len(value)} parameter groups)" if isinstance(value, list) else
-                                  f"{where}: {key}={shown[:80]} does not fit this run's scheduler, whose {key} is "
-                                  f"a {type(value).__name__}")
+            raise CheckpointError(
+                f"{where}: {key}={shown[:80]} does not fit this run's scheduler, whose {key} is "
+                f"{value!r} ({len(value)} parameter groups)"
+                if isinstance(value, list)
+                else f"{where}: {key}={shown[:80]} does not fit this run's scheduler, whose {key} is "
+                f"a {type(value).__name__}"
+            )
 
 
-def check_optimizer_files(checkpoint: Path, groups: Sequence[Sequence[torch.Tensor]],
-                          scheduler_state: dict[str, Any] | None) -> None:
+def check_optimizer_files(
+    checkpoint: Path, groups: Sequence[Sequence[torch.Tensor]], scheduler_state: dict[str, Any] | None
+) -> None:
     """Read ``optimizer.pt`` / ``scheduler.pt`` of ``checkpoint`` and check them against the live
     optimizer's ``groups`` and the live scheduler's ``scheduler_state`` (None: not checked).
 

@@ -25,12 +25,12 @@ from moreft.errors import ConfigError
 from moreft.safe_write import atomic_write_text
 from moreft.train.arms import adapter_part, arm_changes, overrides, parse_method_spec, slug
 from moreft.train.config import ADAPTER_SETTINGS, RESUMABLE_CHANGES, TrainConfig
-from moreft.train.value_checks import MAX_SEED, check_folder_name
 from moreft.train.loop import RunResult, train
 from moreft.train.plots import plot_compare
 from moreft.train.predictions import read_predictions
 from moreft.train.rundir import RunDir, read_run_config
 from moreft.train.statistics import RESAMPLES, mean_std, paired_bootstrap, points, verdict_text
+from moreft.train.value_checks import MAX_SEED, check_folder_name
 
 #: Seeds one comparison may train (each trains every method once).
 MAX_SEEDS = 1000
@@ -102,8 +102,10 @@ def reference_index(specs: Sequence[Mapping[str, Any]], reference: str | None) -
             return i
     if reference is None:
         return 0
-    raise ConfigError(f"reference {reference!r} is not one of the arms; give one of them (same method and "
-                      "adapter settings), e.g. the first")
+    raise ConfigError(
+        f"reference {reference!r} is not one of the arms; give one of them (same method and "
+        "adapter settings), e.g. the first"
+    )
 
 
 def _delta(group: Sequence[TrainConfig], ref: Sequence[TrainConfig], metric: str) -> dict[str, Any]:
@@ -117,11 +119,19 @@ def _delta(group: Sequence[TrainConfig], ref: Sequence[TrainConfig], metric: str
     return {"delta": interval.to_dict(), "verdict": verdict_text(interval), "delta_note": None}
 
 
-def compare(base: TrainConfig, methods: Sequence[str], seeds: int | Sequence[int] = 3,
-            output_dir: str | os.PathLike | None = None, name: str | None = None,
-            run: Callable[[TrainConfig], RunResult] | None = None, command: str | None = None,
-            reference: str | None = None, log: Callable[[str], None] | None = None, jobs: int = 1,
-            on_run: Callable[[TrainConfig, dict[str, Any], float], None] | None = None) -> CompareResult:
+def compare(
+    base: TrainConfig,
+    methods: Sequence[str],
+    seeds: int | Sequence[int] = 3,
+    output_dir: str | os.PathLike | None = None,
+    name: str | None = None,
+    run: Callable[[TrainConfig], RunResult] | None = None,
+    command: str | None = None,
+    reference: str | None = None,
+    log: Callable[[str], None] | None = None,
+    jobs: int = 1,
+    on_run: Callable[[TrainConfig, dict[str, Any], float], None] | None = None,
+) -> CompareResult:
     """Train every method spec with every seed on ``base``'s task and summarise.
 
     Args:
@@ -152,24 +162,44 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int | Sequence[int
     if isinstance(seeds, int) and not isinstance(seeds, bool) and not 1 <= seeds <= MAX_SEEDS:
         raise ConfigError(f"seeds={seeds} must be a count in [1, {MAX_SEEDS}]")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    if not seed_list or len(seed_list) > MAX_SEEDS or any(
-            isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED for s in seed_list):
-        raise ConfigError(f"seeds={seeds!r} must be a count in [1, {MAX_SEEDS}] or a list of at most {MAX_SEEDS} "
-                          f"integers in [0, {MAX_SEED}]")
+    if (
+        not seed_list
+        or len(seed_list) > MAX_SEEDS
+        or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED for s in seed_list)
+    ):
+        raise ConfigError(
+            f"seeds={seeds!r} must be a count in [1, {MAX_SEEDS}] or a list of at most {MAX_SEEDS} "
+            f"integers in [0, {MAX_SEED}]"
+        )
     specs = [parse_method_spec(m) for m in methods]
     ref = reference_index(specs, reference)
     model_name = Path(base.model).name.removesuffix(".gguf")
     folder = check_folder_name("name", name) if name is not None else f"compare-{base.task}-{model_name}"
     path = Path(output_dir if output_dir is not None else base.output_dir) / folder
-    configs = [[base.replace(**arm_changes(spec), seed=s, run_name=f"{slug(spec)}-seed{s}",
-                             output_dir=str(path / "runs"), resume=False, overwrite=True) for s in seed_list]
-               for spec in specs]
+    configs = [
+        [
+            base.replace(
+                **arm_changes(spec),
+                seed=s,
+                run_name=f"{slug(spec)}-seed{s}",
+                output_dir=str(path / "runs"),
+                resume=False,
+                overwrite=True,
+            )
+            for s in seed_list
+        ]
+        for spec in specs
+    ]
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs={jobs!r} must be an integer >= 1 (runs trained at once)")
     if jobs > 1 and run is not None:
-        raise ConfigError("compare trains in worker processes with jobs > 1; a custom run function needs jobs=1")
+        raise ConfigError(
+            "compare trains in worker processes with jobs > 1; a custom run function needs jobs=1"
+        )
     found = {(i, j): _finished(c) for i, group in enumerate(configs) for j, c in enumerate(group)}
-    pending = [(i, j, methods[i], _continued(configs[i][j])) for (i, j), done in found.items() if done is None]
+    pending = [
+        (i, j, methods[i], _continued(configs[i][j])) for (i, j), done in found.items() if done is None
+    ]
     trained = _train_all(pending, run or train, jobs, log, on_run, len(found))
     rows, metric = [], ""
     for i, (spec_text, spec, group) in enumerate(zip(methods, specs, configs, strict=True)):
@@ -179,11 +209,21 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int | Sequence[int
         evals = [r.get(f"eval_{metric}", float("nan")) for r in results]
         mean, std = mean_std(values)
         eval_mean, eval_std = mean_std(evals)
-        rows.append({"label": group[0].method_label() if ":" not in spec_text else spec_text,
-                     "params": results[0]["trainable_params"], "mean": mean, "std": std, "eval_mean": eval_mean,
-                     "eval_std": eval_std, "values": values, "seeds": seed_list,
-                     "seconds": statistics.fmean(r["train_seconds"] for r in results),
-                     "runs": [str(c.run_dir) for c in group], "overrides": overrides(spec)})
+        rows.append(
+            {
+                "label": group[0].method_label() if ":" not in spec_text else spec_text,
+                "params": results[0]["trainable_params"],
+                "mean": mean,
+                "std": std,
+                "eval_mean": eval_mean,
+                "eval_std": eval_std,
+                "values": values,
+                "seeds": seed_list,
+                "seconds": statistics.fmean(r["train_seconds"] for r in results),
+                "runs": [str(c.run_dir) for c in group],
+                "overrides": overrides(spec),
+            }
+        )
     for i, (row, group) in enumerate(zip(rows, configs, strict=True)):
         row["reference"] = i == ref
         row.update(_delta(group, configs[ref], metric))
@@ -191,15 +231,21 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int | Sequence[int
     return CompareResult(path, rows, metric)
 
 
-def _train_all(pending: Sequence[tuple[int, int, str, TrainConfig]], run: Callable[[TrainConfig], RunResult],
-               jobs: int, log: Callable[[str], None] | None,
-               on_run: Callable[[TrainConfig, dict[str, Any], float], None] | None,
-               total: int) -> dict[tuple[int, int], dict[str, Any]]:
+def _train_all(
+    pending: Sequence[tuple[int, int, str, TrainConfig]],
+    run: Callable[[TrainConfig], RunResult],
+    jobs: int,
+    log: Callable[[str], None] | None,
+    on_run: Callable[[TrainConfig, dict[str, Any], float], None] | None,
+    total: int,
+) -> dict[tuple[int, int], dict[str, Any]]:
     """Train the runs not found finished: one after the other, or ``jobs`` at a time in worker processes."""
     out: dict[tuple[int, int], dict[str, Any]] = {}
     done = total - len(pending)
 
-    def finished(i: int, j: int, label: str, config: TrainConfig, metrics: dict[str, Any], seconds: float) -> None:
+    def finished(
+        i: int, j: int, label: str, config: TrainConfig, metrics: dict[str, Any], seconds: float
+    ) -> None:
         nonlocal done
         done += 1
         out[(i, j)] = metrics
@@ -207,13 +253,18 @@ def _train_all(pending: Sequence[tuple[int, int, str, TrainConfig]], run: Callab
             on_run(config, metrics, seconds)
         if log:
             name = metrics["metric"]
-            log(f"[{done}/{total}] {label} seed {config.seed}: test {name} {metrics[f'test_{name}']:.4f} "
-                f"({seconds:.0f} s)")
+            log(
+                f"[{done}/{total}] {label} seed {config.seed}: test {name} {metrics[f'test_{name}']:.4f} "
+                f"({seconds:.0f} s)"
+            )
 
     if jobs == 1:
         for i, j, label, config in pending:
             if log:
-                log(f"[{done + 1}/{total}] {label} seed {config.seed}: " + ("resuming" if config.resume else "training"))
+                log(
+                    f"[{done + 1}/{total}] {label} seed {config.seed}: "
+                    + ("resuming" if config.resume else "training")
+                )
             start = time.perf_counter()
             metrics = run(config).metrics
             finished(i, j, label, config, metrics, time.perf_counter() - start)
@@ -222,9 +273,15 @@ def _train_all(pending: Sequence[tuple[int, int, str, TrainConfig]], run: Callab
     import multiprocessing
 
     threads = max(1, torch.get_num_threads() // jobs)
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_worker_threads, initargs=(threads,)) as pool:
-        started = {pool.submit(_train_quietly, config): (i, j, label, config) for i, j, label, config in pending}
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_threads,
+        initargs=(threads,),
+    ) as pool:
+        started = {
+            pool.submit(_train_quietly, config): (i, j, label, config) for i, j, label, config in pending
+        }
         if log and pending:
             log(f"training {len(pending)} runs, {jobs} at a time ({threads} thread(s) each)")
         for future in concurrent.futures.as_completed(started):
@@ -246,8 +303,9 @@ def _train_quietly(config: TrainConfig) -> tuple[dict[str, Any], float]:
     return train(config, quiet=True).metrics, time.perf_counter() - start
 
 
-def write_report(path: Path, rows: Sequence[dict[str, Any]], metric: str, base: TrainConfig,
-                 command: str | None = None) -> None:
+def write_report(
+    path: Path, rows: Sequence[dict[str, Any]], metric: str, base: TrainConfig, command: str | None = None
+) -> None:
     """Write ``compare.md``, ``compare.json`` and ``compare.png`` into ``path``.
 
     Args:
@@ -264,12 +322,15 @@ def write_report(path: Path, rows: Sequence[dict[str, Any]], metric: str, base: 
     lines = [f"# {base.task}: {metric} by method ({base.model}, {len(seeds)} seeds)", ""]
     if command:
         lines += ["```", command, "```", ""]
-    lines += [f"Shared settings: {steps}, batch_size={base.batch_size}, lr={base.lr:g} ({base.lr_scheduler}), "
-              f"max_examples={base.max_examples}, eval_examples={base.eval_examples}, seeds {seeds}.", "",
-              f"| method | trainable params | params / {ref_label} | test {metric} (mean ± std) | "
-              f"Δ vs {ref_label}, pts [95% CI] | within 0.5 pt? | eval {metric} (mean ± std) | test {metric} per seed "
-              "| train s / run |",
-              "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    lines += [
+        f"Shared settings: {steps}, batch_size={base.batch_size}, lr={base.lr:g} ({base.lr_scheduler}), "
+        f"max_examples={base.max_examples}, eval_examples={base.eval_examples}, seeds {seeds}.",
+        "",
+        f"| method | trainable params | params / {ref_label} | test {metric} (mean ± std) | "
+        f"Δ vs {ref_label}, pts [95% CI] | within 0.5 pt? | eval {metric} (mean ± std) | test {metric} per seed "
+        "| train s / run |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
     notes = []
     for r in rows:
         per_seed = ", ".join(f"{v:.3f}" for v in r["values"])
@@ -282,24 +343,39 @@ def write_report(path: Path, rows: Sequence[dict[str, Any]], metric: str, base: 
             delta, said = "n/a", "–"
             if r.get("delta_note"):
                 notes.append(f"{r['label']}: no interval ({r['delta_note']})")
-        lines.append(f"| {r['label']} | {r['params']:,} | {r['params'] / ref['params']:.2f} | "
-                     f"{r['mean']:.4f} ± {r['std']:.4f} | {delta} | {said} | {r['eval_mean']:.4f} ± {r['eval_std']:.4f} "
-                     f"| {per_seed} | {r['seconds']:.1f} |")
-    tuned = [f"{r['label']} ({', '.join(f'{k}={v}' for k, v in r['overrides'].items())})"
-             for r in rows if r.get("overrides")]
-    settings = ("Every method uses the same shared settings (no per-method tuning)." if not tuned else
-                "These methods override shared settings: " + "; ".join(tuned) + ".")
-    lines += ["", "Trainable params count adapter parameters only (a classification head, trained in full, "
-              "is excluded). std is the sample standard deviation over seeds; each seed also draws its own "
-              f"data split. {settings}", "",
-              f"Δ: the test {metric} minus the reference's ({ref_label}), in points (× 100), averaged over the "
-              f"seeds; the interval is a paired bootstrap ({RESAMPLES:,} resamples of seeds and, within each, test "
-              "examples, the same draws for both arms; fixed seed). *within 0.5 pt*: the whole interval lies "
-              "inside ±0.5 points of the reference.", ""]
+        lines.append(
+            f"| {r['label']} | {r['params']:,} | {r['params'] / ref['params']:.2f} | "
+            f"{r['mean']:.4f} ± {r['std']:.4f} | {delta} | {said} | {r['eval_mean']:.4f} ± {r['eval_std']:.4f} "
+            f"| {per_seed} | {r['seconds']:.1f} |"
+        )
+    tuned = [
+        f"{r['label']} ({', '.join(f'{k}={v}' for k, v in r['overrides'].items())})"
+        for r in rows
+        if r.get("overrides")
+    ]
+    settings = (
+        "Every method uses the same shared settings (no per-method tuning)."
+        if not tuned
+        else "These methods override shared settings: " + "; ".join(tuned) + "."
+    )
+    lines += [
+        "",
+        "Trainable params count adapter parameters only (a classification head, trained in full, "
+        "is excluded). std is the sample standard deviation over seeds; each seed also draws its own "
+        f"data split. {settings}",
+        "",
+        f"Δ: the test {metric} minus the reference's ({ref_label}), in points (× 100), averaged over the "
+        f"seeds; the interval is a paired bootstrap ({RESAMPLES:,} resamples of seeds and, within each, test "
+        "examples, the same draws for both arms; fixed seed). *within 0.5 pt*: the whole interval lies "
+        "inside ±0.5 points of the reference.",
+        "",
+    ]
     if notes:
         lines += ["Notes:", "", *(f"- {n}" for n in notes), ""]
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path / "compare.md", "\n".join(lines))
-    atomic_write_text(path / "compare.json", json.dumps({"metric": metric, "command": command, "rows": list(rows)},
-                                                        indent=2) + "\n")
+    atomic_write_text(
+        path / "compare.json",
+        json.dumps({"metric": metric, "command": command, "rows": list(rows)}, indent=2) + "\n",
+    )
     plot_compare(rows, f"test {metric}", path / "compare.png", title=f"{base.task} ({base.model}, {steps})")

@@ -23,10 +23,9 @@ from moreft.errors import ConfigError
 from moreft.remora import RemoraCycle
 from moreft.tasks.base import EVAL_FRACTION, MAX_EVAL_FRACTION
 from moreft.train.choices import MergeSchedule, NonFinitePolicy, Precision, RunMethod
-from moreft.train.value_checks import MAX_SEED, check_folder_name
 from moreft.train.settings import Group, adapter_setting, coerce, setting, specs
 from moreft.train.trainer_args import check_trainer_args
-
+from moreft.train.value_checks import MAX_SEED, check_folder_name
 
 _A, _D, _T, _R = Group.ADAPTER, Group.DATA, Group.TRAINING, Group.RUN
 
@@ -40,22 +39,51 @@ class TrainConfig:
     """
 
     task: str = setting(group=_D, help="Task name, e.g. sentiment (the tasks of moreft.tasks).")
-    task_options: dict[str, Any] = setting({}, group=_D, flag="--task-option",  # noqa: RUF009 - a Field
-                                           help="Options of the task, e.g. source=movie.")
-    model: str | None = setting(None, group=_D, help=(
-        "minilm, smollm2, llama-tiny or llama-250m (LLaMAs with random weights from the seed, for pretraining), "
-        "or a local model directory or .gguf file; none picks the packaged default for the task's kind (minilm "
-        "for classification, smollm2 for generation, llama-tiny for pretraining)."))
-    method: str = setting(RunMethod.MORE.value, group=_A, choices=RunMethod, searched=True, help=(
-        "What trains: an adapter, MoRe (more), MoRA (mora) or LoRA (lora); every base parameter (full: full "
-        "fine-tuning; the adapter settings and merge_every do not apply); or peft: any peft method (peft_type, "
-        "peft_options)."))
-    peft_type: str | None = setting(None, group=_A, searched=True, help=(
-        "Method peft: the peft method, a PEFT type of the installed peft in any case (e.g. vera, boft, hira, miss, "
-        "gralora, c3a, lora); not prompt-learning types nor moreft's own."))
-    peft_options: dict[str, Any] = setting({}, group=_A, flag="--peft-option", searched=True, help=(  # noqa: RUF009
-        "Method peft: options of peft's config class for peft_type, e.g. r=256, converted by its field types; "
-        "target_modules come from target_modules and the head is trained in full, as for moreft's methods."))
+    task_options: dict[str, Any] = setting(
+        {},
+        group=_D,
+        flag="--task-option",
+        help="Options of the task, e.g. source=movie.",
+    )
+    model: str | None = setting(
+        None,
+        group=_D,
+        help=(
+            "minilm, smollm2, llama-tiny or llama-250m (LLaMAs with random weights from the seed, for pretraining), "
+            "or a local model directory or .gguf file; none picks the packaged default for the task's kind (minilm "
+            "for classification, smollm2 for generation, llama-tiny for pretraining)."
+        ),
+    )
+    method: str = setting(
+        RunMethod.MORE.value,
+        group=_A,
+        choices=RunMethod,
+        searched=True,
+        help=(
+            "What trains: an adapter, MoRe (more), MoRA (mora) or LoRA (lora); every base parameter (full: full "
+            "fine-tuning; the adapter settings and merge_every do not apply); or peft: any peft method (peft_type, "
+            "peft_options)."
+        ),
+    )
+    peft_type: str | None = setting(
+        None,
+        group=_A,
+        searched=True,
+        help=(
+            "Method peft: the peft method, a PEFT type of the installed peft in any case (e.g. vera, boft, hira, miss, "
+            "gralora, c3a, lora); not prompt-learning types nor moreft's own."
+        ),
+    )
+    peft_options: dict[str, Any] = setting(
+        {},
+        group=_A,
+        flag="--peft-option",
+        searched=True,
+        help=(
+            "Method peft: options of peft's config class for peft_type, e.g. r=256, converted by its field types; "
+            "target_modules come from target_modules and the head is trained in full, as for moreft's methods."
+        ),
+    )
     block_rank: int = adapter_setting("block_rank", minimum=1, searched=True, primary=True)
     nblocks: int = adapter_setting("nblocks", minimum=1, searched=True)
     rank: int = adapter_setting("rank", minimum=1, searched=True, primary=True)
@@ -63,116 +91,290 @@ class TrainConfig:
     r_hat: int | None = adapter_setting("r_hat", minimum=1, searched=True)
     operator: str = adapter_setting("operator", searched=True)
     sharing_layout: str = adapter_setting("sharing_layout")
-    target_modules: tuple[str, ...] | str | None = adapter_setting("target_modules", help=(
-        "Modules to adapt: names (exact or dotted suffix; several separated by spaces or commas, e.g. "
-        "'query value'), one regex matched against the whole module name, all-linear (every linear layer but "
-        "the output head), or none for the model's default."))
+    target_modules: tuple[str, ...] | str | None = adapter_setting(
+        "target_modules",
+        help=(
+            "Modules to adapt: names (exact or dotted suffix; several separated by spaces or commas, e.g. "
+            "'query value'), one regex matched against the whole module name, all-linear (every linear layer but "
+            "the output head), or none for the model's default."
+        ),
+    )
     dropout: float = adapter_setting("dropout", minimum=0, maximum=1.0, below=True)
     composition: str = adapter_setting("composition")
     learnable_scale: bool = adapter_setting("learnable_scale")
     scale_init: float = adapter_setting("scale_init")
     init_mode: str = adapter_setting("init_mode")
-    lr: float = setting(3e-4, group=_T, minimum=0, above=True, searched=True, trainer_keys=("learning_rate",),
-                        help="Peak learning rate.")
-    lr_scheduler: str = setting(SchedulerType.COSINE.value, group=_T, choices=SchedulerType,
-                                trainer_keys=("lr_scheduler_type",),
-                                help="Learning-rate schedule (transformers' schedules; options of one go in "
-                                     "trainer_args lr_scheduler_kwargs).")
-    batch_size: int = setting(16, group=_T, minimum=1, searched=True,
-                              trainer_keys=("per_device_train_batch_size",),
-                              help="Examples per device per micro-batch.")
-    eval_batch_size: int | None = setting(None, group=_R, minimum=1, resumable=True,
-                                          trainer_keys=("per_device_eval_batch_size",),
-                                          help="Examples per evaluation batch (none: twice batch_size).")
-    epochs: float = setting(1.0, group=_T, minimum=0, above=True, resumable=True,
-                            trainer_keys=("num_train_epochs",),
-                            help="Training epochs (may be fractional); ignored when max_steps is set.")
-    max_steps: int | None = setting(None, group=_T, minimum=1, resumable=True, trainer_keys=("max_steps",),
-                                    help="Optimizer steps; overrides epochs (none: train for epochs).")
-    warmup_ratio: float = setting(0.0, group=_T, minimum=0, maximum=1.0, below=True,
-                                  help="Linear warmup as a fraction of all steps (give this or warmup_steps).")
-    warmup_steps: int = setting(0, group=_T, minimum=0, trainer_keys=("warmup_steps",),
-                                help="Linear warmup in optimizer steps.")
-    weight_decay: float = setting(0.0, group=_T, minimum=0, trainer_keys=("weight_decay",),
-                                  help="AdamW weight decay.")
-    grad_accum: int = setting(1, group=_T, minimum=1, trainer_keys=("gradient_accumulation_steps",),
-                              help="Micro-batches per optimizer step.")
-    group_by_length: bool = setting(False, group=_T, trainer_keys=("train_sampling_strategy",), help=(
-        "Batch examples of similar length together (less padding, faster on CPU; the order stays random "
-        "between batches)."))
-    max_grad_norm: float = setting(1.0, group=_T, minimum=0, trainer_keys=("max_grad_norm",),
-                                   help="Gradient clipping norm (0 disables clipping).")
-    seed: int = setting(0, group=_T, minimum=0, maximum=MAX_SEED, trainer_keys=("seed",),
-                        help="Seed of the data split, the adapter and head initialisation, and the data order.")
-    max_length: int = setting(128, group=_D, minimum=8,
-                              help="Token cap per example (prompt and answer for generation).")
-    max_new_tokens: int = setting(32, group=_D, minimum=1,
-                                  help="Greedy generation length at evaluation (generation tasks).")
-    precision: str = setting(Precision.FP32.value, group=_T, choices=Precision,
-                             trainer_keys=("bf16", "fp16", "bf16_full_eval", "fp16_full_eval"),
-                             help="fp32, or bf16 (base weights in bf16 with autocast; adapters stay fp32).")
-    max_examples: int | None = setting(None, group=_D, minimum=3,
-                                       help="Cap on the examples drawn from the task before splitting (none: all).")
-    eval_fraction: float = setting(EVAL_FRACTION, group=_D, minimum=0, above=True, maximum=MAX_EVAL_FRACTION, help=(
-        "Share of the examples in each of validation and test when a task is split with the seed (0.1: "
-        "80/10/10; 0.25: 50/25/25, larger test sets); tasks with given evaluation files ignore it."))
-    eval_examples: int | None = setting(None, group=_D, minimum=1,
-                                        help="Cap on the validation and test examples evaluated (none: all).")
-    best_checkpoint: bool = setting(False, group=_T, trainer_keys=(
-        "load_best_model_at_end", "metric_for_best_model", "greater_is_better"), help=(
-        "At the end, load the checkpoint with the best validation metric (transformers' load_best_model_at_end) "
-        "before the final validation and test scores; needs eval_every, and save_every equal to it (every "
-        "evaluated step is kept as a candidate)."))
-    eval_every: int | None = setting(None, group=_R, minimum=1, resumable=True,
-                                     trainer_keys=("eval_strategy", "eval_steps"),
-                                     help="Evaluate every N optimizer steps (none: only at the end).")
-    save_every: int | None = setting(None, group=_R, minimum=1, resumable=True,
-                                     trainer_keys=("save_strategy", "save_steps"),
-                                     help="Checkpoint every N optimizer steps, for --resume (none: no checkpoints).")
-    keep_checkpoints: int = setting(2, group=_R, minimum=1, resumable=True, trainer_keys=("save_total_limit",),
-                                    help="How many checkpoints to keep (older ones are deleted).")
-    log_every: int = setting(10, group=_R, minimum=1, resumable=True,
-                             trainer_keys=("logging_strategy", "logging_steps"),
-                             help="Log loss and learning rate every N optimizer steps.")
-    output_dir: str = setting("runs", group=_R, trainer_keys=("output_dir",), help="Parent of run directories.")
-    run_name: str | None = setting(None, group=_R, searched=True, trainer_keys=("run_name",), help=(
-        "Run directory name (none: <task>-<model>-<method>-seed<seed>); {field} placeholders are filled from "
-        "this config, e.g. glue-cola-seed{seed}."))
-    resume: bool = setting(False, group=_R, resumable=True, searched=True, trainer_keys=("resume_from_checkpoint",),
-                           help="Continue from the last checkpoint in the run directory.")
-    overwrite: bool = setting(False, group=_R, resumable=True, searched=True,
-                              help="Delete an existing run directory and start over.")
-    progress: bool = setting(True, group=_R, resumable=True, trainer_keys=("disable_tqdm",),
-                             help="Show a progress bar.")
-    nonfinite: str = setting(NonFinitePolicy.STOP.value, group=_T, choices=NonFinitePolicy, resumable=True, help=(
-        "A NaN/Inf loss or gradient stops the run (keeping the last good checkpoint) or skips that optimizer "
-        "step."))
-    merge_every: int | None = setting(None, group=_T, minimum=1, help=(
-        "Every N optimizer steps merge each adapter into its base weight and re-initialise it (ReLoRA / "
-        "ReMoRA); none: never."))
-    merge_warmup: int | None = setting(None, group=_T, minimum=0, help=(
-        "Learning-rate warmup steps after each merge (none: min(50, merge_every / 10), or 50 with "
-        "merge_schedule official)."))
-    merge_schedule: str = setting(MergeSchedule.JAGGED.value, group=_T, choices=MergeSchedule, help=(
-        "jagged: the run's schedule times a warmup ramp after each merge (adapter optimizer state dropped); "
-        "official (kongds/MoRA): the schedule restarts from the current lr with a warmup and decays over the "
-        "remaining steps (all optimizer state dropped)."))
-    merge_cycle: str = setting(RemoraCycle.ALTERNATE.value, group=_T, choices=RemoraCycle, help=(
-        "MoRA sharing groupings at each merge: alternate (mora_type 1 <-> 2) or four (the authors' default "
-        "ReMoRA cycle 1 -> 2 -> 3 -> 4)."))
-    train_unadapted: bool = setting(False, group=_T, help=(
-        "Also train in full every parameter outside the adapted layers (embeddings, norms, output head) and "
-        "save it with the adapter: the setup of pretraining from a random base (ReLoRA; MoRA Section 5.3)."))
+    lr: float = setting(
+        3e-4,
+        group=_T,
+        minimum=0,
+        above=True,
+        searched=True,
+        trainer_keys=("learning_rate",),
+        help="Peak learning rate.",
+    )
+    lr_scheduler: str = setting(
+        SchedulerType.COSINE.value,
+        group=_T,
+        choices=SchedulerType,
+        trainer_keys=("lr_scheduler_type",),
+        help="Learning-rate schedule (transformers' schedules; options of one go in "
+        "trainer_args lr_scheduler_kwargs).",
+    )
+    batch_size: int = setting(
+        16,
+        group=_T,
+        minimum=1,
+        searched=True,
+        trainer_keys=("per_device_train_batch_size",),
+        help="Examples per device per micro-batch.",
+    )
+    eval_batch_size: int | None = setting(
+        None,
+        group=_R,
+        minimum=1,
+        resumable=True,
+        trainer_keys=("per_device_eval_batch_size",),
+        help="Examples per evaluation batch (none: twice batch_size).",
+    )
+    epochs: float = setting(
+        1.0,
+        group=_T,
+        minimum=0,
+        above=True,
+        resumable=True,
+        trainer_keys=("num_train_epochs",),
+        help="Training epochs (may be fractional); ignored when max_steps is set.",
+    )
+    max_steps: int | None = setting(
+        None,
+        group=_T,
+        minimum=1,
+        resumable=True,
+        trainer_keys=("max_steps",),
+        help="Optimizer steps; overrides epochs (none: train for epochs).",
+    )
+    warmup_ratio: float = setting(
+        0.0,
+        group=_T,
+        minimum=0,
+        maximum=1.0,
+        below=True,
+        help="Linear warmup as a fraction of all steps (give this or warmup_steps).",
+    )
+    warmup_steps: int = setting(
+        0, group=_T, minimum=0, trainer_keys=("warmup_steps",), help="Linear warmup in optimizer steps."
+    )
+    weight_decay: float = setting(
+        0.0, group=_T, minimum=0, trainer_keys=("weight_decay",), help="AdamW weight decay."
+    )
+    grad_accum: int = setting(
+        1,
+        group=_T,
+        minimum=1,
+        trainer_keys=("gradient_accumulation_steps",),
+        help="Micro-batches per optimizer step.",
+    )
+    group_by_length: bool = setting(
+        False,
+        group=_T,
+        trainer_keys=("train_sampling_strategy",),
+        help=(
+            "Batch examples of similar length together (less padding, faster on CPU; the order stays random "
+            "between batches)."
+        ),
+    )
+    max_grad_norm: float = setting(
+        1.0,
+        group=_T,
+        minimum=0,
+        trainer_keys=("max_grad_norm",),
+        help="Gradient clipping norm (0 disables clipping).",
+    )
+    seed: int = setting(
+        0,
+        group=_T,
+        minimum=0,
+        maximum=MAX_SEED,
+        trainer_keys=("seed",),
+        help="Seed of the data split, the adapter and head initialisation, and the data order.",
+    )
+    max_length: int = setting(
+        128, group=_D, minimum=8, help="Token cap per example (prompt and answer for generation)."
+    )
+    max_new_tokens: int = setting(
+        32, group=_D, minimum=1, help="Greedy generation length at evaluation (generation tasks)."
+    )
+    precision: str = setting(
+        Precision.FP32.value,
+        group=_T,
+        choices=Precision,
+        trainer_keys=("bf16", "fp16", "bf16_full_eval", "fp16_full_eval"),
+        help="fp32, or bf16 (base weights in bf16 with autocast; adapters stay fp32).",
+    )
+    max_examples: int | None = setting(
+        None,
+        group=_D,
+        minimum=3,
+        help="Cap on the examples drawn from the task before splitting (none: all).",
+    )
+    eval_fraction: float = setting(
+        EVAL_FRACTION,
+        group=_D,
+        minimum=0,
+        above=True,
+        maximum=MAX_EVAL_FRACTION,
+        help=(
+            "Share of the examples in each of validation and test when a task is split with the seed (0.1: "
+            "80/10/10; 0.25: 50/25/25, larger test sets); tasks with given evaluation files ignore it."
+        ),
+    )
+    eval_examples: int | None = setting(
+        None, group=_D, minimum=1, help="Cap on the validation and test examples evaluated (none: all)."
+    )
+    best_checkpoint: bool = setting(
+        False,
+        group=_T,
+        trainer_keys=("load_best_model_at_end", "metric_for_best_model", "greater_is_better"),
+        help=(
+            "At the end, load the checkpoint with the best validation metric (transformers' load_best_model_at_end) "
+            "before the final validation and test scores; needs eval_every, and save_every equal to it (every "
+            "evaluated step is kept as a candidate)."
+        ),
+    )
+    eval_every: int | None = setting(
+        None,
+        group=_R,
+        minimum=1,
+        resumable=True,
+        trainer_keys=("eval_strategy", "eval_steps"),
+        help="Evaluate every N optimizer steps (none: only at the end).",
+    )
+    save_every: int | None = setting(
+        None,
+        group=_R,
+        minimum=1,
+        resumable=True,
+        trainer_keys=("save_strategy", "save_steps"),
+        help="Checkpoint every N optimizer steps, for --resume (none: no checkpoints).",
+    )
+    keep_checkpoints: int = setting(
+        2,
+        group=_R,
+        minimum=1,
+        resumable=True,
+        trainer_keys=("save_total_limit",),
+        help="How many checkpoints to keep (older ones are deleted).",
+    )
+    log_every: int = setting(
+        10,
+        group=_R,
+        minimum=1,
+        resumable=True,
+        trainer_keys=("logging_strategy", "logging_steps"),
+        help="Log loss and learning rate every N optimizer steps.",
+    )
+    output_dir: str = setting(
+        "runs", group=_R, trainer_keys=("output_dir",), help="Parent of run directories."
+    )
+    run_name: str | None = setting(
+        None,
+        group=_R,
+        searched=True,
+        trainer_keys=("run_name",),
+        help=(
+            "Run directory name (none: <task>-<model>-<method>-seed<seed>); {field} placeholders are filled from "
+            "this config, e.g. glue-cola-seed{seed}."
+        ),
+    )
+    resume: bool = setting(
+        False,
+        group=_R,
+        resumable=True,
+        searched=True,
+        trainer_keys=("resume_from_checkpoint",),
+        help="Continue from the last checkpoint in the run directory.",
+    )
+    overwrite: bool = setting(
+        False,
+        group=_R,
+        resumable=True,
+        searched=True,
+        help="Delete an existing run directory and start over.",
+    )
+    progress: bool = setting(
+        True, group=_R, resumable=True, trainer_keys=("disable_tqdm",), help="Show a progress bar."
+    )
+    nonfinite: str = setting(
+        NonFinitePolicy.STOP.value,
+        group=_T,
+        choices=NonFinitePolicy,
+        resumable=True,
+        help=(
+            "A NaN/Inf loss or gradient stops the run (keeping the last good checkpoint) or skips that optimizer "
+            "step."
+        ),
+    )
+    merge_every: int | None = setting(
+        None,
+        group=_T,
+        minimum=1,
+        help=(
+            "Every N optimizer steps merge each adapter into its base weight and re-initialise it (ReLoRA / "
+            "ReMoRA); none: never."
+        ),
+    )
+    merge_warmup: int | None = setting(
+        None,
+        group=_T,
+        minimum=0,
+        help=(
+            "Learning-rate warmup steps after each merge (none: min(50, merge_every / 10), or 50 with "
+            "merge_schedule official)."
+        ),
+    )
+    merge_schedule: str = setting(
+        MergeSchedule.JAGGED.value,
+        group=_T,
+        choices=MergeSchedule,
+        help=(
+            "jagged: the run's schedule times a warmup ramp after each merge (adapter optimizer state dropped); "
+            "official (kongds/MoRA): the schedule restarts from the current lr with a warmup and decays over the "
+            "remaining steps (all optimizer state dropped)."
+        ),
+    )
+    merge_cycle: str = setting(
+        RemoraCycle.ALTERNATE.value,
+        group=_T,
+        choices=RemoraCycle,
+        help=(
+            "MoRA sharing groupings at each merge: alternate (mora_type 1 <-> 2) or four (the authors' default "
+            "ReMoRA cycle 1 -> 2 -> 3 -> 4)."
+        ),
+    )
+    train_unadapted: bool = setting(
+        False,
+        group=_T,
+        help=(
+            "Also train in full every parameter outside the adapted layers (embeddings, norms, output head) and "
+            "save it with the adapter: the setup of pretraining from a random base (ReLoRA; MoRA Section 5.3)."
+        ),
+    )
     r_hat_rounding: str = adapter_setting("r_hat_rounding")
     cap_r_hat: bool = adapter_setting("cap_r_hat")
     sharing_output_layout: str | None = adapter_setting("sharing_output_layout")
     block_rule: str = adapter_setting("block_rule")
-    trainer_args: dict[str, Any] = setting({}, group=_T, flag="--trainer-arg",  # noqa: RUF009 - a Field
-                                           parse=lambda n, v: check_trainer_args(n, v, specs(TrainConfig)),
-                                           help=(
-        "Other transformers TrainingArguments options, passed through and checked by their own types, e.g. "
-        "report_to=tensorboard, optim=adafactor, gradient_checkpointing=true; options moreft sets from its "
-        "own settings are refused."))
+    trainer_args: dict[str, Any] = setting(
+        {},
+        group=_T,
+        flag="--trainer-arg",
+        parse=lambda n, v: check_trainer_args(n, v, specs(TrainConfig)),
+        help=(
+            "Other transformers TrainingArguments options, passed through and checked by their own types, e.g. "
+            "report_to=tensorboard, optim=adafactor, gradient_checkpointing=true; options moreft sets from its "
+            "own settings are refused."
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.model is None and isinstance(self.task, str):
@@ -184,18 +386,28 @@ class TrainConfig:
 
         get_task(self.task, **self.task_options)  # checks the task's options now, before any loading
         if self.full and self.merge_every is not None:
-            raise ConfigError(f"merge_every={self.merge_every} merges an adapter into its base weights; method "
-                              "full trains the weights themselves and has no adapter to merge (drop merge_every)")
-        if self.merge_warmup is not None and (self.merge_every is None or (
-                self.merge_warmup >= self.merge_every and self.merge_schedule != MergeSchedule.OFFICIAL)):
-            raise ConfigError(f"merge_warmup={self.merge_warmup} needs merge_every > merge_warmup "
-                              f"(merge_every={self.merge_every})")
+            raise ConfigError(
+                f"merge_every={self.merge_every} merges an adapter into its base weights; method "
+                "full trains the weights themselves and has no adapter to merge (drop merge_every)"
+            )
+        if self.merge_warmup is not None and (
+            self.merge_every is None
+            or (self.merge_warmup >= self.merge_every and self.merge_schedule != MergeSchedule.OFFICIAL)
+        ):
+            raise ConfigError(
+                f"merge_warmup={self.merge_warmup} needs merge_every > merge_warmup "
+                f"(merge_every={self.merge_every})"
+            )
         if self.warmup_ratio and self.warmup_steps:
-            raise ConfigError(f"warmup_ratio={self.warmup_ratio} and warmup_steps={self.warmup_steps} are both "
-                              "set; give only one of them")
+            raise ConfigError(
+                f"warmup_ratio={self.warmup_ratio} and warmup_steps={self.warmup_steps} are both "
+                "set; give only one of them"
+            )
         if self.best_checkpoint and (not self.eval_every or self.save_every != self.eval_every):
-            raise ConfigError(f"best_checkpoint=True needs a checkpoint at every evaluation: eval_every set and "
-                              f"save_every equal to it (got eval_every={self.eval_every}, save_every={self.save_every})")
+            raise ConfigError(
+                f"best_checkpoint=True needs a checkpoint at every evaluation: eval_every set and "
+                f"save_every equal to it (got eval_every={self.eval_every}, save_every={self.save_every})"
+            )
         self._check_peft()
         if self.resume and self.overwrite:
             raise ConfigError("resume=True and overwrite=True contradict each other; give only one")
@@ -204,8 +416,10 @@ class TrainConfig:
             try:
                 object.__setattr__(self, "run_name", self.run_name.format(**values))
             except (KeyError, IndexError, ValueError) as exc:
-                raise ConfigError(f"run_name={self.run_name!r}: each {{...}} must name a config field, e.g. "
-                                  f"'glue-cola-seed{{seed}}' ({type(exc).__name__}: {exc})") from None
+                raise ConfigError(
+                    f"run_name={self.run_name!r}: each {{...}} must name a config field, e.g. "
+                    f"'glue-cola-seed{{seed}}' ({type(exc).__name__}: {exc})"
+                ) from None
         if self.run_name is None:
             model = Path(self.model).name.removesuffix(".gguf") or "model"
             method = f"peft-{self.peft_type}" if self.method == RunMethod.PEFT else self.method
@@ -225,21 +439,27 @@ class TrainConfig:
             from moreft.train.peft_arm import check_peft
 
             if self.merge_every is not None:
-                raise ConfigError(f"merge_every={self.merge_every} (ReLoRA / ReMoRA) merges moreft's own adapters; "
-                                  "method peft cannot use it")
+                raise ConfigError(
+                    f"merge_every={self.merge_every} (ReLoRA / ReMoRA) merges moreft's own adapters; "
+                    "method peft cannot use it"
+                )
             name, options = check_peft(self.peft_type, self.peft_options)
             object.__setattr__(self, "peft_type", name)
             object.__setattr__(self, "peft_options", options)
         elif self.peft_type is not None or self.peft_options:
-            raise ConfigError(f"peft_type={self.peft_type!r}, peft_options={self.peft_options!r} are for method "
-                              f"peft, not method {self.method!r}; set method: peft or leave them out")
+            raise ConfigError(
+                f"peft_type={self.peft_type!r}, peft_options={self.peft_options!r} are for method "
+                f"peft, not method {self.method!r}; set method: peft or leave them out"
+            )
 
     @property
     def run_dir(self) -> Path:
         """``output_dir / run_name``."""
         return Path(self.output_dir) / str(self.run_name)
 
-    def adapter_config(self, target_modules: Any = None, modules_to_save: tuple[str, ...] = ()) -> AdapterConfig:
+    def adapter_config(
+        self, target_modules: Any = None, modules_to_save: tuple[str, ...] = ()
+    ) -> AdapterConfig:
         """The moreft adapter config this run injects.
 
         Args:
@@ -254,13 +474,18 @@ class TrainConfig:
         if self.full:
             raise ConfigError("method full trains every base parameter and has no adapter config")
         if self.method == RunMethod.PEFT:
-            raise ConfigError(f"method peft ({self.method_label()}) has no moreft adapter config; it is peft's own "
-                              "(moreft.train.peft_arm)")
+            raise ConfigError(
+                f"method peft ({self.method_label()}) has no moreft adapter config; it is peft's own "
+                "(moreft.train.peft_arm)"
+            )
         method = Method(self.method)
         own = {f.name: f.default for f in dataclasses.fields(CONFIG_CLASSES[method])}
         # a setting left at None takes the method's own default where that is not None (alpha)
-        values = {name: value for name in adapter_fields(method)
-                  if (value := getattr(self, name)) is not None or own.get(name) is None}
+        values = {
+            name: value
+            for name in adapter_fields(method)
+            if (value := getattr(self, name)) is not None or own.get(name) is None
+        }
         if self.target_modules is None:
             values["target_modules"] = target_modules
         return CONFIG_CLASSES[method](modules_to_save=tuple(modules_to_save), **values)
@@ -279,8 +504,11 @@ class TrainConfig:
 
             return label(str(self.peft_type), self.peft_options)
         method = Method(self.method)
-        shown = [f"{s.name}={getattr(self, s.name)}" for s in specs(TrainConfig).values()
-                 if method in s.methods and (s.primary or getattr(self, s.name) != s.default)]
+        shown = [
+            f"{s.name}={getattr(self, s.name)}"
+            for s in specs(TrainConfig).values()
+            if method in s.methods and (s.primary or getattr(self, s.name) != s.default)
+        ]
         return f"{method.value}:" + ",".join(shown)
 
     def to_dict(self) -> dict[str, Any]:
@@ -288,8 +516,11 @@ class TrainConfig:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else (dict(value) if isinstance(value, dict)
-                                                                          else value)
+            out[f.name] = (
+                list(value)
+                if isinstance(value, tuple)
+                else (dict(value) if isinstance(value, dict) else value)
+            )
         return out
 
     @classmethod
@@ -336,8 +567,9 @@ def default_model(task: str) -> str:
 
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; valid tasks are {task_names()}")
-    return {TaskKind.CLASSIFICATION: "minilm", TaskKind.LANGUAGE_MODELING: "llama-tiny"}.get(TASKS[task].kind,
-                                                                                          "smollm2")
+    return {TaskKind.CLASSIFICATION: "minilm", TaskKind.LANGUAGE_MODELING: "llama-tiny"}.get(
+        TASKS[task].kind, "smollm2"
+    )
 
 
 def field_names() -> list[str]:
@@ -347,9 +579,13 @@ def field_names() -> list[str]:
 
 def adapter_fields(method: Method) -> list[str]:
     """The settings that go into ``method``'s adapter config (its own and those every method shares)."""
-    return [s.name for s in specs(TrainConfig).values()
-            if s.group is Group.ADAPTER and s.name not in ("method", *PEFT_SETTINGS)
-            and (not s.methods or method in s.methods)]
+    return [
+        s.name
+        for s in specs(TrainConfig).values()
+        if s.group is Group.ADAPTER
+        and s.name not in ("method", *PEFT_SETTINGS)
+        and (not s.methods or method in s.methods)
+    ]
 
 
 #: The settings of a peft arm (method peft), which moreft's own adapter configs do not have.

@@ -74,11 +74,17 @@ def encode_classification(examples: Sequence[TextExample], tokenizer: Any, max_l
     budget = char_budget(tokenizer, max_length)
     texts = [ex.text[:budget] for ex in examples]
     if examples and all(isinstance(ex, PairExample) for ex in examples):
-        enc = tokenizer(texts, [ex.text_pair[:budget] for ex in examples], truncation="longest_first",
-                        max_length=max_length)
+        enc = tokenizer(
+            texts,
+            [ex.text_pair[:budget] for ex in examples],
+            truncation="longest_first",
+            max_length=max_length,
+        )
     else:
         enc = tokenizer(texts, truncation=True, max_length=max_length)
-    items = [{"input_ids": ids, "labels": ex.label} for ids, ex in zip(enc["input_ids"], examples, strict=True)]
+    items = [
+        {"input_ids": ids, "labels": ex.label} for ids, ex in zip(enc["input_ids"], examples, strict=True)
+    ]
     if examples and isinstance(examples[0], PairExample) and "token_type_ids" in enc:  # BERT's segment ids
         for item, types in zip(items, enc["token_type_ids"], strict=True):
             item["token_type_ids"] = types
@@ -88,8 +94,12 @@ def encode_classification(examples: Sequence[TextExample], tokenizer: Any, max_l
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     """Token ids of a prompt, with the tokenizer's usual special tokens (e.g. BOS) in front."""
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    if ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id and \
-            tokenizer.eos_token_id != tokenizer.bos_token_id:
+    if (
+        ids
+        and tokenizer.eos_token_id is not None
+        and ids[-1] == tokenizer.eos_token_id
+        and tokenizer.eos_token_id != tokenizer.bos_token_id
+    ):
         ids = ids[:-1]  # some tokenizers append EOS to every text; a prompt must not end the sequence
     return list(ids)
 
@@ -102,8 +112,8 @@ def encode_generation(examples: Sequence[PromptExample], tokenizer: Any, max_len
     for ex in examples:
         prompt = prompt_ids(tokenizer, ex.prompt[-budget:])  # the prompt's end is what is kept
         answer = list(tokenizer(ex.answer[:budget], add_special_tokens=False)["input_ids"]) + eos
-        answer = answer[:max_length - 1]
-        prompt = prompt[-(max_length - len(answer)):]
+        answer = answer[: max_length - 1]
+        prompt = prompt[-(max_length - len(answer)) :]
         items.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer})
     return ListDataset(items)
 
@@ -144,7 +154,7 @@ def pack_documents(texts: Sequence[str], tokenizer: Any, block: int) -> torch.Te
         raise ConfigError(f"a vocabulary of {len(tokenizer):,} tokens does not fit int32 ids")
     parts = []
     for start in range(0, len(texts), TOKENIZE_CHUNK):
-        chunk = [str(t) for t in texts[start:start + TOKENIZE_CHUNK]]
+        chunk = [str(t) for t in texts[start : start + TOKENIZE_CHUNK]]
         for ids in tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]:
             parts.append(np.asarray([*ids, eos], dtype=np.int32))  # 4 bytes a token
     stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
@@ -160,8 +170,10 @@ def encode_blocks(examples: Sequence[Document], tokenizer: Any, max_length: int)
     """
     blocks = pack_documents([ex.text for ex in examples], tokenizer, max_length)
     if not len(blocks):
-        raise ConfigError(f"{len(examples)} documents hold fewer than max_length={max_length} tokens: not one "
-                          "block to train on (add text, raise max_examples or lower max_length)")
+        raise ConfigError(
+            f"{len(examples)} documents hold fewer than max_length={max_length} tokens: not one "
+            "block to train on (add text, raise max_examples or lower max_length)"
+        )
     return BlockDataset(blocks)
 
 

@@ -26,7 +26,7 @@ def _autocast(model: nn.Module, dtype: torch.dtype | None) -> contextlib.Abstrac
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def _by_length(lengths: Sequence[int]) -> list[int]:
@@ -43,8 +43,14 @@ def _unsort(values: Sequence[Any], order: Sequence[int]) -> list[Any]:
 
 
 @torch.no_grad()
-def predict_labels(model: nn.Module, tokenizer: Any, examples: Sequence[TextExample], batch_size: int,
-                   max_length: int, autocast: torch.dtype | None = None) -> list[int]:
+def predict_labels(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[TextExample],
+    batch_size: int,
+    max_length: int,
+    autocast: torch.dtype | None = None,
+) -> list[int]:
     """Predicted label ids (argmax of the logits), one per example, in order."""
     was_training = model.training
     model.eval()
@@ -65,16 +71,28 @@ def predict_labels(model: nn.Module, tokenizer: Any, examples: Sequence[TextExam
 
 
 @torch.no_grad()
-def generate_answers(model: nn.Module, tokenizer: Any, examples: Sequence[PromptExample], batch_size: int,
-                     max_length: int, max_new_tokens: int, autocast: torch.dtype | None = None) -> list[str]:
+def generate_answers(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[PromptExample],
+    batch_size: int,
+    max_length: int,
+    max_new_tokens: int,
+    autocast: torch.dtype | None = None,
+) -> list[str]:
     """Greedy completions of each prompt (the completion only, special tokens removed)."""
     from transformers import GenerationConfig
 
     was_training = model.training
     model.eval()
     collate = PadCollator(tokenizer.pad_token_id, left=True)
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    gen = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     budget = char_budget(tokenizer, max_length)
     prompts = [prompt_ids(tokenizer, ex.prompt[-budget:])[-max_length:] for ex in examples]
     order = _by_length([len(p) for p in prompts])
@@ -85,7 +103,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, examples: Sequence[Prompt
             batch = {k: v.to(_device(model)) for k, v in batch.items()}
             with _autocast(model, autocast):
                 ids = model.generate(**batch, generation_config=gen)
-            new = ids[:, batch["input_ids"].shape[1]:]
+            new = ids[:, batch["input_ids"].shape[1] :]
             out += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
         model.train(was_training)
@@ -93,8 +111,14 @@ def generate_answers(model: nn.Module, tokenizer: Any, examples: Sequence[Prompt
 
 
 @torch.no_grad()
-def block_losses(model: nn.Module, tokenizer: Any, documents: Sequence[Any], batch_size: int, max_length: int,
-                 autocast: torch.dtype | None = None) -> tuple[list[float], list[int]]:
+def block_losses(
+    model: nn.Module,
+    tokenizer: Any,
+    documents: Sequence[Any],
+    batch_size: int,
+    max_length: int,
+    autocast: torch.dtype | None = None,
+) -> tuple[list[float], list[int]]:
     """``(summed next-token loss, predicted tokens)`` of each ``max_length`` block of the packed documents.
 
     A block of ``T`` tokens predicts ``T - 1`` of them (the first has no context in the block).
@@ -105,19 +129,28 @@ def block_losses(model: nn.Module, tokenizer: Any, documents: Sequence[Any], bat
     losses: list[float] = []
     try:
         for start in range(0, len(blocks), batch_size):
-            ids = blocks[start:start + batch_size].long().to(_device(model))  # (batch, max_length)
+            ids = blocks[start : start + batch_size].long().to(_device(model))  # (batch, max_length)
             with _autocast(model, autocast):
                 logits = model(input_ids=ids).logits
             nll = torch.nn.functional.cross_entropy(  # (batch * (T - 1),) per-token losses
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+            )
             losses += nll.view(ids.shape[0], -1).sum(dim=1).tolist()  # (batch,)
     finally:
         model.train(was_training)
     return losses, [max_length - 1] * len(losses)
 
 
-def predict(model: nn.Module, tokenizer: Any, task: Task, examples: Sequence[Example], batch_size: int,
-            max_length: int, max_new_tokens: int, autocast: torch.dtype | None = None) -> list[Any]:
+def predict(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    batch_size: int,
+    max_length: int,
+    max_new_tokens: int,
+    autocast: torch.dtype | None = None,
+) -> list[Any]:
     """Predictions for ``examples``: label ids (classification) or completions (generation)."""
     if task.kind is TaskKind.CLASSIFICATION:
         return predict_labels(model, tokenizer, examples, batch_size, max_length, autocast)
@@ -129,11 +162,21 @@ def references(task: Task, examples: Sequence[Example]) -> list[Any]:
     :class:`~moreft.tasks.ReferencedExample`'s ``reference`` when it has one)."""
     if task.kind is TaskKind.CLASSIFICATION:
         return [ex.label for ex in examples]
-    return [ex.reference if isinstance(ex, ReferencedExample) and ex.reference else ex.answer for ex in examples]
+    return [
+        ex.reference if isinstance(ex, ReferencedExample) and ex.reference else ex.answer for ex in examples
+    ]
 
 
-def evaluate(model: nn.Module, tokenizer: Any, task: Task, examples: Sequence[Example], batch_size: int,
-             max_length: int, max_new_tokens: int, autocast: torch.dtype | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    batch_size: int,
+    max_length: int,
+    max_new_tokens: int,
+    autocast: torch.dtype | None = None,
+) -> dict[str, float]:
     """``task.compute_metrics`` of the model's predictions on ``examples``.
 
     Raises:
@@ -144,14 +187,18 @@ def evaluate(model: nn.Module, tokenizer: Any, task: Task, examples: Sequence[Ex
     if task.kind is TaskKind.LANGUAGE_MODELING:
         losses, counts = block_losses(model, tokenizer, examples, batch_size, max_length, autocast)
         if not losses:
-            raise ValueError(f"the {len(examples)} held-out documents fill no block of max_length={max_length} "
-                             "tokens (raise eval_examples or lower max_length)")
+            raise ValueError(
+                f"the {len(examples)} held-out documents fill no block of max_length={max_length} "
+                "tokens (raise eval_examples or lower max_length)"
+            )
         return {k: float(v) for k, v in task.compute_metrics(losses, counts).items()}
     preds = predict(model, tokenizer, task, examples, batch_size, max_length, max_new_tokens, autocast)
     return score_predictions(task, examples, preds)
 
 
-def score_predictions(task: Task, examples: Sequence[Example], predictions: Sequence[Any]) -> dict[str, float]:
+def score_predictions(
+    task: Task, examples: Sequence[Example], predictions: Sequence[Any]
+) -> dict[str, float]:
     """``task.compute_metrics`` of ``predictions`` (one per example, from :func:`predict`) as floats.
 
     Raises:

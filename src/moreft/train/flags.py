@@ -27,15 +27,22 @@ _SEEN = "_moreft_flags_seen"
 def _refuse_repeat(action: argparse.Action, namespace: argparse.Namespace, option: str | None) -> None:
     seen = namespace.__dict__.setdefault(_SEEN, {})
     if action.dest in seen:
-        raise argparse.ArgumentError(action, f"given twice ({seen[action.dest]}, then {option}); give it once")
+        raise argparse.ArgumentError(
+            action, f"given twice ({seen[action.dest]}, then {option}); give it once"
+        )
     seen[action.dest] = option
 
 
 class StoreOnce(argparse.Action):
     """``store``, but a second occurrence of the flag is an error."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         if option_string is not None:
             _refuse_repeat(self, namespace, f"{option_string} {_shown(values)}")
         setattr(namespace, self.dest, values)
@@ -44,8 +51,13 @@ class StoreOnce(argparse.Action):
 class BooleanOnce(argparse.BooleanOptionalAction):
     """``--flag`` / ``--no-flag``, but giving either twice (or both) is an error."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         _refuse_repeat(self, namespace, option_string)
         super().__call__(parser, namespace, values, option_string)
 
@@ -104,12 +116,21 @@ def add_setting_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence
         elif spec.kind is Kind.CHOICE:
             values = [str(m.value) for m in spec.choices]
             shown = values + (["none"] if spec.optional else [])
-            kw.update(action=StoreOnce, type=_choice(spec), choices=values + ([None] if spec.optional else []),
-                      metavar="{" + ",".join(shown) + "}" if len(shown) <= 6 else spec.name.upper())
+            kw.update(
+                action=StoreOnce,
+                type=_choice(spec),
+                choices=values + ([None] if spec.optional else []),
+                metavar="{" + ",".join(shown) + "}" if len(shown) <= 6 else spec.name.upper(),
+            )
         else:
-            convert = {Kind.INT: int, Kind.FLOAT: str, Kind.TEXT: str}[spec.kind]  # numbers: checked by coerce
-            kw.update(action=StoreOnce, type=_number(convert, convert.__name__, spec.optional),
-                      metavar=spec.name.upper())
+            convert = {Kind.INT: int, Kind.FLOAT: str, Kind.TEXT: str}[
+                spec.kind
+            ]  # numbers: checked by coerce
+            kw.update(
+                action=StoreOnce,
+                type=_number(convert, convert.__name__, spec.optional),
+                metavar=spec.name.upper(),
+            )
         parser.add_argument(spec.option, **kw)
 
 

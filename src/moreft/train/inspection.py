@@ -39,8 +39,16 @@ from moreft.train.config import TrainConfig
 from moreft.train.plots import is_moreft_png, plot_heatmap, plot_weight_distributions
 from moreft.train.rundir import RunDir, load_base, load_trained, model_defaults
 
-__all__ = ["RANK_RTOL", "WEIGHTS_PLOT", "InspectReport", "LayerStats", "inspect_model", "inspect_run", "layer_stats",
-           "monarch_row_order"]
+__all__ = [
+    "RANK_RTOL",
+    "WEIGHTS_PLOT",
+    "InspectReport",
+    "LayerStats",
+    "inspect_model",
+    "inspect_run",
+    "layer_stats",
+    "monarch_row_order",
+]
 
 #: The weight-distribution figure ``moreft inspect --plots`` writes into the run directory.
 WEIGHTS_PLOT = "weights.png"
@@ -71,9 +79,16 @@ class LayerStats:
     subspace: SubspaceSimilarity | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "params": self.params, "rank": self.rank,
-                "max_rank": self.max_rank, "fro_norm": self.fro_norm, "sv_above": self.sv_above,
-                "subspace": self.subspace.to_dict() if self.subspace else None}
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "params": self.params,
+            "rank": self.rank,
+            "max_rank": self.max_rank,
+            "fro_norm": self.fro_norm,
+            "sv_above": self.sv_above,
+            "subspace": self.subspace.to_dict() if self.subspace else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -105,34 +120,52 @@ class InspectReport:
 
     def to_markdown(self) -> str:
         """The per-layer table as Markdown."""
-        header = (f"| layer | shape (out, in) | params | rank of ΔW | ‖ΔW‖_F | σ(ΔW) > {self.sv_threshold:g} | "
-                  "φ out / in (r) |")
+        header = (
+            f"| layer | shape (out, in) | params | rank of ΔW | ‖ΔW‖_F | σ(ΔW) > {self.sv_threshold:g} | "
+            "φ out / in (r) |"
+        )
         lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
         for s in self.layers:
-            phi = f"{s.subspace.output:.3f} / {s.subspace.input:.3f} ({s.subspace.rank})" if s.subspace else "-"
-            lines.append(f"| {s.name} | {s.shape[0]}×{s.shape[1]} | {s.params:,} | {s.rank} / {s.max_rank} | "
-                         f"{s.fro_norm:.4g} | {s.sv_above} | {phi} |")
+            phi = (
+                f"{s.subspace.output:.3f} / {s.subspace.input:.3f} ({s.subspace.rank})" if s.subspace else "-"
+            )
+            lines.append(
+                f"| {s.name} | {s.shape[0]}×{s.shape[1]} | {s.params:,} | {s.rank} / {s.max_rank} | "
+                f"{s.fro_norm:.4g} | {s.sv_above} | {phi} |"
+            )
         total = sum(s.params for s in self.layers)
-        lines.append(f"| **total ({len(self.layers)} layers)** | | **{total:,}** | | | "
-                     f"{sum(s.sv_above for s in self.layers)} | |")
+        lines.append(
+            f"| **total ({len(self.layers)} layers)** | | **{total:,}** | | | "
+            f"{sum(s.sv_above for s in self.layers)} | |"
+        )
         return "\n".join(lines)
 
     def weights_markdown(self) -> str:
         """The Gaussian fit of each adapter parameter as Markdown."""
-        lines = ["| adapter weights | values | mean | std | skewness | excess kurtosis | KS to the fit |",
-                 "|---|---:|---:|---:|---:|---:|---:|"]
+        lines = [
+            "| adapter weights | values | mean | std | skewness | excess kurtosis | KS to the fit |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for name, f in self.weights.items():
-            lines.append(f"| {name} | {f.count:,} | {f.mean:.3g} | {f.std:.3g} | {f.skewness:.3f} | "
-                         f"{f.excess_kurtosis:.3f} | {f.ks:.4f} |")
+            lines.append(
+                f"| {name} | {f.count:,} | {f.mean:.3g} | {f.std:.3g} | {f.skewness:.3f} | "
+                f"{f.excess_kurtosis:.3f} | {f.ks:.4f} |"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as JSON-ready data (``moreft inspect --json``)."""
-        return {"run_dir": str(self.run_dir), "method": self.method, "sv_threshold": self.sv_threshold,
-                "subspace_rank": self.subspace_rank, "layers": [s.to_dict() for s in self.layers],
-                "weights": {n: f.to_dict() for n, f in self.weights.items()},
-                "heatmap": str(self.heatmap) if self.heatmap else None, "heatmap_layer": self.heatmap_layer,
-                "weights_plot": str(self.weights_plot) if self.weights_plot else None}
+        return {
+            "run_dir": str(self.run_dir),
+            "method": self.method,
+            "sv_threshold": self.sv_threshold,
+            "subspace_rank": self.subspace_rank,
+            "layers": [s.to_dict() for s in self.layers],
+            "weights": {n: f.to_dict() for n, f in self.weights.items()},
+            "heatmap": str(self.heatmap) if self.heatmap else None,
+            "heatmap_layer": self.heatmap_layer,
+            "weights_plot": str(self.weights_plot) if self.weights_plot else None,
+        }
 
 
 def monarch_row_order(out_features: int, nblocks: int) -> list[int]:
@@ -145,20 +178,38 @@ def _oriented(module: torch.nn.Module) -> torch.Tensor:
     return module.weight.T if moreft.layers.is_conv1d(module) else module.weight
 
 
-def delta_stats(name: str, delta: torch.Tensor, weight: torch.Tensor, params: int,
-                sv_threshold: float = DEFAULT_SV_THRESHOLD, subspace_rank: int = DEFAULT_SUBSPACE_RANK) -> LayerStats:
+def delta_stats(
+    name: str,
+    delta: torch.Tensor,
+    weight: torch.Tensor,
+    params: int,
+    sv_threshold: float = DEFAULT_SV_THRESHOLD,
+    subspace_rank: int = DEFAULT_SUBSPACE_RANK,
+) -> LayerStats:
     """Size, numerical rank, Frobenius norm, singular values above ``sv_threshold`` and φ of one ΔW
     (``(out, in)``), φ against ``weight`` (``(out, in)``); ``params`` is what trained in the layer."""
     with torch.no_grad():
         delta = delta.detach().double().cpu()
         sv = torch.linalg.svdvals(delta)
         subspace = subspace_similarity(delta, weight.detach().double().cpu(), subspace_rank)
-    return LayerStats(name, (delta.shape[0], delta.shape[1]), params, numerical_rank(sv), min(delta.shape),
-                      float(torch.linalg.matrix_norm(delta)), int((sv > sv_threshold).sum()), subspace)
+    return LayerStats(
+        name,
+        (delta.shape[0], delta.shape[1]),
+        params,
+        numerical_rank(sv),
+        min(delta.shape),
+        float(torch.linalg.matrix_norm(delta)),
+        int((sv > sv_threshold).sum()),
+        subspace,
+    )
 
 
-def layer_stats(name: str, layer: moreft.AdapterLayer, sv_threshold: float = DEFAULT_SV_THRESHOLD,
-                subspace_rank: int = DEFAULT_SUBSPACE_RANK) -> LayerStats:
+def layer_stats(
+    name: str,
+    layer: moreft.AdapterLayer,
+    sv_threshold: float = DEFAULT_SV_THRESHOLD,
+    subspace_rank: int = DEFAULT_SUBSPACE_RANK,
+) -> LayerStats:
     """:func:`delta_stats` of one adapter layer's own ΔW, φ against the base weight it sits on (unmerged)."""
     with torch.no_grad():
         delta = layer.delta_weight()
@@ -170,14 +221,18 @@ def full_targets(config: TrainConfig, model: torch.nn.Module) -> list[str]:
     """The linear layers whose ΔW a full fine-tuning run reports: ``target_modules``, or the model's default."""
     from moreft.config import CONFIG_CLASSES
 
-    spec = config.target_modules if config.target_modules is not None else model_defaults(config.model, model,
-                                                                                         TaskKind.GENERATION)[0]
+    spec = (
+        config.target_modules
+        if config.target_modules is not None
+        else model_defaults(config.model, model, TaskKind.GENERATION)[0]
+    )
     # resolve_targets reads only target_modules (and modules_to_save) of the config it is given
     return moreft.resolve_targets(model, CONFIG_CLASSES[moreft.Method.LORA](target_modules=spec))
 
 
-def run_deltas(run_dir: str | os.PathLike) -> tuple[TrainConfig, torch.nn.Module, dict[str, tuple[torch.Tensor,
-                                                                                              torch.Tensor, int]]]:
+def run_deltas(
+    run_dir: str | os.PathLike,
+) -> tuple[TrainConfig, torch.nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor, int]]]:
     """``(config, trained model, {layer: (ΔW, W_initial, trained params)})`` of a finished run, ΔW =
     ``W_trained - W_initial`` as the module docstring says, all ``(out, in)``.
 
@@ -224,8 +279,11 @@ def adapter_weights(layers: dict[str, moreft.AdapterLayer]) -> dict[str, torch.T
     return {short: torch.cat(parts) for short, parts in pooled.items()}
 
 
-def inspect_model(model: torch.nn.Module, sv_threshold: float = DEFAULT_SV_THRESHOLD,
-                  subspace_rank: int = DEFAULT_SUBSPACE_RANK) -> tuple[list[LayerStats], dict[str, GaussianFit]]:
+def inspect_model(
+    model: torch.nn.Module,
+    sv_threshold: float = DEFAULT_SV_THRESHOLD,
+    subspace_rank: int = DEFAULT_SUBSPACE_RANK,
+) -> tuple[list[LayerStats], dict[str, GaussianFit]]:
     """Per-layer statistics and the per-parameter Gaussian fits of a model carrying an adapter.
 
     Raises:
@@ -238,8 +296,11 @@ def inspect_model(model: torch.nn.Module, sv_threshold: float = DEFAULT_SV_THRES
 
 
 def _check_options(sv_threshold: float, subspace_rank: int) -> None:
-    if isinstance(sv_threshold, bool) or not isinstance(sv_threshold, (int, float)) \
-            or not 0 <= sv_threshold < math.inf:
+    if (
+        isinstance(sv_threshold, bool)
+        or not isinstance(sv_threshold, (int, float))
+        or not 0 <= sv_threshold < math.inf
+    ):
         raise ConfigError(f"--sv-threshold {sv_threshold!r} must be a finite number >= 0")
     if isinstance(subspace_rank, bool) or not isinstance(subspace_rank, int) or subspace_rank < 1:
         raise ConfigError(f"--subspace-rank {subspace_rank!r} must be an integer >= 1")
@@ -247,13 +308,21 @@ def _check_options(sv_threshold: float, subspace_rank: int) -> None:
 
 def _refuse_foreign_png(path: str | os.PathLike | None, what: str, flag: str) -> None:
     if path is not None and os.path.lexists(path) and not is_moreft_png(Path(path)):
-        raise OutputError(f"{what} path {str(path)!r} exists and is not a PNG moreft wrote; moreft "
-                          f"will not replace it. Choose another {flag} path")
+        raise OutputError(
+            f"{what} path {str(path)!r} exists and is not a PNG moreft wrote; moreft "
+            f"will not replace it. Choose another {flag} path"
+        )
 
 
-def inspect_run(run_dir: str | os.PathLike, layer: str | None = None, heatmap: str | os.PathLike | None = None,
-                sv_threshold: float = DEFAULT_SV_THRESHOLD, subspace_rank: int = DEFAULT_SUBSPACE_RANK,
-                plots: bool = False, weights_plot: str | os.PathLike | None = None) -> InspectReport:
+def inspect_run(
+    run_dir: str | os.PathLike,
+    layer: str | None = None,
+    heatmap: str | os.PathLike | None = None,
+    sv_threshold: float = DEFAULT_SV_THRESHOLD,
+    subspace_rank: int = DEFAULT_SUBSPACE_RANK,
+    plots: bool = False,
+    weights_plot: str | os.PathLike | None = None,
+) -> InspectReport:
     """Per-layer statistics of a run's adapter, a heat map of one layer's |ΔW| and the weight distributions.
 
     Args:
@@ -281,7 +350,9 @@ def inspect_run(run_dir: str | os.PathLike, layer: str | None = None, heatmap: s
     plots = plots or weights_plot is not None
     weights_out = None
     if plots:
-        weights_out = Path(weights_plot) if weights_plot is not None else RunDir(Path(run_dir)).path / WEIGHTS_PLOT
+        weights_out = (
+            Path(weights_plot) if weights_plot is not None else RunDir(Path(run_dir)).path / WEIGHTS_PLOT
+        )
     _refuse_foreign_png(heatmap, "heat map", "--heatmap")
     _refuse_foreign_png(weights_out, "weights plot", "--weights-plot")
     run_config, model, deltas = run_deltas(run_dir)
@@ -294,8 +365,10 @@ def inspect_run(run_dir: str | os.PathLike, layer: str | None = None, heatmap: s
         matches = [n for n in deltas if n == layer or n.endswith("." + layer)]
         if len(matches) != 1:
             shown = ", ".join(list(deltas)[:6]) + (", ..." if len(deltas) > 6 else "")
-            raise ConfigError(f"layer {layer!r} matches {len(matches)} adapted layers "
-                              f"({matches[:4] if matches else 'none'}); adapted layers: {shown}")
+            raise ConfigError(
+                f"layer {layer!r} matches {len(matches)} adapted layers "
+                f"({matches[:4] if matches else 'none'}); adapted layers: {shown}"
+            )
         chosen = matches[0]
     out = Path(heatmap) if heatmap is not None else RunDir(Path(run_dir)).path / f"delta_{chosen}.png"
     config = moreft.adapter_config(model)
@@ -305,13 +378,29 @@ def inspect_run(run_dir: str | os.PathLike, layer: str | None = None, heatmap: s
         order = monarch_row_order(delta.shape[0], config.nblocks)
         label = f"rows grouped by Monarch output block (N={config.nblocks})"
     run = Path(os.path.realpath(run_dir))
-    into_run = any(run == Path(os.path.realpath(p.parent)) or run in Path(os.path.realpath(p.parent)).parents
-                   for p in (out, weights_out) if p is not None)
+    into_run = any(
+        run == Path(os.path.realpath(p.parent)) or run in Path(os.path.realpath(p.parent)).parents
+        for p in (out, weights_out)
+        if p is not None
+    )
     method = config.method.value if config else run_config.method
     with folder_lock(run, "run directory") if into_run else contextlib.nullcontext():
         plot_heatmap(delta, out, title=f"|ΔW| of {chosen} ({method})", row_order=order, order_label=label)
         if weights_out is not None and fits:
-            plot_weight_distributions(adapter_weights(layers), fits, weights_out,
-                                      title=f"{method} adapter weights over {len(layers)} layers vs fitted Gaussians")
-    return InspectReport(Path(run_dir), config.to_dict() if config else {"method": run_config.method}, stats, out,
-                         chosen, sv_threshold, subspace_rank, fits, weights_out if fits else None)
+            plot_weight_distributions(
+                adapter_weights(layers),
+                fits,
+                weights_out,
+                title=f"{method} adapter weights over {len(layers)} layers vs fitted Gaussians",
+            )
+    return InspectReport(
+        Path(run_dir),
+        config.to_dict() if config else {"method": run_config.method},
+        stats,
+        out,
+        chosen,
+        sv_threshold,
+        subspace_rank,
+        fits,
+        weights_out if fits else None,
+    )

@@ -23,10 +23,10 @@ from moreft.train.choices import Precision, RunMethod
 from moreft.train.config import RESUMABLE_CHANGES, TrainConfig
 from moreft.train.data import PadCollator, encode_blocks, encode_classification, encode_generation
 from moreft.train.evaluate import evaluate, predict, score_predictions
-from moreft.train.predictions import prediction_records, write_predictions
 from moreft.train.nonfinite import NonFiniteGuard
 from moreft.train.peak_memory import peak_rss_mib, reset_peak_rss
 from moreft.train.plots import plot_run
+from moreft.train.predictions import prediction_records, write_predictions
 from moreft.train.recipes import dump_config
 from moreft.train.reinit import merge_callbacks
 from moreft.train.rundir import (
@@ -56,8 +56,11 @@ from moreft.train.trainer_args import check_reporting, check_scheduler
 from moreft.train.weights import DIGEST_KEY, adapter_for, init_digest_of, save_full_weights
 
 #: How each task kind's examples become training items.
-ENCODERS = {TaskKind.CLASSIFICATION: encode_classification, TaskKind.GENERATION: encode_generation,
-            TaskKind.LANGUAGE_MODELING: encode_blocks}
+ENCODERS = {
+    TaskKind.CLASSIFICATION: encode_classification,
+    TaskKind.GENERATION: encode_generation,
+    TaskKind.LANGUAGE_MODELING: encode_blocks,
+}
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,10 @@ def prepare_run_dir(config: TrainConfig) -> Path | None:
     occupied = run.path.is_dir() and any(p.name != LOCK_NAME for p in run.path.iterdir())
     if not config.resume:
         if occupied and not config.overwrite and is_main_process():
-            raise ConfigError(f"run directory {str(run.path)!r} already exists; pass --resume to continue it, "
-                              "--overwrite to start over, or choose another --run-name")
+            raise ConfigError(
+                f"run directory {str(run.path)!r} already exists; pass --resume to continue it, "
+                "--overwrite to start over, or choose another --run-name"
+            )
         if occupied and config.overwrite and is_main_process():
             check_run_owned(run.path)
         return None
@@ -108,8 +113,10 @@ def prepare_run_dir(config: TrainConfig) -> Path | None:
         differ = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
         if differ:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in differ)
-            raise ConfigError(f"cannot resume {str(run.path)!r} with a different config ({diffs}); resume with "
-                              "the same settings, or use --overwrite / another --run-name")
+            raise ConfigError(
+                f"cannot resume {str(run.path)!r} with a different config ({diffs}); resume with "
+                "the same settings, or use --overwrite / another --run-name"
+            )
     return run.last_checkpoint()
 
 
@@ -126,7 +133,9 @@ def training_arguments(config: TrainConfig) -> Any:
     """
     from transformers import TrainingArguments
 
-    task = get_task(config.task, **config.task_options)  # best_checkpoint: its metric, and which way is better
+    task = get_task(
+        config.task, **config.task_options
+    )  # best_checkpoint: its metric, and which way is better
     values = {
         "output_dir": str(config.run_dir / CHECKPOINTS_DIR),
         "run_name": config.run_name,
@@ -204,8 +213,12 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
     run = RunDir(config.run_dir)
     checkpoint = prepare_run_dir(config)
     if config.resume:
-        _say(f"resuming from {checkpoint}" if checkpoint else
-             f"no checkpoint in {run.checkpoints}; starting from scratch", quiet)
+        _say(
+            f"resuming from {checkpoint}"
+            if checkpoint
+            else f"no checkpoint in {run.checkpoints}; starting from scratch",
+            quiet,
+        )
     _say(f"# run config ({run.config})\n" + dump_config(config), quiet)
     task = get_task(config.task, **config.task_options)
     splits = task.load(config.seed, config.max_examples, config.eval_fraction)
@@ -222,8 +235,14 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
             p.requires_grad_(True)
         where = "every parameter"
     elif config.method == RunMethod.PEFT:  # any peft method, with peft's own classes (moreft.train.peft_arm)
-        model, adapted = peft_arm.attach(model, str(config.peft_type), config.peft_options,
-                                         config.target_modules or targets, heads, task.kind is TaskKind.CLASSIFICATION)
+        model, adapted = peft_arm.attach(
+            model,
+            str(config.peft_type),
+            config.peft_options,
+            config.target_modules or targets,
+            heads,
+            task.kind is TaskKind.CLASSIFICATION,
+        )
         where = f"{len(adapted)} layers"
     else:
         adapter = adapter_for(config, model, targets, heads)
@@ -233,7 +252,11 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
     for p in model.parameters():  # optimizer state and updates in fp32 even on a bf16 base
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    counts = peft_arm.count_parameters(model) if config.method == RunMethod.PEFT else moreft.count_parameters(model)
+    counts = (
+        peft_arm.count_parameters(model)
+        if config.method == RunMethod.PEFT
+        else moreft.count_parameters(model)
+    )
     _say(f"{config.method_label()} on {where}: {counts}", quiet)
     _say(f"{config.task}: {splits.sizes}", quiet)
 
@@ -243,17 +266,25 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
     autocast = precision_dtype(config.precision) if config.precision != "fp32" else None
     eval_bs = config.eval_batch_size or 2 * config.batch_size
 
-    predicted: dict[tuple[int, ...], list[Any]] = {}  # the latest predictions per example set (test_predictions)
+    predicted: dict[
+        tuple[int, ...], list[Any]
+    ] = {}  # the latest predictions per example set (test_predictions)
 
     def score(examples: Sequence[Any]) -> dict[str, float]:
-        if task.kind is TaskKind.LANGUAGE_MODELING:  # perplexity over packed blocks: no per-example prediction
-            return evaluate(model, tokenizer, task, examples, eval_bs, config.max_length, config.max_new_tokens,
-                            autocast)
-        preds = predict(model, tokenizer, task, examples, eval_bs, config.max_length, config.max_new_tokens, autocast)
+        if (
+            task.kind is TaskKind.LANGUAGE_MODELING
+        ):  # perplexity over packed blocks: no per-example prediction
+            return evaluate(
+                model, tokenizer, task, examples, eval_bs, config.max_length, config.max_new_tokens, autocast
+            )
+        preds = predict(
+            model, tokenizer, task, examples, eval_bs, config.max_length, config.max_new_tokens, autocast
+        )
         predicted[tuple(ex.id for ex in examples)] = preds
         return score_predictions(task, examples, preds)
 
     train_dataset = encode(splits.train, tokenizer, config.max_length)
+
     # Every check has passed: only now is an old run (--overwrite) removed and the new one written, so a
     # run that cannot start (bad data, model or sizes) leaves the folder as it was.
     # A resumed run's own files change only once the Trainer has loaded and checked the checkpoint's
@@ -277,31 +308,58 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
             write_run_files()
         else:
             at_start = [AtTrainBegin(write_run_files)]
-    trainer = AdapterTrainer(model=model, args=arguments, train_dataset=train_dataset,
-                             data_collator=PadCollator(tokenizer.pad_token_id), score=score, eval_sets=eval_sets,
-                             full_weights=config.full)
+    trainer = AdapterTrainer(
+        model=model,
+        args=arguments,
+        train_dataset=train_dataset,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        score=score,
+        eval_sets=eval_sets,
+        full_weights=config.full,
+    )
     log_tensorboard_to(trainer, run.tensorboard)
     printers = [] if quiet else [ProgressBar(config.progress)]
     guard = NonFiniteGuard(config.nonfinite)  # before MetricsLogger: it adds nonfinite_skipped to the logs
-    use_callbacks(trainer, [*at_start, guard, *merge_callbacks(config, run.path), MetricsLogger(run.metrics_log),
-                            *printers, *callbacks])
+    use_callbacks(
+        trainer,
+        [
+            *at_start,
+            guard,
+            *merge_callbacks(config, run.path),
+            MetricsLogger(run.metrics_log),
+            *printers,
+            *callbacks,
+        ],
+    )
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - start
     final = {**trainer.evaluate(metric_key_prefix="eval"), **trainer.evaluate(metric_key_prefix="test")}
     test_key = tuple(ex.id for ex in eval_sets["test"])
-    test_predictions = prediction_records(task, eval_sets["test"], predicted[test_key]) if test_key in predicted else None
+    test_predictions = (
+        prediction_records(task, eval_sets["test"], predicted[test_key]) if test_key in predicted else None
+    )
 
     metrics: dict[str, Any] = {
-        "task": config.task, "model": config.model, "method": config.method, "label": config.method_label(),
-        "seed": config.seed, "metric": task.metric_name, "metric_goal": task.metric_goal.value,
+        "task": config.task,
+        "model": config.model,
+        "method": config.method,
+        "label": config.method_label(),
+        "seed": config.seed,
+        "metric": task.metric_name,
+        "metric_goal": task.metric_goal.value,
         "trainable_params": counts.trainable if config.full else counts.adapter,
         "other_trainable_params": 0 if config.full else counts.other_trainable,
-        "total_params": counts.total, **final,
-        "train_loss": float(output.training_loss), "global_step": int(trainer.state.global_step),
-        "train_examples": len(splits.train), "eval_examples": len(eval_sets["eval"]),
-        "test_examples": len(eval_sets["test"]), "train_seconds": round(train_seconds, 3),
-        "resumed_from": checkpoint.name if checkpoint else None, "nonfinite_skipped": guard.skipped,
+        "total_params": counts.total,
+        **final,
+        "train_loss": float(output.training_loss),
+        "global_step": int(trainer.state.global_step),
+        "train_examples": len(splits.train),
+        "eval_examples": len(eval_sets["eval"]),
+        "test_examples": len(eval_sets["test"]),
+        "train_seconds": round(train_seconds, 3),
+        "resumed_from": checkpoint.name if checkpoint else None,
+        "nonfinite_skipped": guard.skipped,
         "peak_rss_mb": round(peak_rss_mib(), 1),
     }
     if config.best_checkpoint:
@@ -322,8 +380,12 @@ def _train(config: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> RunRes
         if test_predictions is not None:
             write_predictions(run.test_predictions, test_predictions)
         atomic_write_text(run.metrics, json.dumps(metrics, indent=2) + "\n")
-        plot_run(read_jsonl(run.metrics_log), task.metric_name, run.loss_plot,
-                 title=f"{config.run_name}: {config.method_label()}")
+        plot_run(
+            read_jsonl(run.metrics_log),
+            task.metric_name,
+            run.loss_plot,
+            title=f"{config.run_name}: {config.method_label()}",
+        )
     _say(summary(metrics, run, time.perf_counter() - began), quiet)
     return RunResult(run.path, metrics, config)
 
@@ -333,14 +395,19 @@ def summary(metrics: dict[str, Any], run: RunDir, total_seconds: float) -> str:
     name = metrics["metric"]
     head = metrics["other_trainable_params"]
     full = metrics["method"] == RunMethod.FULL.value
-    params = (f"trainable parameters: all {metrics['trainable_params']:,} (full fine-tuning)" if full else
-              f"trainable adapter parameters: {metrics['trainable_params']:,}"
-              + (f" (not counted: {head:,} outside the adapter, trained in full)" if head else ""))
-    return "\n".join([
-        f"validation {name} {metrics.get(f'eval_{name}', float('nan')):.4f} ({metrics['eval_examples']} examples), "
-        f"test {name} {metrics.get(f'test_{name}', float('nan')):.4f} ({metrics['test_examples']} examples)",
-        params,
-        f"time: {metrics['train_seconds']:.1f} s training, {total_seconds:.1f} s in all",
-        f"{'weights' if full else 'adapter'} saved to {run.model_weights if full else run.adapter} "
-        f"(metrics.json and loss.png in {run.path})",
-    ])
+    params = (
+        f"trainable parameters: all {metrics['trainable_params']:,} (full fine-tuning)"
+        if full
+        else f"trainable adapter parameters: {metrics['trainable_params']:,}"
+        + (f" (not counted: {head:,} outside the adapter, trained in full)" if head else "")
+    )
+    return "\n".join(
+        [
+            f"validation {name} {metrics.get(f'eval_{name}', float('nan')):.4f} ({metrics['eval_examples']} examples), "
+            f"test {name} {metrics.get(f'test_{name}', float('nan')):.4f} ({metrics['test_examples']} examples)",
+            params,
+            f"time: {metrics['train_seconds']:.1f} s training, {total_seconds:.1f} s in all",
+            f"{'weights' if full else 'adapter'} saved to {run.model_weights if full else run.adapter} "
+            f"(metrics.json and loss.png in {run.path})",
+        ]
+    )

@@ -72,11 +72,16 @@ class NonFiniteGuard(TrainerCallback):
             self._handle.remove()
             self._handle = None
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None,
-                              **kwargs: Any) -> None:
+    def on_pre_optimizer_step(
+        self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any
+    ) -> None:
         losses, self._losses = self._losses, []
-        params = [p for group in getattr(optimizer, "param_groups", ()) for p in group["params"]
-                  if p.grad is not None]
+        params = [
+            p
+            for group in getattr(optimizer, "param_groups", ())
+            for p in group["params"]
+            if p.grad is not None
+        ]
         finite = [torch.isfinite(t).all() for t in (*losses, *(p.grad for p in params))]
         local = bool(finite) and not bool(torch.stack([f.to(finite[0].device) for f in finite]).all())
         if not _any_across_processes(local):
@@ -85,8 +90,13 @@ class NonFiniteGuard(TrainerCallback):
         bad_loss = next((v for v in values if not math.isfinite(v)), None)
         bad_grad = any(not bool(torch.isfinite(p.grad).all()) for p in params)
         step = state.global_step + 1
-        what = (f"training loss {bad_loss}" if bad_loss is not None else
-                "non-finite gradients (NaN/Inf)" if bad_grad else "a NaN/Inf loss on another process")
+        what = (
+            f"training loss {bad_loss}"
+            if bad_loss is not None
+            else "non-finite gradients (NaN/Inf)"
+            if bad_grad
+            else "a NaN/Inf loss on another process"
+        )
         if self.policy is NonFinitePolicy.SKIP:
             for p in params:
                 p.grad = None
@@ -96,12 +106,18 @@ class NonFiniteGuard(TrainerCallback):
             return
         self.on_train_end(args, state, control)
         last = newest_complete_checkpoint(Path(args.output_dir))
-        kept = (f"the last good checkpoint is {str(last)!r} (continue with --resume)" if last is not None
-                else "no checkpoint was saved before it (use --save-every to keep some)")
-        raise TrainingError(f"{what} at step {step}: stopped before the optimizer applied it; {kept}. "
-                            "Lower --lr, use --precision fp32, or set nonfinite: skip to skip such steps")
+        kept = (
+            f"the last good checkpoint is {str(last)!r} (continue with --resume)"
+            if last is not None
+            else "no checkpoint was saved before it (use --save-every to keep some)"
+        )
+        raise TrainingError(
+            f"{what} at step {step}: stopped before the optimizer applied it; {kept}. "
+            "Lower --lr, use --precision fp32, or set nonfinite: skip to skip such steps"
+        )
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-               **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         if logs is not None and self.skipped and "loss" in logs:
             logs["nonfinite_skipped"] = len(self.skipped)

@@ -41,8 +41,18 @@ from moreft.inject import ParameterCounts
 from moreft.safe_write import FolderKind, write_folder
 
 #: peft config fields moreft sets itself (see the module docstring) or that do not choose the adapter.
-RESERVED = ("peft_type", "task_type", "target_modules", "exclude_modules", "modules_to_save",
-            "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version")
+RESERVED = (
+    "peft_type",
+    "task_type",
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+)
 #: What peft's ``save_pretrained`` writes into a folder.
 PEFT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})
 _MAX_CONFIG_BYTES = 16 * 2**20
@@ -74,10 +84,15 @@ def config_class(peft_type: Any) -> tuple[str, type]:
     if name not in types_:
         close = difflib.get_close_matches(str(name), list(types_), n=3, cutoff=0.5)
         hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-        mine = " (moreft's own methods are method more / mora / lora)" if str(name).upper() in {
-            t.value for t in MoreftPeftType} else ""
-        raise ConfigError(f"peft_type={peft_type!r} is not a peft method of the installed peft{mine}{hint} "
-                          f"Valid: {', '.join(types_)}")
+        mine = (
+            " (moreft's own methods are method more / mora / lora)"
+            if str(name).upper() in {t.value for t in MoreftPeftType}
+            else ""
+        )
+        raise ConfigError(
+            f"peft_type={peft_type!r} is not a peft method of the installed peft{mine}{hint} "
+            f"Valid: {', '.join(types_)}"
+        )
     return name, types_[name]
 
 
@@ -98,14 +113,18 @@ def convert_options(peft_type: str, options: Mapping[str, Any]) -> dict[str, Any
     out = {}
     for key, value in options.items():
         if key in RESERVED:
-            raise ConfigError(f"peft_options {key!r} of peft:{name} is set by moreft (target_modules from the "
-                              "run's target_modules, the head in modules_to_save, task_type from the task); "
-                              "leave it out")
+            raise ConfigError(
+                f"peft_options {key!r} of peft:{name} is set by moreft (target_modules from the "
+                "run's target_modules, the head in modules_to_save, task_type from the task); "
+                "leave it out"
+            )
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.5)
             hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-            raise ConfigError(f"peft_options {key!r} is not an option of peft's {cls.__name__} (peft:{name}){hint} "
-                              f"Options: {', '.join(fields)}")
+            raise ConfigError(
+                f"peft_options {key!r} is not an option of peft's {cls.__name__} (peft:{name}){hint} "
+                f"Options: {', '.join(fields)}"
+            )
         out[key] = _convert(f"peft:{name} option {key}", value, fields[key])
     return out
 
@@ -117,16 +136,23 @@ def check_peft(peft_type: Any, options: Mapping[str, Any]) -> tuple[str, dict[st
         ConfigError: No ``peft_type``, an unknown type or option, or a value peft's config refuses.
     """
     if peft_type is None:
-        raise ConfigError(f"method peft needs peft_type (one of {', '.join(peft_types())}), e.g. "
-                          "--peft-type vera --peft-option r=256, or the spec peft:vera:r=256")
+        raise ConfigError(
+            f"method peft needs peft_type (one of {', '.join(peft_types())}), e.g. "
+            "--peft-type vera --peft-option r=256, or the spec peft:vera:r=256"
+        )
     name, _ = config_class(peft_type)
     converted = convert_options(name, options)
     make_config(name, converted, None, ())  # the config class's own __post_init__ checks
     return name, converted
 
 
-def make_config(peft_type: str, options: Mapping[str, Any], target_modules: list[str] | None,
-                modules_to_save: tuple[str, ...], task_type: str | None = None) -> Any:
+def make_config(
+    peft_type: str,
+    options: Mapping[str, Any],
+    target_modules: list[str] | None,
+    modules_to_save: tuple[str, ...],
+    task_type: str | None = None,
+) -> Any:
     """peft's config object for an arm.
 
     Raises:
@@ -134,10 +160,16 @@ def make_config(peft_type: str, options: Mapping[str, Any], target_modules: list
     """
     name, cls = config_class(peft_type)
     try:
-        return cls(target_modules=target_modules, modules_to_save=list(modules_to_save) or None,
-                   task_type=task_type, **options)
+        return cls(
+            target_modules=target_modules,
+            modules_to_save=list(modules_to_save) or None,
+            task_type=task_type,
+            **options,
+        )
     except (ValueError, TypeError, KeyError) as exc:
-        raise ConfigError(f"peft:{name} with {dict(options)} is refused by peft's {cls.__name__}: {exc}") from None
+        raise ConfigError(
+            f"peft:{name} with {dict(options)} is refused by peft's {cls.__name__}: {exc}"
+        ) from None
 
 
 def label(peft_type: str, options: Mapping[str, Any]) -> str:
@@ -149,8 +181,14 @@ def _text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
 
 
-def wrap(model: nn.Module, peft_type: str, options: Mapping[str, Any], target_names: list[str],
-         heads: tuple[str, ...], task_type: str) -> nn.Module:
+def wrap(
+    model: nn.Module,
+    peft_type: str,
+    options: Mapping[str, Any],
+    target_names: list[str],
+    heads: tuple[str, ...],
+    task_type: str,
+) -> nn.Module:
     """``peft.get_peft_model`` of ``model`` with the arm's config on ``target_names`` (full names).
 
     Raises:
@@ -162,12 +200,19 @@ def wrap(model: nn.Module, peft_type: str, options: Mapping[str, Any], target_na
     try:
         return peft.get_peft_model(model, config)
     except (ValueError, TypeError, RuntimeError, KeyError, AssertionError) as exc:
-        raise ConfigError(f"{label(peft_type, options)} does not fit this model: {type(exc).__name__}: "
-                          f"{str(exc)[:300]}") from None
+        raise ConfigError(
+            f"{label(peft_type, options)} does not fit this model: {type(exc).__name__}: {str(exc)[:300]}"
+        ) from None
 
 
-def attach(model: nn.Module, peft_type: str, options: Mapping[str, Any], target_modules: Any,
-           heads: tuple[str, ...], classification: bool) -> tuple[nn.Module, list[str]]:
+def attach(
+    model: nn.Module,
+    peft_type: str,
+    options: Mapping[str, Any],
+    target_modules: Any,
+    heads: tuple[str, ...],
+    classification: bool,
+) -> tuple[nn.Module, list[str]]:
     """Wrap ``model`` with a peft arm on the layers moreft's methods would adapt: ``(peft model, target names)``.
 
     Args:
@@ -214,8 +259,11 @@ def _peft_names(folder: Path) -> set[str] | None:
         meta = json.loads(config.read_bytes())
     except (ValueError, RecursionError):
         return None
-    return set(PEFT_FILES) if isinstance(meta, dict) and str(meta.get("peft_type", "")).lower() in peft_types() \
+    return (
+        set(PEFT_FILES)
+        if isinstance(meta, dict) and str(meta.get("peft_type", "")).lower() in peft_types()
         else None
+    )
 
 
 #: A run's ``adapter/`` written by peft's ``save_pretrained`` for a peft arm.
@@ -241,15 +289,21 @@ def load_weights(model: nn.Module, folder: Path) -> None:
     from peft.utils import load_peft_weights, set_peft_model_state_dict
 
     if not is_peft_adapter(folder):
-        raise AdapterFileError(f"{str(folder)!r} holds no peft adapter (adapter_config.json naming a peft type)")
+        raise AdapterFileError(
+            f"{str(folder)!r} holds no peft adapter (adapter_config.json naming a peft type)"
+        )
     try:
         weights = load_peft_weights(str(folder), device="cpu")
         result = set_peft_model_state_dict(model, weights)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise AdapterFileError(f"the peft adapter in {str(folder)!r} does not fit this model: {exc}") from None
+        raise AdapterFileError(
+            f"the peft adapter in {str(folder)!r} does not fit this model: {exc}"
+        ) from None
     unexpected = list(getattr(result, "unexpected_keys", []))
     if unexpected:
-        raise AdapterFileError(f"the peft adapter in {str(folder)!r} has tensors this model lacks: {unexpected[:5]}")
+        raise AdapterFileError(
+            f"the peft adapter in {str(folder)!r} has tensors this model lacks: {unexpected[:5]}"
+        )
 
 
 def load_model(base: nn.Module, folder: Path) -> nn.Module:
@@ -261,11 +315,15 @@ def load_model(base: nn.Module, folder: Path) -> nn.Module:
     from peft import PeftModel
 
     if not is_peft_adapter(folder):
-        raise AdapterFileError(f"{str(folder)!r} holds no peft adapter (adapter_config.json naming a peft type)")
+        raise AdapterFileError(
+            f"{str(folder)!r} holds no peft adapter (adapter_config.json naming a peft type)"
+        )
     try:
         return PeftModel.from_pretrained(base, str(folder), is_trainable=False)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise AdapterFileError(f"the peft adapter in {str(folder)!r} does not fit the base model: {exc}") from None
+        raise AdapterFileError(
+            f"the peft adapter in {str(folder)!r} does not fit the base model: {exc}"
+        ) from None
 
 
 # -- converting option values by their field types ---------------------------------------------------
@@ -302,7 +360,9 @@ def _one(hint: Any, value: Any) -> Any:
         return json.loads(json.dumps(value))
     if origin is typing.Literal:
         for choice in typing.get_args(hint):
-            if value == choice or (isinstance(value, str) and isinstance(choice, str) and value.lower() == choice.lower()):
+            if value == choice or (
+                isinstance(value, str) and isinstance(choice, str) and value.lower() == choice.lower()
+            ):
                 return choice
         raise _Refused
     if origin is bool:
@@ -349,15 +409,24 @@ def _one(hint: Any, value: Any) -> Any:
             raise _Refused from None
     if isinstance(origin, type) and issubclass(origin, enum.Enum):
         for member in origin:
-            if value == member.value or (isinstance(value, str) and value.lower() in (
-                    str(member.value).lower(), member.name.lower())):
+            if value == member.value or (
+                isinstance(value, str) and value.lower() in (str(member.value).lower(), member.name.lower())
+            ):
                 return member.value
         raise _Refused
     raise _Refused  # a nested config object: not settable from a run config
 
 
-_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", dict: "a mapping",
-          list: "a list", tuple: "a list", type(None): "null"}
+_WORDS = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "text",
+    dict: "a mapping",
+    list: "a list",
+    tuple: "a list",
+    type(None): "null",
+}
 
 
 def _words(hint: Any) -> str:

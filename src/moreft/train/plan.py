@@ -50,8 +50,11 @@ def describe_run(config: TrainConfig) -> str:
     else:
         total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         shape = getattr(model, "config", None)
-        dims = (f" (hidden {shape.hidden_size}, {shape.num_hidden_layers} layers, vocabulary {shape.vocab_size:,})"
-                if shape is not None and hasattr(shape, "num_hidden_layers") else "")
+        dims = (
+            f" (hidden {shape.hidden_size}, {shape.num_hidden_layers} layers, vocabulary {shape.vocab_size:,})"
+            if shape is not None and hasattr(shape, "num_hidden_layers")
+            else ""
+        )
         lines.append(f"model {config.model}: {total:,} parameters{dims}")
         if config.full:
             lines.append(f"method full: every parameter trains ({total:,}); no adapter")
@@ -62,23 +65,33 @@ def describe_run(config: TrainConfig) -> str:
             counts = moreft.count_parameters(model)
             saved = list(adapter.modules_to_save)
             shown = ", ".join(saved[:4]) + (f", ... ({len(saved)} modules)" if len(saved) > 4 else "")
-            lines.append(f"method {config.method_label()} on {len(moreft.adapter_layers(model))} layers: "
-                         f"{counts.adapter:,} adapter parameters"
-                         + (f" + {counts.other_trainable:,} trained in full ({shown})" if saved else ""))
+            lines.append(
+                f"method {config.method_label()} on {len(moreft.adapter_layers(model))} layers: "
+                f"{counts.adapter:,} adapter parameters"
+                + (f" + {counts.other_trainable:,} trained in full ({shown})" if saved else "")
+            )
     per_step = config.batch_size * config.grad_accum
     unit = f"blocks of {config.max_length} tokens" if task.kind is TaskKind.LANGUAGE_MODELING else "examples"
     if config.max_steps:
-        lines.append(f"optimizer steps: {config.max_steps:,}, each {config.batch_size} x {config.grad_accum} = "
-                     f"{per_step:,} {unit} per process")
+        lines.append(
+            f"optimizer steps: {config.max_steps:,}, each {config.batch_size} x {config.grad_accum} = "
+            f"{per_step:,} {unit} per process"
+        )
         if task.kind is TaskKind.LANGUAGE_MODELING:
             tokens = config.max_steps * per_step * config.max_length
-            lines.append(f"tokens trained on: {tokens:,} per process (past the data's size, its blocks repeat "
-                         "in another epoch)")
+            lines.append(
+                f"tokens trained on: {tokens:,} per process (past the data's size, its blocks repeat "
+                "in another epoch)"
+            )
     else:
-        lines.append(f"training: {config.epochs:g} epoch(s), {per_step:,} {unit} per step per process (the number "
-                     "of steps depends on the data, not read in a dry run)")
+        lines.append(
+            f"training: {config.epochs:g} epoch(s), {per_step:,} {unit} per step per process (the number "
+            "of steps depends on the data, not read in a dry run)"
+        )
     if config.merge_every and config.max_steps:
-        lines.append(f"merges: every {config.merge_every} steps, {(config.max_steps - 1) // config.merge_every} in "
-                     "all (none at the last step)")
+        lines.append(
+            f"merges: every {config.merge_every} steps, {(config.max_steps - 1) // config.merge_every} in "
+            "all (none at the last step)"
+        )
     lines.append(f"run folder: {config.run_dir} (not created)")
     return "\n".join(f"# {line}" for line in lines)

@@ -42,8 +42,12 @@ def save_png(fig: Figure, path: Path) -> Path:
     Raises:
         moreft.OutputError: ``path`` is a folder.
     """
-    atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight",
-                                                    metadata={"Software": SOFTWARE}))
+    atomic_write_file(
+        path,
+        lambda tmp: fig.savefig(
+            tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": SOFTWARE}
+        ),
+    )
     return path
 
 
@@ -61,7 +65,12 @@ def plot_run(records: Sequence[Mapping[str, Any]], metric: str, path: Path, titl
     evals = sorted({r["step"]: r[key] for r in records if isinstance(r.get(key), (int, float))}.items())
     fig, ax = subplots(figsize=(7, 4))
     if loss:
-        ax.plot(*zip(*loss, strict=True), color="tab:blue", marker="." if len(loss) < 30 else None, label="train loss")
+        ax.plot(
+            *zip(*loss, strict=True),
+            color="tab:blue",
+            marker="." if len(loss) < 30 else None,
+            label="train loss",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss", color="tab:blue")
     if evals:
@@ -89,8 +98,9 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, tit
     fig, ax = subplots(figsize=(7, 4.5))
     for row in rows:
         ax.errorbar([row["params"]], [row["mean"]], yerr=[row["std"]], fmt="o", capsize=4, label=row["label"])
-        ax.annotate(row["label"], (row["params"], row["mean"]), textcoords="offset points", xytext=(6, 6),
-                    fontsize=8)
+        ax.annotate(
+            row["label"], (row["params"], row["mean"]), textcoords="offset points", xytext=(6, 6), fontsize=8
+        )
     ax.set_xscale("log")
     ax.set_xlabel("trainable adapter parameters (log scale; head excluded)")
     ax.set_ylabel(metric)
@@ -101,8 +111,14 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, tit
     return save_png(fig, path)
 
 
-def plot_heatmap(delta: torch.Tensor, path: Path, title: str = "", max_side: int = 384,
-                 row_order: Sequence[int] | None = None, order_label: str = "") -> Path:
+def plot_heatmap(
+    delta: torch.Tensor,
+    path: Path,
+    title: str = "",
+    max_side: int = 384,
+    row_order: Sequence[int] | None = None,
+    order_label: str = "",
+) -> Path:
     """|ΔW| of one layer as an image (rows = outputs, columns = inputs).
 
     Matrices larger than ``max_side`` are shown as their top-left ``max_side`` x ``max_side``
@@ -118,8 +134,11 @@ def plot_heatmap(delta: torch.Tensor, path: Path, title: str = "", max_side: int
         shown = matrix[:max_side, :max_side]
         im = ax.imshow(shown.numpy(), cmap="magma", aspect="auto", interpolation="nearest")
         fig.colorbar(im, ax=ax, label="|ΔW|")
-        crop = "" if shown.shape == matrix.shape else f", top-left {shown.shape[0]}x{shown.shape[1]} of " \
-                                                      f"{matrix.shape[0]}x{matrix.shape[1]}"
+        crop = (
+            ""
+            if shown.shape == matrix.shape
+            else f", top-left {shown.shape[0]}x{shown.shape[1]} of {matrix.shape[0]}x{matrix.shape[1]}"
+        )
         ax.set_title(f"{label}{crop}", fontsize=9)
         ax.set_xlabel("input feature")
         ax.set_ylabel("output feature")
@@ -127,8 +146,9 @@ def plot_heatmap(delta: torch.Tensor, path: Path, title: str = "", max_side: int
     return save_png(fig, path)
 
 
-def plot_weight_distributions(samples: Mapping[str, torch.Tensor], fits: Mapping[str, Any], path: Path,
-                              title: str = "", bins: int = 80) -> Path:
+def plot_weight_distributions(
+    samples: Mapping[str, torch.Tensor], fits: Mapping[str, Any], path: Path, title: str = "", bins: int = 80
+) -> Path:
     """Histogram (density) of each group of adapter weights against its fitted Gaussian (MoRe Appendix D).
 
     Args:
@@ -140,7 +160,7 @@ def plot_weight_distributions(samples: Mapping[str, torch.Tensor], fits: Mapping
     """
     names = list(samples)
     fig, axes = subplots(1, max(1, len(names)), figsize=(5 * max(1, len(names)), 4), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    for ax, name in zip(axes[0], names, strict=False):
         values = samples[name].detach().double().flatten().cpu()
         fit = fits[name]
         ax.hist(values.numpy(), bins=bins, density=True, color="tab:blue", alpha=0.6, label="weights")
@@ -148,19 +168,27 @@ def plot_weight_distributions(samples: Mapping[str, torch.Tensor], fits: Mapping
             grid = torch.linspace(float(values.min()), float(values.max()), 400, dtype=torch.float64)
             pdf = torch.exp(-0.5 * ((grid - fit.mean) / fit.std) ** 2) / (fit.std * (2 * torch.pi) ** 0.5)
             ax.plot(grid.numpy(), pdf.numpy(), color="tab:orange", label=f"N({fit.mean:.2g}, {fit.std:.2g}²)")
-        ax.set_title(f"{name}: {fit.count:,} values\nexcess kurtosis {fit.excess_kurtosis:.2f}, KS {fit.ks:.3f}",
-                     fontsize=9)
+        ax.set_title(
+            f"{name}: {fit.count:,} values\nexcess kurtosis {fit.excess_kurtosis:.2f}, KS {fit.ks:.3f}",
+            fontsize=9,
+        )
         ax.set_xlabel("weight")
         ax.set_ylabel("density")
         ax.legend(fontsize=8)
     if not names:
-        axes[0][0].text(0.5, 0.5, "no adapter weights", ha="center", va="center", transform=axes[0][0].transAxes)
+        axes[0][0].text(
+            0.5, 0.5, "no adapter weights", ha="center", va="center", transform=axes[0][0].transAxes
+        )
     fig.suptitle(title or "adapter weight distributions", fontsize=10)
     return save_png(fig, path)
 
 
-def plot_curves(panels: Sequence[tuple[str, Mapping[str, Sequence[tuple[float, float]]]]], path: Path,
-                title: str = "", log_y: bool = False) -> Path:
+def plot_curves(
+    panels: Sequence[tuple[str, Mapping[str, Sequence[tuple[float, float]]]]],
+    path: Path,
+    title: str = "",
+    log_y: bool = False,
+) -> Path:
     """Several runs' curves side by side: one panel per ``(y label, {run label: [(step, value)]})``.
 
     Used for the pretraining study's loss curves (MoRA Figure 4): every arm in one plot.
@@ -183,14 +211,17 @@ def plot_curves(panels: Sequence[tuple[str, Mapping[str, Sequence[tuple[float, f
     return save_png(fig, path)
 
 
-def plot_grouped_bars(groups: Sequence[str], values: Mapping[str, Sequence[float]], path: Path, ylabel: str,
-                      title: str = "") -> Path:
+def plot_grouped_bars(
+    groups: Sequence[str], values: Mapping[str, Sequence[float]], path: Path, ylabel: str, title: str = ""
+) -> Path:
     """One bar per series in each group (e.g. the count of ΔW's singular values above 0.1 per module
     type and arm: MoRA Figure 5)."""
     fig, ax = subplots(figsize=(max(7.0, 1.2 * len(groups) * max(1, len(values)) / 2), 4.5))
     width = 0.8 / max(1, len(values))
     for i, (label, heights) in enumerate(values.items()):
-        ax.bar([g + i * width - 0.4 + width / 2 for g in range(len(groups))], list(heights), width, label=label)
+        ax.bar(
+            [g + i * width - 0.4 + width / 2 for g in range(len(groups))], list(heights), width, label=label
+        )
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(list(groups))
     ax.set_ylabel(ylabel)

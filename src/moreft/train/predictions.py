@@ -28,7 +28,9 @@ PREDICTIONS_FILE = "test_predictions.jsonl"
 MAX_PREDICTION_BYTES = 256 * 2**20
 
 
-def prediction_records(task: Task, examples: Sequence[Example], predictions: Sequence[Any]) -> list[dict[str, Any]]:
+def prediction_records(
+    task: Task, examples: Sequence[Example], predictions: Sequence[Any]
+) -> list[dict[str, Any]]:
     """One record per example (see the module docstring).
 
     Raises:
@@ -38,11 +40,19 @@ def prediction_records(task: Task, examples: Sequence[Example], predictions: Seq
         raise ValueError(f"{len(predictions)} predictions for {len(examples)} test examples")
     refs = references(task, examples)
     if task.kind is TaskKind.CLASSIFICATION:
-        return [{"id": ex.id, "prediction": int(p), "label": int(r), "correct": int(p) == int(r)}
-                for ex, p, r in zip(examples, predictions, refs, strict=True)]
-    return [{"id": ex.id, "prediction": p, "label": r,
-             "score": float(task.compute_metrics([p], [r])[task.metric_name])}
-            for ex, p, r in zip(examples, predictions, refs, strict=True)]
+        return [
+            {"id": ex.id, "prediction": int(p), "label": int(r), "correct": int(p) == int(r)}
+            for ex, p, r in zip(examples, predictions, refs, strict=True)
+        ]
+    return [
+        {
+            "id": ex.id,
+            "prediction": p,
+            "label": r,
+            "score": float(task.compute_metrics([p], [r])[task.metric_name]),
+        }
+        for ex, p, r in zip(examples, predictions, refs, strict=True)
+    ]
 
 
 def write_predictions(path: Path, records: Sequence[dict[str, Any]]) -> None:
@@ -58,10 +68,14 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
             it again), too large, or not one object with ``id`` and ``prediction`` per line.
     """
     if not path.is_file():
-        raise ConfigError(f"{str(path)!r} does not exist: the run finished before moreft saved test predictions, "
-                          "or did not finish; train it again (--overwrite) for paired statistics")
+        raise ConfigError(
+            f"{str(path)!r} does not exist: the run finished before moreft saved test predictions, "
+            "or did not finish; train it again (--overwrite) for paired statistics"
+        )
     if path.stat().st_size > MAX_PREDICTION_BYTES:
-        raise ConfigError(f"{str(path)!r} is larger than {MAX_PREDICTION_BYTES // 2**20} MiB; not a moreft file")
+        raise ConfigError(
+            f"{str(path)!r} is larger than {MAX_PREDICTION_BYTES // 2**20} MiB; not a moreft file"
+        )
     out = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         try:

@@ -51,8 +51,10 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"recipe {str(path)!r} must be a mapping of key: value, got {type(data).__name__}")
     unknown = sorted(set(data) - set(field_names()) - set(RECIPE_ONLY_KEYS))
     if unknown:
-        raise ConfigError(f"recipe {str(path)!r} has unknown key(s) {unknown}; valid keys are "
-                          f"{field_names() + list(RECIPE_ONLY_KEYS)}")
+        raise ConfigError(
+            f"recipe {str(path)!r} has unknown key(s) {unknown}; valid keys are "
+            f"{field_names() + list(RECIPE_ONLY_KEYS)}"
+        )
     requires = data.get("requires") or {}
     if not isinstance(requires, dict) or not all(isinstance(k, str) for k in requires):
         raise ConfigError(f"'requires' in recipe {str(path)!r} must map VARIABLE names to descriptions")
@@ -75,8 +77,9 @@ def _flag(key: str) -> str:
     return f"--{key.replace('_', '-')}"
 
 
-def _check_placeholders(data: Mapping[str, Any], requires: Mapping[str, Any], source: str,
-                        env: Mapping[str, str]) -> None:
+def _check_placeholders(
+    data: Mapping[str, Any], requires: Mapping[str, Any], source: str, env: Mapping[str, str]
+) -> None:
     """Raise one error naming every unset variable, what it should hold and the flags that replace it."""
     missing: dict[str, list[str]] = {}
     for name, key in (found for k, v in data.items() for found in _placeholders(v, k)):
@@ -86,9 +89,11 @@ def _check_placeholders(data: Mapping[str, Any], requires: Mapping[str, Any], so
         needs = "; ".join(f"{name}: {requires.get(name) or 'a value'}" for name in missing)
         flags = sorted({_flag(key) for keys in missing.values() for key in keys})
         first = next(iter(missing))
-        raise ConfigError(f"{source} needs {needs}. Set {'it' if len(missing) == 1 else 'them'} in the environment "
-                          f"(e.g. `export {first}=/path/to/it`) or pass {', '.join(flags)}; moreft never "
-                          "downloads models or data")
+        raise ConfigError(
+            f"{source} needs {needs}. Set {'it' if len(missing) == 1 else 'them'} in the environment "
+            f"(e.g. `export {first}=/path/to/it`) or pass {', '.join(flags)}; moreft never "
+            "downloads models or data"
+        )
 
 
 def _fill(value: Any, env: Mapping[str, str]) -> Any:
@@ -100,8 +105,11 @@ def _fill(value: Any, env: Mapping[str, str]) -> Any:
     return _PLACEHOLDER.sub(lambda m: env[m.group(1)], value) if isinstance(value, str) else value
 
 
-def resolve_config(recipe: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
-                   env: Mapping[str, str] | None = None) -> TrainConfig:
+def resolve_config(
+    recipe: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> TrainConfig:
     """Defaults < recipe < overrides, placeholders filled, validated.
 
     Args:
@@ -162,8 +170,10 @@ def parse_key_values(items: list[str] | None, what: str = "task option") -> dict
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"{what} {item!r} must look like key=value (e.g. "
-                              f"{'source=tweets' if what == 'task option' else 'KEY=VALUE'})")
+            raise ConfigError(
+                f"{what} {item!r} must look like key=value (e.g. "
+                f"{'source=tweets' if what == 'task option' else 'KEY=VALUE'})"
+            )
         if key in given:
             raise ConfigError(f"{what} {key!r} is given twice ({given[key]!r}, then {item!r}); give it once")
         given[key] = item

@@ -31,9 +31,9 @@ from transformers import TrainerCallback
 
 import moreft
 from moreft.errors import ConfigError
-from moreft.safe_write import atomic_write_bytes
 from moreft.layers import AdapterLayer
 from moreft.remora import RemoraCycle, merge_and_reinit, reset_optimizer_state
+from moreft.safe_write import atomic_write_bytes
 
 MERGED_BASE_FILE = "merged_base.safetensors"
 #: ReLoRA / ReMoRA restart warmup (MoRA paper, Section 5.3: "50 steps restarts warmup").
@@ -69,8 +69,9 @@ def jagged(schedule: Callable[[int], float], merge_every: int, warmup: int) -> C
     return lr_lambda
 
 
-def official_restarts(schedule: Callable[[int], float], merge_every: int, warmup: int,
-                      max_steps: int) -> Callable[[int], float]:
+def official_restarts(
+    schedule: Callable[[int], float], merge_every: int, warmup: int, max_steps: int
+) -> Callable[[int], float]:
     """The authors' ReMoRA schedule restart as a pure function of the step (kongds/MoRA).
 
     Their ``ResetReloraCallback.on_step_end`` (train.py), after each merge at step ``m``, rewrites
@@ -92,22 +93,30 @@ def official_restarts(schedule: Callable[[int], float], merge_every: int, warmup
         ConfigError: ``schedule`` is not such a partial (e.g. a constant schedule).
     """
     keywords = getattr(schedule, "keywords", None) or {}
-    if not isinstance(schedule, functools.partial) or not {"num_warmup_steps", "num_training_steps"} <= set(keywords):
+    if not isinstance(schedule, functools.partial) or not {"num_warmup_steps", "num_training_steps"} <= set(
+        keywords
+    ):
         raise ConfigError(
             "merge_schedule='official' restarts a warmup-and-decay schedule (linear, cosine); the run's "
             f"learning-rate schedule {getattr(schedule, '__name__', schedule)!r} has no num_warmup_steps/"
-            "num_training_steps to restart")
+            "num_training_steps to restart"
+        )
     scales = {0: 1.0}  # merge step -> lr factor the restarted schedule starts from (S above)
 
     def restarted(merge: int, j: int) -> float:
-        shape = functools.partial(schedule.func, *schedule.args, **{
-            **keywords, "num_warmup_steps": warmup, "num_training_steps": max_steps - merge})
+        shape = functools.partial(
+            schedule.func,
+            *schedule.args,
+            **{**keywords, "num_warmup_steps": warmup, "num_training_steps": max_steps - merge},
+        )
         return schedule(j) if merge == 0 else scales[merge] * shape(j)
 
     def lr_lambda(step: int) -> float:
         merge = max(0, (step - 1) // merge_every * merge_every)  # the last merge before update step + 1
         merge = min(merge, (max_steps - 1) // merge_every * merge_every)  # none at or after the last step
-        for m in range(max(scales) + merge_every, merge + 1, merge_every):  # each restart starts where the last is
+        for m in range(
+            max(scales) + merge_every, merge + 1, merge_every
+        ):  # each restart starts where the last is
             scales[m] = restarted(m - merge_every, merge_every)
         return restarted(merge, step - merge)
 
@@ -160,8 +169,10 @@ def apply_merged_base(model: torch.nn.Module, path: Path) -> int:
                 f"the model ({got}); it belongs to another base model"
             )
         if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
-            raise moreft.AdapterFileError(f"{str(path)!r}: {key} is {value.dtype} or holds NaN/Inf values; merged "
-                                          "base weights must be finite floating-point numbers")
+            raise moreft.AdapterFileError(
+                f"{str(path)!r}: {key} is {value.dtype} or holds NaN/Inf values; merged "
+                "base weights must be finite floating-point numbers"
+            )
         targets.append((weight, value))
     for weight, value in targets:  # all checked first: a bad file leaves the model as it was
         weight.copy_(value.to(dtype=weight.dtype))
@@ -190,8 +201,13 @@ class MergeReinitCallback(TrainerCallback):
     """
 
     def __init__(
-        self, merge_every: int, warmup: int, run_dir: Path, switch_sharing_layout: bool = True,
-        cycle: RemoraCycle = RemoraCycle.ALTERNATE, official_schedule: bool = False,
+        self,
+        merge_every: int,
+        warmup: int,
+        run_dir: Path,
+        switch_sharing_layout: bool = True,
+        cycle: RemoraCycle = RemoraCycle.ALTERNATE,
+        official_schedule: bool = False,
     ) -> None:
         if merge_every < 1:
             raise ConfigError(f"merge_every={merge_every} must be an integer >= 1")
@@ -220,9 +236,13 @@ class MergeReinitCallback(TrainerCallback):
                 f"built a {type(lr_scheduler).__name__}"
             )
         lr_scheduler.lr_lambdas = [
-            f if getattr(f, "jagged", False) else (
-                official_restarts(f, self.merge_every, self.warmup, state.max_steps) if self.official_schedule
-                else jagged(f, self.merge_every, self.warmup))
+            f
+            if getattr(f, "jagged", False)
+            else (
+                official_restarts(f, self.merge_every, self.warmup, state.max_steps)
+                if self.official_schedule
+                else jagged(f, self.merge_every, self.warmup)
+            )
             for f in lr_scheduler.lr_lambdas
         ]
         if state.global_step >= self.merge_every:
@@ -271,6 +291,12 @@ def merge_callbacks(config: Any, run_dir: Path) -> list[TrainerCallback]:
         warmup = config.merge_warmup
     else:
         warmup = PAPER_RESTART_WARMUP if official else default_merge_warmup(config.merge_every)
-    return [MergeReinitCallback(config.merge_every, warmup, run_dir,
-                                cycle=RemoraCycle(getattr(config, "merge_cycle", "alternate")),
-                                official_schedule=official)]
+    return [
+        MergeReinitCallback(
+            config.merge_every,
+            warmup,
+            run_dir,
+            cycle=RemoraCycle(getattr(config, "merge_cycle", "alternate")),
+            official_schedule=official,
+        )
+    ]

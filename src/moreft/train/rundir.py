@@ -115,8 +115,18 @@ def foreign_run_entries(path: Path) -> list[str]:
     from moreft.train.reinit import MERGED_BASE_FILE
     from moreft.train.weights import FULL_WEIGHTS_FILE
 
-    files = ("config.yaml", "split.json", "metrics.jsonl", "metrics.json", "loss.png", MERGED_BASE_FILE,
-             LOCK_NAME, "weights.png", "test_predictions.jsonl", FULL_WEIGHTS_FILE)
+    files = (
+        "config.yaml",
+        "split.json",
+        "metrics.jsonl",
+        "metrics.json",
+        "loss.png",
+        MERGED_BASE_FILE,
+        LOCK_NAME,
+        "weights.png",
+        "test_predictions.jsonl",
+        FULL_WEIGHTS_FILE,
+    )
     names = "|".join(map(re.escape, (*files, "adapter")))
     temp = re.compile(rf"\.(?:{names})\.(?:tmp-\d+-[a-z0-9_]{{8}}|old-\d+)")
     out = []
@@ -134,8 +144,11 @@ def foreign_run_entries(path: Path) -> list[str]:
         elif name == "tensorboard" and entry.is_dir():
             continue  # the run's TensorBoard logs (report_to: tensorboard)
         elif name == "checkpoints" and entry.is_dir():
-            out += [f"checkpoints/{c.name}" for c in sorted(entry.iterdir())
-                    if c.is_symlink() or not c.is_dir() or not _CHECKPOINT.fullmatch(c.name)]
+            out += [
+                f"checkpoints/{c.name}"
+                for c in sorted(entry.iterdir())
+                if c.is_symlink() or not c.is_dir() or not _CHECKPOINT.fullmatch(c.name)
+            ]
         else:
             out.append(name)
     return out
@@ -150,9 +163,11 @@ def check_run_owned(path: Path) -> None:
     foreign = foreign_run_entries(path)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise OutputError(f"--overwrite would delete run directory {str(path)!r}, but it holds files moreft "
-                          f"did not write there ({shown}); moreft deletes only its own run files. Move them "
-                          "away or choose another --run-name")
+        raise OutputError(
+            f"--overwrite would delete run directory {str(path)!r}, but it holds files moreft "
+            f"did not write there ({shown}); moreft deletes only its own run files. Move them "
+            "away or choose another --run-name"
+        )
 
 
 def clear_run(path: Path) -> None:
@@ -193,11 +208,15 @@ def read_run_config(run_dir: str | os.PathLike) -> TrainConfig:
     """
     run = RunDir(Path(run_dir))
     if not run.config.is_file():
-        raise ConfigError(f"{str(run.path)!r} is not a moreft run directory: it has no config.yaml "
-                          "(run `moreft train` first, or point at runs/<name>)")
+        raise ConfigError(
+            f"{str(run.path)!r} is not a moreft run directory: it has no config.yaml "
+            "(run `moreft train` first, or point at runs/<name>)"
+        )
     data = load_yaml(read_text_file(run.config, "run config"), f"run config {str(run.config)!r}")
     if not isinstance(data, dict):
-        raise ConfigError(f"run config {str(run.config)!r} must be a mapping of field: value, got {type(data).__name__}")
+        raise ConfigError(
+            f"run config {str(run.config)!r} must be a mapping of field: value, got {type(data).__name__}"
+        )
     return TrainConfig.from_dict(data)
 
 
@@ -219,8 +238,13 @@ def load_base(config: TrainConfig, task: Task) -> tuple[torch.nn.Module, Any]:
     """Load the run's base model and tokenizer (no adapter), offline."""
     from moreft.models import load_model
 
-    return load_model(config.model, task.kind, num_labels=task.num_labels,
-                      dtype=precision_dtype(config.precision), seed=config.seed)
+    return load_model(
+        config.model,
+        task.kind,
+        num_labels=task.num_labels,
+        dtype=precision_dtype(config.precision),
+        seed=config.seed,
+    )
 
 
 def position_limit(model: torch.nn.Module) -> int | None:
@@ -245,10 +269,15 @@ def check_max_length(config: TrainConfig, model: torch.nn.Module, kind: TaskKind
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     need = config.max_length + (config.max_new_tokens if kind is TaskKind.GENERATION else 0)
     if limit is not None and need > limit:
-        what = (f"max_length={config.max_length} + max_new_tokens={config.max_new_tokens}"
-                if kind is TaskKind.GENERATION else f"max_length={config.max_length}")
-        raise ConfigError(f"{what} is more than model {config.model!r} takes ({limit} positions); lower "
-                          f"--max-length{' / --max-new-tokens' if kind is TaskKind.GENERATION else ''} to fit")
+        what = (
+            f"max_length={config.max_length} + max_new_tokens={config.max_new_tokens}"
+            if kind is TaskKind.GENERATION
+            else f"max_length={config.max_length}"
+        )
+        raise ConfigError(
+            f"{what} is more than model {config.model!r} takes ({limit} positions); lower "
+            f"--max-length{' / --max-new-tokens' if kind is TaskKind.GENERATION else ''} to fit"
+        )
 
 
 def data_digest(splits: Splits) -> str:
@@ -264,8 +293,13 @@ def data_digest(splits: Splits) -> str:
 
 def split_record(config: TrainConfig, splits: Splits) -> dict[str, Any]:
     """What ``split.json`` holds: task, seed, sizes, source ids per split and :func:`data_digest`."""
-    return {"task": config.task, "seed": config.seed, "sizes": splits.sizes, "ids": splits.split_ids,
-            "data_sha256": data_digest(splits)}
+    return {
+        "task": config.task,
+        "seed": config.seed,
+        "sizes": splits.sizes,
+        "ids": splits.split_ids,
+        "data_sha256": data_digest(splits),
+    }
 
 
 def check_split(run_dir: str | os.PathLike, config: TrainConfig, splits: Splits) -> bool:
@@ -284,9 +318,11 @@ def check_split(run_dir: str | os.PathLike, config: TrainConfig, splits: Splits)
     digest = saved.get("data_sha256")
     if ids != splits.split_ids or (digest is not None and digest != data_digest(splits)):
         what = "splits differently" if ids != splits.split_ids else "holds other examples"
-        raise ConfigError(f"the {config.task!r} data now {what} than when {str(run.split)!r} was saved (the data file "
-                          "or package changed); restore that data, or start a new run (--overwrite / another "
-                          "--run-name)")
+        raise ConfigError(
+            f"the {config.task!r} data now {what} than when {str(run.split)!r} was saved (the data file "
+            "or package changed); restore that data, or start a new run (--overwrite / another "
+            "--run-name)"
+        )
     return True
 
 
@@ -301,8 +337,9 @@ def load_splits(run_dir: str | os.PathLike, config: TrainConfig, task: Task) -> 
     return splits
 
 
-def load_trained(run_dir: str | os.PathLike, moreft_only: str | None = None
-                 ) -> tuple[TrainConfig, Task, torch.nn.Module, Any]:
+def load_trained(
+    run_dir: str | os.PathLike, moreft_only: str | None = None
+) -> tuple[TrainConfig, Task, torch.nn.Module, Any]:
     """``(config, task, model with the trained adapter, tokenizer)`` for a finished run (for ``method:
     full``, the model with its trained weights and no adapter).
 
@@ -324,9 +361,11 @@ def load_trained(run_dir: str | os.PathLike, moreft_only: str | None = None
 
     config = read_run_config(run_dir)
     if moreft_only and config.method == "peft":
-        raise ConfigError(f"{moreft_only} works on moreft's own adapters; {str(run_dir)!r} trained peft's "
-                          f"{config.method_label()}. Load it with peft instead: PeftModel.from_pretrained(base, "
-                          f"'{Path(run_dir) / 'adapter'}') (then merge_and_unload() to merge); `moreft eval` works")
+        raise ConfigError(
+            f"{moreft_only} works on moreft's own adapters; {str(run_dir)!r} trained peft's "
+            f"{config.method_label()}. Load it with peft instead: PeftModel.from_pretrained(base, "
+            f"'{Path(run_dir) / 'adapter'}') (then merge_and_unload() to merge); `moreft eval` works"
+        )
     run = RunDir(Path(run_dir))
     saved = run.model_weights if config.full else run.adapter
     if not (saved.is_file() if config.full else saved.is_dir()):

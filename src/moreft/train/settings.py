@@ -175,14 +175,18 @@ def adapter_setting(name: str, **spec: Any) -> Any:
     suffix = spec.pop("help_suffix", "")
     if "help" not in spec:
         helps = {method: f.metadata.get("help", "") for method, (f, _) in found.items()}
-        spec["help"] = next(iter(helps.values())) if common else " ".join(
-            f"{_LABELS.get(method, method.value)}: {text}" for method, text in helps.items())
+        spec["help"] = (
+            next(iter(helps.values()))
+            if common
+            else " ".join(f"{_LABELS.get(method, method.value)}: {text}" for method, text in helps.items())
+        )
     spec["help"] += suffix
     enums = [t for t in _union_args(kinds.pop()) if isinstance(t, type) and issubclass(t, enum.Enum)]
     if enums:
         spec.setdefault("choices", enums[0])
-    return setting(defaults.pop(), group=spec.pop("group", Group.ADAPTER),
-                   methods=() if common else tuple(found), **spec)
+    return setting(
+        defaults.pop(), group=spec.pop("group", Group.ADAPTER), methods=() if common else tuple(found), **spec
+    )
 
 
 _LABELS = {Method.MORE: "MoRe", Method.MORA: "MoRA", Method.LORA: "LoRA"}
@@ -236,8 +240,13 @@ def specs(cls: type) -> dict[str, Setting]:
         spec = dataclasses.replace(spec, name=f.name)
         kind, optional = _kind(hints[f.name], spec)
         default = _default(f)
-        out[f.name] = dataclasses.replace(spec, kind=kind, optional=optional, required=default is dataclasses.MISSING,
-                                          default=None if default is dataclasses.MISSING else default)
+        out[f.name] = dataclasses.replace(
+            spec,
+            kind=kind,
+            optional=optional,
+            required=default is dataclasses.MISSING,
+            default=None if default is dataclasses.MISSING else default,
+        )
     return out
 
 
@@ -286,33 +295,59 @@ def settings_markdown(cls: type, fixed: Mapping[str, str]) -> str:
     (key -> why moreft fixes it)."""
 
     all_specs = specs(cls)
-    lines = ["# Run settings", "",
-             ("<!-- Generated from the declarations in src/moreft/train/config.py by "
-              "`python -m moreft.train.settings_doc docs/settings.md`; do not edit by hand. -->"), "",
-             ("Every `moreft train` setting is a recipe key (YAML) and a command-line flag. Flags override the "
-              "recipe, which overrides the defaults; each flag may be given once. Choices are accepted in any "
-              "case and stored as listed. `none` on the command line clears an optional setting (`null` in "
-              "YAML). *resumable*: may change when a run is continued with `--resume`. *per trial*: `moreft "
-              "search` sets it for each trial (search has no flag for it)."), ""]
+    lines = [
+        "# Run settings",
+        "",
+        (
+            "<!-- Generated from the declarations in src/moreft/train/config.py by "
+            "`python -m moreft.train.settings_doc docs/settings.md`; do not edit by hand. -->"
+        ),
+        "",
+        (
+            "Every `moreft train` setting is a recipe key (YAML) and a command-line flag. Flags override the "
+            "recipe, which overrides the defaults; each flag may be given once. Choices are accepted in any "
+            "case and stored as listed. `none` on the command line clears an optional setting (`null` in "
+            "YAML). *resumable*: may change when a run is continued with `--resume`. *per trial*: `moreft "
+            "search` sets it for each trial (search has no flag for it)."
+        ),
+        "",
+    ]
     for group in Group:
         members = [s for s in all_specs.values() if s.group is group]
         if not members:
             continue
-        lines += [f"## {group.value.capitalize()}", "", "| setting | flag | type | default | rule | meaning |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"## {group.value.capitalize()}",
+            "",
+            "| setting | flag | type | default | rule | meaning |",
+            "|---|---|---|---|---|---|",
+        ]
         for s in members:
-            flag = f"`{s.option} KEY=VALUE` (repeatable)" if s.kind is Kind.MAPPING else (
-                f"`{s.option}` / `--no-{s.option[2:]}`" if s.kind is Kind.BOOL else f"`{s.option}`")
+            flag = (
+                f"`{s.option} KEY=VALUE` (repeatable)"
+                if s.kind is Kind.MAPPING
+                else (f"`{s.option}` / `--no-{s.option[2:]}`" if s.kind is Kind.BOOL else f"`{s.option}`")
+            )
             notes = [w for w, on in (("resumable", s.resumable), ("per trial", s.searched)) if on]
             meaning = _markdown_text(s.help) + (f" *({'; '.join(notes)})*" if notes else "")
-            lines.append(f"| `{s.name}` | {flag} | {s.kind.value} | `{s.default_text}` | {_markdown_text(s.rule)} | "
-                         f"{meaning} |")
+            lines.append(
+                f"| `{s.name}` | {flag} | {s.kind.value} | `{s.default_text}` | {_markdown_text(s.rule)} | "
+                f"{meaning} |"
+            )
         lines.append("")
     owned = {key: s for s in all_specs.values() for key in s.trainer_keys}
-    lines += ["## transformers' TrainingArguments", "",
-              ("`trainer_args` passes any other field of `transformers.TrainingArguments` through, converted by "
-               "its own type (e.g. `--trainer-arg report_to=tensorboard --trainer-arg optim=adafactor`). "
-               "These fields are moreft's to set:"), "", "| TrainingArguments field | set by |", "|---|---|"]
+    lines += [
+        "## transformers' TrainingArguments",
+        "",
+        (
+            "`trainer_args` passes any other field of `transformers.TrainingArguments` through, converted by "
+            "its own type (e.g. `--trainer-arg report_to=tensorboard --trainer-arg optim=adafactor`). "
+            "These fields are moreft's to set:"
+        ),
+        "",
+        "| TrainingArguments field | set by |",
+        "|---|---|",
+    ]
     lines += [f"| `{key}` | `{s.name}` (`{s.option}`) |" for key, s in sorted(owned.items())]
     lines += [f"| `{key}` | fixed: {reason} |" for key, reason in sorted(fixed.items())]
     return "\n".join(lines) + "\n"

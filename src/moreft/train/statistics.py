@@ -85,8 +85,13 @@ def verdict(interval: Interval, margin: float = MARGIN) -> str:
     return "undecided"
 
 
-VERDICT_TEXT = {"within": "yes: within ±{m} pt", "better": "no: better by > {m} pt", "worse": "no: worse by > {m} pt",
-                "not worse": "not worse by > {m} pt (may be better)", "undecided": "undecided (CI reaches below -{m} pt)"}
+VERDICT_TEXT = {
+    "within": "yes: within ±{m} pt",
+    "better": "no: better by > {m} pt",
+    "worse": "no: worse by > {m} pt",
+    "not worse": "not worse by > {m} pt (may be better)",
+    "undecided": "undecided (CI reaches below -{m} pt)",
+}
 
 
 def verdict_text(interval: Interval, margin: float = MARGIN) -> str:
@@ -94,36 +99,52 @@ def verdict_text(interval: Interval, margin: float = MARGIN) -> str:
     return VERDICT_TEXT[verdict(interval, margin)].format(m=f"{margin * 100:g}")
 
 
-def _pairs(arm: Mapping[int, Records], reference: Mapping[int, Records], metric: str) -> list[dict[str, np.ndarray]]:
+def _pairs(
+    arm: Mapping[int, Records], reference: Mapping[int, Records], metric: str
+) -> list[dict[str, np.ndarray]]:
     """Per seed, the two arms' records aligned by example id, as arrays.
 
     Raises:
         ConfigError: Other seeds, other example ids, other labels, or records without what ``metric`` needs.
     """
     if set(arm) != set(reference) or not arm:
-        raise ConfigError(f"paired statistics need the same seeds for both arms; got {sorted(arm)} and "
-                          f"{sorted(reference)}")
+        raise ConfigError(
+            f"paired statistics need the same seeds for both arms; got {sorted(arm)} and {sorted(reference)}"
+        )
     out = []
     for seed in sorted(arm):
         mine = {r["id"]: r for r in arm[seed]}
         theirs = {r["id"]: r for r in reference[seed]}
         if set(mine) != set(theirs) or len(mine) != len(arm[seed]) or not mine:
-            raise ConfigError(f"seed {seed}: the arms were not tested on the same examples ({len(mine)} and "
-                              f"{len(theirs)} ids, {len(set(mine) & set(theirs))} shared); paired statistics "
-                              "need the same split (same seed, max_examples, eval_fraction, eval_examples)")
+            raise ConfigError(
+                f"seed {seed}: the arms were not tested on the same examples ({len(mine)} and "
+                f"{len(theirs)} ids, {len(set(mine) & set(theirs))} shared); paired statistics "
+                "need the same split (same seed, max_examples, eval_fraction, eval_examples)"
+            )
         ids = sorted(mine)
         if metric in LABEL_METRICS and all("correct" in mine[i] for i in ids):
             labels = np.array([mine[i]["label"] for i in ids], dtype=np.int64)
             if not np.array_equal(labels, [theirs[i]["label"] for i in ids]):
                 raise ConfigError(f"seed {seed}: the arms' test labels differ; the data changed between runs")
-            out.append({"arm": np.array([mine[i]["prediction"] for i in ids], dtype=np.int64),
-                        "ref": np.array([theirs[i]["prediction"] for i in ids], dtype=np.int64), "label": labels})
+            out.append(
+                {
+                    "arm": np.array([mine[i]["prediction"] for i in ids], dtype=np.int64),
+                    "ref": np.array([theirs[i]["prediction"] for i in ids], dtype=np.int64),
+                    "label": labels,
+                }
+            )
         elif all("score" in mine[i] and "score" in theirs[i] for i in ids):
-            out.append({"arm_score": np.array([mine[i]["score"] for i in ids], dtype=np.float64),
-                        "ref_score": np.array([theirs[i]["score"] for i in ids], dtype=np.float64)})
+            out.append(
+                {
+                    "arm_score": np.array([mine[i]["score"] for i in ids], dtype=np.float64),
+                    "ref_score": np.array([theirs[i]["score"] for i in ids], dtype=np.float64),
+                }
+            )
         else:
-            raise ConfigError(f"metric {metric!r}: the predictions need 'correct' and labels (metrics "
-                              f"{list(LABEL_METRICS)}) or a per-example 'score'")
+            raise ConfigError(
+                f"metric {metric!r}: the predictions need 'correct' and labels (metrics "
+                f"{list(LABEL_METRICS)}) or a per-example 'score'"
+            )
     return out
 
 
@@ -162,8 +183,14 @@ def _diffs(pair: dict[str, np.ndarray], index: np.ndarray, metric: str) -> np.nd
     return metric_from_confusion(joint.sum(2), metric) - metric_from_confusion(joint.sum(1), metric)
 
 
-def paired_bootstrap(arm: Mapping[int, Records], reference: Mapping[int, Records], metric: str,
-                     resamples: int = RESAMPLES, level: float = LEVEL, seed: int = BOOTSTRAP_SEED) -> Interval:
+def paired_bootstrap(
+    arm: Mapping[int, Records],
+    reference: Mapping[int, Records],
+    metric: str,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = BOOTSTRAP_SEED,
+) -> Interval:
     """The paired bootstrap interval of ``arm - reference`` (see the module docstring).
 
     Args:
@@ -183,14 +210,16 @@ def paired_bootstrap(arm: Mapping[int, Records], reference: Mapping[int, Records
         raise ConfigError(f"level={level!r} must lie in (0, 1)")
     pairs = _pairs(arm, reference, metric)
     sizes = [len(next(iter(p.values()))) for p in pairs]
-    observed = float(np.mean([_diffs(p, np.arange(n)[None, :], metric)[0] for p, n in zip(pairs, sizes, strict=True)]))
+    observed = float(
+        np.mean([_diffs(p, np.arange(n)[None, :], metric)[0] for p, n in zip(pairs, sizes, strict=True)])
+    )
     rng = np.random.default_rng(seed)
     drawn = rng.integers(0, len(pairs), size=(resamples, len(pairs)))  # step 1: seeds, with replacement
     diffs = np.empty(drawn.shape)
     for s, (pair, n) in enumerate(zip(pairs, sizes, strict=True)):
         where = np.flatnonzero(drawn == s)  # every (resample, position) that drew seed s
         for start in range(0, len(where), _CHUNK):
-            chunk = where[start:start + _CHUNK]
+            chunk = where[start : start + _CHUNK]
             index = rng.integers(0, n, size=(len(chunk), n))  # step 2: a fresh draw of its examples
             diffs.flat[chunk] = _diffs(pair, index, metric)  # step 3
     means = diffs.mean(1)

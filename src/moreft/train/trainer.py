@@ -48,9 +48,17 @@ class AdapterTrainer(Trainer):
         **kwargs: As for :class:`transformers.Trainer`.
     """
 
-    def __init__(self, *args: Any, score: Callable[[Sequence[Any]], dict[str, float]],
-                 eval_sets: Mapping[str, Sequence[Any]], full_weights: bool = False, **kwargs: Any) -> None:
-        kwargs.setdefault("eval_dataset", list(eval_sets.get("eval", ())))  # only so that Trainer accepts eval_steps
+    def __init__(
+        self,
+        *args: Any,
+        score: Callable[[Sequence[Any]], dict[str, float]],
+        eval_sets: Mapping[str, Sequence[Any]],
+        full_weights: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault(
+            "eval_dataset", list(eval_sets.get("eval", ()))
+        )  # only so that Trainer accepts eval_steps
         super().__init__(*args, **kwargs)
         if not loss_uses_item_count(self.accelerator.unwrap_model(self.model)):
             # A classification head's loss is a plain batch mean that ignores ``num_items_in_batch``; left as
@@ -68,14 +76,19 @@ class AdapterTrainer(Trainer):
         """Scores of ``eval_sets[prefix]`` now; an equal set scored at this step is not scored again
         (memorisation tasks, and file tasks without a test file, test on the validation set)."""
         for other, (step, scores) in self.raw_scores.items():
-            if other != prefix and step == self.state.global_step and self.eval_sets[other] == self.eval_sets[prefix]:
+            if (
+                other != prefix
+                and step == self.state.global_step
+                and self.eval_sets[other] == self.eval_sets[prefix]
+            ):
                 return scores
         scores = self.score(self.eval_sets[prefix])
         self.raw_scores[prefix] = (self.state.global_step, scores)
         return scores
 
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
-                 metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         """Score ``eval_sets[metric_key_prefix]``, log ``<prefix>_<metric>`` and fire ``on_evaluate``.
 
         Raises:
@@ -150,7 +163,9 @@ class AdapterTrainer(Trainer):
         if checkpoint is not None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             groups = [list(group["params"]) for group in self.optimizer.param_groups]
             scheduler = getattr(self, "lr_scheduler", None)
-            check_optimizer_files(Path(checkpoint), groups, scheduler.state_dict() if scheduler is not None else None)
+            check_optimizer_files(
+                Path(checkpoint), groups, scheduler.state_dict() if scheduler is not None else None
+            )
         super()._load_optimizer_and_scheduler(checkpoint)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
@@ -162,9 +177,10 @@ class AdapterTrainer(Trainer):
         try:
             super()._load_rng_state(checkpoint)
         except Exception as exc:  # noqa: BLE001 - torch.load / set_state raise many types for a bad file
-            raise CheckpointError(f"the random-generator state in checkpoint {checkpoint!r} is unreadable "
-                                  f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})"
-                                  ) from None
+            raise CheckpointError(
+                f"the random-generator state in checkpoint {checkpoint!r} is unreadable "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})"
+            ) from None
 
 
 def loss_uses_item_count(model: Any) -> bool:
@@ -203,7 +219,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def truncate_jsonl(path: Path, max_step: int) -> None:
     """Keep only records with ``step <= max_step`` (a resumed run re-logs the later steps)."""
-    kept = [r for r in read_jsonl(path) if isinstance(r.get("step", 0), (int, float)) and r.get("step", 0) <= max_step]
+    kept = [
+        r
+        for r in read_jsonl(path)
+        if isinstance(r.get("step", 0), (int, float)) and r.get("step", 0) <= max_step
+    ]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -224,13 +244,23 @@ class MetricsLogger(TrainerCallback):
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-               **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": round(time.time(), 3)}
-        record.update({("lr" if k == "learning_rate" else k): v for k, v in logs.items()
-                       if k not in ("epoch", "total_flos") and isinstance(v, (int, float, str))})
+        record = {
+            "step": state.global_step,
+            "epoch": round(state.epoch or 0.0, 4),
+            "time": round(time.time(), 3),
+        }
+        record.update(
+            {
+                ("lr" if k == "learning_rate" else k): v
+                for k, v in logs.items()
+                if k not in ("epoch", "total_flos") and isinstance(v, (int, float, str))
+            }
+        )
         append_jsonl(self.path, record)
 
 
@@ -243,15 +273,21 @@ class ProgressBar(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero and self.enabled:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+            )
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-               **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         if not state.is_world_process_zero or not logs:
             return
         if "loss" in logs and self.bar is not None:

@@ -55,8 +55,11 @@ def _fields() -> dict[str, tuple[Any, argparse.Action]]:
     for action in parser._actions:
         actions.setdefault(action.dest, action)  # a bool's --no_<name> complement comes second
     hints = typing.get_type_hints(TrainingArguments)
-    return {f.name: (hints[f.name], actions[f.name]) for f in dataclasses.fields(TrainingArguments)
-            if f.init and f.name in actions}
+    return {
+        f.name: (hints[f.name], actions[f.name])
+        for f in dataclasses.fields(TrainingArguments)
+        if f.init and f.name in actions
+    }
 
 
 def field_names() -> list[str]:
@@ -87,14 +90,19 @@ def check_trainer_args(name: str, value: Mapping[str, Any], settings: Mapping[st
         if key in owners or key in settings:
             spec = settings[owners.get(key, key)]
             how = "a moreft setting" if key in settings else f"set by moreft's {spec.name} setting"
-            raise ConfigError(f"{name} key {key!r} is {how}; give it as {spec.option} (recipe key "
-                              f"{spec.name}) instead of in {name}")
+            raise ConfigError(
+                f"{name} key {key!r} is {how}; give it as {spec.option} (recipe key "
+                f"{spec.name}) instead of in {name}"
+            )
         if key in FIXED:
             raise ConfigError(f"{name} key {key!r} cannot be changed: {FIXED[key]}")
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else (
-                " (the fields of transformers.TrainingArguments are accepted)")
+            hint = (
+                f"; did you mean {' or '.join(map(repr, close))}?"
+                if close
+                else (" (the fields of transformers.TrainingArguments are accepted)")
+            )
             raise ConfigError(f"{name} key {key!r} is not a transformers TrainingArguments field{hint}")
         out[key] = _convert(f"{name} {key}", raw, *fields[key])
     if "report_to" in out:
@@ -156,8 +164,15 @@ def _one(what: str, value: Any, hint: Any, action: argparse.Action) -> Any:
     return out.value if isinstance(out, enum.Enum) else out
 
 
-_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", dict: "a mapping",
-          list: "a list", type(None): "null"}
+_WORDS = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "text",
+    dict: "a mapping",
+    list: "a list",
+    type(None): "null",
+}
 
 
 def _show(hint: Any) -> str:
@@ -165,8 +180,14 @@ def _show(hint: Any) -> str:
     words = []
     for t in _union(hint):
         origin = typing.get_origin(t) or t
-        words.append(_WORDS.get(origin) or (f"one of {[m.value for m in origin]}" if isinstance(origin, type)
-                                            and issubclass(origin, enum.Enum) else str(t)))
+        words.append(
+            _WORDS.get(origin)
+            or (
+                f"one of {[m.value for m in origin]}"
+                if isinstance(origin, type) and issubclass(origin, enum.Enum)
+                else str(t)
+            )
+        )
     return " or ".join(dict.fromkeys(words))
 
 
@@ -187,12 +208,16 @@ def check_reporting(report_to: Any, installed: bool = True) -> None:
         if integration not in INTEGRATION_TO_CALLBACK:
             close = difflib.get_close_matches(str(integration), list(INTEGRATION_TO_CALLBACK), n=2)
             hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-            raise ConfigError(f"trainer_args report_to={integration!r} is not one of transformers' integrations "
-                              f"{sorted(INTEGRATION_TO_CALLBACK)} (or 'none', 'all'){hint}")
+            raise ConfigError(
+                f"trainer_args report_to={integration!r} is not one of transformers' integrations "
+                f"{sorted(INTEGRATION_TO_CALLBACK)} (or 'none', 'all'){hint}"
+            )
         if installed and integration not in get_available_reporting_integrations():
-            raise ConfigError(f"trainer_args report_to={integration!r} needs its package, which is not installed "
-                              f"(e.g. `pip install {integration}`); installed integrations: "
-                              f"{get_available_reporting_integrations() or 'none'}")
+            raise ConfigError(
+                f"trainer_args report_to={integration!r} needs its package, which is not installed "
+                f"(e.g. `pip install {integration}`); installed integrations: "
+                f"{get_available_reporting_integrations() or 'none'}"
+            )
 
 
 def check_scheduler(arguments: Any) -> None:
@@ -208,10 +233,16 @@ def check_scheduler(arguments: Any) -> None:
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=arguments.learning_rate)
     steps = arguments.max_steps if arguments.max_steps > 0 else 100
     try:
-        get_scheduler(arguments.lr_scheduler_type, optimizer=optimizer,
-                      num_warmup_steps=arguments.get_warmup_steps(steps), num_training_steps=steps,
-                      scheduler_specific_kwargs=arguments.lr_scheduler_kwargs or {})
+        get_scheduler(
+            arguments.lr_scheduler_type,
+            optimizer=optimizer,
+            num_warmup_steps=arguments.get_warmup_steps(steps),
+            num_training_steps=steps,
+            scheduler_specific_kwargs=arguments.lr_scheduler_kwargs or {},
+        )
     except (ValueError, TypeError, KeyError) as exc:
-        raise ConfigError(f"lr_scheduler={arguments.lr_scheduler_type.value!r} cannot be built with "
-                          f"lr_scheduler_kwargs={arguments.lr_scheduler_kwargs or {}} ({type(exc).__name__}: "
-                          f"{exc}); pass its options with --trainer-arg lr_scheduler_kwargs=...") from None
+        raise ConfigError(
+            f"lr_scheduler={arguments.lr_scheduler_type.value!r} cannot be built with "
+            f"lr_scheduler_kwargs={arguments.lr_scheduler_kwargs or {}} ({type(exc).__name__}: "
+            f"{exc}); pass its options with --trainer-arg lr_scheduler_kwargs=..."
+        ) from None

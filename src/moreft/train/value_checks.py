@@ -38,8 +38,15 @@ def check_int(name: str, value: Any, minimum: float | None, maximum: float) -> i
     return value
 
 
-def check_float(name: str, value: Any, minimum: float | None, maximum: float | None, *, above: bool = False,
-                below: bool = False) -> float:
+def check_float(
+    name: str,
+    value: Any,
+    minimum: float | None,
+    maximum: float | None,
+    *,
+    above: bool = False,
+    below: bool = False,
+) -> float:
     """A finite number within the bounds (``above`` / ``below``: the bound itself is excluded).
 
     Raises:
@@ -75,18 +82,24 @@ def check_targets(name: str, value: Any) -> tuple[str, ...] | str | None:
         return None
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items or not all(isinstance(v, str) for v in items):
-        raise ConfigError(f"{name}={value!r} must be module names (a list, or 'query value'), a regex, "
-                          "'all-linear', or null for the model's default")
+        raise ConfigError(
+            f"{name}={value!r} must be module names (a list, or 'query value'), a regex, "
+            "'all-linear', or null for the model's default"
+        )
     special = [v for v in items if v.strip() == ALL_LINEAR or REGEX_CHARACTERS.intersection(v)]
     if special and len(items) == 1:
         return items[0].strip() if items[0].strip() == ALL_LINEAR else items[0]
     if special:
-        raise ConfigError(f"{name}={list(items)!r}: {special[0]!r} is a regex or 'all-linear', which must be "
-                          "given alone, not among module names")
+        raise ConfigError(
+            f"{name}={list(items)!r}: {special[0]!r} is a regex or 'all-linear', which must be "
+            "given alone, not among module names"
+        )
     names = tuple(n for v in items for n in _SEPARATORS.split(v) if n)
     if not names:
-        raise ConfigError(f"{name}={value!r} names no module; give names, a regex, 'all-linear', or null for "
-                          "the model's default")
+        raise ConfigError(
+            f"{name}={value!r} names no module; give names, a regex, 'all-linear', or null for "
+            "the model's default"
+        )
     return names
 
 
@@ -101,11 +114,19 @@ def check_folder_name(name: str, value: Any) -> str:
         ConfigError: Empty, ``.`` / ``..``, a path separator, a control character, a leading ``.``
             (moreft's temp files are hidden siblings), or longer than :data:`MAX_NAME_BYTES`.
     """
-    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value \
-            or value.startswith(".") or any(ord(c) < 32 or ord(c) == 127 for c in value) \
-            or len(value.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+    if (
+        not isinstance(value, str)
+        or not value
+        or value in (".", "..")
+        or "/" in value
+        or "\\" in value
+        or value.startswith(".")
+        or any(ord(c) < 32 or ord(c) == 127 for c in value)
+        or len(value.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES
+    ):
         shown = repr(value) if not isinstance(value, str) or len(value) <= 80 else repr(value[:80]) + "..."
-        raise ConfigError(f"{name}={shown} must be a non-empty folder name without '/' (nor '\\', control "
-                          f"characters or a leading '.'), at most {MAX_NAME_BYTES} bytes")
+        raise ConfigError(
+            f"{name}={shown} must be a non-empty folder name without '/' (nor '\\', control "
+            f"characters or a leading '.'), at most {MAX_NAME_BYTES} bytes"
+        )
     return value
-

@@ -71,8 +71,10 @@ def load_full_weights(model: torch.nn.Module, path: Path) -> int:
     missing, unknown = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     wrong = sorted(k for k in set(own) & set(saved) if tuple(saved[k].shape) != tuple(own[k].shape))
     if missing or unknown or wrong:
-        raise AdapterFileError(f"{str(path)!r} does not fit the model: missing {missing[:4]}, unknown "
-                               f"{unknown[:4]}, other shapes {wrong[:4]}; it belongs to another base model")
+        raise AdapterFileError(
+            f"{str(path)!r} does not fit the model: missing {missing[:4]}, unknown "
+            f"{unknown[:4]}, other shapes {wrong[:4]}; it belongs to another base model"
+        )
     for name, value in saved.items():
         live[name].copy_(value.to(dtype=live[name].dtype))
     return len(saved)
@@ -111,7 +113,9 @@ def adapter_for(config: Any, model: torch.nn.Module, targets: Any, heads: tuple[
     if not config.train_unadapted:
         return adapter
     names = moreft.resolve_targets(model, adapter)
-    extra = [n for n in unadapted_modules(model, names) if not any(n == h or n.endswith("." + h) for h in heads)]
+    extra = [
+        n for n in unadapted_modules(model, names) if not any(n == h or n.endswith("." + h) for h in heads)
+    ]
     return config.adapter_config(targets, (*heads, *extra))
 
 
@@ -128,6 +132,8 @@ def check_init_digest(model: torch.nn.Module, metrics: dict[str, Any], run: Path
     """
     saved, now = metrics.get(DIGEST_KEY), init_digest_of(model)
     if saved is not None and now is not None and saved != now:
-        raise ConfigError(f"run {str(run)!r} trained on a random base whose initial weights this installation does "
-                          f"not reproduce (digest {now[:12]}... != {str(saved)[:12]}...): torch or transformers "
-                          "draws other numbers for the same seed now; evaluate it with the versions that trained it")
+        raise ConfigError(
+            f"run {str(run)!r} trained on a random base whose initial weights this installation does "
+            f"not reproduce (digest {now[:12]}... != {str(saved)[:12]}...): torch or transformers "
+            "draws other numbers for the same seed now; evaluate it with the versions that trained it"
+        )

@@ -17,7 +17,11 @@ from peft import mapping
 from ..config import CONFIG_CLASSES, PEFT_TYPES, Method
 from .model import LoRAModel, MoRAModel, MoreftTuner, MoReModel
 
-TUNERS: dict[Method, type[MoreftTuner]] = {Method.MORE: MoReModel, Method.MORA: MoRAModel, Method.LORA: LoRAModel}
+TUNERS: dict[Method, type[MoreftTuner]] = {
+    Method.MORE: MoReModel,
+    Method.MORA: MoRAModel,
+    Method.LORA: LoRAModel,
+}
 
 
 def register() -> None:
