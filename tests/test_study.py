@@ -14,7 +14,7 @@ from moreft.errors import ConfigError
 from moreft.search.studyplan import check_arms, read_plan, run_cost, run_seconds, task_configs
 from moreft.search.studyrun import estimate
 from moreft.train import loop
-from moreft.train.choices import METHODS
+from moreft.train.config import METHODS
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -112,10 +112,10 @@ def test_the_estimate_counts_steps_evaluations_and_runs(tiny_bert, tmp_path):
         cost.test_examples,
         cost.steps,
         cost.evaluations,
-    ) == (72, 24, 24, 18, 4)
+    ) == (72, 24, 24, 18, 3)  # evaluations at steps 5, 10, 15; the best one is reused at the end
     budget = plan.task_budget("sent")
-    assert run_seconds(cost, budget, "lora") == pytest.approx(18 * 0.5 + (4 * 24 + 24) * 0.01 + 2)
-    assert run_seconds(cost, budget, "peft:vera") == pytest.approx(18 * 1.0 + (4 * 24 + 24) * 0.01 + 2)
+    assert run_seconds(cost, budget, "lora") == pytest.approx(18 * 0.5 + (3 * 24 + 24) * 0.01 + 2)
+    assert run_seconds(cost, budget, "peft:vera") == pytest.approx(18 * 1.0 + (3 * 24 + 24) * 0.01 + 2)
     (row,) = estimate(plan, {"sent": config}, plan.arms)
     assert row["runs"] == 3 * (2 + 2) and row["seconds"] == pytest.approx(4 * sum(row["per_arm"].values()))
 
@@ -186,6 +186,15 @@ def test_an_interrupted_study_continues_where_it_stopped(tiny_bert, tmp_path, ca
     assert all("seed" in name for name in trained)
 
 
+def test_the_gpu_plan_dry_runs_on_a_cpu(monkeypatch, capsys):
+    monkeypatch.setenv("ROBERTA_LARGE", "/models/roberta-large")
+    monkeypatch.setenv("GLUE_DIR", "/data/glue")
+    plan = str(RECIPES / "fidelity" / "gpu-glue-roberta-large.yaml")
+    assert main(["study", "--plan", plan, "--dry-run", "--skip-arms", "full"]) == 0
+    out = capsys.readouterr().out
+    assert "7 task(s) x 4 arms, 4 trials per arm, 5 seeds" in out and "| mnli | – |" in out  # no data here
+
+
 def test_every_fidelity_plan_resolves_and_estimates():
     """The plans validate; arms of a method this moreft lacks (``full``, until it lands) are the only ones left out."""
     plans = sorted((RECIPES / "fidelity").glob("*.yaml"))
@@ -208,3 +217,35 @@ def test_every_fidelity_plan_resolves_and_estimates():
         else:
             (row,) = estimate(plan, task_configs(plan), arms)
             assert row["seconds"] is not None and row["test"] >= 500, file
+
+
+def test_the_gpu_plan_arms_have_the_sizes_of_table_3(tmp_path):
+    """LoRA r=8 on query/value and MoRe N=4 block_rank 4 / 1 on q, k, v of RoBERTa-large (a config, no weights:
+    counted on the meta device)."""
+    from transformers import RobertaConfig
+
+    from moreft.search.driver import count_adapter_params
+    from moreft.train.arms import arm_changes, parse_method_spec
+    from moreft.train.config import TrainConfig
+
+    RobertaConfig(
+        vocab_size=50265,
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        max_position_embeddings=514,
+        type_vocab_size=1,
+    ).save_pretrained(tmp_path)
+    base = TrainConfig(task="sentiment", model=str(tmp_path), target_modules=("query", "key", "value"))
+    plan = read_plan(RECIPES / "fidelity" / "gpu-glue-roberta-large.yaml")
+    sizes = {
+        arm: count_adapter_params(base.replace(**arm_changes(parse_method_spec(arm))))
+        for arm in plan.arms
+        if not arm.startswith(("full", "peft:boft"))
+    }
+    assert sizes == {
+        "lora:rank=8,alpha=16,target_modules=query value": 786_432,
+        "more:block_rank=4": 589_824,
+        "more:block_rank=1": 147_456,
+    }

@@ -10,7 +10,8 @@ A plan is a YAML mapping::
       sentiment:
         recipe: ../sentiment-more.yaml             # optional, relative to the plan file
         settings: {task: sentiment, eval_fraction: 0.1}
-        budget: {seconds_per_step: 0.4}            # optional, overrides the plan's budget
+        space: {batch_size: [16]}                  # optional, over the plan's space (lr_by_method merged)
+        budget: {seconds_per_step: 0.4}            # optional, over the plan's budget
     arms: [lora:rank=8, more:block_rank=1, full, peft:vera:r=256]
     reference: lora:rank=8            # compared with every other arm (paired bootstrap interval)
     search: {trials: 4, sampler: tpe, pruner: none}   # per arm: the same budget for every arm
@@ -41,6 +42,7 @@ from moreft.search.settings import SearchSettings
 from moreft.search.space import SearchSpace
 from moreft.train.arms import matches, parse_method_spec
 from moreft.train.bounded import load_yaml, read_text_file
+from moreft.train.choices import TRAIN_METHODS
 from moreft.train.config import TrainConfig
 from moreft.train.value_checks import check_folder_name
 
@@ -59,7 +61,7 @@ PLAN_KEYS = (
     "jobs",
     "budget",
 )
-TASK_KEYS = ("recipe", "settings", "budget")
+TASK_KEYS = ("recipe", "settings", "space", "budget")
 BUDGET_KEYS = ("seconds_per_step", "seconds_per_eval_example", "seconds_per_run", "measured")
 #: Search settings a plan may give (the study names each arm's search itself).
 SEARCH_KEYS = ("trials", "pruner", "reduction_factor", "min_steps", "sampler", "seed", "timeout")
@@ -101,9 +103,16 @@ class StudyPlan:
             if (not only or any(matches(a, p) for p in only)) and not any(matches(a, p) for p in skip)
         )
 
-    def search_space(self, arm: str) -> SearchSpace:
-        """The space of one arm's search: the plan's space with that arm alone."""
-        return SearchSpace.from_dict({**self.space, "arms": [arm]})
+    def task_space(self, task: str) -> dict[str, Any]:
+        """The plan's space with the task's own entries over it (``lr_by_method`` merged key by key)."""
+        own = self.tasks[task].get("space") or {}
+        ranges = {**(self.space.get("lr_by_method") or {}), **(own.get("lr_by_method") or {})}
+        return {**self.space, **own, **({"lr_by_method": ranges} if ranges else {})}
+
+    def search_space(self, arm: str, task: str) -> SearchSpace:
+        """The space of one arm's search on ``task``: the task's space with that arm alone (``lr_by_method``
+        entries of methods this moreft lacks left out: no arm of theirs runs here)."""
+        return SearchSpace.from_dict({**_available(self.task_space(task)), "arms": [arm]})
 
     def task_budget(self, task: str) -> dict[str, Any]:
         """The plan's budget, with the task's own entries over it."""
@@ -162,6 +171,7 @@ def read_plan(path: str | os.PathLike) -> StudyPlan:
         if bad:
             raise ConfigError(f"task {name!r} has unknown key(s) {bad}; valid keys are {list(TASK_KEYS)}")
         entry["settings"] = _mapping(entry.get("settings"), f"task {name!r} settings")
+        entry["space"] = _mapping(entry.get("space"), f"task {name!r} space")
         entry["budget"] = _budget(entry.get("budget"), f"task {name!r} budget")
     arms = data.get("arms")
     if not isinstance(arms, list) or not arms or not all(isinstance(a, str) and a.strip() for a in arms):
@@ -177,11 +187,15 @@ def read_plan(path: str | os.PathLike) -> StudyPlan:
             f"study plan search has key(s) {bad} a study sets itself; valid keys are {list(SEARCH_KEYS)}"
         )
     space = _mapping(data.get("space"), "space")
-    if "arms" in space or "methods" in space:
-        raise ConfigError(
-            "study plan space may not list arms or methods: the plan's arms are searched one by one"
+    for own in [space, *(entry["space"] for entry in tasks.values())]:
+        _check_space(
+            {
+                **space,
+                **own,
+                "lr_by_method": {**(space.get("lr_by_method") or {}), **(own.get("lr_by_method") or {})},
+            },
+            arms,
         )
-    SearchSpace.from_dict({**space, "methods": ["lora"]})  # checks the space's keys and ranges
     seeds = data.get("seeds", 5)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"study plan seeds={seeds!r} must be an integer >= 1 (final runs per arm)")
@@ -208,6 +222,38 @@ def read_plan(path: str | os.PathLike) -> StudyPlan:
         jobs=jobs,
         budget=_budget(data.get("budget"), "budget"),
     )
+
+
+def _check_space(space: Mapping[str, Any], arms: Sequence[str]) -> None:
+    """Check a plan's (or a task's) space: its keys and ranges; ``lr_by_method`` keys name a method of this
+    moreft or the method of one of the plan's arms (a method that comes later, e.g. ``full``).
+
+    Raises:
+        ConfigError: ``arms`` / ``methods`` given (the plan's arms are searched one by one), or a bad entry.
+    """
+    if "arms" in space or "methods" in space:
+        raise ConfigError(
+            "study plan space may not list arms or methods: the plan's arms are searched one by one"
+        )
+    SearchSpace.from_dict({**_available(space), "methods": ["lora"]})
+    families = {family_of_spec(a) for a in arms} | {family_of_spec(a).split(":")[0] for a in arms}
+    for key in set(space.get("lr_by_method") or {}) - set(_available(space).get("lr_by_method") or {}):
+        if str(key).lower() not in families:
+            raise ConfigError(
+                f"study plan space lr_by_method key {key!r} is neither a method of this moreft "
+                f"({', '.join(TRAIN_METHODS)}) nor the method of one of the plan's arms"
+            )
+
+
+def _available(space: Mapping[str, Any]) -> dict[str, Any]:
+    """``space`` without the ``lr_by_method`` entries of methods this moreft lacks (e.g. a later ``full``)."""
+    ranges = space.get("lr_by_method")
+    if not isinstance(ranges, Mapping):
+        return dict(space)
+    kept = {
+        k: v for k, v in ranges.items() if not isinstance(k, str) or k.split(":")[0].lower() in TRAIN_METHODS
+    }
+    return {**space, "lr_by_method": kept}
 
 
 def check_arms(arms: Sequence[str], reference: str | None) -> list[dict[str, Any]]:
@@ -289,7 +335,10 @@ def run_cost(config: TrainConfig) -> RunCost:
     cap = config.eval_examples or 10**12
     per_epoch = math.ceil(math.ceil(sizes["train"] / config.batch_size) / config.grad_accum)
     steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
-    evaluations = (steps // config.eval_every if config.eval_every else 0) + 1  # periodic, and the final one
+    periodic = steps // config.eval_every if config.eval_every else 0
+    # the final validation score is the one logged at the last (or, best_checkpoint, the best) evaluated step
+    final = 0 if periodic and (config.best_checkpoint or steps % config.eval_every == 0) else 1
+    evaluations = periodic + final
     return RunCost(sizes["train"], min(sizes["validation"], cap), min(sizes["test"], cap), steps, evaluations)
 
 

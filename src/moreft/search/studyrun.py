@@ -101,7 +101,11 @@ def budget_lines(plan: StudyPlan, rows: Sequence[dict[str, Any]]) -> list[str]:
             f"{r['evaluations']} | {r['runs']} | {hours} |"
         )
     known = [r["seconds"] for r in rows if r.get("seconds") is not None]
-    total = f"{sum(known) / 3600:.2f}" + ("" if len(known) == len(rows) else " (known tasks only)")
+    total = (
+        "–"
+        if not known
+        else f"{sum(known) / 3600:.2f}" + ("" if len(known) == len(rows) else " (known tasks only)")
+    )
     lines.append(f"| **all** | | | | **{sum(r['runs'] for r in rows)}** | **{total}** |")
     measured = plan.budget.get("measured")
     lines += [
@@ -216,7 +220,7 @@ def _task(
     say = progress.say
     rows = []
     for i, arm in enumerate(arms, start=1):
-        space = plan.search_space(arm)
+        space = plan.search_space(arm, task)
         settings = SearchSettings(
             **{**plan.search.to_dict(), "jobs": plan.jobs, "name": f"search-{slug(parse_method_spec(arm))}"}
         )

@@ -126,7 +126,7 @@ def slug(spec: Mapping[str, Any]) -> str:
     """A folder-name form of a parsed spec, e.g. ``more-blockrank4`` or ``peft-vera-r256``."""
     if spec["method"] != RunMethod.PEFT:
         parts = [spec["method"]] + [f"{k}{v}" for k, v in spec.items() if k != "method"]
-        return "-".join(str(p).replace("/", "_").replace("_", "") for p in parts)
+        return "-".join(str(p).replace("/", "_").replace("_", "").replace(" ", "+") for p in parts)
     items = [
         *spec["peft_options"].items(),
         *((k, v) for k, v in spec.items() if k not in ("method", "peft_type", "peft_options")),
