@@ -335,7 +335,7 @@ BAD_INPUTS = [
         "flag-choice",
         cli("--method", "dora", train={}),
         CliError,
-        r"argument --method: invalid choice: 'dora' \(choose from '?more'?, '?mora'?, '?lora'?, '?full'?\)",
+        r"argument --method: invalid choice: 'dora' \(choose from '?more'?, '?mora'?, '?lora'?, '?full'?, '?peft'?\)",
     ),
     Bad(
         "flag-type",

@@ -66,7 +66,7 @@ def error_line(capsys, argv: list[str]) -> str:
         (["train", "--tsk", "sentiment"], "unrecognized arguments: --tsk sentiment (see `moreft --help`)"),
         (
             ["train", "--method", "dora"],
-            "argument --method: invalid choice: 'dora' (choose from 'more', 'mora', 'lora', 'full')",
+            "argument --method: invalid choice: 'dora' (choose from 'more', 'mora', 'lora', 'full', 'peft')",
         ),
         (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
         (

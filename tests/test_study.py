@@ -14,7 +14,7 @@ from moreft.errors import ConfigError
 from moreft.search.studyplan import check_arms, read_plan, run_cost, run_seconds, task_configs
 from moreft.search.studyrun import estimate
 from moreft.train import loop
-from moreft.train.config import METHODS
+from moreft.train.choices import TRAIN_METHODS as METHODS
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

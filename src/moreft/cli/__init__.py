@@ -1,5 +1,5 @@
 """The ``moreft`` command line: ``train``, ``eval``, ``merge``, ``export-lora``, ``inspect``, ``compare``,
-``search``, ``convert`` and ``bench``.
+``search``, ``study``, ``convert`` and ``bench``.
 
     moreft train --config recipes/demo.yaml               # a recipe; any flag overrides it
     moreft train --task sentiment --method lora --rank 8 --max-steps 200
@@ -9,6 +9,7 @@
     moreft inspect runs/NAME                                # per-layer rank / norm, |ΔW| heat map
     moreft compare --task sentiment --methods lora:rank=8 more:block_rank=4 --seeds 3
     moreft search --config recipes/demo.yaml --space recipes/search-sentiment-cpu.yaml  # Optuna + ASHA
+    moreft study --plan recipes/fidelity/sentiment.yaml     # lr search per arm, seeds, paired CIs
     moreft convert THEIRS/ adapter/ --from kongds-mora      # the papers' adapters -> moreft (docs/interop.md)
     moreft bench --quick                                    # step speed / memory next to peft (docs/performance.md)
 
