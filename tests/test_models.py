@@ -14,6 +14,7 @@ from torch import nn
 
 from moreft.errors import ConfigError
 from moreft.models import MODELS, load_model, minilm_dir, model_dir, smollm2_gguf
+from moreft.models import gguf as gguf_mod
 from moreft.models import packaged as models
 from moreft.tasks import DataPackageError, TaskKind
 
@@ -124,7 +125,7 @@ def _tiny_llama(gguf_path):
 
 def test_gguf_cache_converts_once_atomically_and_refreshes_when_stale(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(models, "_dequantize_gguf", lambda p: calls.append(p) or _tiny_llama(p))
+    monkeypatch.setattr(gguf_mod, "_dequantize_gguf", lambda p: calls.append(p) or _tiny_llama(p))
     gguf = tmp_path / "Tiny-Model.gguf"
     gguf.write_bytes(b"GGUF" * 4)
     cache = tmp_path / "cache"

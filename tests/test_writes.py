@@ -323,7 +323,7 @@ def test_a_gguf_conversion_never_replaces_a_folder_it_did_not_write(tmp_path):
 
 def test_a_gguf_conversion_is_written_by_files_write_folder(tmp_path, monkeypatch):
     """convert_gguf shares files.py's one mechanism: a killed writer's temp sibling is swept, a link written through."""
-    from moreft.models import packaged as models
+    from moreft.models import gguf as models
 
     monkeypatch.setattr(models, "_dequantize_gguf", lambda p: _tiny_llama_and_tokenizer())
     gguf = tmp_path / "model.gguf"

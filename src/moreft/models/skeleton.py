@@ -11,11 +11,10 @@ from typing import Any
 import torch
 
 from moreft.models.folder import model_dir_errors
+from moreft.models.gguf import _is_cached, _quiet_transformers
 from moreft.models.packaged import (
     MODELS,
     SMOLLM2_CACHE_NAME,
-    _is_cached,
-    _quiet_transformers,
     default_cache_dir,
     model_dir,
     smollm2_gguf,

@@ -29,22 +29,20 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from moreft.config import MoRAOperator, coerce_enum, positive_int
 from moreft.errors import ConfigError
+from moreft.search.lr_ranges import ON, FloatRange, family_key, family_of
 from moreft.train.arms import adapter_part, arm_changes, overrides, parse_method_spec
-from moreft.train.choices import METHODS, TRAIN_METHODS
+from moreft.train.choices import METHODS
 
 #: ``target_modules`` choice that keeps the run config's value (None: the model's default targets).
 DEFAULT_TARGETS = "default"
 #: ``block_rank`` placeholder of square MoRe blocks (the block size, known once the model is).
 SQUARE = "square"
-#: Separates an architecture key's method part from its target modules.
-ON = " on "
 
 
 class BlockShape(str, enum.Enum):
@@ -88,44 +86,6 @@ def _from_mapping(cls: type, name: str, data: Any) -> Any:
     if unknown:
         raise ConfigError(f"search space {name!r} has unknown key(s) {unknown}; valid keys are {known}")
     return cls(**data)
-
-
-@dataclass(frozen=True, kw_only=True)
-class FloatRange:
-    """A float interval, sampled log-uniformly when ``log`` (the usual choice for learning rates)."""
-
-    low: float
-    high: float
-    log: bool = True
-
-    def position(self, value: float) -> float:
-        """Where ``value`` lies in the range: 0 at ``low``, 1 at ``high`` (on the log scale when ``log``)."""
-        if self.high == self.low:
-            return 0.5
-        if self.log:
-            return (math.log(value) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
-        return (value - self.low) / (self.high - self.low)
-
-    def __post_init__(self) -> None:
-        for name in ("low", "high"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    value = float(value)  # YAML reads 1e-4 as a string
-                except ValueError:
-                    raise ConfigError(f"search space lr.{name}={value!r} must be a number") from None
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                raise ConfigError(f"search space lr.{name}={value!r} must be a number > 0")
-            object.__setattr__(self, name, float(value))
-        if self.low > self.high:
-            raise ConfigError(f"search space lr: low={self.low:g} must be <= high={self.high:g}")
-        if not isinstance(self.log, bool):
-            raise ConfigError(f"search space lr.log={self.log!r} must be true or false")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -232,7 +192,7 @@ class SearchSpace:
         object.__setattr__(
             self,
             "lr_by_method",
-            {_family_key(k): _range(f"lr_by_method.{k}", v) for k, v in self.lr_by_method.items()},
+            {family_key(k): _range(f"lr_by_method.{k}", v) for k, v in self.lr_by_method.items()},
         )
         object.__setattr__(self, "batch_size", _choices("batch_size", self.batch_size, int, positive_int))
         object.__setattr__(self, "target_modules", _choices("target_modules", self.target_modules, str))
@@ -351,32 +311,6 @@ class SearchSpace:
 
 #: Methods ``methods`` expands into sizes (the sub-spaces below); any method may be an arm.
 SIZED_METHODS = METHODS  # the adapters search sizes (block_rank, rank); other arms come whole
-
-
-def family_of(key: str) -> str:
-    """The arm family of an architecture key or label: ``more``, ``lora``, ``mora``, ``peft:<type>``, ..."""
-    label = key.partition(ON)[0]
-    method, _, rest = label.partition(":")
-    return f"peft:{rest.partition(':')[0].lower()}" if method == "peft" else method
-
-
-def _family_key(key: Any) -> str:
-    """Check a ``lr_by_method`` key: a method, or ``peft:<type>`` of a known peft type."""
-    if not isinstance(key, str) or key.split(":")[0].lower() not in TRAIN_METHODS:
-        raise ConfigError(
-            f"search space lr_by_method key {key!r} must be a method ({', '.join(TRAIN_METHODS)}) or "
-            "peft:<type>, e.g. peft:vera"
-        )
-    method, _, peft_type = key.lower().partition(":")
-    if peft_type:
-        if method != "peft":
-            raise ConfigError(
-                f"search space lr_by_method key {key!r}: only peft arms have a type (peft:<type>)"
-            )
-        from moreft.train.peft_arm import config_class
-
-        peft_type = config_class(peft_type)[0]
-    return f"{method}:{peft_type}" if peft_type else method
 
 
 def _range(name: str, value: Any) -> FloatRange:

@@ -3,8 +3,8 @@
 ``moreft compare --methods peft:vera:r=256`` (or a recipe's ``method: peft``, ``peft_type: vera``,
 ``peft_options: {r: 256}``) trains peft's own VeRA. The config is peft's class for that type
 (``peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING``); each option is converted by that class's field
-type (an unknown type or option is a ConfigError naming the close matches), and the class's own
-checks run when the run config is made. What moreft sets itself, as for its own methods:
+type (:mod:`.peft_options`; an unknown type or option is a ConfigError naming the close matches),
+and the class's own checks run when the run config is made. What moreft sets itself, as for its own methods:
 
 * ``target_modules``: the run's ``target_modules`` (or the model's default), resolved by moreft's
   rules to full module names, so a peft arm adapts exactly the layers moreft's methods adapt;
@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import enum
 import functools
 import json
-import math
-import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +36,7 @@ from moreft.config import MoreftPeftType
 from moreft.errors import AdapterFileError, ConfigError
 from moreft.inject import ParameterCounts
 from moreft.safe_write import FolderKind, write_folder
+from moreft.train.peft_options import convert_value
 
 #: peft config fields moreft sets itself (see the module docstring) or that do not choose the adapter.
 RESERVED = (
@@ -125,7 +123,7 @@ def convert_options(peft_type: str, options: Mapping[str, Any]) -> dict[str, Any
                 f"peft_options {key!r} is not an option of peft's {cls.__name__} (peft:{name}){hint} "
                 f"Options: {', '.join(fields)}"
             )
-        out[key] = _convert(f"peft:{name} option {key}", value, fields[key])
+        out[key] = convert_value(f"peft:{name} option {key}", value, fields[key])
     return out
 
 
@@ -324,117 +322,3 @@ def load_model(base: nn.Module, folder: Path) -> nn.Module:
         raise AdapterFileError(
             f"the peft adapter in {str(folder)!r} does not fit the base model: {exc}"
         ) from None
-
-
-# -- converting option values by their field types ---------------------------------------------------
-def _union(hint: Any) -> tuple[Any, ...]:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return typing.get_args(hint)
-    return (hint,)
-
-
-class _Refused(ValueError):
-    pass
-
-
-def _convert(what: str, value: Any, hint: Any) -> Any:
-    """``value`` as the field typed ``hint`` takes it, or ConfigError naming the type."""
-    arms = _union(hint)
-    if value is None:
-        if type(None) in arms:
-            return None
-        raise ConfigError(f"{what}=None: this option cannot be null (it takes {_words(hint)})")
-    for arm in arms:
-        if arm is type(None):
-            continue
-        try:
-            return _one(arm, value)
-        except _Refused:
-            continue
-    raise ConfigError(f"{what}={value!r} must be {_words(hint)}")
-
-
-def _one(hint: Any, value: Any) -> Any:
-    origin = typing.get_origin(hint) or hint
-    if hint is Any:
-        return json.loads(json.dumps(value))
-    if origin is typing.Literal:
-        for choice in typing.get_args(hint):
-            if value == choice or (
-                isinstance(value, str) and isinstance(choice, str) and value.lower() == choice.lower()
-            ):
-                return choice
-        raise _Refused
-    if origin is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise _Refused
-    if origin is int:
-        if isinstance(value, bool):
-            raise _Refused
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
-        raise _Refused
-    if origin is float:
-        if isinstance(value, bool):
-            raise _Refused
-        try:
-            number = float(value) if isinstance(value, (int, float, str)) else math.nan
-        except ValueError:
-            raise _Refused from None
-        if not math.isfinite(number):
-            raise _Refused
-        return number
-    if origin is str:
-        if isinstance(value, str):
-            return value
-        raise _Refused
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise _Refused
-        inner = typing.get_args(hint)
-        return [_one(inner[0], v) if inner else v for v in value]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise _Refused
-        try:
-            return json.loads(json.dumps(dict(value), allow_nan=False))
-        except (TypeError, ValueError, RecursionError):
-            raise _Refused from None
-    if isinstance(origin, type) and issubclass(origin, enum.Enum):
-        for member in origin:
-            if value == member.value or (
-                isinstance(value, str) and value.lower() in (str(member.value).lower(), member.name.lower())
-            ):
-                return member.value
-        raise _Refused
-    raise _Refused  # a nested config object: not settable from a run config
-
-
-_WORDS = {
-    bool: "true or false",
-    int: "an integer",
-    float: "a number",
-    str: "text",
-    dict: "a mapping",
-    list: "a list",
-    tuple: "a list",
-    type(None): "null",
-}
-
-
-def _words(hint: Any) -> str:
-    words = []
-    for t in _union(hint):
-        origin = typing.get_origin(t) or t
-        if origin is typing.Literal:
-            words.append("one of " + ", ".join(map(repr, typing.get_args(t))))
-        else:
-            words.append(_WORDS.get(origin, getattr(origin, "__name__", str(t))))
-    return " or ".join(dict.fromkeys(words))
