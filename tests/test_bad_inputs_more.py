@@ -7,103 +7,39 @@ cannot start leaves no run folder).
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
-from test_bad_inputs import FILE_TASK, ROWS, Bad, CliError, Ctx, _adapter, call, check_bad_input, cli
-from tiny import SUBPROCESS_ENV, make_tiny_bert
+from bad_inputs_cases import (
+    BOMB,
+    FILE_TASK,
+    GEN,
+    GEN_ROWS,
+    ROWS,
+    Bad,
+    CliError,
+    _mora_export,
+    call,
+    check_bad_input,
+    cli,
+    model_folder,
+    nan_adapter,
+    recipe,
+    run_folder,
+    sparse_recipe,
+    three_labels,
+)
+from tiny import make_tiny_bert
 
-import moreft
-from moreft.adapter_files import WEIGHTS_NAME
-from moreft.config import MoRAConfig
 from moreft.errors import AdapterFileError, ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-T = ["lin"]
 
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory) -> str:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
-
-def recipe(text: str | bytes) -> Callable[[Ctx], Callable[[], Any]]:
-    """``moreft train --config r.yaml --dry-run`` on a recipe with this content."""
-    return cli("train", "--config", "{tmp}/r.yaml", "--dry-run", files={"r.yaml": text})
-
-
-def sparse_recipe(size: int) -> Callable[[Ctx], Callable[[], Any]]:
-    def setup(ctx: Ctx) -> Callable[[], Any]:
-        with open(ctx.tmp / "r.yaml", "wb") as f:
-            f.truncate(size)  # sparse: no time or disk spent on the test's side
-        return cli("train", "--config", "{tmp}/r.yaml", "--dry-run")(ctx)
-
-    return setup
-
-
-def model_folder(
-    spoil: Callable[[Path], Any], *argv: str, **train: Any
-) -> Callable[[Ctx], Callable[[], Any]]:
-    """``moreft train`` on a copy of the tiny BERT spoiled by ``spoil(folder)``."""
-
-    def setup(ctx: Ctx) -> Callable[[], Any]:
-        shutil.copytree(ctx.bert, ctx.tmp / "m")
-        spoil(ctx.tmp / "m")
-        return cli("--model", "{tmp}/m", *argv, train=train)(ctx)
-
-    return setup
-
-
-def run_folder(files: dict[str, bytes | str]) -> Callable[[Ctx], Callable[[], Any]]:
-    """``moreft eval`` on a folder holding ``files``."""
-
-    def setup(ctx: Ctx) -> Callable[[], Any]:
-        (ctx.tmp / "run").mkdir()
-        for name, content in files.items():
-            (ctx.tmp / "run" / name).write_bytes(content.encode() if isinstance(content, str) else content)
-        return cli("eval", "{tmp}/run")(ctx)
-
-    return setup
-
-
-def three_labels(folder: Path) -> None:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig.from_pretrained(folder)
-    config.num_labels = 3
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(folder)
-
-
-def nan_adapter(ctx: Ctx) -> Callable[[], Any]:
-    path = _adapter(ctx)
-    tensors = load_file(str(path / WEIGHTS_NAME))
-    tensors["lin.blkdiag1"][0, 0, 0] = float("inf")
-    save_file(tensors, str(path / WEIGHTS_NAME))
-    return lambda: moreft.load_adapter(ctx.net, path)
-
-
-def _mora_export(ctx: Ctx, rank: int) -> Any:
-    model = moreft.inject(
-        torch.nn.Sequential(torch.nn.Linear(24, 16)), MoRAConfig(target_modules=["0"], rank=2)
-    )
-    return moreft.export_lora(model, ctx.tmp / "lora", rank=rank)
-
-
-BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
-)
-GEN = ("--task", "file-generation", "--task-option", "train_path={tmp}/data.jsonl")
-GEN_ROWS = "".join(json.dumps({"prompt": f"q {i}", "answer": str(i)}) + "\n" for i in range(20))
 
 BAD_MORE = [
     # recipes: bounded YAML (aliases counted after expansion), size, encoding, shape
@@ -403,66 +339,3 @@ def test_bad_input_gives_a_clear_error_and_touches_nothing(bad, bert, tmp_path):
     began = time.perf_counter()
     check_bad_input(bad, bert, tmp_path)
     assert time.perf_counter() - began < 60
-
-
-def test_a_bad_moreft_triton_breaks_only_the_commands_that_run_layers():
-    env = {**SUBPROCESS_ENV, "MOREFT_TRITON": "sometimes"}
-    ok = subprocess.run(
-        [sys.executable, "-m", "moreft", "--version"], env=env, capture_output=True, text=True, check=False
-    )
-    assert ok.returncode == 0 and ok.stdout.startswith("moreft "), ok.stderr
-    bad = subprocess.run(
-        [sys.executable, "-m", "moreft", "train", "--task", "sentiment", "--dry-run"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert (
-        bad.stderr.strip()
-        == "moreft: error: MOREFT_TRITON='sometimes' must be one of ('auto', 'off', 'on') (or 0/1)"
-    )
-
-
-def test_a_5_mb_line_is_clipped_before_tokenising(tmp_path):
-    """Peak memory of tokenising one 5 MB text, in a fresh process (before: ~700 MB for the whole line)."""
-    code = (
-        "import resource, sys\n"
-        "from transformers import AutoTokenizer\n"
-        "from moreft.models import minilm_dir\n"
-        "from moreft.tasks import PromptExample, TextExample\n"
-        "from moreft.train.data import encode_classification, encode_generation\n"
-        "tok = AutoTokenizer.from_pretrained(minilm_dir())\n"
-        "encode_classification([TextExample(0, 'warm up', 0)], tok, 128)\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "text = 'a gripping, funny film ' * 230_000\n"
-        "items = encode_classification([TextExample(0, text, 1)], tok, 128).items\n"
-        "gen = encode_generation([PromptExample(1, text, ' ' + text)], tok, 128).items\n"
-        "grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024\n"
-        "print(len(text), len(items[0]['input_ids']), len(gen[0]['input_ids']), grew)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=SUBPROCESS_ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    chars, n_cls, n_gen, grew_mib = out.stdout.split()
-    assert int(chars) > 5 * 10**6 and int(n_cls) == 128 and int(n_gen) == 128
-    assert float(grew_mib) < 64, f"tokenising one 5 MB line grew the peak RSS by {grew_mib} MiB"
-
-
-def test_a_backtracking_regex_is_stopped_in_the_library(monkeypatch):
-    import sys
-
-    monkeypatch.setattr(sys.modules["moreft.targets"], "MATCH_SECONDS", 0.2)
-    net = torch.nn.Sequential()
-    net.add_module("a" * 40, torch.nn.Linear(4, 4))
-    began = time.perf_counter()
-    with pytest.raises(moreft.TargetError, match=r"took more than 0\.2 s to match 1 module names"):
-        moreft.inject(net, moreft.LoRAConfig(target_modules="(a|aa)+c"))
-    assert time.perf_counter() - began < 5 and not moreft.adapter_layers(net)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import string
-import types
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,10 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-import moreft
-from moreft.cli import build_parser, main
+from moreft.cli import main
 from moreft.errors import ConfigError
 from moreft.tasks import PromptExample
-from moreft.train import compare, load_trained, parse_method_spec, resolve_config, train
+from moreft.train import load_trained, parse_method_spec, resolve_config, train
 from moreft.train.config import TrainConfig, field_names
 from moreft.train.data import IGNORE_INDEX, encode_generation
 
@@ -25,29 +23,6 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 # -- tiny models --------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> str:
-    """A 2-layer, 32-wide BERT classifier (random weights) with MiniLM's tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from moreft.models import minilm_dir
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     """A 2-layer, 32-wide Llama causal LM with a character-level tokenizer that prepends BOS."""
@@ -329,118 +304,6 @@ def test_eval_merge_export_inspect(tiny_bert, tmp_path, capsys):
     assert report["weights_plot"] == str(run.run_dir / "weights.png") and is_moreft_png(
         run.run_dir / "weights.png"
     )
-
-
-def test_compare_writes_table_and_plot(tiny_bert, tmp_path, monkeypatch):
-    base = tiny_config(tiny_bert, tmp_path, max_steps=2, eval_examples=4)
-    result = compare(base, ["lora:rank=2", "more:block_rank=1"], seeds=2, name="cmp")
-    table = (result.path / "compare.md").read_text()
-    assert "| lora:rank=2 | 768 |" in table and "| more:block_rank=1 | 384 |" in table and " ± " in table
-    assert (result.path / "compare.png").is_file() and len(result.rows[0]["values"]) == 2
-    again = compare(
-        base,
-        ["lora:rank=2"],
-        seeds=2,
-        name="cmp",
-        run=lambda config: pytest.fail("a finished run was trained again"),
-    )
-    assert again.rows[0]["values"] == result.rows[0]["values"]
-    # The CLI reuses the same finished runs and puts its command line at the top of compare.md.
-    monkeypatch.setattr("moreft.train.comparison.train", lambda config: pytest.fail("trained again"))
-    argv = [
-        "compare",
-        "--task",
-        "sentiment",
-        "--model",
-        tiny_bert,
-        "--methods",
-        "lora:rank=2",
-        "more:block_rank=1",
-        "--seeds",
-        "2",
-        "--name",
-        "cmp",
-        "--output-dir",
-        str(tmp_path),
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "8",
-        "--max-examples",
-        "120",
-        "--eval-examples",
-        "4",
-        "--max-length",
-        "32",
-        "--lr",
-        "1e-2",
-        "--log-every",
-        "2",
-        "--block-rank",
-        "2",
-        "--no-progress",
-    ]
-    assert main(argv) == 0
-    table = (result.path / "compare.md").read_text()
-    assert table.splitlines()[2:5] == ["```", "moreft " + " ".join(argv), "```"]
-    assert "| more:block_rank=1 | 384 | 0.50 |" in table
-    assert "Every method uses the same shared settings" in table
-
-
-def test_compare_report_names_per_method_overrides(tmp_path):
-    from moreft.train.comparison import write_report
-
-    row = {
-        "label": "more:block_rank=4,lr=4e-3",
-        "params": 10,
-        "mean": 0.8,
-        "std": 0.01,
-        "eval_mean": 0.8,
-        "eval_std": 0.01,
-        "values": [0.8],
-        "seeds": [0],
-        "seconds": 1.0,
-        "overrides": {"lr": 0.004},
-    }
-    write_report(
-        tmp_path,
-        [row, {**row, "label": "lora:rank=8", "overrides": {}}],
-        "accuracy",
-        TrainConfig(task="sentiment", model="minilm"),
-    )
-    table = (tmp_path / "compare.md").read_text()
-    assert "These methods override shared settings: more:block_rank=4,lr=4e-3 (lr=0.004)." in table
-    assert "no per-method tuning" not in table
-
-
-def test_bench_subcommand_is_registered_when_present(monkeypatch):
-    calls = []
-    bench = types.ModuleType("moreft.cli.bench")
-    bench.__doc__ = "Benchmarks."
-    bench.add_arguments = lambda parser: parser.add_argument("--quick", action="store_true")
-    bench.run = lambda args: calls.append(args.quick) or 0
-    monkeypatch.setitem(__import__("sys").modules, "moreft.cli.bench", bench)
-    assert "bench" in build_parser().format_help()
-    assert main(["bench", "--quick"]) == 0 and calls == [True]
-
-
-def test_monarch_row_order_lines_up_the_blocks():
-    from torch import nn
-
-    from moreft.layers import MoReLinear
-    from moreft.train.inspection import monarch_row_order
-
-    torch.manual_seed(0)
-    layer = MoReLinear(
-        nn.Linear(40, 24), moreft.MoReConfig(nblocks=4, block_rank=1, target_modules=("x",)), name="x"
-    )
-    with torch.no_grad():
-        layer.blkdiag2.normal_()
-    order = monarch_row_order(24, 4)
-    assert sorted(order) == list(range(24))
-    grouped = layer.delta_weight()[order].abs()  # (24, 40): output block b reads only input block b
-    mask = torch.block_diag(*[torch.ones(6, 10)] * 4).bool()
-    assert grouped[~mask].max() == 0 and grouped[mask].min() > 0
 
 
 def test_gpu_recipes_run_on_tiny_stand_ins(tiny_bert, tiny_llama, tmp_path):

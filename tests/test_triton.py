@@ -9,7 +9,7 @@ Three groups, none of which needs a GPU except the last:
   directly with ``MOREFT_TRITON_CHILD=1 TRITON_INTERPRET=1 pytest tests/test_triton.py``.
 * compile checks: every kernel is compiled to an sm_90 (and sm_80) cubin with Triton's bundled
   ``ptxas``, no driver involved, so CI catches kernels that only the interpreter accepts.
-* GPU cases at full Llama-7B size; they skip without CUDA.
+* GPU cases at full Llama-7B size (``test_triton_gpu.py``); they skip without CUDA.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 import pytest
 import torch
 
-from moreft.ops.monarch import block_sizes, more_forward, more_reference
+from moreft.ops.monarch import block_sizes, more_reference
 
 _CHILD = os.environ.get("MOREFT_TRITON_CHILD") == "1"
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -321,46 +321,6 @@ if _CHILD:
         with pytest.raises(TypeError):
             more_triton(torch.randn(3, 24, dtype=torch.float64), w1, w2, 20)
 
-
-# ----------------------------------------------------------------------------------------------
-# GPU: full-size checks (skip without CUDA). Timings belong to docs/triton.md's benchmark plan.
-# ----------------------------------------------------------------------------------------------
-
-if not _CHILD:
-
-    @needs_cuda
-    @pytest.mark.parametrize(
-        "n_in,n_out,nblocks,rank,lead,dtype",
-        [
-            pytest.param(4096, 4096, 4, 4, (2048,), torch.bfloat16, id="llama-qkvo-T2048-bf16"),
-            pytest.param(4096, 11008, 4, 8, (2, 512), torch.bfloat16, id="llama-up-2x512-bf16"),
-            pytest.param(11008, 4096, 4, 8, (2, 512), torch.bfloat16, id="llama-down-2x512-bf16"),
-            pytest.param(4096, 4096, 32, 2, (8, 256), torch.bfloat16, id="nblocks32-bf16"),
-            pytest.param(4000, 3001, 3, 7, (1000,), torch.float16, id="nondiv-fp16"),
-            pytest.param(1536, 1000, 4, 4, (2, 300), torch.float32, id="nondiv-fp32"),
-        ],
-    )
-    def test_gpu_full_size(n_in, n_out, nblocks, rank, lead, dtype):
-        from moreft.ops.triton_more import more_triton, triton_available
-
-        w1, w2 = _factors(n_in, n_out, nblocks, rank, dtype, device="cuda")
-        x = torch.randn(*lead, n_in, device="cuda", dtype=dtype)
-        assert triton_available(x)
-        # reference: the folded two-GEMM path in fp64 on the GPU (same meaning as more_reference)
-        tol = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}[dtype]
-        _compare(more_triton, x, w1, w2, n_out, tol, ref_fn=more_forward)
-
-    @needs_cuda
-    def test_gpu_matches_pseudocode_and_mixed_precision():
-        from moreft.ops.triton_more import more_triton
-
-        w1, w2 = _factors(4096, 4096, 4, 4, torch.float32, device="cuda")
-        x = torch.randn(2, 512, 4096, device="cuda", dtype=torch.bfloat16)
-        _compare(more_triton, x, w1, w2, 4096, 1.5e-2)  # fp32 factors, bf16 activations
-
-
-if _CHILD:
-
     @pytest.mark.parametrize("fused", [True, False], ids=["fused-path", "adapter-path"])
     def test_more_layer_dispatches_to_triton(fused):
         """MoReLinear in mode 'on' (CPU under the interpreter) equals mode 'off' on y and every grad."""
@@ -396,27 +356,3 @@ if _CHILD:
             ("y", "dx", "dblkdiag1", "dblkdiag2"), results["on"], results["off"], strict=True
         ):
             assert _rel_err(got, ref) <= _TOL[torch.float32], name
-
-
-if not _CHILD:
-
-    def test_triton_mode_switch_and_validation(monkeypatch):
-        from moreft.ops import triton_more
-
-        assert triton_more.triton_mode() in triton_more.TRITON_MODES
-        previous = triton_more.set_triton_mode("off")
-        try:
-            assert not triton_more.use_triton(torch.randn(2, 3))
-            with pytest.raises(
-                ValueError, match=r"triton mode 'fast' must be one of \('auto', 'off', 'on'\)"
-            ):
-                triton_more.set_triton_mode("fast")
-            triton_more.set_triton_mode("auto")
-            assert not triton_more.use_triton(torch.randn(2, 3))  # auto: CUDA tensors only
-        finally:
-            triton_more.set_triton_mode(previous)
-        monkeypatch.setenv("MOREFT_TRITON", "0")
-        assert triton_more._mode_from_env() == "off"
-        monkeypatch.setenv("MOREFT_TRITON", "sometimes")
-        with pytest.raises(ValueError, match=r"MOREFT_TRITON='sometimes' must be one of"):
-            triton_more._mode_from_env()

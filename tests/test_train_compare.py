@@ -1,0 +1,126 @@
+"""moreft.train: compare (table, plot, per-method report), the bench subcommand, Monarch row order."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from test_train import tiny_config
+
+import moreft
+from moreft.cli import build_parser, main
+from moreft.train import compare
+from moreft.train.config import TrainConfig
+
+
+def test_compare_writes_table_and_plot(tiny_bert, tmp_path, monkeypatch):
+    base = tiny_config(tiny_bert, tmp_path, max_steps=2, eval_examples=4)
+    result = compare(base, ["lora:rank=2", "more:block_rank=1"], seeds=2, name="cmp")
+    table = (result.path / "compare.md").read_text()
+    assert "| lora:rank=2 | 768 |" in table and "| more:block_rank=1 | 384 |" in table and " ± " in table
+    assert (result.path / "compare.png").is_file() and len(result.rows[0]["values"]) == 2
+    again = compare(
+        base,
+        ["lora:rank=2"],
+        seeds=2,
+        name="cmp",
+        run=lambda config: pytest.fail("a finished run was trained again"),
+    )
+    assert again.rows[0]["values"] == result.rows[0]["values"]
+    # The CLI reuses the same finished runs and puts its command line at the top of compare.md.
+    monkeypatch.setattr("moreft.train.comparison.train", lambda config: pytest.fail("trained again"))
+    argv = [
+        "compare",
+        "--task",
+        "sentiment",
+        "--model",
+        tiny_bert,
+        "--methods",
+        "lora:rank=2",
+        "more:block_rank=1",
+        "--seeds",
+        "2",
+        "--name",
+        "cmp",
+        "--output-dir",
+        str(tmp_path),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-examples",
+        "120",
+        "--eval-examples",
+        "4",
+        "--max-length",
+        "32",
+        "--lr",
+        "1e-2",
+        "--log-every",
+        "2",
+        "--block-rank",
+        "2",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    table = (result.path / "compare.md").read_text()
+    assert table.splitlines()[2:5] == ["```", "moreft " + " ".join(argv), "```"]
+    assert "| more:block_rank=1 | 384 | 0.50 |" in table
+    assert "Every method uses the same shared settings" in table
+
+
+def test_compare_report_names_per_method_overrides(tmp_path):
+    from moreft.train.comparison import write_report
+
+    row = {
+        "label": "more:block_rank=4,lr=4e-3",
+        "params": 10,
+        "mean": 0.8,
+        "std": 0.01,
+        "eval_mean": 0.8,
+        "eval_std": 0.01,
+        "values": [0.8],
+        "seeds": [0],
+        "seconds": 1.0,
+        "overrides": {"lr": 0.004},
+    }
+    write_report(
+        tmp_path,
+        [row, {**row, "label": "lora:rank=8", "overrides": {}}],
+        "accuracy",
+        TrainConfig(task="sentiment", model="minilm"),
+    )
+    table = (tmp_path / "compare.md").read_text()
+    assert "These methods override shared settings: more:block_rank=4,lr=4e-3 (lr=0.004)." in table
+    assert "no per-method tuning" not in table
+
+
+def test_bench_subcommand_is_registered_when_present(monkeypatch):
+    calls = []
+    bench = types.ModuleType("moreft.cli.bench")
+    bench.__doc__ = "Benchmarks."
+    bench.add_arguments = lambda parser: parser.add_argument("--quick", action="store_true")
+    bench.run = lambda args: calls.append(args.quick) or 0
+    monkeypatch.setitem(__import__("sys").modules, "moreft.cli.bench", bench)
+    assert "bench" in build_parser().format_help()
+    assert main(["bench", "--quick"]) == 0 and calls == [True]
+
+
+def test_monarch_row_order_lines_up_the_blocks():
+    from torch import nn
+
+    from moreft.layers import MoReLinear
+    from moreft.train.inspection import monarch_row_order
+
+    torch.manual_seed(0)
+    layer = MoReLinear(
+        nn.Linear(40, 24), moreft.MoReConfig(nblocks=4, block_rank=1, target_modules=("x",)), name="x"
+    )
+    with torch.no_grad():
+        layer.blkdiag2.normal_()
+    order = monarch_row_order(24, 4)
+    assert sorted(order) == list(range(24))
+    grouped = layer.delta_weight()[order].abs()  # (24, 40): output block b reads only input block b
+    mask = torch.block_diag(*[torch.ones(6, 10)] * 4).bool()
+    assert grouped[~mask].max() == 0 and grouped[mask].min() > 0
