@@ -246,5 +246,5 @@ def test_train_real_minilm_end_to_end(tmp_path, capsys):
     assert metrics["eval_examples"] == metrics["test_examples"] == 40
     accuracy = (metrics["eval_accuracy"] + metrics["test_accuracy"]) / 2  # 80 held-out sentences
     assert accuracy >= 0.68, metrics  # chance is 0.5: a coin gets >= 0.68 of 80 with p < 0.001
-    assert "trainable adapter parameters: 55,296 (not counted: 770 in the task head" in printed
+    assert "trainable adapter parameters: 55,296 (not counted: 770 outside the adapter" in printed
     assert f"adapter saved to {tmp_path / 'e2e' / 'adapter'}" in printed
