@@ -18,62 +18,24 @@ persistent ``BufferDict`` s saved with it, never trained).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast, runtime_checkable
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
-from torch.nn.modules import module as registry  # the global hook registries
 
 from ..config import AdapterConfig, Method
 from ..errors import MergeError, TargetError
 from ..ops import fused as _fused
-from .linear import adapter_dtype, conv1d_type, is_conv1d, is_linear, linear_shape
+from .fusing import fused_weight_bias
+from .linear import adapter_dtype, is_conv1d, is_linear, linear_shape
 from .merging import DeltaAdder, accumulate_dtype, add_delta_, count_nonfinite, dense_adder
+from .protocol import AdapterModule as AdapterModule  # re-exported: moreft.layers.base.AdapterModule
 from .quantized import refuse_quantized
 
-_PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
 #: The config class of a concrete layer (``MoReLinear`` holds ``MoReConfig`` s).
 ConfigT = TypeVar("ConfigT", bound=AdapterConfig)
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Hooks the fused path would skip: on ``module`` itself or global, forward or backward."""
-    own = (
-        module._forward_hooks,
-        module._forward_pre_hooks,
-        module._backward_hooks,
-        module._backward_pre_hooks,
-    )
-    global_ = (
-        registry._global_forward_hooks,
-        registry._global_forward_pre_hooks,
-        registry._global_backward_hooks,
-        registry._global_backward_pre_hooks,
-    )
-    return any(own) or any(global_)
-
-
-@runtime_checkable
-class AdapterModule(Protocol):
-    """What an adapter layer offers code outside moreft: a runtime-checkable Protocol, as in torchtune.
-
-    Every :class:`AdapterLayer` satisfies it. moreft itself works with :class:`AdapterLayer`
-    (``moreft.adapter_layers``, merging, saving); this Protocol is public API so that user code
-    can annotate or ``isinstance``-check the interface without depending on that class.
-    """
-
-    base_layer: nn.Module
-    merged: bool
-
-    def delta_weight(self) -> Tensor: ...
-
-    def adapter_params(self) -> dict[str, nn.Parameter]: ...
-
-    def merge(self, safe: bool = False) -> None: ...
-
-    def unmerge(self) -> None: ...
 
 
 class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
@@ -187,10 +149,8 @@ class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
         self.adapter_dropout[adapter_name] = (
             nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         )
-        for short in (
-            *self.adapter_param_names,
-            *self.adapter_buffer_names,
-        ):  # a replaced adapter's old tensors
+        # a replaced adapter's old tensors
+        for short in (*self.adapter_param_names, *self.adapter_buffer_names):
             if adapter_name in getattr(self, self.prefix + short):
                 del getattr(self, self.prefix + short)[adapter_name]
         for short, tensor in params.items():
@@ -301,22 +261,14 @@ class AdapterLayer(nn.Module, BaseTunerLayer, Generic[ConfigT]):
         dtypes, autocast or ``torch.func`` transforms (``moreft.ops.fused.fusable``).
         """
         fused = self.fused if self.fused is not None else _fused.fused_enabled()
-        base = self.base_layer
-        if not fused or not (type(base) is nn.Linear or type(base) is conv1d_type()) or _has_hooks(base):
-            return None
-        if any(type(t) not in _PLAIN_TENSORS for t in (base.weight, base.bias) if t is not None):
-            return None  # tensor subclasses (quantised, DTensor) keep their own dispatch
-        dropout = self.adapter_dropout[adapter_name]
-        if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
-            return None
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            return None
-        stored, bias = cast(Tensor, base.weight), cast("Tensor | None", base.bias)
-        weight = stored.T if is_conv1d(base) else stored  # (out, in)
-        params = self.adapter_params(adapter_name).values()
-        if not _fused.fusable(x, weight, *params, *(() if bias is None else (bias,))):
-            return None
-        return weight, bias
+        return fused_weight_bias(
+            self.base_layer,
+            x,
+            self.in_features,
+            self.adapter_dropout[adapter_name],
+            self.adapter_params(adapter_name).values(),
+            fused,
+        )
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self.disable_adapters:
