@@ -321,3 +321,16 @@ def test_study_report(llama, tmp_path):
     assert "| arm | q_proj | k_proj | v_proj | o_proj | up_proj | down_proj | gate_proj |" in text
     with pytest.raises(ConfigError, match=r"holds no compare.json"):
         build_report(tmp_path / "nothing", tmp_path / "x.md")
+
+
+def test_search_refuses_a_lower_is_better_task():
+    from moreft.errors import ConfigError
+    from moreft.search.driver import check_base
+    from moreft.search.settings import SearchSettings
+    from moreft.train import resolve_config
+
+    base = resolve_config(
+        None, {"task": "pretrain", "model": "llama-tiny", "method": "lora", "eval_every": 5}
+    )
+    with pytest.raises(ConfigError, match=r"scores 'perplexity', lower is better; moreft search maximises"):
+        check_base(base, SearchSettings())
