@@ -16,10 +16,20 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-LAYER_COLUMNS = (("x_base", "x base", 3), ("x_peft_lora", "x peft LoRA", 3), ("flop_floor", "FLOP floor", 3),
-                 ("x_floor", "x floor", 3), ("median_ms", "median ms", 1), ("extra_peak_mib", "extra peak MiB", 2))
-E2E_COLUMNS = (("steps_per_s", "steps/s", 3), ("x_frozen_time", "x frozen step", 2),
-               ("peak_rss_mib", "peak RSS MiB", 0), ("extra_rss_mib", "extra RSS MiB", 0))
+LAYER_COLUMNS = (
+    ("x_base", "x base", 3),
+    ("x_peft_lora", "x peft LoRA", 3),
+    ("flop_floor", "FLOP floor", 3),
+    ("x_floor", "x floor", 3),
+    ("median_ms", "median ms", 1),
+    ("extra_peak_mib", "extra peak MiB", 2),
+)
+E2E_COLUMNS = (
+    ("steps_per_s", "steps/s", 3),
+    ("x_frozen_time", "x frozen step", 2),
+    ("peak_rss_mib", "peak RSS MiB", 0),
+    ("extra_rss_mib", "extra RSS MiB", 0),
+)
 
 
 def _median(values: list[float]) -> float:
@@ -39,7 +49,8 @@ def summarize(reports: list[dict[str, Any]]) -> str:
     """Markdown: one table per layer shape, the merge table, the end-to-end table, the goals."""
     out = []
     shapes: dict[tuple[int, int, int], dict[str, dict[str, list[float]]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(list)))
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
     merges: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     e2e: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     goals: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -68,15 +79,27 @@ def summarize(reports: list[dict[str, Any]]) -> str:
         out.append(_table(f"{i} -> {o}, T = {t}", table, LAYER_COLUMNS))
     if merges:
         sizes = sorted({rep["merge"]["size"] for rep in reports if "merge" in rep})
-        out.append(_table(f"merge, {' / '.join(map(str, sizes))}² fp32, ms per merge", merges,
-                          (("median_ms", "ms", 2), ("x_add", "x one W.add_", 2))))
+        out.append(
+            _table(
+                f"merge, {' / '.join(map(str, sizes))}² fp32, ms per merge",
+                merges,
+                (("median_ms", "ms", 2), ("x_add", "x one W.add_", 2)),
+            )
+        )
     if e2e:
         out.append(_table("end to end (MiniLM fine-tune)", e2e, E2E_COLUMNS))
     if goals:
-        lines = ["**goals** (median over runs)", "", "| shape | goal | value | limit | met |", "|---|---|---|---|---|"]
+        lines = [
+            "**goals** (median over runs)",
+            "",
+            "| shape | goal | value | limit | met |",
+            "|---|---|---|---|---|",
+        ]
         for (shape, goal), values in goals.items():
             value, limit = _median(values), limits[(shape, goal)]
-            lines.append(f"| {shape} | {goal} | {value:.3f} | {limit} | {'yes' if value <= limit else 'no'} |")
+            lines.append(
+                f"| {shape} | {goal} | {value:.3f} | {limit} | {'yes' if value <= limit else 'no'} |"
+            )
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
 

@@ -97,3 +97,30 @@ def test_compiled_fp32_inference_and_wide_batches():
     torch.testing.assert_close(got[0], ref[0], rtol=2e-5, atol=2e-5)
     for name, grad in ref[1].items():
         torch.testing.assert_close(got[1][name], grad, rtol=2e-5, atol=2e-5, msg=name)
+
+
+def test_compiled_under_bf16_autocast_equals_eager():
+    """Trainer(bf16=True, torch_compile=True): the fused ops run in bf16 inside the graph, no graph break."""
+    model = Chain(torch.float32)
+    x = torch.randn(4, 6, 24)
+
+    class Autocast(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.inner(x)
+
+    got, ref = step(compiled(Autocast(model)), x), step(Autocast(model), x)
+    assert got[0].dtype == ref[0].dtype == torch.bfloat16
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    assert relative(got[0], ref[0]) < 2e-2
+    assert got[1].keys() == ref[1].keys()
+    for name, grad in ref[1].items():
+        assert got[1][name].dtype == grad.dtype == torch.float32, name
+        assert relative(got[1][name], grad) < 5e-2, name

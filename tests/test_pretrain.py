@@ -323,14 +323,20 @@ def test_study_report(llama, tmp_path):
         build_report(tmp_path / "nothing", tmp_path / "x.md")
 
 
-def test_search_refuses_a_lower_is_better_task():
-    from moreft.errors import ConfigError
-    from moreft.search.driver import check_base
-    from moreft.search.settings import SearchSettings
-    from moreft.train import resolve_config
+def test_search_minimises_a_lower_is_better_task(llama, tmp_path):
+    """A search of the pretrain task minimises validation perplexity: study direction, best trial, report."""
+    from moreft.search import SearchSettings, SearchSpace, run_search
 
-    base = resolve_config(
-        None, {"task": "pretrain", "model": "llama-tiny", "method": "lora", "eval_every": 5}
-    )
-    with pytest.raises(ConfigError, match=r"scores 'perplexity', lower is better; moreft search maximises"):
-        check_base(base, SearchSettings())
+    base = run_config(llama, tmp_path, max_steps=2, eval_every=None)
+    space = SearchSpace(methods=("lora",), lr=(1e-4, 3e-1), batch_size=(4,), lora={"rank": [2]})
+    settings = SearchSettings(trials=3, sampler="random", pruner="none", seed=0)
+    result = run_search(base, space, settings, quiet=True)
+    assert result.study.direction.name == "MINIMIZE"
+    done = [r for r in result.rows if r["state"] == "complete"]
+    assert len(done) == 3 and len({r["value"] for r in done}) == 3
+    best = min(done, key=lambda r: r["value"])
+    assert result.best_config.lr == pytest.approx(best["lr"])
+    report = (result.path / "search.md").read_text()
+    assert "minimises the validation perplexity" in report
+    saved = json.loads((result.path / "search.json").read_text())
+    assert saved["lr_edges"][0]["best_trial"] == best["number"]

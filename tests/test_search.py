@@ -20,6 +20,7 @@ from moreft.models import load_model
 from moreft.search import SearchSettings, SearchSpace, count_adapter_params, run_search
 from moreft.search.driver import candidates, square_block_rank
 from moreft.search.report import pareto_front
+from moreft.tasks import MetricGoal
 from moreft.train import loop, resolve_config
 
 BEST_LR = 3e-3
@@ -177,6 +178,10 @@ def test_pareto_front_keeps_only_undominated_trials():
         ]
     ]
     assert [r["number"] for r in pareto_front(rows)] == [1, 0, 4]
+    # perplexity-like: lower is better, so only 1 (fewest params) and 2 (lower at more params) survive
+    assert [r["number"] for r in pareto_front(rows, MetricGoal.MINIMIZE)] == [1]
+    rows[2]["value"] = 0.5
+    assert [r["number"] for r in pareto_front(rows, MetricGoal.MINIMIZE)] == [1, 2]
 
 
 # -- searches with a scripted trainer (no training: the pruning and bookkeeping are under test) ------------

@@ -96,6 +96,41 @@ def test_compare_report_names_per_method_overrides(tmp_path):
     assert "no per-method tuning" not in table
 
 
+def test_compare_report_shows_each_arms_curve_over_seeds(tmp_path):
+    """compare.md gains the validation metric at every evaluated step: mean (min–max) over the seeds."""
+    import json
+
+    from moreft.train.comparison import write_report
+    from moreft.train.curves import curve_lines
+
+    runs = {}
+    for label, per_seed in {
+        "mora": [[0.1, 0.7, 1.0], [0.2, 0.9, 1.0]],
+        "lora": [[0.1, 0.2], [0.3, 0.2]],
+    }.items():
+        runs[label] = []
+        for seed, values in enumerate(per_seed):
+            run = tmp_path / "runs" / f"{label}-seed{seed}"
+            run.mkdir(parents=True)
+            records = [{"step": 10 * (i + 1), "eval_char_accuracy": v} for i, v in enumerate(values)]
+            records.insert(1, {"step": 15, "loss": 1.0})  # training logs are not evaluations
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4')
+            runs[label].append(str(run))
+    row = {"mean": 1.0, "std": 0.0, "eval_mean": 1.0, "eval_std": 0.0, "values": [1.0, 1.0], "seeds": [0, 1]}
+    rows = [
+        {**row, "label": "mora", "params": 10, "seconds": 1.0, "runs": runs["mora"]},
+        {**row, "label": "lora", "params": 10, "seconds": 1.0, "runs": runs["lora"]},
+    ]
+    write_report(tmp_path, rows, "char_accuracy", TrainConfig(task="uuid", model="smollm2"))
+    table = (tmp_path / "compare.md").read_text()
+    assert "| method | step 10 | step 20 | step 30 |" in table
+    assert "| mora | 0.1500 (0.1000–0.2000) | 0.8000 (0.7000–0.9000) | 1.0000 (1.0000–1.0000) |" in table
+    assert "| lora | 0.2000 (0.1000–0.3000) | 0.2000 (0.2000–0.2000) | – |" in table
+    shown = curve_lines([{**rows[0], "runs": runs["mora"][:1]}], "char_accuracy", limit=2)
+    assert shown[2] == "| method | step 10 | step 30 |"
+    assert curve_lines([{**rows[0], "runs": []}], "char_accuracy") == []
+
+
 def test_bench_subcommand_is_registered_when_present(monkeypatch):
     calls = []
     bench = types.ModuleType("moreft.cli.bench")

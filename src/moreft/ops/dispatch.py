@@ -36,6 +36,9 @@ Ints = Sequence[int]
 Floats = Sequence[float]
 Grads = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]
 
+#: Tensor dtypes an op casts to the autocast dtype when autocast is on (float64 is left alone, as autocast does).
+AUTOCAST_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
+
 _FORWARD_SCHEMA = (
     "(Tensor x, Tensor weight, Tensor? bias, Tensor p1, Tensor? p2, int[] ints, float[] floats)"
     " -> (Tensor, Tensor)"
@@ -204,8 +207,17 @@ def apply(
     """``y (..., out)`` of ``impl`` on ``x (..., in)``: custom op under ``torch.compile``, else eager.
 
     Without a graph to record (no grad mode, or nothing requires grad) the forward runs directly
-    and keeps nothing.
+    and keeps nothing. Under autocast every tensor is cast to the autocast dtype first (the casts
+    are autograd ops, so fp32 parameters get fp32 gradients) and the op runs with autocast off, in
+    that dtype: what autocast does to ``F.linear``, here for the base and the adapter at once.
     """
+    device = x.device.type
+    tensors = (x, weight, bias, p1, p2)
+    if torch.is_autocast_enabled(device) and all(t is None or t.dtype in AUTOCAST_INPUTS for t in tensors):
+        dtype = torch.get_autocast_dtype(device)
+        bias, p2 = (None if t is None else t.to(dtype) for t in (bias, p2))
+        with torch.autocast(device, enabled=False):
+            return apply(impl, x.to(dtype), weight.to(dtype), bias, p1.to(dtype), p2, ints, floats)
     if torch.compiler.is_compiling():
         return impl.ops[0](x, weight, bias, p1, p2, list(ints), list(floats))[0]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, p1, p2)):

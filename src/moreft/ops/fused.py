@@ -22,9 +22,11 @@ operators are handled alike in :mod:`moreft.ops.blocks` and :mod:`moreft.ops.sha
 
 Exactness: the same products as the reference in another association order: results agree to
 rounding (fp64 to ~1e-13). The layers fall back to their literal reference path where fusing
-could change results or semantics: active dropout, bf16/fp16 bases (the adapter stays fp32 there),
-autocast, ``torch.func`` transforms, base layers with hooks or of a subclass type
-(``AdapterLayer._base_weight_bias`` decides).
+could change results or semantics: active dropout, bf16/fp16 bases outside autocast (the adapter
+stays fp32 there), ``torch.func`` transforms, base layers with hooks or of a subclass type
+(``AdapterLayer._base_weight_bias`` decides). Under autocast the fused op runs in the autocast
+dtype (every input cast to it, as autocast casts ``F.linear``'s), with the parameters' gradients
+cast back to their own dtype by autograd.
 """
 
 from __future__ import annotations
@@ -75,16 +77,17 @@ def _functorch_active() -> bool:
 def fusable(x: Tensor, weight: Tensor, *others: Tensor) -> bool:
     """True when ``x``, the base weight and ``others`` (adapter tensors, bias) can go through one Function.
 
-    All must share one float32/float64 dtype and device; autocast must be off for the device (it
-    would run the base in low precision while the adapter stays fp32), and no ``torch.func``
-    transform may be active.
+    All must be on one device, and no ``torch.func`` transform may be active. Without autocast they
+    must share one float32/float64 dtype (a bf16 base with its fp32 adapter runs the reference
+    path). Under autocast any mix of float32, bfloat16 and float16 is fine: the op runs in the
+    autocast dtype, as ``F.linear`` would (:func:`moreft.ops.dispatch.apply`).
     """
-    dtype = weight.dtype
-    if dtype not in _FUSED_DTYPES or x.dtype != dtype or any(t.dtype != dtype for t in others):
+    tensors = (x, weight, *others)
+    if any(t.device != weight.device for t in tensors) or _functorch_active():
         return False
-    if any(t.device != weight.device for t in (x, *others)):
-        return False
-    return not torch.is_autocast_enabled(x.device.type) and not _functorch_active()
+    if torch.is_autocast_enabled(x.device.type):
+        return all(t.dtype in dispatch.AUTOCAST_INPUTS for t in tensors)
+    return weight.dtype in _FUSED_DTYPES and all(t.dtype == weight.dtype for t in tensors)
 
 
 # -- the Function -----------------------------------------------------------------------------------

@@ -179,17 +179,8 @@ def check_base(base: TrainConfig, settings: SearchSettings) -> None:
     """Refuse a base config the search cannot work with.
 
     Raises:
-        ConfigError: Pruning without ``eval_every`` (no intermediate scores to compare), or a task whose
-            metric is lower-is-better (the study, its pruner and report maximise; e.g. perplexity).
+        ConfigError: Pruning without ``eval_every`` (no intermediate scores to compare).
     """
-    from moreft.tasks import MetricGoal, get_task
-
-    task = get_task(base.task, **base.task_options)
-    if task.metric_goal is not MetricGoal.MAXIMIZE:
-        raise ConfigError(
-            f"task {base.task!r} scores {task.metric_name!r}, lower is better; moreft search maximises its "
-            "metric and cannot search this task yet (compare the methods with moreft compare instead)"
-        )
     if settings.pruner is not Pruner.NONE and not base.eval_every:
         raise ConfigError(
             f"pruner {settings.pruner.value!r} needs intermediate scores: set eval_every (e.g. "

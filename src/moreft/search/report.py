@@ -13,6 +13,7 @@ import yaml
 from moreft.safe_write import atomic_write_text
 from moreft.search.settings import INTERRUPTED, RETRY_OF, Candidate, SearchSettings
 from moreft.search.space import ON, SearchSpace, family_of
+from moreft.tasks import MetricGoal
 from moreft.train.config import TrainConfig
 from moreft.train.plots import save_png, subplots
 from moreft.train.recipes import dump_config
@@ -66,16 +67,25 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     return rows
 
 
-def pareto_front(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Complete trials not beaten by another with fewer (or equal) parameters and a higher (or equal)
-    metric; sorted by parameters. Ties in both keep the earliest trial.
+def score(row: dict[str, Any], goal: MetricGoal) -> float:
+    """A trial's value as a number to maximise: the value itself, negated for a lower-is-better metric."""
+    return row["value"] if goal is MetricGoal.MAXIMIZE else -row["value"]
+
+
+def pareto_front(
+    rows: Sequence[dict[str, Any]], goal: MetricGoal = MetricGoal.MAXIMIZE
+) -> list[dict[str, Any]]:
+    """Complete trials not beaten by another with fewer (or equal) parameters and a better (or equal)
+    metric (higher, or lower when ``goal`` is MINIMIZE); sorted by parameters. Ties in both keep the
+    earliest trial.
     """
     done = sorted(
-        (r for r in rows if r["state"] == "complete"), key=lambda r: (r["params"], -r["value"], r["number"])
+        (r for r in rows if r["state"] == "complete"),
+        key=lambda r: (r["params"], -score(r, goal), r["number"]),
     )
     front: list[dict[str, Any]] = []
     for r in done:
-        if not front or r["value"] > front[-1]["value"]:
+        if not front or score(r, goal) > score(front[-1], goal):
             front.append(r)
     return front
 
@@ -100,7 +110,12 @@ def _table(rows: Sequence[dict[str, Any]], metric: str) -> list[str]:
 
 
 def plot_search(
-    rows: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]], metric: str, path: Path, title: str = ""
+    rows: Sequence[dict[str, Any]],
+    front: Sequence[dict[str, Any]],
+    metric: str,
+    path: Path,
+    title: str = "",
+    goal: MetricGoal = MetricGoal.MAXIMIZE,
 ) -> Path:
     """Every trained trial as a point (metric vs adapter params, log x); pruned trials grey at their
     last reported value; the Pareto front as a red step line."""
@@ -155,12 +170,15 @@ def plot_search(
     ax.set_ylabel(f"eval {metric}")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="lower right" if goal is MetricGoal.MAXIMIZE else "upper right")
     return save_png(fig, path)
 
 
 def lr_edges(
-    rows: Sequence[dict[str, Any]], space: SearchSpace, share: float = EDGE_SHARE
+    rows: Sequence[dict[str, Any]],
+    space: SearchSpace,
+    share: float = EDGE_SHARE,
+    goal: MetricGoal = MetricGoal.MAXIMIZE,
 ) -> list[dict[str, Any]]:
     """Per method family (``more``, ``peft:vera``, ...), its best complete trial's learning rate against the
     family's range: ``family``, ``low``, ``high``, ``log``, ``best_trial``, ``best_lr``, ``position`` (0 at low,
@@ -174,7 +192,7 @@ def lr_edges(
             for r in rows
             if r["state"] == "complete" and (r.get("family") or family_of(r["label"])) == family
         ]
-        best = max(done, key=lambda r: (r["value"], -r["number"]))
+        best = max(done, key=lambda r: (score(r, goal), -r["number"]))
         rng = space.lr_for(family)
         position = rng.position(best["lr"])
         edge = "low" if position <= share else "high" if position >= 1 - share else None
@@ -234,10 +252,11 @@ def write_report(
     """
     from moreft.tasks import get_task
 
-    metric = get_task(base.task, **base.task_options).metric_name
+    task = get_task(base.task, **base.task_options)
+    metric, goal = task.metric_name, task.metric_goal
     rows = trial_rows(study)
-    front = pareto_front(rows)
-    done = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: (-r["value"], r["params"]))
+    front = pareto_front(rows, goal)
+    done = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: (-score(r, goal), r["params"]))
     counts = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "fail", "running")}
     excluded = [c for c in found if c.excluded]
     best = None
@@ -265,11 +284,12 @@ def write_report(
         "",
         f"Every trial: {base.model}, `max_steps={base.max_steps}`, `eval_every={base.eval_every}`, "
         f"{base.eval_examples or 'all'} validation examples scored, seed {base.seed}. The search "
-        f"maximises the validation {metric}; test {metric} is only reported. "
+        f"{'maximises' if goal is MetricGoal.MAXIMIZE else 'minimises'} the validation {metric}; "
+        f"test {metric} is only reported. "
         f"Space: `{json.dumps(space.to_dict())}`.",
         "",
     ]
-    edges = lr_edges(rows, space)
+    edges = lr_edges(rows, space, goal=goal)
     if done:
         best_row = done[0]
         best = TrainConfig.from_dict(study.trials[best_row["number"]].user_attrs["config"])
@@ -344,6 +364,11 @@ def write_report(
         + "\n",
     )
     plot_search(
-        rows, front, metric, path / "search.png", title=f"{path.name}: {base.task} × {Path(base.model).name}"
+        rows,
+        front,
+        metric,
+        path / "search.png",
+        title=f"{path.name}: {base.task} × {Path(base.model).name}",
+        goal=goal,
     )
     return rows, best

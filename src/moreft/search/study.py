@@ -72,6 +72,7 @@ def open_study(
         ConfigError: The stored study was made with a different base config or space.
     """
     from moreft.errors import ConfigError
+    from moreft.tasks import get_task
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seed = settings.seed + worker
@@ -83,7 +84,7 @@ def open_study(
     study = optuna.create_study(
         storage=make_storage(url),
         study_name=name,
-        direction="maximize",
+        direction=get_task(base.task, **base.task_options).metric_goal.value,
         sampler=sampler,
         pruner=make_pruner(settings, base),
         load_if_exists=True,

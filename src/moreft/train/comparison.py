@@ -25,6 +25,7 @@ from moreft.errors import ConfigError
 from moreft.safe_write import atomic_write_text
 from moreft.train.arms import adapter_part, arm_changes, overrides, parse_method_spec, slug
 from moreft.train.config import ADAPTER_SETTINGS, RESUMABLE_CHANGES, TrainConfig
+from moreft.train.curves import curve_lines
 from moreft.train.loop import RunResult, train
 from moreft.train.plots import plot_compare
 from moreft.train.predictions import read_predictions
@@ -372,6 +373,7 @@ def write_report(
     ]
     if notes:
         lines += ["Notes:", "", *(f"- {n}" for n in notes), ""]
+    lines += curve_lines(rows, metric)
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path / "compare.md", "\n".join(lines))
     atomic_write_text(
