@@ -123,6 +123,28 @@ def test_bad_flags_are_refused_with_a_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_layer_steps_under_autocast(tmp_path, capsys):
+    """``--autocast bf16``: every variant's step runs under CPU autocast; the report and goals say so."""
+    out = tmp_path / "bench.json"
+    argv = ["--shapes", "64x48x96", "--methods", "lora,more-r8,mora-sharing,peft-lora", "--rounds", "1"]
+    assert (
+        main(
+            [*argv, "--warmup", "1", "--no-merge", "--threads", "1", "--autocast", "BF16", "--out", str(out)]
+        )
+        == 0
+    )
+    data = json.loads(out.read_text())
+    shape = data["shapes"][0]
+    assert data["autocast"] == shape["autocast"] == "bf16"
+    assert [r["method"] for r in shape["rows"]] == ["base", "lora", "more-r8", "mora-sharing", "peft-lora"]
+    assert all(r["median_ms"] > 0 and math.isfinite(r["x_base"]) for r in shape["rows"])
+    assert data["goals"] and all(g["shape"] == "64x48 T=96 bf16 autocast" for g in data["goals"])
+    assert "64 -> 48, T=96 tokens under bf16 autocast" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--autocast", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
 def test_registered_as_moreft_bench(capsys):
     assert cli_main(["bench", "--help"]) == 0
     assert "--e2e" in capsys.readouterr().out

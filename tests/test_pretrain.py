@@ -307,17 +307,21 @@ def test_pretrain_recipes(tmp_path, capsys, monkeypatch):
 
 
 def test_study_report(llama, tmp_path):
-    from moreft.train.comparison import compare
+    from moreft.train.comparison import NO_PAIRS_LM, compare
     from moreft.train.pretrain_report import build_report
 
     base = run_config(llama, tmp_path, max_steps=4, eval_every=2)
     compare(base, ["full", "lora:rank=2", "lora:rank=2,merge_every=2"], seeds=1, name="study")
+    table = (tmp_path / "study" / "compare.md").read_text()
+    assert table.count("no interval") == 1  # one note for both arms, and the reason is the task's kind
+    assert f"lora:rank=2, lora:rank=2,merge_every=2: no interval ({NO_PAIRS_LM})" in table
+    assert "| method | step 2 | step 4 |" in table  # the validation curve of each arm
     out = build_report(tmp_path / "study", tmp_path / "docs" / "pretraining.md")
     text = out.read_text()
     assert (tmp_path / "docs" / "pretraining-loss.png").is_file() and (
         tmp_path / "docs" / "pretraining-sv.png"
     ).is_file()
-    assert "| full | " in text and "| lora:rank=2,merge_every=2 | " in text and "lower is better" in text
+    assert "| full | – | " in text and "| lora:rank=2,merge_every=2 | " in text and "lower is better" in text
     assert "| arm | q_proj | k_proj | v_proj | o_proj | up_proj | down_proj | gate_proj |" in text
     with pytest.raises(ConfigError, match=r"holds no compare.json"):
         build_report(tmp_path / "nothing", tmp_path / "x.md")

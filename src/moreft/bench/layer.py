@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,22 @@ MIB = float(1 << 20)
 MS = 1e3
 
 
+#: ``--autocast`` choices: the dtype the layer steps run in under CPU autocast.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Autocast(nn.Module):
+    """``inner`` run under CPU autocast to ``dtype``: the step of a bf16-autocast training loop."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.inner(x)
+
+
 def _runner(v: Variant, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
         clear(v.module, x)
@@ -28,12 +45,22 @@ def _runner(v: Variant, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
 
 
 def bench_shape(
-    in_f: int, out_f: int, tokens: int, methods: tuple[str, ...], rounds: int, warmup: int, seed: int = 0
+    in_f: int,
+    out_f: int,
+    tokens: int,
+    methods: tuple[str, ...],
+    rounds: int,
+    warmup: int,
+    seed: int = 0,
+    autocast: str | None = None,
 ) -> dict[str, Any]:
     """Time one training step of every variant on ``x (tokens, in_f)``, interleaved; and its peak memory.
 
+    ``autocast`` (a key of :data:`AUTOCAST_DTYPES`) runs every variant's forward under CPU autocast
+    (fp32 parameters, the upstream gradient in the autocast dtype), as a bf16-autocast loop does.
+
     Returns:
-        ``{"in", "out", "tokens", "rounds", "rows": [...]}``; a row holds the method, its note and
+        ``{"in", "out", "tokens", "rounds", "autocast", "rows": [...]}``; a row holds the method, its note and
         trainable parameters, ``median_ms``, ``min_ms``, every ``times_ms``, ``flop_floor``,
         ``peak_mib`` and ``memory_method``, and where the references ran ``x_base`` (paired
         median ratio), ``x_floor`` (``x_base / flop_floor``), ``extra_peak_mib`` (over the base
@@ -45,6 +72,10 @@ def bench_shape(
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(tokens, in_f, generator=gen).requires_grad_(True)  # as inside a network
     g = torch.randn(tokens, out_f, generator=gen)
+    if autocast is not None:
+        dtype = AUTOCAST_DTYPES[autocast]
+        variants = [dataclasses.replace(v, module=Autocast(v.module, dtype)) for v in variants]
+        g = g.to(dtype)  # the output's dtype under autocast
     for v in variants:
         if v.name.endswith("-compiled"):  # compile before the memory step, outside the profiler
             _runner(v, x, g)()
@@ -77,7 +108,7 @@ def bench_shape(
         if "peft-lora-compiled" in times:
             row["x_peft_lora_compiled"] = paired_ratio(t, times["peft-lora-compiled"])
         rows.append(row)
-    return {"in": in_f, "out": out_f, "tokens": tokens, "rounds": rounds, "rows": rows}
+    return {"in": in_f, "out": out_f, "tokens": tokens, "rounds": rounds, "autocast": autocast, "rows": rows}
 
 
 def bench_merge(size: int, rounds: int, seed: int = 0) -> dict[str, Any]:

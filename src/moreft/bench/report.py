@@ -22,7 +22,9 @@ def _num(row: dict[str, Any], key: str) -> float:
 def format_shape(res: dict[str, Any]) -> str:
     """The table of one layer shape."""
     title = (
-        f"\n{res['in']} -> {res['out']}, T={res['tokens']} tokens, {res['rounds']} interleaved rounds "
+        f"\n{res['in']} -> {res['out']}, T={res['tokens']} tokens"
+        + (f" under {res['autocast']} autocast" if res.get("autocast") else "")
+        + f", {res['rounds']} interleaved rounds "
         "(x ... = median of per-round paired ratios)"
     )
     header = (
@@ -78,10 +80,16 @@ def format_e2e(e2e: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _shape(res: dict[str, Any]) -> str:
+    """``1024x1024 T=4096`` (and ``bf16 autocast`` when the steps ran under it)."""
+    text = f"{res['in']}x{res['out']} T={res['tokens']}"
+    return text + (f" {res['autocast']} autocast" if res.get("autocast") else "")
+
+
 def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, checked on one shape's results."""
     by = {r["method"]: r for r in res["rows"]}
-    shape = f"{res['in']}x{res['out']} T={res['tokens']}"
+    shape = _shape(res)
     out: list[dict[str, Any]] = []
 
     def check(method: str, key: str, what: str, limit: float) -> None:

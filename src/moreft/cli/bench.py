@@ -14,7 +14,7 @@ import torch
 
 from moreft.bench import report
 from moreft.bench.e2e import E2E_METHODS, bench_e2e, e2e_child
-from moreft.bench.layer import INFERENCE_METHODS, bench_inference, bench_merge, bench_shape
+from moreft.bench.layer import AUTOCAST_DTYPES, INFERENCE_METHODS, bench_inference, bench_merge, bench_shape
 from moreft.bench.llm import LLM_METHODS, PRECISIONS, bench_llm, llm_child
 from moreft.bench.variants import COMPILED_METHODS, LAYER_METHODS
 from moreft.errors import ConfigError
@@ -57,6 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="M,...",
         help=f"layer variants (default all: {','.join(LAYER_METHODS)}); base is always added",
+    )
+    parser.add_argument(
+        "--autocast",
+        choices=tuple(AUTOCAST_DTYPES),
+        type=str.lower,
+        default=None,
+        help="run the layer steps under CPU autocast to this dtype (fp32 parameters), as a bf16 "
+        "training loop does (default: off, fp32)",
     )
     parser.add_argument("--no-merge", action="store_true", help="skip the merge benchmark")
     parser.add_argument(
@@ -190,6 +198,7 @@ def _header(args: argparse.Namespace) -> dict[str, Any]:
             "transformers": transformers.__version__,
         },
         "dtype": "float32",
+        "autocast": args.autocast,
         "step": "layer(x).backward(g); x (T, in) requires grad; base frozen",
     }
 
@@ -257,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            res = bench_shape(in_f, out_f, tokens, methods, rounds, args.warmup)
+            res = bench_shape(in_f, out_f, tokens, methods, rounds, args.warmup, autocast=args.autocast)
             out["shapes"].append(res)
             out["goals"] += report.goals(res)
             print(report.format_shape(res), flush=True)

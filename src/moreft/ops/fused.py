@@ -263,5 +263,9 @@ def more_linear(x: Tensor, weight: Tensor, bias: Tensor | None, blkdiag1: Tensor
     Returns:
         ``(..., out)``; gradients come back in the blocks' own shapes.
     """
-    blocked = blkdiag1.shape[0] * blkdiag1.shape[2] == x.shape[-1]
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    # The blocked A products (strided bmm over the N blocks) beat one dense (N·r, in) GEMM in fp32 and
+    # fp64; in bf16 / fp16 the dense GEMM with N times the work is faster on CPU (docs/performance.md).
+    blocked = blkdiag1.shape[0] * blkdiag1.shape[2] == x.shape[-1] and dtype in _FUSED_DTYPES
     return _apply(x, weight, bias, blkdiag1, blkdiag2, _Factors(more=True, scale=1.0, blocked=blocked))

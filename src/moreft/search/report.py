@@ -67,11 +67,6 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     return rows
 
 
-def score(row: dict[str, Any], goal: MetricGoal) -> float:
-    """A trial's value as a number to maximise: the value itself, negated for a lower-is-better metric."""
-    return row["value"] if goal is MetricGoal.MAXIMIZE else -row["value"]
-
-
 def pareto_front(
     rows: Sequence[dict[str, Any]], goal: MetricGoal = MetricGoal.MAXIMIZE
 ) -> list[dict[str, Any]]:
@@ -81,11 +76,11 @@ def pareto_front(
     """
     done = sorted(
         (r for r in rows if r["state"] == "complete"),
-        key=lambda r: (r["params"], -score(r, goal), r["number"]),
+        key=lambda r: (r["params"], -goal.score(r["value"]), r["number"]),
     )
     front: list[dict[str, Any]] = []
     for r in done:
-        if not front or score(r, goal) > score(front[-1], goal):
+        if not front or goal.score(r["value"]) > goal.score(front[-1]["value"]):
             front.append(r)
     return front
 
@@ -192,7 +187,7 @@ def lr_edges(
             for r in rows
             if r["state"] == "complete" and (r.get("family") or family_of(r["label"])) == family
         ]
-        best = max(done, key=lambda r: (score(r, goal), -r["number"]))
+        best = max(done, key=lambda r: (goal.score(r["value"]), -r["number"]))
         rng = space.lr_for(family)
         position = rng.position(best["lr"])
         edge = "low" if position <= share else "high" if position >= 1 - share else None
@@ -256,7 +251,9 @@ def write_report(
     metric, goal = task.metric_name, task.metric_goal
     rows = trial_rows(study)
     front = pareto_front(rows, goal)
-    done = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: (-score(r, goal), r["params"]))
+    done = sorted(
+        (r for r in rows if r["state"] == "complete"), key=lambda r: (-goal.score(r["value"]), r["params"])
+    )
     counts = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "fail", "running")}
     excluded = [c for c in found if c.excluded]
     best = None

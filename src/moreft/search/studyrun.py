@@ -213,7 +213,7 @@ def _task(
 ) -> list[dict[str, Any]]:
     """One task: a search per arm, the final comparison, the task's report; its rows per arm."""
     from moreft.search import SearchSettings, run_search
-    from moreft.search.report import lr_edges, score
+    from moreft.search.report import lr_edges
     from moreft.tasks import get_task
     from moreft.train.arms import parse_method_spec
     from moreft.train.comparison import compare
@@ -242,7 +242,7 @@ def _task(
                 f"[{task}] the search of {arm} has no complete trial (see {folder / 'search.md'}); "
                 "fix the arm or leave it out with --skip-arms"
             )
-        best = max(done, key=lambda r: (score(r, goal), -r["number"]))
+        best = max(done, key=lambda r: (goal.score(r["value"]), -r["number"]))
         edge = next(e for e in lr_edges(result.rows, space, goal=goal) if e["family"] == family)
         rows.append(
             {

@@ -54,9 +54,13 @@ class MetricGoal(str, Enum):
     MAXIMIZE = "maximize"
     MINIMIZE = "minimize"
 
+    def score(self, value: float) -> float:
+        """``value`` as a number to maximise: itself, or negated for a lower-is-better metric."""
+        return value if self is MetricGoal.MAXIMIZE else -value
+
     def better(self, a: float, b: float) -> bool:
         """True when ``a`` is a better score than ``b``."""
-        return a > b if self is MetricGoal.MAXIMIZE else a < b
+        return self.score(a) > self.score(b)
 
 
 @dataclass(frozen=True)

@@ -109,8 +109,16 @@ def reference_index(specs: Sequence[Mapping[str, Any]], reference: str | None) -
     )
 
 
+#: Why a language-modelling comparison has no paired interval.
+NO_PAIRS_LM = "a language-modelling run scores held-out token blocks, not per-example predictions"
+
+
 def _delta(group: Sequence[TrainConfig], ref: Sequence[TrainConfig], metric: str) -> dict[str, Any]:
     """The paired bootstrap interval of one arm against the reference, or why there is none."""
+    from moreft.tasks import TaskKind, get_task
+
+    if get_task(group[0].task, **group[0].task_options).kind is TaskKind.LANGUAGE_MODELING:
+        return {"delta": None, "verdict": None, "delta_note": NO_PAIRS_LM}
     try:
         mine = {c.seed: read_predictions(RunDir(c.run_dir).test_predictions) for c in group}
         theirs = {c.seed: read_predictions(RunDir(c.run_dir).test_predictions) for c in ref}
@@ -332,7 +340,7 @@ def write_report(
         "| train s / run |",
         "|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
-    notes = []
+    notes: dict[str, list[str]] = {}  # why there is no interval: the arms it applies to
     for r in rows:
         per_seed = ", ".join(f"{v:.3f}" for v in r["values"])
         d = r.get("delta")
@@ -343,7 +351,7 @@ def write_report(
         else:
             delta, said = "n/a", "–"
             if r.get("delta_note"):
-                notes.append(f"{r['label']}: no interval ({r['delta_note']})")
+                notes.setdefault(r["delta_note"], []).append(r["label"])
         lines.append(
             f"| {r['label']} | {r['params']:,} | {r['params'] / ref['params']:.2f} | "
             f"{r['mean']:.4f} ± {r['std']:.4f} | {delta} | {said} | {r['eval_mean']:.4f} ± {r['eval_std']:.4f} "
@@ -372,7 +380,12 @@ def write_report(
         "",
     ]
     if notes:
-        lines += ["Notes:", "", *(f"- {n}" for n in notes), ""]
+        lines += [
+            "Notes:",
+            "",
+            *(f"- {', '.join(arms)}: no interval ({why})" for why, arms in notes.items()),
+            "",
+        ]
     lines += curve_lines(rows, metric)
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path / "compare.md", "\n".join(lines))

@@ -1,6 +1,6 @@
 """The pretraining study's report (MoRA Section 5.3): loss curves, perplexity table, rank of ΔW.
 
-    python -m moreft.train.pretrain_report runs/pretrain-cpu docs/results/pretraining.md
+    python -m moreft.train.pretrain_report runs/pretrain-cpu docs/results/pretraining-report.md
 
 reads a ``moreft compare`` folder whose arms are pretraining runs (``compare.json`` lists them) and
 writes, next to ``OUT.md``:
@@ -157,8 +157,14 @@ def build_report(compare_dir: str | Path, out: str | Path, threshold: float = DE
     ]
     for label, _, metrics in arms:
         m = metrics[0]
+        full = label.split(":")[0] == "full"  # every parameter trains: none of them is an adapter's
+        adapter, in_full = (
+            ("–", m["trainable_params"])
+            if full
+            else (f"{m['trainable_params']:,}", m["other_trainable_params"])
+        )
         lines.append(
-            f"| {label} | {m['trainable_params']:,} | {m['other_trainable_params']:,} | "
+            f"| {label} | {adapter} | {in_full:,} | "
             f"{_mean_text([x[f'eval_{metric}'] for x in metrics])} | "
             f"{_mean_text([x[f'test_{metric}'] for x in metrics])} | "
             f"{_mean_text([x['train_loss'] for x in metrics])} | "
@@ -168,8 +174,8 @@ def build_report(compare_dir: str | Path, out: str | Path, threshold: float = DE
     lines += [
         "",
         f"{seeds} seed(s); ± is the sample standard deviation over seeds. The full-rank arm trains every "
-        "parameter (its trainable count is all of them); the adapter arms also train the embeddings and "
-        "norms in full (`train_unadapted`), counted in the third column.",
+        "parameter (all in the third column); the adapter arms also train the embeddings and norms in "
+        "full (`train_unadapted`), counted in the third column.",
         "",
         f"## Rank of ΔW ({sv_png.name})",
         "",
