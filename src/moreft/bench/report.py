@@ -153,7 +153,7 @@ def format_inference(res: dict[str, Any]) -> str:
 
 
 def inference_goals(res: dict[str, Any]) -> list[dict[str, Any]]:
-    shape = f"{res['in']}x{res['out']} T={res['tokens']}"
+    shape = _shape(res)
     out = []
     for r in res["rows"]:
         if r["what"].endswith(" merged"):

@@ -194,6 +194,17 @@ def register(impl: FusedImpl) -> FusedImpl:
     return impl
 
 
+def autocast_dtype(*tensors: Tensor | None) -> torch.dtype | None:
+    """The dtype :func:`apply` casts ``tensors`` to and runs in: autocast's, when it is on for their
+    device and every tensor is float32 / bfloat16 / float16 (float64 is left alone, as autocast does);
+    else None (the op runs in the tensors' own dtype)."""
+    present = [t for t in tensors if t is not None]
+    device = present[0].device.type
+    if torch.is_autocast_enabled(device) and all(t.dtype in AUTOCAST_INPUTS for t in present):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
 def apply(
     impl: FusedImpl,
     x: Tensor,
@@ -212,9 +223,8 @@ def apply(
     that dtype: what autocast does to ``F.linear``, here for the base and the adapter at once.
     """
     device = x.device.type
-    tensors = (x, weight, bias, p1, p2)
-    if torch.is_autocast_enabled(device) and all(t is None or t.dtype in AUTOCAST_INPUTS for t in tensors):
-        dtype = torch.get_autocast_dtype(device)
+    dtype = autocast_dtype(x, weight, bias, p1, p2)
+    if dtype is not None:
         bias, p2 = (None if t is None else t.to(dtype) for t in (bias, p2))
         with torch.autocast(device, enabled=False):
             return apply(impl, x.to(dtype), weight.to(dtype), bias, p1.to(dtype), p2, ints, floats)

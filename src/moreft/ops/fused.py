@@ -263,8 +263,7 @@ def more_linear(x: Tensor, weight: Tensor, bias: Tensor | None, blkdiag1: Tensor
     Returns:
         ``(..., out)``; gradients come back in the blocks' own shapes.
     """
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    dtype = dispatch.autocast_dtype(x, weight, bias, blkdiag1, blkdiag2) or x.dtype  # what the op runs in
     # The blocked A products (strided bmm over the N blocks) beat one dense (N·r, in) GEMM in fp32 and
     # fp64; in bf16 / fp16 the dense GEMM with N times the work is faster on CPU (docs/performance.md).
     blocked = blkdiag1.shape[0] * blkdiag1.shape[2] == x.shape[-1] and dtype in _FUSED_DTYPES
