@@ -140,6 +140,7 @@ def test_a_study_searches_each_arm_runs_seeds_reports_and_continues(tiny_bert, t
         "search-peft-vera-r8",
         "study.json",
         "study.md",
+        "study.png",
     ]
     rows = json.loads((folder / "study.json").read_text())["rows"]
     assert [r["arm"] for r in rows] == ["lora:rank=2", "peft:vera:r=8", "more:block_rank=1"]
@@ -153,6 +154,9 @@ def test_a_study_searches_each_arm_runs_seeds_reports_and_continues(tiny_bert, t
     assert run_config["lr"] == best["lr"] and run_config["method"] == "peft"  # the final runs use the best lr
     table = (folder / "study.md").read_text()
     assert "| lora:rank=2 | 768 |" in table and "| reference |" in table and "within 0.5 pt?" in table
+    assert "| method | arms | smallest not worse by > 0.5 pt | smallest within ±0.5 pt |" in table
+    assert "| peft:vera | 1 |" in table and "| more | 1 |" in table and "Pareto front (" in table
+    assert all(r["peak_rss_mb"] > 0 and r["seconds"] > 0 for r in rows)
     assert "## sent" in (tmp_path / "out" / "tiny" / "study.md").read_text()
 
     # again: everything is found done, nothing trains

@@ -31,13 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from moreft.errors import ConfigError
-from moreft.safe_write import atomic_write_text
+from moreft.search.study_report import FINAL_DIR, write_index, write_task
 from moreft.search.studyplan import StudyPlan, check_arms, family_of_spec, run_cost, run_seconds
 from moreft.train.arms import slug, with_settings
 from moreft.train.config import TrainConfig
-from moreft.train.statistics import points
-
-FINAL_DIR = "final"
 
 
 def estimate(plan: StudyPlan, configs: dict[str, TrainConfig], arms: Sequence[str]) -> list[dict[str, Any]]:
@@ -190,7 +187,7 @@ def run_study(
         results[task] = _task(
             plan, task, base, arms, progress, train_fn or (quietly if plan.jobs == 1 else None), command
         )
-    _write_index(plan, path, rows, results, command)
+    write_index(plan, path, budget_lines(plan, rows), results, command)
     say(f"wrote {path / 'study.md'}")
     return StudyResult(path, results)
 
@@ -292,88 +289,19 @@ def _task(
         row.update(
             {
                 k: final.get(k)
-                for k in ("mean", "std", "values", "seconds", "reference", "delta", "verdict", "delta_note")
+                for k in (
+                    "mean",
+                    "std",
+                    "values",
+                    "seconds",
+                    "peak_rss_mb",
+                    "reference",
+                    "delta",
+                    "verdict",
+                    "delta_note",
+                )
             }
         )
         row["metric"] = comparison.metric
-    _write_task(plan, task, base, rows, comparison.metric, command)
+    write_task(plan, task, base, rows, comparison.metric, command)
     return rows
-
-
-def _task_table(rows: Sequence[dict[str, Any]], metric: str) -> list[str]:
-    ref = next((r["arm"] for r in rows if r.get("reference")), rows[0]["arm"])
-    lines = [
-        f"| arm | adapter params | lr range | best lr (trial: eval {metric}) | lr on the edge? | test {metric} "
-        f"(mean ± std) | Δ vs {ref}, pts [95% CI] | within 0.5 pt? |",
-        "|---|---:|---|---:|---|---:|---:|---|",
-    ]
-    for r in rows:
-        d = r.get("delta")
-        delta = (
-            "reference"
-            if r.get("reference")
-            else (f"{points(d['estimate'])} [{points(d['low'])}, {points(d['high'])}]" if d else "n/a")
-        )
-        lines.append(
-            f"| {r['arm']} | {r['params']:,} | [{r['lr_low']:.1e}, {r['lr_high']:.1e}] | {r['best_lr']:.2e} "
-            f"({r['best_trial']}: {r['best_eval']:.4f}) | {r['edge'] + ': widen' if r['edge'] else 'no'} | "
-            f"{r['mean']:.4f} ± {r['std']:.4f} | {delta} | {'–' if r.get('reference') else r['verdict'] or '–'} |"
-        )
-    return lines
-
-
-def _write_task(
-    plan: StudyPlan,
-    task: str,
-    base: TrainConfig,
-    rows: Sequence[dict[str, Any]],
-    metric: str,
-    command: str | None,
-) -> None:
-    folder = Path(base.output_dir)
-    lines = [f"# Study {plan.name}: {task} ({base.model})", "", plan.description, ""]
-    if command:
-        lines += ["```", command, "```", ""]
-    lines += [
-        f"Each arm: {plan.search.trials} search trials ({plan.search.sampler.value} sampler, pruner "
-        f"{plan.search.pruner.value}, seed {plan.search.seed}) choosing the learning rate on the validation "
-        f"split, then {plan.seeds} seeds at its best trial's learning rate scored on the test split "
-        f"(`{FINAL_DIR}/compare.md`). Shared settings: epochs={base.epochs:g}, max_steps={base.max_steps}, "
-        f"batch_size={base.batch_size}, max_length={base.max_length}, eval_fraction={base.eval_fraction}, "
-        f"best_checkpoint={base.best_checkpoint}.",
-        "",
-        *_task_table(rows, metric),
-        "",
-        "*lr on the edge*: the best trial's learning rate lies in the outer 10% of the arm's range (log scale); "
-        "the optimum may lie outside it, so the range should be widened. The interval is the paired bootstrap "
-        "of `moreft compare` (seeds and test examples resampled jointly).",
-        "",
-    ]
-    atomic_write_text(folder / "study.md", "\n".join(lines))
-    atomic_write_text(
-        folder / "study.json",
-        json.dumps({"task": task, "metric": metric, "rows": list(rows)}, indent=2) + "\n",
-    )
-
-
-def _write_index(
-    plan: StudyPlan,
-    path: Path,
-    budget: Sequence[dict[str, Any]],
-    results: dict[str, list[dict[str, Any]]],
-    command: str | None,
-) -> None:
-    lines = [f"# Study {plan.name}", "", plan.description, ""]
-    if command:
-        lines += ["```", command, "```", ""]
-    lines += ["## Estimated cost (before running)", "", *budget_lines(plan, budget), ""]
-    for task, rows in results.items():
-        lines += [
-            f"## {task}",
-            "",
-            f"[{task}/study.md]({task}/study.md)",
-            "",
-            *_task_table(rows, rows[0]["metric"]),
-            "",
-        ]
-    atomic_write_text(path / "study.md", "\n".join(lines))

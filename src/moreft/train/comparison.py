@@ -22,15 +22,13 @@ from typing import Any
 import torch
 
 from moreft.errors import ConfigError
-from moreft.safe_write import atomic_write_text
 from moreft.train.arms import adapter_part, arm_changes, overrides, parse_method_spec, slug
+from moreft.train.compare_report import write_report
 from moreft.train.config import ADAPTER_SETTINGS, RESUMABLE_CHANGES, TrainConfig
-from moreft.train.curves import curve_lines
 from moreft.train.loop import RunResult, train
-from moreft.train.plots import plot_compare
 from moreft.train.predictions import read_predictions
 from moreft.train.rundir import RunDir, read_run_config
-from moreft.train.statistics import RESAMPLES, mean_std, paired_bootstrap, signed, verdict_text
+from moreft.train.statistics import mean_std, paired_bootstrap, verdict_text
 from moreft.train.value_checks import MAX_SEED, check_folder_name
 
 #: Seeds one comparison may train (each trains every method once).
@@ -232,6 +230,7 @@ def compare(
                 "values": values,
                 "seeds": seed_list,
                 "seconds": statistics.fmean(r["train_seconds"] for r in results),
+                "peak_rss_mb": max((r["peak_rss_mb"] for r in results if r.get("peak_rss_mb")), default=None),
                 "runs": [str(c.run_dir) for c in group],
                 "overrides": overrides(spec),
             }
@@ -313,88 +312,3 @@ def _train_quietly(config: TrainConfig) -> tuple[dict[str, Any], float]:
     """One run in a worker process: its metrics and seconds."""
     start = time.perf_counter()
     return train(config, quiet=True).metrics, time.perf_counter() - start
-
-
-def write_report(
-    path: Path, rows: Sequence[dict[str, Any]], metric: str, base: TrainConfig, command: str | None = None
-) -> None:
-    """Write ``compare.md``, ``compare.json`` and ``compare.png`` into ``path``.
-
-    Args:
-        path: The comparison directory.
-        rows: As in :attr:`CompareResult.rows` (``reference``, ``delta``, ``verdict`` optional).
-        metric: The task metric compared.
-        base: The shared settings (shown in the heading).
-        command: The command line that made the comparison, shown first when given.
-    """
-    steps = f"max_steps={base.max_steps}" if base.max_steps else f"epochs={base.epochs:g}"
-    seeds = rows[0]["seeds"] if rows else []
-    ref = next((r for r in rows if r.get("reference")), rows[0] if rows else None)
-    ref_label = ref["label"] if ref else "-"
-    lines = [f"# {base.task}: {metric} by method ({base.model}, {len(seeds)} seeds)", ""]
-    if command:
-        lines += ["```", command, "```", ""]
-    lines += [
-        f"Shared settings: {steps}, batch_size={base.batch_size}, lr={base.lr:g} ({base.lr_scheduler}), "
-        f"max_examples={base.max_examples}, eval_examples={base.eval_examples}, seeds {seeds}.",
-        "",
-        f"| method | trainable params | params / {ref_label} | test {metric} (mean ± std) | "
-        f"Δ vs {ref_label}, pts [95% CI] | within 0.5 pt? | eval {metric} (mean ± std) | test {metric} per seed "
-        "| train s / run |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
-    ]
-    notes: dict[str, list[str]] = {}  # why there is no interval: the arms it applies to
-    for r in rows:
-        per_seed = ", ".join(f"{v:.3f}" for v in r["values"])
-        d = r.get("delta")
-        if r.get("reference"):
-            delta, said = "reference", "–"
-        elif d:
-            low, high, p = d["low"], d["high"], r.get("delta_in_points", True)
-            delta, said = f"{signed(d['estimate'], p)} [{signed(low, p)}, {signed(high, p)}]", r["verdict"]
-        else:
-            delta, said = "n/a", "–"
-            if r.get("delta_note"):
-                notes.setdefault(r["delta_note"], []).append(r["label"])
-        lines.append(
-            f"| {r['label']} | {r['params']:,} | {r['params'] / ref['params']:.2f} | "
-            f"{r['mean']:.4f} ± {r['std']:.4f} | {delta} | {said} | {r['eval_mean']:.4f} ± {r['eval_std']:.4f} "
-            f"| {per_seed} | {r['seconds']:.1f} |"
-        )
-    tuned = [
-        f"{r['label']} ({', '.join(f'{k}={v}' for k, v in r['overrides'].items())})"
-        for r in rows
-        if r.get("overrides")
-    ]
-    settings = (
-        "Every method uses the same shared settings (no per-method tuning)."
-        if not tuned
-        else "These methods override shared settings: " + "; ".join(tuned) + "."
-    )
-    lines += [
-        "",
-        "Trainable params count adapter parameters only (a classification head, trained in full, "
-        "is excluded). std is the sample standard deviation over seeds; each seed also draws its own "
-        f"data split. {settings}",
-        "",
-        f"Δ: the test {metric} minus the reference's ({ref_label}), in points (× 100; a loss in its own units, "
-        f"lower is better, with no verdict), averaged over the seeds; the interval is a paired bootstrap ({RESAMPLES:,} "
-        "resamples of seeds and, within each, test examples, the same draws for both arms; fixed seed). *within "
-        "0.5 pt*: the whole interval lies inside ±0.5 points of the reference.",
-        "",
-    ]
-    if notes:
-        lines += [
-            "Notes:",
-            "",
-            *(f"- {', '.join(arms)}: no interval ({why})" for why, arms in notes.items()),
-            "",
-        ]
-    lines += curve_lines(rows, metric)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path / "compare.md", "\n".join(lines))
-    atomic_write_text(
-        path / "compare.json",
-        json.dumps({"metric": metric, "command": command, "rows": list(rows)}, indent=2) + "\n",
-    )
-    plot_compare(rows, f"test {metric}", path / "compare.png", title=f"{base.task} ({base.model}, {steps})")

@@ -111,6 +111,80 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, tit
     return save_png(fig, path)
 
 
+def plot_study(
+    rows: Sequence[Mapping[str, Any]],
+    front: Sequence[Mapping[str, Any]],
+    metric: str,
+    path: Path,
+    title: str = "",
+    margin: float = 0.005,
+) -> Path:
+    """A study's arms: metric (mean ± std over seeds) against adapter parameters (log x), one colour per
+    method family, the Pareto front as a step line, and the reference's mean with its ``±margin`` band.
+
+    Args:
+        rows: One mapping per arm with ``arm``, ``family``, ``params``, ``mean``, ``std``, ``reference``.
+        front: The Pareto-front arms (a subset of ``rows``).
+        metric: Name of the plotted metric (axis label).
+        path: Where to write the PNG.
+        title: Figure title.
+        margin: Half-width of the band around the reference (metric units; 0.005 = 0.5 points).
+    """
+    fig, ax = subplots(figsize=(8, 5))
+    colours: dict[str, Any] = {}
+    for row in rows:
+        family = str(row["family"])
+        first = family not in colours
+        colours.setdefault(family, f"C{len(colours) % 10}")
+        ax.errorbar(
+            [row["params"]],
+            [row["mean"]],
+            yerr=[row["std"]],
+            fmt="s" if row.get("reference") else "o",
+            capsize=3,
+            color=colours[family],
+            label=family if first else None,
+        )
+        ax.annotate(
+            str(row["arm"]),
+            (row["params"], row["mean"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=6,
+        )
+    ordered = sorted(front, key=lambda r: r["params"])
+    if ordered:
+        ax.step(
+            [r["params"] for r in ordered],
+            [r["mean"] for r in ordered],
+            where="post",
+            color="black",
+            alpha=0.5,
+            linewidth=1,
+            marker="o",
+            markersize=11,
+            markerfacecolor="none",
+            label="Pareto front",
+        )
+    ref = next((r for r in rows if r.get("reference")), None)
+    if ref is not None:
+        ax.axhspan(
+            ref["mean"] - margin,
+            ref["mean"] + margin,
+            color="grey",
+            alpha=0.2,
+            label=f"{ref['arm']} ± {margin * 100:g} pt",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable adapter parameters (log scale; head excluded)")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} vs parameters")
+    ax.grid(alpha=0.3, which="both")
+    if rows:
+        ax.legend(fontsize=7, loc="best")
+    return save_png(fig, path)
+
+
 def plot_heatmap(
     delta: torch.Tensor,
     path: Path,

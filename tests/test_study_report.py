@@ -1,0 +1,73 @@
+"""The study report's answers: the smallest budget per method that matches the reference, and the Pareto
+front of the arms, on made-up rows (``moreft.search.study_report``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from moreft.search.study_report import arm_verdict, front_arms, smallest_budgets
+from moreft.tasks import MetricGoal
+
+
+def row(arm: str, family: str, params: int, mean: float, low: float | None, high: float | None) -> dict:
+    """An arm with a paired interval [low, high] against the reference (None: the reference itself)."""
+    r = {"arm": arm, "family": family, "params": params, "mean": mean, "std": 0.01}
+    if low is None:
+        return {**r, "reference": True, "delta": None}
+    interval = {"estimate": (low + high) / 2, "low": low, "high": high, "level": 0.95}
+    return {**r, "reference": False, "delta": {**interval, "resamples": 100, "seeds": 5, "examples": 1000}}
+
+
+ROWS = [
+    row("lora:rank=8", "lora", 800, 0.900, None, None),
+    row("lora:rank=1", "lora", 100, 0.880, -0.030, -0.010),  # worse
+    row("lora:rank=4", "lora", 400, 0.898, -0.004, 0.001),  # within
+    row("more:block_rank=1", "more", 100, 0.897, -0.008, 0.002),  # undecided
+    row("more:block_rank=2", "more", 200, 0.903, -0.002, 0.008),  # not worse (may be better)
+    row("more:block_rank=4", "more", 400, 0.901, -0.003, 0.004),  # within
+    row("mora:rank=8", "mora", 790, 0.870, -0.040, -0.020),  # worse
+    row("peft:vera:r=256", "peft:vera", 90, 0.920, 0.010, 0.030),  # better
+]
+
+
+def test_verdicts_come_from_the_interval_and_the_reference_has_none():
+    assert [arm_verdict(r) for r in ROWS] == [
+        None,
+        "worse",
+        "within",
+        "undecided",
+        "not worse",
+        "within",
+        "worse",
+        "better",
+    ]
+
+
+def test_smallest_budget_per_family_not_worse_and_within():
+    got = {f["family"]: f for f in smallest_budgets(ROWS)}
+    assert list(got) == ["lora", "more", "mora", "peft:vera"]  # the reference's own row is not an arm here
+    assert got["lora"]["arms"] == 2 and got["lora"]["not_worse"]["arm"] == "lora:rank=4"
+    assert got["lora"]["within"]["arm"] == "lora:rank=4"
+    assert got["more"]["not_worse"]["arm"] == "more:block_rank=2"  # undecided at 100 does not count
+    assert got["more"]["within"]["arm"] == "more:block_rank=4"
+    assert got["mora"]["not_worse"] is None and got["mora"]["within"] is None
+    assert got["peft:vera"]["not_worse"]["arm"] == "peft:vera:r=256" and got["peft:vera"]["within"] is None
+
+
+@pytest.mark.parametrize(
+    ("goal", "want"),
+    [
+        (MetricGoal.MAXIMIZE, ["peft:vera:r=256"]),  # the smallest arm is also the best
+        (MetricGoal.MINIMIZE, ["peft:vera:r=256", "lora:rank=1", "mora:rank=8"]),
+    ],
+)
+def test_the_front_keeps_arms_no_smaller_arm_beats(goal, want):
+    assert [r["arm"] for r in front_arms(ROWS, goal)] == want
+
+
+def test_the_front_of_a_rising_curve_is_every_improvement():
+    rows = [
+        row(f"a{i}", "x", p, m, None, None)
+        for i, (p, m) in enumerate([(10, 0.5), (20, 0.4), (40, 0.7), (80, 0.9)])
+    ]
+    assert [r["arm"] for r in front_arms(rows)] == ["a0", "a2", "a3"]
