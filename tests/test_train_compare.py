@@ -10,7 +10,8 @@ from test_train import tiny_config
 
 import moreft
 from moreft.cli import build_parser, main
-from moreft.train import compare
+from moreft.errors import ConfigError
+from moreft.train import compare, parse_method_spec
 from moreft.train.config import TrainConfig
 
 
@@ -159,3 +160,19 @@ def test_monarch_row_order_lines_up_the_blocks():
     grouped = layer.delta_weight()[order].abs()  # (24, 40): output block b reads only input block b
     mask = torch.block_diag(*[torch.ones(6, 10)] * 4).bool()
     assert grouped[~mask].max() == 0 and grouped[mask].min() > 0
+
+
+def test_the_reference_arm_matches_the_settings_its_spec_overrides():
+    from moreft.train.comparison import reference_index
+
+    arms = ["more:block_rank=4,lr=2e-3", "more:block_rank=4,lr=8e-3", "lora:rank=8,lr=1e-3", "lora:rank=8"]
+    specs = [parse_method_spec(a) for a in arms]
+    assert reference_index(specs, "more:block_rank=4,lr=8e-3") == 1
+    assert reference_index(specs, "more:block_rank=4,lr=0.002") == 0  # the same number, written otherwise
+    assert reference_index(specs, "more:block_rank=4") == 0  # no override given: the first such arm
+    assert reference_index(specs, None) == 2  # the default lora:rank=8, at any lr
+    assert reference_index(specs, "lora:rank=8,lr=1e-3") == 2
+    with pytest.raises(ConfigError, match=r"reference 'more:block_rank=4,lr=4e-3' is not one of the arms"):
+        reference_index(specs, "more:block_rank=4,lr=4e-3")
+    with pytest.raises(ConfigError, match=r"reference 'more:block_rank=4,batch_size=8' is not one of"):
+        reference_index(specs, "more:block_rank=4,batch_size=8")

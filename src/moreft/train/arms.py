@@ -23,7 +23,8 @@ from typing import Any
 from moreft.errors import ConfigError
 from moreft.train.bounded import load_yaml
 from moreft.train.choices import TRAIN_METHODS, RunMethod
-from moreft.train.config import ADAPTER_SETTINGS, PEFT_SETTINGS, field_names
+from moreft.train.config import ADAPTER_SETTINGS, PEFT_SETTINGS, TrainConfig, field_names
+from moreft.train.settings import coerce, specs
 
 #: Fields a spec may not set (the comparison owns them).
 RESERVED = (
@@ -110,6 +111,17 @@ def arm_changes(spec: Mapping[str, Any]) -> dict[str, Any]:
     if changes["method"] != RunMethod.PEFT:
         changes.update(peft_type=None, peft_options={})
     return changes
+
+
+def canonical(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A parsed spec with each setting's value checked and normalised as a run config holds it, so that
+    ``lr=2e-3`` (YAML text) and ``lr=0.002`` name the same arm.
+
+    Raises:
+        ConfigError: A value breaks its setting's rule.
+    """
+    fields = specs(TrainConfig)
+    return {k: coerce(fields[k], v) if k in fields and k != "peft_options" else v for k, v in spec.items()}
 
 
 def adapter_part(spec: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from moreft.errors import ConfigError
-from moreft.train.arms import adapter_part, arm_changes, overrides, parse_method_spec, slug
+from moreft.train.arms import adapter_part, arm_changes, canonical, overrides, parse_method_spec, slug
 from moreft.train.compare_report import write_report
 from moreft.train.config import ADAPTER_SETTINGS, RESUMABLE_CHANGES, TrainConfig
 from moreft.train.loop import RunResult, train
@@ -89,21 +89,25 @@ def _continued(config: TrainConfig) -> TrainConfig:
 
 
 def reference_index(specs: Sequence[Mapping[str, Any]], reference: str | None) -> int:
-    """The arm that ``reference`` (a method spec) names, by its adapter settings; without one, the
-    :data:`DEFAULT_REFERENCE` arm if present, else the first.
+    """The first arm that ``reference`` (a method spec) names: the same adapter settings, and the same
+    value of each shared setting the reference spec overrides (``more:block_rank=4,lr=8e-3`` picks that
+    arm's lr-8e-3 run; ``lora:rank=8`` any LoRA r=8 arm, e.g. one at a study's tuned lr). Without a
+    reference, the :data:`DEFAULT_REFERENCE` arm if present, else the first.
 
     Raises:
         ConfigError: ``reference`` names none of the arms.
     """
-    wanted = adapter_part(parse_method_spec(reference or DEFAULT_REFERENCE))
-    for i, spec in enumerate(specs):
-        if adapter_part(spec) == wanted:
+    wanted = canonical(parse_method_spec(reference or DEFAULT_REFERENCE))
+    for i, spec in enumerate(map(canonical, specs)):
+        if adapter_part(spec) == adapter_part(wanted) and all(
+            k in spec and spec[k] == v for k, v in overrides(wanted).items()
+        ):
             return i
     if reference is None:
         return 0
     raise ConfigError(
-        f"reference {reference!r} is not one of the arms; give one of them (same method and "
-        "adapter settings), e.g. the first"
+        f"reference {reference!r} is not one of the arms; give one of them (same method, adapter "
+        "settings and any setting it overrides), e.g. the first"
     )
 
 
