@@ -71,3 +71,22 @@ def test_the_front_of_a_rising_curve_is_every_improvement():
         for i, (p, m) in enumerate([(10, 0.5), (20, 0.4), (40, 0.7), (80, 0.9)])
     ]
     assert [r["arm"] for r in front_arms(rows)] == ["a0", "a2", "a3"]
+
+
+def test_a_loss_metric_has_no_verdict_and_its_difference_is_not_in_points():
+    from moreft.search.study_report import _table
+
+    loss = {**row("b", "more", 100, 0.9, -0.03, -0.01), "delta_in_points": False}
+    ref = row("a", "lora", 800, 0.95, None, None)
+    assert arm_verdict(loss) is None
+    assert smallest_budgets([ref, loss])[0]["not_worse"] is None
+    search = {
+        "lr_low": 1e-4,
+        "lr_high": 1e-2,
+        "best_lr": 1e-3,
+        "best_trial": 0,
+        "best_eval": 0.9,
+        "edge": None,
+    }
+    table = "\n".join(_table([{**ref, **search}, {**loss, **search, "verdict": "–"}], "answer_nll"))
+    assert "-0.0200 [-0.0300, -0.0100]" in table and "-2.00" not in table

@@ -23,7 +23,7 @@ from moreft.search.studyplan import StudyPlan
 from moreft.tasks import MetricGoal
 from moreft.train.config import TrainConfig
 from moreft.train.plots import plot_study
-from moreft.train.statistics import MARGIN, Interval, points, verdict
+from moreft.train.statistics import MARGIN, Interval, signed, verdict
 
 FINAL_DIR = "final"
 #: Verdicts that count as "not worse than the reference by more than the margin".
@@ -31,9 +31,11 @@ NOT_WORSE = ("within", "not worse", "better")
 
 
 def arm_verdict(row: dict[str, Any]) -> str | None:
-    """The row's :func:`~moreft.train.statistics.verdict` from its interval; None without one."""
+    """The row's :func:`~moreft.train.statistics.verdict` from its interval; None without one, and for a
+    loss metric (the verdicts are for scores in [0, 1], higher better)."""
     d = row.get("delta")
-    return verdict(Interval(**d)) if d and not row.get("reference") else None
+    usable = d and not row.get("reference") and row.get("delta_in_points", True)
+    return verdict(Interval(**d)) if usable else None
 
 
 def smallest_budgets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -85,11 +87,13 @@ def _table(rows: Sequence[dict[str, Any]], metric: str) -> list[str]:
         "|---|---:|---|---:|---|---:|---:|---|---:|---:|",
     ]
     for r in rows:
-        d = r.get("delta")
+        d, p = r.get("delta"), r.get("delta_in_points", True)  # a loss metric's difference is not in points
         delta = (
             "reference"
             if r.get("reference")
-            else (f"{points(d['estimate'])} [{points(d['low'])}, {points(d['high'])}]" if d else "n/a")
+            else (
+                f"{signed(d['estimate'], p)} [{signed(d['low'], p)}, {signed(d['high'], p)}]" if d else "n/a"
+            )
         )
         seconds, peak = r.get("seconds"), r.get("peak_rss_mb")
         lines.append(

@@ -297,6 +297,7 @@ def _task(
                     "peak_rss_mb",
                     "reference",
                     "delta",
+                    "delta_in_points",
                     "verdict",
                     "delta_note",
                 )
