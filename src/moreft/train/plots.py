@@ -253,9 +253,8 @@ def plot_weight_distributions(
         axes[0][0].text(
             0.5, 0.5, "no adapter weights", ha="center", va="center", transform=axes[0][0].transAxes
         )
-    fig.suptitle(
-        title or "adapter weight distributions", fontsize=10, y=1.04
-    )  # above the two-line axes titles
+    # y above 1: the figure title sits over the axes' two-line titles (bbox_inches="tight" keeps it in)
+    fig.suptitle(title or "adapter weight distributions", fontsize=10, y=1.04)
     return save_png(fig, path)
 
 
