@@ -86,6 +86,20 @@ def plot_run(records: Sequence[Mapping[str, Any]], metric: str, path: Path, titl
     return save_png(fig, path)
 
 
+def _save_params_plot(
+    fig: Figure, ax: Any, metric: str, path: Path, title: str, legend: bool, fontsize: int
+) -> Path:
+    """Finish a metric-against-adapter-parameters plot (log x axis, labels, grid, legend) and save it."""
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable adapter parameters (log scale; head excluded)")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} vs parameters")
+    ax.grid(alpha=0.3, which="both")
+    if legend:
+        ax.legend(fontsize=fontsize, loc="best")
+    return save_png(fig, path)
+
+
 def plot_compare(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, title: str = "") -> Path:
     """Metric (mean ± std over seeds) against trainable adapter parameters, log x axis.
 
@@ -101,14 +115,7 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, tit
         ax.annotate(
             row["label"], (row["params"], row["mean"]), textcoords="offset points", xytext=(6, 6), fontsize=8
         )
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable adapter parameters (log scale; head excluded)")
-    ax.set_ylabel(metric)
-    ax.set_title(title or f"{metric} vs parameters")
-    ax.grid(alpha=0.3, which="both")
-    if rows:
-        ax.legend(fontsize=8, loc="best")
-    return save_png(fig, path)
+    return _save_params_plot(fig, ax, metric, path, title, legend=bool(rows), fontsize=8)
 
 
 def plot_study(
@@ -175,14 +182,7 @@ def plot_study(
             alpha=0.2,
             label=f"{ref['arm']} ± {margin * 100:g} pt",
         )
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable adapter parameters (log scale; head excluded)")
-    ax.set_ylabel(metric)
-    ax.set_title(title or f"{metric} vs parameters")
-    ax.grid(alpha=0.3, which="both")
-    if rows:
-        ax.legend(fontsize=7, loc="best")
-    return save_png(fig, path)
+    return _save_params_plot(fig, ax, metric, path, title, legend=bool(rows), fontsize=7)
 
 
 def plot_heatmap(
