@@ -119,3 +119,5 @@ def test_compare_on_answer_nll_reports_the_loss_difference_unscaled(llama, tmp_p
     assert d["estimate"] == pytest.approx(more["mean"] - lora["mean"], abs=1e-9)
     table = (tmp_path / "c" / "compare.md").read_text()
     assert f"{d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | –" in table
+    assert "Δ vs lora:rank=2 [95% CI]" in table and "pts" not in table and "× 100" not in table
+    assert "in the metric's own units (a loss: lower is better)" in table

@@ -90,3 +90,30 @@ def test_a_loss_metric_has_no_verdict_and_its_difference_is_not_in_points():
     }
     table = "\n".join(_table([{**ref, **search}, {**loss, **search, "verdict": "–"}], "answer_nll"))
     assert "-0.0200 [-0.0300, -0.0100]" in table and "-2.00" not in table
+    assert "Δ vs a [95% CI]" in table and "pts" not in table
+
+
+def test_a_loss_studys_report_keeps_the_lowest_arms_on_its_front(tmp_path):
+    from types import SimpleNamespace
+
+    from moreft.search.study import SearchSettings
+    from moreft.search.study_report import write_task
+    from moreft.train.config import TrainConfig
+
+    search = {
+        "lr_low": 1e-4,
+        "lr_high": 1e-2,
+        "best_lr": 1e-3,
+        "best_trial": 0,
+        "best_eval": 0.9,
+        "edge": None,
+    }
+    rows = [{**r, **search, "verdict": None, "delta_in_points": False} for r in ROWS]
+    plan = SimpleNamespace(name="s", description="d", search=SearchSettings(), seeds=5)
+    write_task(
+        plan, "t", TrainConfig(task="math", output_dir=str(tmp_path)), rows, "loss", None, MetricGoal.MINIMIZE
+    )
+    text = (tmp_path / "study.md").read_text()
+    assert "no arm has fewer parameters and a lower test loss" in text
+    assert "peft:vera:r=256 (90: 0.9200), lora:rank=1 (100: 0.8800), mora:rank=8 (790: 0.8700)" in text
+    assert (tmp_path / "study.png").is_file()

@@ -20,6 +20,7 @@ def test_compare_writes_table_and_plot(tiny_bert, tmp_path, monkeypatch):
     result = compare(base, ["lora:rank=2", "more:block_rank=1"], seeds=2, name="cmp")
     table = (result.path / "compare.md").read_text()
     assert "| lora:rank=2 | 768 |" in table and "| more:block_rank=1 | 384 |" in table and " ± " in table
+    assert "Δ vs lora:rank=2, pts [95% CI]" in table and "in points (× 100)" in table
     assert (result.path / "compare.png").is_file() and len(result.rows[0]["values"]) == 2
     again = compare(
         base,

@@ -81,9 +81,10 @@ def _budget_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def _table(rows: Sequence[dict[str, Any]], metric: str) -> list[str]:
     ref = next((r["arm"] for r in rows if r.get("reference")), rows[0]["arm"])
+    unit = ", pts" if all(r.get("delta_in_points", True) for r in rows) else ""  # a loss: its own units
     lines = [
         f"| arm | adapter params | lr range | best lr (trial: eval {metric}) | lr on the edge? | test {metric} "
-        f"(mean ± std) | Δ vs {ref}, pts [95% CI] | within 0.5 pt? | train s / run | peak RSS MiB |",
+        f"(mean ± std) | Δ vs {ref}{unit} [95% CI] | within 0.5 pt? | train s / run | peak RSS MiB |",
         "|---|---:|---|---:|---|---:|---:|---|---:|---:|",
     ]
     for r in rows:
@@ -123,10 +124,13 @@ def write_task(
     rows: Sequence[dict[str, Any]],
     metric: str,
     command: str | None,
+    goal: MetricGoal = MetricGoal.MAXIMIZE,
 ) -> None:
-    """Write ``study.md``, ``study.json`` and ``study.png`` of one task into ``base.output_dir``."""
+    """Write ``study.md``, ``study.json`` and ``study.png`` of one task into ``base.output_dir``;
+    ``goal`` is the metric's direction (the Pareto front of a loss keeps the lowest values)."""
     folder = Path(base.output_dir)
-    front = front_arms(rows)
+    front = front_arms(rows, goal)
+    better = "higher" if goal is MetricGoal.MAXIMIZE else "lower"
     lines = [f"# Study {plan.name}: {task} ({base.model})", "", plan.description, ""]
     if command:
         lines += ["```", command, "```", ""]
@@ -147,7 +151,7 @@ def write_task(
         "",
         *_budget_lines(rows),
         "",
-        f"Pareto front (no arm has fewer parameters and a higher test {metric}): "
+        f"Pareto front (no arm has fewer parameters and a {better} test {metric}): "
         + ", ".join(f"{r['arm']} ({r['params']:,}: {r['mean']:.4f})" for r in front)
         + ". Plot: [study.png](study.png).",
         "",

@@ -304,5 +304,5 @@ def _task(
             }
         )
         row["metric"] = comparison.metric
-    write_task(plan, task, base, rows, comparison.metric, command)
+    write_task(plan, task, base, rows, comparison.metric, command, goal)
     return rows

@@ -35,6 +35,7 @@ def write_report(
     seeds = rows[0]["seeds"] if rows else []
     ref = next((r for r in rows if r.get("reference")), rows[0] if rows else None)
     ref_label = ref["label"] if ref else "-"
+    in_points = all(r.get("delta_in_points", True) for r in rows)  # False for a loss metric
     lines = [f"# {base.task}: {metric} by method ({base.model}, {len(seeds)} seeds)", ""]
     if command:
         lines += ["```", command, "```", ""]
@@ -43,7 +44,7 @@ def write_report(
         f"max_examples={base.max_examples}, eval_examples={base.eval_examples}, seeds {seeds}.",
         "",
         f"| method | trainable params | params / {ref_label} | test {metric} (mean ± std) | "
-        f"Δ vs {ref_label}, pts [95% CI] | within 0.5 pt? | eval {metric} (mean ± std) | test {metric} per seed "
+        f"Δ vs {ref_label}{', pts' if in_points else ''} [95% CI] | within 0.5 pt? | eval {metric} (mean ± std) | test {metric} per seed "
         "| train s / run | peak RSS MiB |",
         "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
@@ -82,10 +83,15 @@ def write_report(
         f"data split. {settings} Train s / run: mean training time; peak RSS: the largest of the runs' "
         "peak resident memory (the whole process: model, data, optimizer).",
         "",
-        f"Δ: the test {metric} minus the reference's ({ref_label}), in points (× 100; a loss in its own units, "
-        f"lower is better, with no verdict), averaged over the seeds; the interval is a paired bootstrap ({RESAMPLES:,} "
-        "resamples of seeds and, within each, test examples, the same draws for both arms; fixed seed). *within "
-        "0.5 pt*: the whole interval lies inside ±0.5 points of the reference.",
+        f"Δ: the test {metric} minus the reference's ({ref_label}), "
+        + ("in points (× 100)" if in_points else "in the metric's own units (a loss: lower is better)")
+        + f", averaged over the seeds; the interval is a paired bootstrap ({RESAMPLES:,} resamples of seeds "
+        "and, within each, test examples, the same draws for both arms; fixed seed). "
+        + (
+            "*within 0.5 pt*: the whole interval lies inside ±0.5 points of the reference."
+            if in_points
+            else "A loss gets no ±0.5-point verdict."
+        ),
         "",
     ]
     if notes:
