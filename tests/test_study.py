@@ -165,6 +165,26 @@ def test_a_study_searches_each_arm_runs_seeds_reports_and_continues(tiny_bert, t
     assert "study: 12/12 runs done" in capsys.readouterr().out
 
 
+def test_full_fine_tuning_is_searched_and_counted_like_its_runs(tiny_bert, tmp_path, capsys):
+    space = {"lr": {"low": 1e-3, "high": 1e-2}, "lr_by_method": {"full": [1e-5, 1e-4]}, "batch_size": [8]}
+    path = write_plan(
+        tmp_path / "p.yaml",
+        tiny_bert,
+        arms=["lora:rank=2", "full"],
+        search={"trials": 1, "sampler": "random", "pruner": "none"},
+        space=space,
+        seeds=1,
+    )
+    assert main(["study", "--plan", str(path)]) == 0
+    assert "study: 4/4 runs done" in capsys.readouterr().out
+    folder = tmp_path / "out" / "tiny" / "sent"
+    full = json.loads((folder / "study.json").read_text())["rows"][1]
+    compare_row = json.loads((folder / "final" / "compare.json").read_text())["rows"][1]
+    metrics = json.loads((Path(compare_row["runs"][0]) / "metrics.json").read_text())
+    assert full["arm"] == "full" and 1e-5 <= full["best_lr"] <= 1e-4
+    assert full["params"] == metrics["trainable_params"] == compare_row["params"] > 100_000
+
+
 def test_an_interrupted_study_continues_where_it_stopped(tiny_bert, tmp_path, capsys, monkeypatch):
     path = write_plan(
         tmp_path / "p.yaml", tiny_bert, arms=["lora:rank=2", "more:block_rank=1"], reference=None, seeds=2

@@ -67,12 +67,15 @@ def _meta_model(config: TrainConfig) -> tuple[torch.nn.Module, Any, tuple[str, .
 
 def count_adapter_params(config: TrainConfig) -> int:
     """Trainable adapter parameters of ``config`` (heads excluded, as the papers count), without training;
-    a peft arm (method peft) is counted the same way (:func:`moreft.train.peft_arm.count_parameters`).
+    a peft arm (method peft) is counted the same way (:func:`moreft.train.peft_arm.count_parameters`), and
+    full fine-tuning counts every parameter of the model, as its run reports (``trainable_params``).
 
     Raises:
         ConfigError / TargetError: The configuration does not fit the model (e.g. ``nblocks > in``).
     """
     model, targets, heads = _meta_model(config)
+    if config.full:
+        return sum(p.numel() for p in model.parameters())
     if config.method == RunMethod.PEFT:  # peft's own classes build on the meta device too
         from moreft.tasks import TaskKind, get_task
         from moreft.train import peft_arm
