@@ -282,7 +282,13 @@ def run_workers(job: dict[str, Any], jobs: int, file: Path) -> None:
     """
     atomic_write_text(file, json.dumps(job))
     threads = max(1, torch.get_num_threads() // jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "MOREFT_PARENT_PID": str(os.getpid()),
+        "OMP_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     procs = [
         subprocess.Popen([sys.executable, "-m", "moreft.search.study", str(file), str(i)], env=env)
         for i in range(jobs)
@@ -304,6 +310,10 @@ class SearchError(MoreftError, RuntimeError):
 
 
 if __name__ == "__main__":  # a worker of run_workers
+    from moreft.train.orphans import exit_with_parent
+
+    _parent = os.environ.get("MOREFT_PARENT_PID")
+    exit_with_parent(int(_parent) if _parent else None)  # a killed search leaves no worker training on
     _job = json.loads(Path(sys.argv[1]).read_text())
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     work(**_job, worker=int(sys.argv[2]))

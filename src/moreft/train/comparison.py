@@ -292,7 +292,7 @@ def _train_all(
         max_workers=jobs,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_worker_threads,
-        initargs=(threads,),
+        initargs=(threads, os.getpid()),
     ) as pool:
         started = {
             pool.submit(_train_quietly, config): (i, j, label, config) for i, j, label, config in pending
@@ -306,8 +306,11 @@ def _train_all(
     return out
 
 
-def _worker_threads(threads: int) -> None:
-    """A worker process of :func:`compare` uses ``threads`` CPU threads."""
+def _worker_threads(threads: int, parent: int | None = None) -> None:
+    """A worker process of :func:`compare` uses ``threads`` CPU threads, and ends with ``parent``."""
+    from moreft.train.orphans import exit_with_parent
+
+    exit_with_parent(parent)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
 
