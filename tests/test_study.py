@@ -220,14 +220,17 @@ def test_the_gpu_plan_dry_runs_on_a_cpu(monkeypatch, capsys):
 
 
 def test_every_fidelity_plan_resolves_and_estimates():
-    """The plans validate; arms of a method this moreft lacks (``full``, until it lands) are the only ones left out."""
+    """The plans validate, every arm included, and each CPU plan's arms are counted on the packaged model
+    as the study counts them before its searches (full fine-tuning: every parameter)."""
+    from moreft.search.driver import count_adapter_params
+    from moreft.train.arms import arm_changes, parse_method_spec
+
     plans = sorted((RECIPES / "fidelity").glob("*.yaml"))
     assert {p.stem for p in plans} >= {"sentiment", "news", "spam", "gpu-glue-roberta-large"}
     for file in plans:
         plan = read_plan(file)
-        unavailable = [a for a in plan.arms if a.split(":")[0].lower() not in METHODS]
-        assert set(unavailable) <= {"full"}, file
-        arms = [a for a in plan.arms if a not in unavailable]
+        arms = plan.arms
+        assert all(a.split(":")[0].lower() in METHODS for a in arms), file
         parsed = check_arms(arms, plan.reference)
         assert plan.seeds >= 5 and plan.search.trials >= 2
         assert all(p["method"] != "lora" or p.get("alpha") for p in parsed if p["method"] == "lora"), file
@@ -239,8 +242,13 @@ def test_every_fidelity_plan_resolves_and_estimates():
             with pytest.raises(ConfigError, match=r"needs (ROBERTA_LARGE|GLUE_DIR)"):
                 task_configs(plan, env={})
         else:
-            (row,) = estimate(plan, task_configs(plan), arms)
+            configs = task_configs(plan)
+            (row,) = estimate(plan, configs, arms)
             assert row["seconds"] is not None and row["test"] >= 500, file
+            (base,) = configs.values()
+            sizes = {a: count_adapter_params(base.replace(**arm_changes(parse_method_spec(a)))) for a in arms}
+            assert sizes["lora:rank=8,alpha=16"] == 110_592 and sizes["full"] > 22_000_000, file
+            assert all(n > 0 for n in sizes.values()), file
 
 
 def test_the_gpu_plan_arms_have_the_sizes_of_table_3(tmp_path):
