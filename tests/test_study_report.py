@@ -29,6 +29,9 @@ ROWS = [
     row("peft:vera:r=256", "peft:vera", 90, 0.920, 0.010, 0.030),  # better
 ]
 
+#: What an arm's search adds to its row (a learning rate found well inside its range).
+SEARCH = {"lr_low": 1e-4, "lr_high": 1e-2, "best_lr": 1e-3, "best_trial": 0, "best_eval": 0.9, "edge": None}
+
 
 def test_verdicts_come_from_the_interval_and_the_reference_has_none():
     assert [arm_verdict(r) for r in ROWS] == [
@@ -80,15 +83,7 @@ def test_a_loss_metric_has_no_verdict_and_its_difference_is_not_in_points():
     ref = row("a", "lora", 800, 0.95, None, None)
     assert arm_verdict(loss) is None
     assert smallest_budgets([ref, loss])[0]["not_worse"] is None
-    search = {
-        "lr_low": 1e-4,
-        "lr_high": 1e-2,
-        "best_lr": 1e-3,
-        "best_trial": 0,
-        "best_eval": 0.9,
-        "edge": None,
-    }
-    table = "\n".join(_table([{**ref, **search}, {**loss, **search, "verdict": "–"}], "answer_nll"))
+    table = "\n".join(_table([{**ref, **SEARCH}, {**loss, **SEARCH, "verdict": "–"}], "answer_nll"))
     assert "-0.0200 [-0.0300, -0.0100]" in table and "-2.00" not in table
     assert "Δ vs a [95% CI]" in table and "pts" not in table
 
@@ -100,15 +95,7 @@ def test_a_loss_studys_report_keeps_the_lowest_arms_on_its_front(tmp_path):
     from moreft.search.study_report import write_task
     from moreft.train.config import TrainConfig
 
-    search = {
-        "lr_low": 1e-4,
-        "lr_high": 1e-2,
-        "best_lr": 1e-3,
-        "best_trial": 0,
-        "best_eval": 0.9,
-        "edge": None,
-    }
-    rows = [{**r, **search, "verdict": None, "delta_in_points": False} for r in ROWS]
+    rows = [{**r, **SEARCH, "verdict": None, "delta_in_points": False} for r in ROWS]
     plan = SimpleNamespace(name="s", description="d", search=SearchSettings(), seeds=5)
     write_task(
         plan, "t", TrainConfig(task="math", output_dir=str(tmp_path)), rows, "loss", None, MetricGoal.MINIMIZE
