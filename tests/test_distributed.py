@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import SUBPROCESS_ENV, make_tiny_bert, moreft_command, train_flags
+from tiny import SUBPROCESS_ENV, free_port, make_tiny_bert, moreft_command, train_flags
 
 from moreft.adapter_files import WEIGHTS_NAME
 from moreft.train import resolve_config, train
@@ -63,6 +63,8 @@ def test_torchrun_and_accelerate_launch_match_one_process(bert, tmp_path):
                 sys.executable,
                 "-m",
                 "torch.distributed.run",
+                "--master_port",
+                str(free_port()),
                 "--nproc_per_node",
                 "2",
                 "-m",
@@ -75,6 +77,8 @@ def test_torchrun_and_accelerate_launch_match_one_process(bert, tmp_path):
                 sys.executable,
                 "-m",
                 "accelerate.commands.launch",
+                "--main_process_port",
+                str(free_port()),
                 "--multi_gpu",
                 "--num_processes",
                 "2",
@@ -173,6 +177,8 @@ def test_fully_shard_on_cpu_matches_one_process(bert, tmp_path):
                 sys.executable,
                 "-m",
                 "torch.distributed.run",
+                "--master_port",
+                str(free_port()),
                 "--nproc_per_node",
                 "2",
                 str(worker),

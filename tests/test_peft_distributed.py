@@ -20,6 +20,7 @@ import torch
 from peft_accelerate_worker import CONFIGS, peft_model
 from safetensors.torch import load_file
 from test_distributed import _launch, max_abs_diff
+from tiny import free_port
 
 WORKER = str(Path(__file__).with_name("peft_accelerate_worker.py"))
 #: Observed max |difference|: DDP 6e-8 (MoRe) / 1.1e-7 (MoRA), fully_shard 1.7e-6 (MoRe) / 1.2e-7 (MoRA):
@@ -42,6 +43,8 @@ def runs(tmp_path_factory) -> Path:
                 sys.executable,
                 "-m",
                 "accelerate.commands.launch",
+                "--main_process_port",
+                str(free_port()),
                 "--multi_gpu",
                 "--num_processes",
                 "2",
@@ -59,6 +62,8 @@ def runs(tmp_path_factory) -> Path:
                 sys.executable,
                 "-m",
                 "accelerate.commands.launch",
+                "--main_process_port",
+                str(free_port()),
                 "--use_fsdp",
                 "--fsdp_version",
                 "2",
@@ -79,6 +84,8 @@ def runs(tmp_path_factory) -> Path:
                 sys.executable,
                 "-m",
                 "torch.distributed.run",
+                "--master_port",
+                str(free_port()),
                 "--nproc_per_node",
                 "2",
                 WORKER,

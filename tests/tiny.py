@@ -71,6 +71,16 @@ def train_flags(model: str, out: Path, **flags: object) -> list[str]:
     return argv
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now: each distributed launch gets its own, so launches that run side
+    by side (or another job on the machine) never meet on the launchers' default 29500."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def moreft_command(*argv: str) -> list[str]:
     """``python -m moreft ARGV`` with this interpreter."""
     return [sys.executable, "-m", "moreft", *argv]
