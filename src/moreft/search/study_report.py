@@ -21,9 +21,10 @@ from moreft.safe_write import atomic_write_text
 from moreft.search.report import pareto_front
 from moreft.search.studyplan import StudyPlan
 from moreft.tasks import MetricGoal
+from moreft.train.compare_report import delta_text, in_points
 from moreft.train.config import TrainConfig
 from moreft.train.plots import plot_study
-from moreft.train.statistics import MARGIN, Interval, signed, verdict
+from moreft.train.statistics import MARGIN, Interval, verdict
 
 FINAL_DIR = "final"
 #: Verdicts that count as "not worse than the reference by more than the margin".
@@ -81,21 +82,14 @@ def _budget_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def _table(rows: Sequence[dict[str, Any]], metric: str) -> list[str]:
     ref = next((r["arm"] for r in rows if r.get("reference")), rows[0]["arm"])
-    unit = ", pts" if all(r.get("delta_in_points", True) for r in rows) else ""  # a loss: its own units
+    unit = ", pts" if in_points(rows) else ""  # a loss: its own units
     lines = [
         f"| arm | adapter params | lr range | best lr (trial: eval {metric}) | lr on the edge? | test {metric} "
         f"(mean ± std) | Δ vs {ref}{unit} [95% CI] | within 0.5 pt? | train s / run | peak RSS MiB |",
         "|---|---:|---|---:|---|---:|---:|---|---:|---:|",
     ]
     for r in rows:
-        d, p = r.get("delta"), r.get("delta_in_points", True)  # a loss metric's difference is not in points
-        delta = (
-            "reference"
-            if r.get("reference")
-            else (
-                f"{signed(d['estimate'], p)} [{signed(d['low'], p)}, {signed(d['high'], p)}]" if d else "n/a"
-            )
-        )
+        delta = "reference" if r.get("reference") else (delta_text(r) if r.get("delta") else "n/a")
         seconds, peak = r.get("seconds"), r.get("peak_rss_mb")
         lines.append(
             f"| {r['arm']} | {r['params']:,} | [{r['lr_low']:.1e}, {r['lr_high']:.1e}] | {r['best_lr']:.2e} "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,17 @@ from moreft.train.config import TrainConfig
 from moreft.train.curves import curve_lines
 from moreft.train.plots import plot_compare
 from moreft.train.statistics import RESAMPLES, signed
+
+
+def in_points(rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the rows' differences are in points (× 100, a score); False for a loss metric's rows."""
+    return all(r.get("delta_in_points", True) for r in rows)
+
+
+def delta_text(row: Mapping[str, Any]) -> str:
+    """A row's difference to the reference with its interval, ``+0.42 [-0.10, +0.95]``, in its units."""
+    d, p = row["delta"], row.get("delta_in_points", True)
+    return f"{signed(d['estimate'], p)} [{signed(d['low'], p)}, {signed(d['high'], p)}]"
 
 
 def _mib(value: float | None) -> str:
@@ -35,7 +46,7 @@ def write_report(
     seeds = rows[0]["seeds"] if rows else []
     ref = next((r for r in rows if r.get("reference")), rows[0] if rows else None)
     ref_label = ref["label"] if ref else "-"
-    in_points = all(r.get("delta_in_points", True) for r in rows)  # False for a loss metric
+    points = in_points(rows)
     lines = [f"# {base.task}: {metric} by method ({base.model}, {len(seeds)} seeds)", ""]
     if command:
         lines += ["```", command, "```", ""]
@@ -44,7 +55,7 @@ def write_report(
         f"max_examples={base.max_examples}, eval_examples={base.eval_examples}, seeds {seeds}.",
         "",
         f"| method | trainable params | params / {ref_label} | test {metric} (mean ± std) | "
-        f"Δ vs {ref_label}{', pts' if in_points else ''} [95% CI] | within 0.5 pt? | eval {metric} (mean ± std) | test {metric} per seed "
+        f"Δ vs {ref_label}{', pts' if points else ''} [95% CI] | within 0.5 pt? | eval {metric} (mean ± std) | test {metric} per seed "
         "| train s / run | peak RSS MiB |",
         "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
@@ -55,8 +66,7 @@ def write_report(
         if r.get("reference"):
             delta, said = "reference", "–"
         elif d:
-            low, high, p = d["low"], d["high"], r.get("delta_in_points", True)
-            delta, said = f"{signed(d['estimate'], p)} [{signed(low, p)}, {signed(high, p)}]", r["verdict"]
+            delta, said = delta_text(r), r["verdict"]
         else:
             delta, said = "n/a", "–"
             if r.get("delta_note"):
@@ -84,12 +94,12 @@ def write_report(
         "peak resident memory (the whole process: model, data, optimizer).",
         "",
         f"Δ: the test {metric} minus the reference's ({ref_label}), "
-        + ("in points (× 100)" if in_points else "in the metric's own units (a loss: lower is better)")
+        + ("in points (× 100)" if points else "in the metric's own units (a loss: lower is better)")
         + f", averaged over the seeds; the interval is a paired bootstrap ({RESAMPLES:,} resamples of seeds "
         "and, within each, test examples, the same draws for both arms; fixed seed). "
         + (
             "*within 0.5 pt*: the whole interval lies inside ±0.5 points of the reference."
-            if in_points
+            if points
             else "A loss gets no ±0.5-point verdict."
         ),
         "",
