@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -245,6 +246,21 @@ def test_asha_prunes_and_the_report_has_front_plot_and_best_recipe(tiny_bert, tm
         run_search(base.replace(max_steps=6), space, settings, quiet=True)
     with pytest.raises(ConfigError, match=r"different max_params \(max_params: 1000 -> 2000\)"):
         run_search(base, space, SearchSettings(**{**settings.to_dict(), "max_params": 2000}), quiet=True)
+    # a range for a method this search does not sample changes nothing: the study resumes
+    other = dataclasses.replace(space, lr_by_method={"peft:hira": (1e-3, 1e-1), "mora": (1e-3, 1e-2)})
+    assert (
+        len(run_search(base, other, SearchSettings(**{**settings.to_dict(), "trials": 12}), quiet=True).rows)
+        == 12
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"different space \(lora:rank=4 on default: lr \[0\.0001, 0\.1\] -> \[0\.001, 0\.01\]\)",
+    ):
+        run_search(
+            base, dataclasses.replace(space, lr_by_method={"lora": (1e-3, 1e-2)}), settings, quiet=True
+        )
+    with pytest.raises(ConfigError, match=r"architectures added: lora:rank=8 on default\)"):
+        run_search(base, dataclasses.replace(space, lora={"rank": [4, 8]}), settings, quiet=True)
 
 
 def test_an_interrupted_trial_is_retried_on_resume(tiny_bert, tmp_path, monkeypatch):

@@ -163,6 +163,20 @@ def test_a_study_searches_each_arm_runs_seeds_reports_and_continues(tiny_bert, t
     monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("trained again"))
     assert main(["study", "--plan", str(path)]) == 0
     assert "study: 12/12 runs done" in capsys.readouterr().out
+    # a range for a method no arm uses changes no search; a new range for one arm stops at that arm
+    space = {
+        "lr": [1e-3, 1e-2],
+        "lr_by_method": {"peft:vera": [1e-2, 1e-1], "mora": [1e-4, 1e-3]},
+        "batch_size": [8],
+    }
+    assert main(["study", "--plan", str(write_plan(path, tiny_bert, space=space))]) == 0
+    space["lr_by_method"] = {"peft:vera": [2e-2, 1e-1]}
+    assert main(["study", "--plan", str(write_plan(path, tiny_bert, space=space))]) != 0
+    assert (
+        "[sent] the search of peft:vera:r=8: study 'search-peft-vera-r8'" in (err := capsys.readouterr().err)
+        and "peft:vera:r=8 on default: lr [0.01, 0.1] -> [0.02, 0.1]" in err
+        and f"move {folder / 'search-peft-vera-r8'} aside" in err
+    )
 
 
 def test_full_fine_tuning_is_searched_and_counted_like_its_runs(tiny_bert, tmp_path, capsys):

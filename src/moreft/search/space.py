@@ -235,6 +235,18 @@ class SearchSpace:
                 del out[key]
         return out
 
+    def sampled(self) -> dict[str, Any]:
+        """What a trial can draw: each architecture with its changes and learning-rate interval, and
+        the batch sizes. Two spaces with equal ``sampled()`` search the same thing, however they are
+        written (a ``lr_by_method`` entry or sub-space of a method not searched changes nothing).
+        """
+        return {
+            "architectures": {
+                key: (changes, self.lr_for(family_of(key))) for key, changes in self.architectures().items()
+            },
+            "batch_size": self.batch_size,
+        }
+
     def architectures(self) -> dict[str, dict[str, Any]]:
         """Every discrete choice (method, its sizes, target modules) by a readable key, in a fixed order.
 

@@ -94,19 +94,53 @@ def open_study(
     if stored["base"] is None and not study.trials:
         for key, value in fixed.items():
             study.set_user_attr(key, value)
-    elif stored != fixed:
-        what = [k for k in fixed if stored[k] != fixed[k]]
+        return study
+    space_diffs = _space_diffs(stored["space"], space)
+    what = [k for k in ("base", "max_params") if stored[k] != fixed[k]] + (["space"] if space_diffs else [])
+    if what:
         old = stored["base"] or {}
         diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in fixed["base"].items() if old.get(k) != v]
         if "max_params" in what:
             diffs.append(f"max_params: {stored['max_params']!r} -> {settings.max_params!r}")
-        if "space" in what:
-            diffs.append("the search space")
+        diffs += space_diffs
         raise ConfigError(
             f"study {name!r} in {url} was made with a different {' and '.join(what)} ({', '.join(diffs)}); "
             "resume it with the same settings, or pass another --name / --storage"
         )
     return study
+
+
+def _space_diffs(stored: Any, space: SearchSpace) -> list[str]:
+    """How the stored space samples differently from ``space`` (empty: the same draws), by
+    architecture and lr interval, so that editing the range of an arm a study does not search
+    leaves the study resumable."""
+    from moreft.errors import ConfigError
+
+    try:
+        old = SearchSpace.from_dict(stored).sampled()
+    except (ConfigError, TypeError):
+        return ["the search space"]
+    new = space.sampled()
+    if old == new:
+        return []
+    diffs = [
+        f"{key}: lr {_interval(old['architectures'][key][1])} -> {_interval(new['architectures'][key][1])}"
+        for key in old["architectures"].keys() & new["architectures"].keys()
+        if old["architectures"][key][1] != new["architectures"][key][1]
+    ]
+    for label, keys in (
+        ("architectures added", new["architectures"].keys() - old["architectures"].keys()),
+        ("architectures dropped", old["architectures"].keys() - new["architectures"].keys()),
+    ):
+        if keys:
+            diffs.append(f"{label}: {', '.join(sorted(keys))}")
+    if old["batch_size"] != new["batch_size"]:
+        diffs.append(f"batch_size: {list(old['batch_size'])} -> {list(new['batch_size'])}")
+    return diffs or ["the search space"]
+
+
+def _interval(lr: Any) -> str:
+    return f"[{lr.low:.2g}, {lr.high:.2g}]" + ("" if lr.log else " linear")
 
 
 def _comparable(base: TrainConfig) -> dict[str, Any]:

@@ -230,7 +230,13 @@ def _task(
             f"[{task}] search {i}/{len(arms)} {arm}: {settings.trials} trials, lr in [{lr.low:.1e}, {lr.high:.1e}]"
         )
         before = _searched_before(folder)
-        result = run_search(base, space, settings, command=command, quiet=True)
+        try:
+            result = run_search(base, space, settings, command=command, quiet=True)
+        except ConfigError as err:
+            raise ConfigError(
+                f"[{task}] the search of {arm}: {err}. To search this arm again under the plan's settings, "
+                f"move {folder} aside (the other arms' searches are kept)"
+            ) from err
         counted = sum(r["state"] in ("complete", "pruned") for r in result.rows)
         progress.add(settings.trials, max(0, counted - before))
         done = [r for r in result.rows if r["state"] == "complete"]
