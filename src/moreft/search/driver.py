@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,7 @@ def run_search(
         "path": str(path),
         "quiet": quiet,
         "allowed": {c.key: {"changes": c.changes, "params": c.params} for c in found if c.excluded is None},
+        "session": uuid.uuid4().hex,
     }
     if settings.jobs == 1:
         search_run.work(**job)

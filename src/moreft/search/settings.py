@@ -16,6 +16,8 @@ from moreft.errors import ConfigError
 
 STUDY_FILE = "study.db"
 WORKERS_FILE = "workers.json"
+#: Lock file the search workers take while they claim a trial.
+CLAIM_FILE = "claim.lock"
 #: A trial whose process has not written a heartbeat for this long is failed and retried once.
 HEARTBEAT_SECONDS, GRACE_SECONDS = 30, 90
 
@@ -117,6 +119,8 @@ class SearchSettings:
 
 #: Trial user attributes (what the report reads).
 INTERRUPTED, RETRY_OF = "interrupted", "retry_of"
+#: Trial attribute: the search run (one ``run_search`` call) whose worker runs the trial.
+SESSION = "session"
 TRIALS_DIR = "trials"
 
 

@@ -19,10 +19,12 @@ from transformers import TrainerCallback
 from moreft.errors import MoreftError
 from moreft.safe_write import atomic_write_text
 from moreft.search.settings import (
+    CLAIM_FILE,
     GRACE_SECONDS,
     HEARTBEAT_SECONDS,
     INTERRUPTED,
     RETRY_OF,
+    SESSION,
     TRIALS_DIR,
     Candidate,
     Pruner,
@@ -175,6 +177,22 @@ def requeue_interrupted(study: optuna.Study) -> int:
     return len(todo)
 
 
+def started(study: optuna.Study, session: str) -> int:
+    """Finished trials and those running in ``session``: a worker starts another only below the budget,
+    so ``jobs`` workers do not overshoot it (a trial left running by a killed search is not counted)."""
+    trials = study.get_trials(
+        deepcopy=False,
+        states=(
+            optuna.trial.TrialState.COMPLETE,
+            optuna.trial.TrialState.PRUNED,
+            optuna.trial.TrialState.RUNNING,
+        ),
+    )
+    return sum(
+        t.state is not optuna.trial.TrialState.RUNNING or t.user_attrs.get(SESSION) == session for t in trials
+    )
+
+
 def counted(study: optuna.Study) -> int:
     """Finished trials (complete or pruned)."""
     return len(
@@ -274,8 +292,13 @@ def work(
     quiet: bool,
     allowed: dict[str, Any],
     worker: int = 0,
+    session: str = "",
 ) -> None:
     """One search worker: draw and run trials until the study has ``settings.trials`` counted trials.
+
+    A worker starts a trial only while finished plus running trials (of ``session``: this search's
+    workers) are fewer, checked and claimed under a file lock, so ``jobs`` workers never overshoot
+    the budget; it makes at most as many attempts as trials were missing (failing trials end it).
 
     Plain (JSON) arguments, so that a worker process can be started with them; ``allowed`` maps
     each architecture key to be tried to ``{"changes": ..., "params": ...}`` (see :class:`Candidate`).
@@ -287,23 +310,32 @@ def work(
     )
     study = open_study(url, name, base, space, settings, worker)
     tried = {key: Candidate(key, c["changes"], c["params"], None) for key, c in allowed.items()}
+    from filelock import FileLock
+
     objective = Objective(base, space, tried, Path(path))
+    claim = FileLock(str(Path(path) / CLAIM_FILE))
 
-    def enough(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if counted(study) >= settings.trials:
-            study.stop()
+    def claimed(trial: optuna.Trial) -> float:
+        try:
+            trial.set_user_attr(SESSION, session)  # now counted by started(): the claim is made
+        finally:
+            claim.release()
+        return objective(trial)
 
-    left = settings.trials - counted(study)
-    if left <= 0:
-        return
-    callbacks = [enough] + ([] if quiet else [_printer(objective.metric)])
-    study.optimize(
-        objective,
-        n_trials=left,
-        timeout=settings.timeout,
-        callbacks=callbacks,
-        catch=(MoreftError, ValueError, RuntimeError),
-    )
+    callbacks = [] if quiet else [_printer(objective.metric)]
+    start = time.monotonic()
+    for _ in range(max(0, settings.trials - counted(study))):
+        left = None if settings.timeout is None else settings.timeout - (time.monotonic() - start)
+        with claim:  # released by claimed() once the trial is marked, or here if none was run
+            if started(study, session) >= settings.trials or (left is not None and left <= 0):
+                return
+            study.optimize(
+                claimed,
+                n_trials=1,
+                timeout=left,
+                callbacks=callbacks,
+                catch=(MoreftError, ValueError, RuntimeError),
+            )
 
 
 def run_workers(job: dict[str, Any], jobs: int, file: Path) -> None:
