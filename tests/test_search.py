@@ -18,7 +18,7 @@ import moreft
 from moreft.cli import main
 from moreft.errors import ConfigError
 from moreft.models import load_model
-from moreft.search import SearchSettings, SearchSpace, count_adapter_params, run_search
+from moreft.search import SearchSettings, SearchSpace, StudyMismatchError, count_adapter_params, run_search
 from moreft.search.driver import candidates, square_block_rank
 from moreft.search.report import pareto_front
 from moreft.tasks import MetricGoal
@@ -242,7 +242,7 @@ def test_asha_prunes_and_the_report_has_front_plot_and_best_recipe(tiny_bert, tm
 
     again = run_search(base, space, SearchSettings(**{**settings.to_dict(), "trials": 12}), quiet=True)
     assert len(again.rows) == 12 and len(calls) == 12  # resumed from the SQLite study: 2 new trials only
-    with pytest.raises(ConfigError, match=r"made with a different base \(max_steps: 8 -> 6\)"):
+    with pytest.raises(StudyMismatchError, match=r"made with a different base \(max_steps: 8 -> 6\)"):
         run_search(base.replace(max_steps=6), space, settings, quiet=True)
     with pytest.raises(ConfigError, match=r"different max_params \(max_params: 1000 -> 2000\)"):
         run_search(base, space, SearchSettings(**{**settings.to_dict(), "max_params": 2000}), quiet=True)

@@ -12,7 +12,7 @@ Optuna is imported only when a search runs.
 """
 
 from .driver import SearchResult, candidates, count_adapter_params, run_search
-from .settings import Candidate, Pruner, Sampler, SearchSettings
+from .settings import Candidate, Pruner, Sampler, SearchSettings, StudyMismatchError
 from .space import SearchSpace
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "SearchResult",
     "SearchSettings",
     "SearchSpace",
+    "StudyMismatchError",
     "candidates",
     "count_adapter_params",
     "run_search",

@@ -22,6 +22,10 @@ CLAIM_FILE = "claim.lock"
 HEARTBEAT_SECONDS, GRACE_SECONDS = 30, 90
 
 
+class StudyMismatchError(ConfigError):
+    """A stored search study was made with other settings (base config, budget or sampled space)."""
+
+
 class Pruner(str, enum.Enum):
     """Early stopping of trials: ``asha`` (successive halving), ``hyperband``, or ``none``."""
 

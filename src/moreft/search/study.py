@@ -14,6 +14,7 @@ from typing import Any
 
 import optuna
 import torch
+from filelock import FileLock
 from transformers import TrainerCallback
 
 from moreft.errors import MoreftError
@@ -30,6 +31,7 @@ from moreft.search.settings import (
     Pruner,
     Sampler,
     SearchSettings,
+    StudyMismatchError,
 )
 from moreft.search.space import SearchSpace
 from moreft.train.config import TrainConfig
@@ -71,9 +73,8 @@ def open_study(
     """Create or load the study ``name``; the run settings are stored so a resumed search can check them.
 
     Raises:
-        ConfigError: The stored study was made with a different base config or space.
+        StudyMismatchError: The stored study was made with a different base config, budget or space.
     """
-    from moreft.errors import ConfigError
     from moreft.tasks import get_task
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -105,7 +106,7 @@ def open_study(
         if "max_params" in what:
             diffs.append(f"max_params: {stored['max_params']!r} -> {settings.max_params!r}")
         diffs += space_diffs
-        raise ConfigError(
+        raise StudyMismatchError(
             f"study {name!r} in {url} was made with a different {' and '.join(what)} ({', '.join(diffs)}); "
             "resume it with the same settings, or pass another --name / --storage"
         )
@@ -310,8 +311,6 @@ def work(
     )
     study = open_study(url, name, base, space, settings, worker)
     tried = {key: Candidate(key, c["changes"], c["params"], None) for key, c in allowed.items()}
-    from filelock import FileLock
-
     objective = Objective(base, space, tried, Path(path))
     claim = FileLock(str(Path(path) / CLAIM_FILE))
 

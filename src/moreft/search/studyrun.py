@@ -211,6 +211,7 @@ def _task(
     """One task: a search per arm, the final comparison, the task's report; its rows per arm."""
     from moreft.search import SearchSettings, run_search
     from moreft.search.report import lr_edges
+    from moreft.search.settings import StudyMismatchError
     from moreft.tasks import get_task
     from moreft.train.arms import parse_method_spec
     from moreft.train.comparison import compare
@@ -232,8 +233,8 @@ def _task(
         before = _searched_before(folder)
         try:
             result = run_search(base, space, settings, command=command, quiet=True)
-        except ConfigError as err:
-            raise ConfigError(
+        except StudyMismatchError as err:
+            raise StudyMismatchError(
                 f"[{task}] the search of {arm}: {err}. To search this arm again under the plan's settings, "
                 f"move {folder} aside (the other arms' searches are kept)"
             ) from err
