@@ -242,6 +242,7 @@ def test_asha_prunes_and_the_report_has_front_plot_and_best_recipe(tiny_bert, tm
 
     again = run_search(base, space, SearchSettings(**{**settings.to_dict(), "trials": 12}), quiet=True)
     assert len(again.rows) == 12 and len(calls) == 12  # resumed from the SQLite study: 2 new trials only
+    assert {c.lr for c in calls[10:]}.isdisjoint(c.lr for c in calls[:10])  # new draws, not the first ones
     with pytest.raises(StudyMismatchError, match=r"made with a different base \(max_steps: 8 -> 6\)"):
         run_search(base.replace(max_steps=6), space, settings, quiet=True)
     with pytest.raises(ConfigError, match=r"different max_params \(max_params: 1000 -> 2000\)"):
@@ -274,6 +275,8 @@ def test_an_interrupted_trial_is_retried_on_resume(tiny_bert, tmp_path, monkeypa
     assert [r["state"] for r in result.rows] == ["fail", "complete", "complete"]
     assert result.rows[1]["note"] == "retry of trial 0"
     assert calls[1].lr == calls[0].lr and calls[1].block_rank == calls[0].block_rank
+    # the resumed worker draws anew: not the first session's values again
+    assert calls[2].lr != calls[0].lr
 
 
 def test_pruning_needs_eval_every(tiny_bert, tmp_path):

@@ -78,20 +78,14 @@ def open_study(
     from moreft.tasks import get_task
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    seed = settings.seed + worker
-    sampler = (
-        optuna.samplers.RandomSampler(seed=seed)
-        if settings.sampler is Sampler.RANDOM
-        else optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, settings.trials // 3))
-    )
     study = optuna.create_study(
         storage=make_storage(url),
         study_name=name,
         direction=get_task(base.task, **base.task_options).metric_goal.value,
-        sampler=sampler,
         pruner=make_pruner(settings, base),
         load_if_exists=True,
     )
+    study.sampler = make_sampler(settings, worker, len(study.trials))
     fixed = {"base": _comparable(base), "space": space.to_dict(), "max_params": settings.max_params}
     stored = {k: study.user_attrs.get(k) for k in fixed}
     if stored["base"] is None and not study.trials:
@@ -111,6 +105,16 @@ def open_study(
             "resume it with the same settings, or pass another --name / --storage"
         )
     return study
+
+
+def make_sampler(settings: SearchSettings, worker: int, existing: int) -> optuna.samplers.BaseSampler:
+    """The sampler of one worker: seeded by the search's seed, the worker, and the trials the study
+    already holds, so a resumed search draws new values rather than its first session's again (a
+    retried trial keeps its own), while an uninterrupted search is reproducible from its seed."""
+    seed = settings.seed + worker + 1009 * existing
+    if settings.sampler is Sampler.RANDOM:
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, settings.trials // 3))
 
 
 def _space_diffs(stored: Any, space: SearchSpace) -> list[str]:
