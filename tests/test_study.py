@@ -11,10 +11,12 @@ from tiny import make_tiny_bert
 
 from moreft.cli import main
 from moreft.errors import ConfigError
+from moreft.search.study_report import arm_verdict
 from moreft.search.studyplan import check_arms, read_plan, run_cost, run_seconds, task_configs
 from moreft.search.studyrun import estimate
 from moreft.train import loop
 from moreft.train.choices import TRAIN_METHODS as METHODS
+from moreft.train.statistics import VERDICT_TEXT
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -147,6 +149,9 @@ def test_a_study_searches_each_arm_runs_seeds_reports_and_continues(tiny_bert, t
     vera = rows[1]
     assert 1e-2 <= vera["best_lr"] <= 1e-1 and vera["params"] == 6 * (32 + 8) and len(vera["values"]) == 2
     assert vera["delta"]["seeds"] == 2 and rows[0]["reference"]
+    # every arm's interval is a score's, in points, with a verdict the budget table counts
+    assert all(r["delta_in_points"] is True for r in rows)
+    assert all(arm_verdict(r) in VERDICT_TEXT for r in rows if not r["reference"])
     searched = json.loads((folder / "search-peft-vera-r8" / "search.json").read_text())["rows"]
     best = max(searched, key=lambda r: (r["value"], -r["number"]))
     compare_rows = json.loads((folder / "final" / "compare.json").read_text())["rows"]
@@ -154,6 +159,7 @@ def test_a_study_searches_each_arm_runs_seeds_reports_and_continues(tiny_bert, t
     assert run_config["lr"] == best["lr"] and run_config["method"] == "peft"  # the final runs use the best lr
     table = (folder / "study.md").read_text()
     assert "| lora:rank=2 | 768 |" in table and "| reference |" in table and "within 0.5 pt?" in table
+    assert "| Δ vs lora:rank=2, pts [95% CI] |" in table
     assert "| method | arms | smallest not worse by > 0.5 pt | smallest within ±0.5 pt |" in table
     assert "| peft:vera | 1 |" in table and "| more | 1 |" in table and "Pareto front (" in table
     assert all(r["peak_rss_mb"] > 0 and r["seconds"] > 0 for r in rows)

@@ -295,7 +295,7 @@ def _task(
     for row, final in zip(rows, comparison.rows, strict=True):
         row.update(
             {
-                k: final.get(k)
+                k: final[k]
                 for k in (
                     "mean",
                     "std",
@@ -308,6 +308,7 @@ def _task(
                     "verdict",
                     "delta_note",
                 )
+                if k in final  # absent (a row without an interval): the report's defaults apply
             }
         )
         row["metric"] = comparison.metric

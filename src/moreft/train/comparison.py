@@ -116,21 +116,22 @@ NO_PAIRS_LM = "a language-modelling run scores held-out token blocks, not per-ex
 
 
 def _delta(group: Sequence[TrainConfig], ref: Sequence[TrainConfig], metric: str) -> dict[str, Any]:
-    """The paired bootstrap interval of one arm against the reference, or why there is none."""
+    """The paired bootstrap interval of one arm against the reference, or why there is none;
+    ``delta_in_points``: whether the difference is a score's, in points (False for a loss)."""
     from moreft.tasks import MetricGoal, TaskKind, get_task
 
     task = get_task(group[0].task, **group[0].task_options)
+    score = task.metric_goal is MetricGoal.MAXIMIZE
     if task.kind is TaskKind.LANGUAGE_MODELING:
-        return {"delta": None, "verdict": None, "delta_note": NO_PAIRS_LM}
+        return {"delta": None, "verdict": None, "delta_note": NO_PAIRS_LM, "delta_in_points": score}
     try:
         mine = {c.seed: read_predictions(RunDir(c.run_dir).test_predictions) for c in group}
         theirs = {c.seed: read_predictions(RunDir(c.run_dir).test_predictions) for c in ref}
         interval = paired_bootstrap(mine, theirs, metric)
     except ConfigError as exc:
-        return {"delta": None, "verdict": None, "delta_note": str(exc)}
-    if task.metric_goal is MetricGoal.MINIMIZE:  # a loss: no points, no ±0.5-point verdict
-        return {"delta": interval.to_dict(), "verdict": "–", "delta_note": None, "delta_in_points": False}
-    return {"delta": interval.to_dict(), "verdict": verdict_text(interval), "delta_note": None}
+        return {"delta": None, "verdict": None, "delta_note": str(exc), "delta_in_points": score}
+    said = verdict_text(interval) if score else "–"  # a loss: no points, no ±0.5-point verdict
+    return {"delta": interval.to_dict(), "verdict": said, "delta_note": None, "delta_in_points": score}
 
 
 def compare(
