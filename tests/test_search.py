@@ -279,6 +279,17 @@ def test_an_interrupted_trial_is_retried_on_resume(tiny_bert, tmp_path, monkeypa
     assert calls[2].lr != calls[0].lr
 
 
+def test_a_trial_left_running_by_a_killed_search_does_not_hold_a_place_in_the_budget():
+    from moreft.search.settings import SESSION
+    from moreft.search.study import started
+
+    study = optuna.create_study()
+    study.tell(study.ask(), 0.5)  # finished: counted for every session
+    study.ask().set_user_attr(SESSION, "killed")  # running since a killed search: never finishes
+    study.ask().set_user_attr(SESSION, "now")  # running in this search
+    assert started(study, "now") == 2 and started(study, "killed") == 2 and started(study, "other") == 1
+
+
 def test_pruning_needs_eval_every(tiny_bert, tmp_path):
     with pytest.raises(ConfigError, match="pruner 'asha' needs intermediate scores: set eval_every"):
         run_search(_base(tiny_bert, tmp_path, eval_every=None), quiet=True)
