@@ -29,10 +29,10 @@ DISTRIBUTIONS = {"yaml": "pyyaml", "sklearn": "scikit-learn"}
 #: Packages the library imports only inside a function, for an optional extra.
 OPTIONAL = {"triton": "triton", "torchao": "quant"}
 #: The `cli` extra's packages that no library dependency needs (blocked for the whole process below);
-#: pyyaml and tqdm are also dependencies of transformers / huggingface_hub, so they are blocked only
+#: pyyaml, tqdm and filelock are also dependencies of transformers / huggingface_hub, so they are blocked only
 #: for imports made by moreft's own modules.
 CLI_ONLY = ("matplotlib", "sklearn", "optuna")
-CLI_SHARED = ("yaml", "tqdm")
+CLI_SHARED = ("yaml", "tqdm", "filelock")
 
 
 def _library_files() -> list[Path]:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 #: Import names of the ``cli`` extra's packages (pyproject.toml), in its order.
-CLI_MODULES = ("accelerate", "yaml", "tqdm", "matplotlib", "sklearn", "optuna")
+CLI_MODULES = ("accelerate", "yaml", "tqdm", "matplotlib", "sklearn", "optuna", "filelock")
 EXIT_USER_ERROR = 2
 
 
