@@ -17,7 +17,7 @@ import torch
 from filelock import FileLock
 from transformers import TrainerCallback
 
-from moreft.errors import MoreftError
+from moreft.errors import ConfigError, MoreftError
 from moreft.safe_write import atomic_write_text
 from moreft.search.settings import (
     CLAIM_FILE,
@@ -121,8 +121,6 @@ def _space_diffs(stored: Any, space: SearchSpace) -> list[str]:
     """How the stored space samples differently from ``space`` (empty: the same draws), by
     architecture and lr interval, so that editing the range of an arm a study does not search
     leaves the study resumable."""
-    from moreft.errors import ConfigError
-
     try:
         old = SearchSpace.from_dict(stored).sampled()
     except (ConfigError, TypeError):

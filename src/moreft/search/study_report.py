@@ -35,7 +35,7 @@ def arm_verdict(row: dict[str, Any]) -> str | None:
     """The row's :func:`~moreft.train.statistics.verdict` from its interval; None without one, and for a
     loss metric (the verdicts are for scores in [0, 1], higher better)."""
     d = row.get("delta")
-    usable = d and not row.get("reference") and row.get("delta_in_points", True)
+    usable = d and not row.get("reference") and in_points([row])
     return verdict(Interval(**d)) if usable else None
 
 
