@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import enum
 import io
+import typing
 from pathlib import Path
 
 import pytest
@@ -317,3 +318,26 @@ def test_a_new_adapter_option_needs_one_field():
         (Method.MORE,),
         "MoRe: Learn an output scalar.",
     )
+
+
+class _Colour(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@pytest.mark.parametrize(
+    ("hint", "words"),
+    [
+        (int, "an integer"),
+        (float | None, "a number or null"),
+        (list[str] | str, "a list or text"),
+        (tuple[int, ...], "a list"),
+        (typing.Literal["a", "b"], "one of 'a', 'b'"),
+        (_Colour | None, "one of ['red', 'blue'] or null"),
+        (dict[str, int], "a mapping"),
+    ],
+)
+def test_a_fields_type_reads_as_words_in_error_messages(hint, words):
+    from moreft.train.type_words import type_in_words
+
+    assert type_in_words(hint) == words

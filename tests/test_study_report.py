@@ -104,3 +104,15 @@ def test_a_loss_studys_report_keeps_the_lowest_arms_on_its_front(tmp_path):
     assert "no arm has fewer parameters and a lower test loss" in text
     assert "peft:vera:r=256 (90: 0.9200), lora:rank=1 (100: 0.8800), mora:rank=8 (790: 0.8700)" in text
     assert (tmp_path / "study.png").is_file()
+
+
+def test_the_pareto_front_is_drawn_in_parameter_order_and_only_when_there_is_one():
+    from moreft.train.plots import draw_pareto_front, subplots
+
+    _fig, ax = subplots()
+    draw_pareto_front(ax, [], value="mean")
+    assert ax.get_lines() == []
+    draw_pareto_front(ax, [{"params": 400, "mean": 0.9}, {"params": 100, "mean": 0.8}], value="mean")
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [100, 400] and list(line.get_ydata()) == [0.8, 0.9]
+    assert line.get_label() == "Pareto front"

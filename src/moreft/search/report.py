@@ -15,7 +15,7 @@ from moreft.search.settings import INTERRUPTED, RETRY_OF, Candidate, SearchSetti
 from moreft.search.space import ON, SearchSpace, family_of
 from moreft.tasks import MetricGoal
 from moreft.train.config import TrainConfig
-from moreft.train.plots import save_png, subplots
+from moreft.train.plots import draw_pareto_front, save_png, subplots
 from moreft.train.recipes import dump_config
 
 BEST_TRIALS_SHOWN = 5
@@ -113,7 +113,7 @@ def plot_search(
     goal: MetricGoal = MetricGoal.MAXIMIZE,
 ) -> Path:
     """Every trained trial as a point (metric vs adapter params, log x); pruned trials grey at their
-    last reported value; the Pareto front as a red step line."""
+    last reported value; the Pareto front as a step line."""
     fig, ax = subplots(figsize=(7, 4.5))
     for r in rows:
         if r["state"] == "pruned" and r["value"] is not None:
@@ -131,24 +131,7 @@ def plot_search(
             ax.scatter(
                 [r["params"] for r in done], [r["value"] for r in done], color=colour, label=method, zorder=3
             )
-    if front:
-        ax.step(
-            [r["params"] for r in front],
-            [r["value"] for r in front],
-            where="post",
-            color="tab:red",
-            lw=1.5,
-            label="Pareto front",
-            zorder=4,
-        )
-        ax.scatter(
-            [r["params"] for r in front],
-            [r["value"] for r in front],
-            s=90,
-            facecolors="none",
-            edgecolors="tab:red",
-            zorder=5,
-        )
+    draw_pareto_front(ax, front, value="value")
     ax.scatter([], [], marker="x", color="0.65", label="pruned (last eval)")
     for r in rows:
         if r["state"] in ("complete", "pruned") and r["value"] is not None:

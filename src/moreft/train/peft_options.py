@@ -10,18 +10,12 @@ from __future__ import annotations
 import enum
 import json
 import math
-import types
 import typing
 from collections.abc import Mapping
 from typing import Any
 
 from moreft.errors import ConfigError
-
-
-def _union(hint: Any) -> tuple[Any, ...]:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return typing.get_args(hint)
-    return (hint,)
+from moreft.train.type_words import type_in_words, union_members
 
 
 class _Refused(ValueError):
@@ -30,11 +24,11 @@ class _Refused(ValueError):
 
 def convert_value(what: str, value: Any, hint: Any) -> Any:
     """``value`` as the field typed ``hint`` takes it, or ConfigError naming the type."""
-    arms = _union(hint)
+    arms = union_members(hint)
     if value is None:
         if type(None) in arms:
             return None
-        raise ConfigError(f"{what}=None: this option cannot be null (it takes {_words(hint)})")
+        raise ConfigError(f"{what}=None: this option cannot be null (it takes {type_in_words(hint)})")
     for arm in arms:
         if arm is type(None):
             continue
@@ -42,7 +36,7 @@ def convert_value(what: str, value: Any, hint: Any) -> Any:
             return _one(arm, value)
         except _Refused:
             continue
-    raise ConfigError(f"{what}={value!r} must be {_words(hint)}")
+    raise ConfigError(f"{what}={value!r} must be {type_in_words(hint)}")
 
 
 def _one(hint: Any, value: Any) -> Any:
@@ -106,26 +100,3 @@ def _one(hint: Any, value: Any) -> Any:
                 return member.value
         raise _Refused
     raise _Refused  # a nested config object: not settable from a run config
-
-
-_WORDS = {
-    bool: "true or false",
-    int: "an integer",
-    float: "a number",
-    str: "text",
-    dict: "a mapping",
-    list: "a list",
-    tuple: "a list",
-    type(None): "null",
-}
-
-
-def _words(hint: Any) -> str:
-    words = []
-    for t in _union(hint):
-        origin = typing.get_origin(t) or t
-        if origin is typing.Literal:
-            words.append("one of " + ", ".join(map(repr, typing.get_args(t))))
-        else:
-            words.append(_WORDS.get(origin, getattr(origin, "__name__", str(t))))
-    return " or ".join(dict.fromkeys(words))

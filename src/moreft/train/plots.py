@@ -86,6 +86,26 @@ def plot_run(records: Sequence[Mapping[str, Any]], metric: str, path: Path, titl
     return save_png(fig, path)
 
 
+def draw_pareto_front(ax: Any, front: Sequence[Mapping[str, Any]], value: str, colour: str = "black") -> None:
+    """Draw a Pareto front on a metric-against-parameters plot: a step line through the front's
+    points (sorted by ``params``), each ringed, labelled "Pareto front"; nothing if it is empty."""
+    ordered = sorted(front, key=lambda r: r["params"])
+    if not ordered:
+        return
+    ax.step(
+        [r["params"] for r in ordered],
+        [r[value] for r in ordered],
+        where="post",
+        color=colour,
+        linewidth=1.5,
+        marker="o",
+        markersize=11,
+        markerfacecolor="none",
+        label="Pareto front",
+        zorder=4,
+    )
+
+
 def _save_params_plot(
     fig: Figure, ax: Any, metric: str, path: Path, title: str, legend: bool, fontsize: int
 ) -> Path:
@@ -159,20 +179,7 @@ def plot_study(
             xytext=(4, 4),
             fontsize=6,
         )
-    ordered = sorted(front, key=lambda r: r["params"])
-    if ordered:
-        ax.step(
-            [r["params"] for r in ordered],
-            [r["mean"] for r in ordered],
-            where="post",
-            color="black",
-            alpha=0.5,
-            linewidth=1,
-            marker="o",
-            markersize=11,
-            markerfacecolor="none",
-            label="Pareto front",
-        )
+    draw_pareto_front(ax, front, value="mean")
     ref = next((r for r in rows if r.get("reference")), None)
     if ref is not None:
         ax.axhspan(

@@ -22,12 +22,12 @@ import enum
 import functools
 import json
 import math
-import types
 import typing
 from collections.abc import Mapping
 from typing import Any
 
 from moreft.errors import ConfigError
+from moreft.train.type_words import type_in_words, union_members
 
 #: TrainingArguments fields moreft fixes for reasons of its own (no setting), with the reason.
 FIXED = {
@@ -110,19 +110,13 @@ def check_trainer_args(name: str, value: Mapping[str, Any], settings: Mapping[st
     return out
 
 
-def _union(hint: Any) -> tuple[Any, ...]:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return typing.get_args(hint)
-    return (hint,)
-
-
 def _convert(what: str, value: Any, hint: Any, action: argparse.Action) -> Any:
     """``value`` as TrainingArguments takes it: transformers' own argument type converts each item."""
-    kinds = {typing.get_origin(t) or t for t in _union(hint)}
+    kinds = {typing.get_origin(t) or t for t in union_members(hint)}
     if value is None:
         if type(None) in kinds or action.default is None:
             return None
-        raise ConfigError(f"{what}=None: this option cannot be null (type {_show(hint)})")
+        raise ConfigError(f"{what}=None: this option cannot be null (type {type_in_words(hint)})")
     if isinstance(value, str) and dict in kinds and value.lstrip().startswith("{"):
         try:
             value = json.loads(value)
@@ -130,7 +124,7 @@ def _convert(what: str, value: Any, hint: Any, action: argparse.Action) -> Any:
             raise ConfigError(f"{what}={value!r} is not a valid JSON object: {exc}") from None
     if isinstance(value, Mapping):
         if dict not in kinds:
-            raise ConfigError(f"{what}={value!r} must be {_show(hint)}, not a mapping")
+            raise ConfigError(f"{what}={value!r} must be {type_in_words(hint)}, not a mapping")
         try:
             return json.loads(json.dumps(dict(value), allow_nan=False))  # plain, YAML-ready values
         except (TypeError, ValueError, RecursionError) as exc:
@@ -147,13 +141,13 @@ def _convert(what: str, value: Any, hint: Any, action: argparse.Action) -> Any:
 
 def _one(what: str, value: Any, hint: Any, action: argparse.Action) -> Any:
     if isinstance(value, (Mapping, list, tuple)) or (isinstance(value, float) and math.isnan(value)):
-        raise ConfigError(f"{what}={value!r} must be {_show(hint)}")
+        raise ConfigError(f"{what}={value!r} must be {type_in_words(hint)}")
     text = ("true" if value else "false") if isinstance(value, bool) else str(value)
     convert = action.type or str
     try:
         out = convert(text)
     except (ValueError, TypeError, argparse.ArgumentTypeError):
-        raise ConfigError(f"{what}={value!r} must be {_show(hint)}") from None
+        raise ConfigError(f"{what}={value!r} must be {type_in_words(hint)}") from None
     if action.choices is not None and out not in action.choices:
         by_case = {str(c).lower(): c for c in action.choices}
         if str(out).lower() not in by_case:
@@ -162,33 +156,6 @@ def _one(what: str, value: Any, hint: Any, action: argparse.Action) -> Any:
             raise ConfigError(f"{what}={value!r} is not one of {[str(c) for c in action.choices]}{hint_text}")
         out = by_case[str(out).lower()]
     return out.value if isinstance(out, enum.Enum) else out
-
-
-_WORDS = {
-    bool: "true or false",
-    int: "an integer",
-    float: "a number",
-    str: "text",
-    dict: "a mapping",
-    list: "a list",
-    type(None): "null",
-}
-
-
-def _show(hint: Any) -> str:
-    """A field type in words, e.g. ``a number`` or ``a list or text``."""
-    words = []
-    for t in _union(hint):
-        origin = typing.get_origin(t) or t
-        words.append(
-            _WORDS.get(origin)
-            or (
-                f"one of {[m.value for m in origin]}"
-                if isinstance(origin, type) and issubclass(origin, enum.Enum)
-                else str(t)
-            )
-        )
-    return " or ".join(dict.fromkeys(words))
 
 
 def check_reporting(report_to: Any, installed: bool = True) -> None:
