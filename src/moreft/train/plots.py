@@ -86,7 +86,7 @@ def plot_run(records: Sequence[Mapping[str, Any]], metric: str, path: Path, titl
     return save_png(fig, path)
 
 
-def draw_pareto_front(ax: Any, front: Sequence[Mapping[str, Any]], value: str, colour: str = "black") -> None:
+def draw_pareto_front(ax: Any, front: Sequence[Mapping[str, Any]], value: str) -> None:
     """Draw a Pareto front on a metric-against-parameters plot: a step line through the front's
     points (sorted by ``params``), each ringed, labelled "Pareto front"; nothing if it is empty."""
     ordered = sorted(front, key=lambda r: r["params"])
@@ -96,7 +96,7 @@ def draw_pareto_front(ax: Any, front: Sequence[Mapping[str, Any]], value: str, c
         [r["params"] for r in ordered],
         [r[value] for r in ordered],
         where="post",
-        color=colour,
+        color="black",
         linewidth=1.5,
         marker="o",
         markersize=11,
