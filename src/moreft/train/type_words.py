@@ -1,4 +1,4 @@
-"""A type hint in words, for error messages that name the rule (``lr='fast' must be a number``).
+"""A type hint in words, for error messages that name the rule (``peft:vera option r='many' must be an integer``).
 
 Shared by the checks of peft options (``peft_options``) and of transformers' TrainingArguments
 (``trainer_args``), which both read the types from the dataclass fields they set.
