@@ -16,6 +16,7 @@ from moreft.search.studyplan import check_arms, read_plan, run_cost, run_seconds
 from moreft.search.studyrun import estimate
 from moreft.train import loop
 from moreft.train.choices import TRAIN_METHODS as METHODS
+from moreft.train.compare_report import delta_text
 from moreft.train.statistics import VERDICT_TEXT
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -44,7 +45,7 @@ def write_plan(path: Path, model: str, **changes) -> Path:
             "log_every": 2,
         },
         "tasks": {"sent": {"settings": {"task": "sentiment", "eval_fraction": 0.2}}},
-        "arms": ["lora:rank=2", "peft:vera:r=8", "more:block_rank=1"],
+        "arms": ["lora:rank=2", "peft:vera:r=8", "more:block_rank=2"],
         "reference": "lora:rank=2",
         "search": {"trials": 2, "sampler": "random", "pruner": "none"},
         "space": {
@@ -138,14 +139,14 @@ def test_a_study_searches_each_arm_runs_seeds_reports_and_continues(tiny_bert, t
     assert sorted(p.name for p in folder.iterdir()) == [
         "final",
         "search-lora-rank2",
-        "search-more-blockrank1",
+        "search-more-blockrank2",
         "search-peft-vera-r8",
         "study.json",
         "study.md",
         "study.png",
     ]
     rows = json.loads((folder / "study.json").read_text())["rows"]
-    assert [r["arm"] for r in rows] == ["lora:rank=2", "peft:vera:r=8", "more:block_rank=1"]
+    assert [r["arm"] for r in rows] == ["lora:rank=2", "peft:vera:r=8", "more:block_rank=2"]
     vera = rows[1]
     assert 1e-2 <= vera["best_lr"] <= 1e-1 and vera["params"] == 6 * (32 + 8) and len(vera["values"]) == 2
     assert vera["delta"]["seeds"] == 2 and rows[0]["reference"]
@@ -163,6 +164,11 @@ def test_a_study_searches_each_arm_runs_seeds_reports_and_continues(tiny_bert, t
     assert "| method | arms | smallest not worse by > 0.5 pt | smallest within ±0.5 pt |" in table
     assert "| peft:vera | 1 |" in table and "| more | 1 |" in table and "Pareto front (" in table
     assert all(r["peak_rss_mb"] > 0 and r["seconds"] > 0 for r in rows)
+    # MoRe block_rank 2 has LoRA r=2's size: its equal-size pair is the reference, with the same interval
+    more = rows[2]
+    assert more["params"] == rows[0]["params"] and "same_size" not in rows[1]  # VeRA: 240, no partner
+    assert more["same_size"]["baseline"] == "lora:rank=2" and more["same_size"]["delta"] == more["delta"]
+    assert f"| more:block_rank=2 | 768 | lora:rank=2 | 768 | {delta_text(more)} |" in table
     assert "## sent" in (tmp_path / "out" / "tiny" / "study.md").read_text()
 
     # again: everything is found done, nothing trains

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from moreft.search.study_report import arm_verdict, front_arms, smallest_budgets
+from moreft.search.study_report import arm_verdict, equal_size_pairs, front_arms, smallest_budgets
 from moreft.tasks import MetricGoal
 
 
@@ -55,6 +55,61 @@ def test_smallest_budget_per_family_not_worse_and_within():
     assert got["more"]["within"]["arm"] == "more:block_rank=4"
     assert got["mora"]["not_worse"] is None and got["mora"]["within"] is None
     assert got["peft:vera"]["not_worse"]["arm"] == "peft:vera:r=256" and got["peft:vera"]["within"] is None
+
+
+def test_equal_size_pairs_meet_the_nearest_arm_of_the_references_method_within_the_tolerance():
+    got = [(a["arm"], b["arm"]) for a, b in equal_size_pairs(ROWS)]
+    assert got == [
+        ("more:block_rank=1", "lora:rank=1"),  # more:block_rank=2 (200) lies 50% from 100 and from 400
+        ("more:block_rank=4", "lora:rank=4"),
+        ("mora:rank=8", "lora:rank=8"),  # 790 against 800: 1.25% apart; the reference itself is a partner
+        ("peft:vera:r=256", "lora:rank=1"),  # 90 against 100: 10% of the larger, at the tolerance
+    ]
+    assert [a["arm"] for a, _ in equal_size_pairs(ROWS, tolerance=0.05)] == [
+        "more:block_rank=1",
+        "more:block_rank=4",
+        "mora:rank=8",
+    ]
+    assert (
+        equal_size_pairs([{**r, "reference": False} for r in ROWS]) == []
+    )  # no reference, no method to meet
+
+
+def test_the_report_shows_each_equal_size_pair_and_why_one_has_no_interval(tmp_path):
+    from types import SimpleNamespace
+
+    from moreft.search.study import SearchSettings
+    from moreft.search.study_report import write_task
+    from moreft.train.config import TrainConfig
+
+    rows = [{**r, **SEARCH, "verdict": None} for r in ROWS]
+    interval = {
+        "estimate": 0.012,
+        "low": 0.002,
+        "high": 0.021,
+        "level": 0.95,
+        "resamples": 100,
+        "seeds": 5,
+        "examples": 1000,
+    }
+    rows[3]["same_size"] = {
+        "baseline": "lora:rank=1",
+        "baseline_params": 100,
+        "delta": interval,
+        "verdict": "better",
+    }
+    rows[6]["same_size"] = {
+        "baseline": "lora:rank=8",
+        "baseline_params": 800,
+        "delta": None,
+        "delta_note": "other seeds",
+    }
+    plan = SimpleNamespace(name="s", description="d", search=SearchSettings(), seeds=5)
+    write_task(plan, "t", TrainConfig(task="sentiment", output_dir=str(tmp_path)), rows, "accuracy", None)
+    text = (tmp_path / "study.md").read_text()
+    assert "| arm | params | against | params | Δ, pts [95% CI] | verdict |" in text
+    assert "| more:block_rank=1 | 100 | lora:rank=1 | 100 | +1.20 [+0.20, +2.10] | better |" in text
+    assert "| mora:rank=8 | 790 | lora:rank=8 | 800 | n/a (other seeds) | – |" in text
 
 
 @pytest.mark.parametrize(

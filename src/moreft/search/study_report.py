@@ -7,6 +7,8 @@ Per task, what the study was built to answer:
   time and peak memory;
 * the smallest budget per method family at which it is *not worse* than the reference by more than
   the margin (the whole interval above ``-margin``), and at which it is *within* ``±margin``;
+* the equal-size pairs: each arm of another method against the arm of the reference's method with
+  (nearly) the same parameter count -- at one budget, which method uses it better;
 * ``study.png``: test metric against adapter parameters, the Pareto front and the reference's band.
 """
 
@@ -27,6 +29,10 @@ from moreft.train.plots import plot_study
 from moreft.train.statistics import MARGIN, Interval, verdict
 
 FINAL_DIR = "final"
+#: Two arms are of equal size when their parameter counts differ by at most this fraction of the larger
+#: (MoRA's square matrix rounds its side down: mora:rank=1 has 729 parameters per 384x384 layer to LoRA
+#: r=1's 768).
+SIZE_TOLERANCE = 0.1
 #: Verdicts that count as "not worse than the reference by more than the margin".
 NOT_WORSE = ("within", "not worse", "better")
 
@@ -55,6 +61,52 @@ def smallest_budgets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             if ok and (fam[key] is None or r["params"] < fam[key]["params"]):
                 fam[key] = r
     return list(out.values())
+
+
+def equal_size_pairs(
+    rows: Sequence[dict[str, Any]], tolerance: float = SIZE_TOLERANCE
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(arm, baseline)`` pairs: each arm of a method other than the reference's, against the arm of the
+    reference's method nearest to it in size, where the two parameter counts differ by at most
+    ``tolerance`` of the larger. Arms without such a partner, and every arm when no row is the reference,
+    have none."""
+    ref = next((r for r in rows if r.get("reference")), None)
+    if ref is None:
+        return []
+    own = [r for r in rows if r["family"] == ref["family"]]
+
+    def gap(a: dict[str, Any], b: dict[str, Any]) -> float:
+        return abs(a["params"] - b["params"]) / max(a["params"], b["params"], 1)
+
+    pairs = []
+    for r in rows:
+        if r["family"] == ref["family"] or not own:
+            continue
+        nearest = min(own, key=lambda b: gap(r, b))
+        if gap(r, nearest) <= tolerance:
+            pairs.append((r, nearest))
+    return pairs
+
+
+def _pair_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    paired = [r for r in rows if r.get("same_size")]
+    if not paired:
+        return []
+    lines = [
+        f"Equal size: each arm against the arm of the reference's method within {SIZE_TOLERANCE:.0%} of its "
+        "parameters (paired bootstrap, as above).",
+        "",
+        f"| arm | params | against | params | Δ{', pts' if in_points(rows) else ''} [95% CI] | verdict |",
+        "|---|---:|---|---:|---:|---|",
+    ]
+    for r in paired:
+        p = r["same_size"]
+        delta = delta_text(p) if p.get("delta") else f"n/a ({p.get('delta_note')})"
+        lines.append(
+            f"| {r['arm']} | {r['params']:,} | {p['baseline']} | {p['baseline_params']:,} | {delta} | "
+            f"{p.get('verdict') or '–'} |"
+        )
+    return [*lines, ""]
 
 
 def _budget_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -145,6 +197,7 @@ def write_task(
         "",
         *_budget_lines(rows),
         "",
+        *_pair_lines(rows),
         f"Pareto front (no arm has fewer parameters and a {better} test {metric}): "
         + ", ".join(f"{r['arm']} ({r['params']:,}: {r['mean']:.4f})" for r in front)
         + ". Plot: [study.png](study.png).",
@@ -182,5 +235,6 @@ def write_index(
             "",
             *_budget_lines(rows),
             "",
+            *_pair_lines(rows),
         ]
     atomic_write_text(path / "study.md", "\n".join(lines))

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from moreft.errors import ConfigError
-from moreft.search.study_report import FINAL_DIR, write_index, write_task
+from moreft.search.study_report import FINAL_DIR, equal_size_pairs, write_index, write_task
 from moreft.search.studyplan import StudyPlan, check_arms, family_of_spec, run_cost, run_seconds
 from moreft.train.arms import slug, with_settings
 from moreft.train.config import TrainConfig
@@ -214,7 +214,7 @@ def _task(
     from moreft.search.settings import StudyMismatchError
     from moreft.tasks import get_task
     from moreft.train.arms import parse_method_spec
-    from moreft.train.comparison import compare
+    from moreft.train.comparison import compare, paired_delta
 
     goal = get_task(base.task, **base.task_options).metric_goal
     say = progress.say
@@ -312,5 +312,12 @@ def _task(
             }
         )
         row["metric"] = comparison.metric
+        row["run_dirs"] = dict(zip(final["seeds"], final["runs"], strict=True))
+    for arm, baseline in equal_size_pairs(rows):
+        arm["same_size"] = {
+            "baseline": baseline["arm"],
+            "baseline_params": baseline["params"],
+            **paired_delta(base, arm["run_dirs"], baseline["run_dirs"], comparison.metric),
+        }
     write_task(plan, task, base, rows, comparison.metric, command, goal)
     return rows

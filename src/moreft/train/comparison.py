@@ -115,18 +115,33 @@ def reference_index(specs: Sequence[Mapping[str, Any]], reference: str | None) -
 NO_PAIRS_LM = "a language-modelling run scores held-out token blocks, not per-example predictions"
 
 
-def _delta(group: Sequence[TrainConfig], ref: Sequence[TrainConfig], metric: str) -> dict[str, Any]:
-    """The paired bootstrap interval of one arm against the reference, or why there is none;
-    ``delta_in_points``: whether the difference is a score's, in points (False for a loss)."""
+def paired_delta(
+    base: TrainConfig, arm: Mapping[int, str | Path], reference: Mapping[int, str | Path], metric: str
+) -> dict[str, Any]:
+    """The paired bootstrap interval of one arm against another on ``base``'s task, or why there is none.
+
+    Args:
+        base: Settings naming the task (``task``, ``task_options``) both arms ran on.
+        arm: Per seed, the run folder of the arm (its ``test_predictions.jsonl`` is read).
+        reference: The same for the arm it is compared with.
+        metric: The task metric.
+
+    Returns:
+        ``delta`` (the interval as a dict, or None), ``verdict`` (None without an interval, "–" for a loss),
+        ``delta_note`` (why there is no interval, else None) and ``delta_in_points`` (whether the difference
+        is a score's, in points; False for a loss).
+    """
     from moreft.tasks import MetricGoal, TaskKind, get_task
 
-    task = get_task(group[0].task, **group[0].task_options)
+    task = get_task(base.task, **base.task_options)
     score = task.metric_goal is MetricGoal.MAXIMIZE
     if task.kind is TaskKind.LANGUAGE_MODELING:
         return {"delta": None, "verdict": None, "delta_note": NO_PAIRS_LM, "delta_in_points": score}
     try:
-        mine = {c.seed: read_predictions(RunDir(c.run_dir).test_predictions) for c in group}
-        theirs = {c.seed: read_predictions(RunDir(c.run_dir).test_predictions) for c in ref}
+        mine = {seed: read_predictions(RunDir(Path(run)).test_predictions) for seed, run in arm.items()}
+        theirs = {
+            seed: read_predictions(RunDir(Path(run)).test_predictions) for seed, run in reference.items()
+        }
         interval = paired_bootstrap(mine, theirs, metric)
     except ConfigError as exc:
         return {"delta": None, "verdict": None, "delta_note": str(exc), "delta_in_points": score}
@@ -242,9 +257,13 @@ def compare(
         )
     for i, (row, group) in enumerate(zip(rows, configs, strict=True)):
         row["reference"] = i == ref
-        row.update(_delta(group, configs[ref], metric))
+        row.update(paired_delta(base, _by_seed(group), _by_seed(configs[ref]), metric))
     write_report(path, rows, metric, base, command)
     return CompareResult(path, rows, metric)
+
+
+def _by_seed(group: Sequence[TrainConfig]) -> dict[int, str]:
+    return {c.seed: str(c.run_dir) for c in group}
 
 
 def _train_all(
