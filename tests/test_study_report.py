@@ -107,7 +107,7 @@ def test_the_report_shows_each_equal_size_pair_and_why_one_has_no_interval(tmp_p
     plan = SimpleNamespace(name="s", description="d", search=SearchSettings(), seeds=5)
     write_task(plan, "t", TrainConfig(task="sentiment", output_dir=str(tmp_path)), rows, "accuracy", None)
     text = (tmp_path / "study.md").read_text()
-    assert "| arm | params | against | params | Δ, pts [95% CI] | verdict |" in text
+    assert "| arm | params | against | params | Δ, pts [95% CI] | within 0.5 pt? |" in text
     assert "| more:block_rank=1 | 100 | lora:rank=1 | 100 | +1.20 [+0.20, +2.10] | better |" in text
     assert "| mora:rank=8 | 790 | lora:rank=8 | 800 | n/a (other seeds) | – |" in text
 

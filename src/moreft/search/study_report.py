@@ -96,7 +96,7 @@ def _pair_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
         f"Equal size: each arm against the arm of the reference's method within {SIZE_TOLERANCE:.0%} of its "
         "parameters (paired bootstrap, as above).",
         "",
-        f"| arm | params | against | params | Δ{', pts' if in_points(rows) else ''} [95% CI] | verdict |",
+        f"| arm | params | against | params | Δ{', pts' if in_points(rows) else ''} [95% CI] | within 0.5 pt? |",
         "|---|---:|---|---:|---:|---|",
     ]
     for r in paired:
