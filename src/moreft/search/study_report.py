@@ -29,10 +29,11 @@ from moreft.train.plots import plot_study
 from moreft.train.statistics import MARGIN, Interval, verdict
 
 FINAL_DIR = "final"
-#: Two arms are of equal size when their parameter counts differ by at most this fraction of the larger
-#: (MoRA's square matrix rounds its side down: mora:rank=1 has 729 parameters per 384x384 layer to LoRA
-#: r=1's 768).
-SIZE_TOLERANCE = 0.1
+#: Two arms are of equal size when their parameter counts differ by at most this fraction of the larger.
+#: MoRA's square side is sqrt((in + out) * rank) rounded down, and to an even number for its ROTATION
+#: operator: mora:rank=1 has 26² = 676 parameters per 384x384 layer to LoRA r=1's 768, 12% fewer (the
+#: gap shrinks with the rank: 1% at r=8).
+SIZE_TOLERANCE = 0.15
 #: Verdicts that count as "not worse than the reference by more than the margin".
 NOT_WORSE = ("within", "not worse", "better")
 
