@@ -81,7 +81,7 @@ def equal_size_pairs(
 
     pairs = []
     for r in rows:
-        if r["family"] == ref["family"] or not own:
+        if r["family"] == ref["family"]:
             continue
         nearest = min(own, key=lambda b: gap(r, b))
         if gap(r, nearest) <= tolerance:
