@@ -23,7 +23,7 @@ from moreft.safe_write import atomic_write_text
 from moreft.search.report import pareto_front
 from moreft.search.studyplan import StudyPlan
 from moreft.tasks import MetricGoal
-from moreft.train.compare_report import delta_text, in_points
+from moreft.train.compare_report import delta_text, in_points, reference_row
 from moreft.train.config import TrainConfig
 from moreft.train.plots import plot_study
 from moreft.train.statistics import MARGIN, Interval, verdict
@@ -71,7 +71,7 @@ def equal_size_pairs(
     reference's method nearest to it in size, where the two parameter counts differ by at most
     ``tolerance`` of the larger. Arms without such a partner, and every arm when no row is the reference,
     have none."""
-    ref = next((r for r in rows if r.get("reference")), None)
+    ref = reference_row(rows)
     if ref is None:
         return []
     own = [r for r in rows if r["family"] == ref["family"]]
@@ -111,7 +111,7 @@ def _pair_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _budget_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
-    ref = next((r for r in rows if r.get("reference")), None)
+    ref = reference_row(rows)
     if ref is None:
         return []
     m = f"{MARGIN * 100:g}"
@@ -134,7 +134,7 @@ def _budget_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _table(rows: Sequence[dict[str, Any]], metric: str) -> list[str]:
-    ref = next((r["arm"] for r in rows if r.get("reference")), rows[0]["arm"])
+    ref = (reference_row(rows) or rows[0])["arm"]
     unit = ", pts" if in_points(rows) else ""  # a loss: its own units
     lines = [
         f"| arm | adapter params | lr range | best lr (trial: eval {metric}) | lr on the edge? | test {metric} "

@@ -19,6 +19,11 @@ def in_points(rows: Sequence[Mapping[str, Any]]) -> bool:
     return all(r.get("delta_in_points", True) for r in rows)
 
 
+def reference_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The row marked as the reference (``"reference": True``), or None."""
+    return next((r for r in rows if r.get("reference")), None)
+
+
 def delta_text(row: Mapping[str, Any]) -> str:
     """A row's difference to the reference with its interval, ``+0.42 [-0.10, +0.95]``, in its units."""
     d, p = row["delta"], row.get("delta_in_points", True)
@@ -44,7 +49,7 @@ def write_report(
     """
     steps = f"max_steps={base.max_steps}" if base.max_steps else f"epochs={base.epochs:g}"
     seeds = rows[0]["seeds"] if rows else []
-    ref = next((r for r in rows if r.get("reference")), rows[0] if rows else None)
+    ref = reference_row(rows) or (rows[0] if rows else None)
     ref_label = ref["label"] if ref else "-"
     points = in_points(rows)
     lines = [f"# {base.task}: {metric} by method ({base.model}, {len(seeds)} seeds)", ""]
